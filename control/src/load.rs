@@ -1,0 +1,341 @@
+//! Reading YAML files and directories into the typed [`Config`].
+//!
+//! Each file may hold several documents separated by `---`. Each document is
+//! read twice: first only its `apiVersion`/`kind`/`metadata` (to name it in
+//! errors), then as its typed resource with the path of any bad field.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+use crate::model::{
+    Config, DestinationRule, EndpointSlice, Gateway, Origin, Service, ServiceEntry, Sourced,
+    TypeHeader, VirtualService, WorkloadEntry,
+};
+
+/// A config error that names what to fix: file, line, column, resource, field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct ConfigError {
+    pub file: String,
+    pub line: u32,
+    pub column: u32,
+    /// `Kind/namespace/name`, empty when the document could not be named.
+    pub resource: String,
+    /// Dotted path of the field, e.g. `spec.http[0].timeout`.
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn render(&self) -> String {
+        let mut s = format!("{}:{}:{}: ", self.file, self.line, self.column);
+        if !self.resource.is_empty() {
+            s.push_str(&self.resource);
+            s.push_str(": ");
+        }
+        if !self.field.is_empty() {
+            s.push_str(&self.field);
+            s.push_str(": ");
+        }
+        s.push_str(&self.message);
+        s
+    }
+
+    /// An error found after parsing, at a resource's origin.
+    pub fn at(origin: &Origin, resource: String, field: &str, message: String) -> Self {
+        ConfigError {
+            file: origin.file.clone(),
+            line: origin.line,
+            column: 1,
+            resource,
+            field: field.to_string(),
+            message,
+        }
+    }
+}
+
+/// All errors found in one pass, so a user fixes them in one go.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", self.0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// The files a config path stands for: the file itself, or every `*.yaml`,
+/// `*.yml` and `*.json` in the directory (not recursive), sorted by name.
+pub fn config_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if path.is_dir() {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(path)? {
+            let p = entry?.path();
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+            let hidden = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            if p.is_file() && !hidden && matches!(ext, "yaml" | "yml" | "json") {
+                files.push(p);
+            }
+        }
+        files.sort();
+        Ok(files)
+    } else {
+        Ok(vec![path.to_path_buf()])
+    }
+}
+
+/// Reads a file or directory into a [`Config`]; every error is reported.
+pub fn load_path(path: &Path) -> Result<Config, ConfigErrors> {
+    let files = config_files(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            column: 0,
+            resource: String::new(),
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    let mut sources = Vec::new();
+    for f in files {
+        let name = f.display().to_string();
+        match std::fs::read_to_string(&f) {
+            Ok(text) => sources.push((name, text)),
+            Err(e) => {
+                return Err(ConfigErrors(vec![ConfigError {
+                    file: name,
+                    line: 0,
+                    column: 0,
+                    resource: String::new(),
+                    field: String::new(),
+                    message: format!("cannot read: {e}"),
+                }]));
+            }
+        }
+    }
+    load_sources(&sources)
+}
+
+/// Parses named YAML texts (file name, content) into one [`Config`].
+pub fn load_sources(sources: &[(String, String)]) -> Result<Config, ConfigErrors> {
+    let mut config = Config::default();
+    let mut errors = Vec::new();
+    for (file, text) in sources {
+        for (first_line, doc) in split_documents(text) {
+            if let Err(e) = parse_document(file, first_line, doc, &mut config) {
+                errors.push(e);
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Splits a YAML stream on `---` lines; returns (1-based line of the first
+/// line of the document, its text). Empty documents are skipped.
+fn split_documents(text: &str) -> Vec<(u32, &str)> {
+    let mut docs = Vec::new();
+    let mut start = 0usize;
+    let mut start_line = 1u32;
+    let mut offset = 0usize;
+    let mut line_no = 1u32;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "..." {
+            docs.push((start_line, &text[start..offset]));
+            start = offset + line.len();
+            start_line = line_no + 1;
+        }
+        offset += line.len();
+        line_no += 1;
+    }
+    docs.push((start_line, &text[start..]));
+    docs.retain(|(_, d)| {
+        d.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
+    docs
+}
+
+fn parse_document(
+    file: &str,
+    first_line: u32,
+    doc: &str,
+    config: &mut Config,
+) -> Result<(), ConfigError> {
+    let header: TypeHeader = parse_typed(file, first_line, doc, "")?;
+    let resource = format!(
+        "{}/{}/{}",
+        header.kind,
+        header.metadata.namespace.as_deref().unwrap_or("default"),
+        header.metadata.name
+    );
+    let err = |field: &str, message: String| ConfigError {
+        file: file.to_string(),
+        line: first_line,
+        column: 1,
+        resource: resource.clone(),
+        field: field.to_string(),
+        message,
+    };
+    if header.metadata.name.is_empty() {
+        return Err(err("metadata.name", "is required".into()));
+    }
+    let group = header
+        .api_version
+        .rsplit_once('/')
+        .map_or("", |(g, _)| g)
+        .to_string();
+    let origin = Origin {
+        file: file.to_string(),
+        line: first_line,
+    };
+    macro_rules! push {
+        ($field:ident, $ty:ty) => {{
+            let value: $ty = parse_typed(file, first_line, doc, &resource)?;
+            config.$field.push(Sourced { origin, value });
+        }};
+    }
+    let istio_networking = group == "networking.istio.io"
+        && matches!(
+            header.api_version.as_str(),
+            "networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3"
+        );
+    match (header.kind.as_str(), istio_networking) {
+        ("VirtualService", true) => push!(virtual_services, VirtualService),
+        ("DestinationRule", true) => push!(destination_rules, DestinationRule),
+        ("Gateway", true) => push!(gateways, Gateway),
+        ("ServiceEntry", true) => push!(service_entries, ServiceEntry),
+        ("WorkloadEntry", true) => push!(workload_entries, WorkloadEntry),
+        ("Service", _) if header.api_version == "v1" => push!(services, Service),
+        ("EndpointSlice", _) if header.api_version == "discovery.k8s.io/v1" => {
+            push!(endpoint_slices, EndpointSlice)
+        }
+        _ => {
+            return Err(err(
+                "kind",
+                format!(
+                    "Bosun does not support {} {} (supported: networking.istio.io/v1 \
+                     VirtualService, DestinationRule, Gateway, ServiceEntry, WorkloadEntry; \
+                     v1 Service; discovery.k8s.io/v1 EndpointSlice)",
+                    header.api_version, header.kind
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_typed<T: DeserializeOwned>(
+    file: &str,
+    first_line: u32,
+    doc: &str,
+    resource: &str,
+) -> Result<T, ConfigError> {
+    // The path of the bad field is kept aside: the YAML error itself must go
+    // back to serde-saphyr so that it attaches the location.
+    let mut field = String::new();
+    let result = serde_saphyr::with_deserializer_from_str(doc, |de| {
+        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
+            field = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    let inner = match result {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let (line, column) = inner
+        .location()
+        .map_or((0, 0), |l| (l.line() as u32, l.column() as u32));
+    let raw = first_message_line(&inner.to_string());
+    let (field, message) = explain(field, &raw);
+    Err(ConfigError {
+        file: file.to_string(),
+        line: line.saturating_sub(1) + first_line,
+        column,
+        resource: resource.to_string(),
+        field,
+        message,
+    })
+}
+
+fn first_message_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
+}
+
+/// Serde says "unknown field `x`"; users need "`x` is not supported by Bosun".
+fn explain(path: String, raw: &str) -> (String, String) {
+    let field = if path == "." { String::new() } else { path };
+    if let Some(rest) = raw.split("unknown field `").nth(1) {
+        let name = rest.split('`').next().unwrap_or("");
+        let full = if field.is_empty() {
+            name.to_string()
+        } else if field.ends_with(name) {
+            field.clone()
+        } else {
+            format!("{field}.{name}")
+        };
+        return (
+            full,
+            format!("field `{name}` is not supported by Bosun yet (remove it, or see README: supported fields)"),
+        );
+    }
+    // Strip saphyr's own " at line X column Y" suffix: we print the location first.
+    let msg = match raw.find(" at line ") {
+        Some(i) => raw[..i].to_string(),
+        None => raw.to_string(),
+    };
+    (field, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigErrors> {
+        load_sources(&[("test.yaml".into(), text.into())])
+    }
+
+    #[test]
+    fn reads_several_documents() {
+        let cfg = load(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec:\n  hosts: [a]\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: x}\nspec:\n  ports: [{port: 80, name: http}]\n",
+        )
+        .expect("valid");
+        assert_eq!(cfg.virtual_services.len(), 1);
+        assert_eq!(cfg.services.len(), 1);
+        assert_eq!(cfg.services[0].origin.line, 7);
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_file_resource_and_field() {
+        let err = load(
+            "# comment\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: ns}\nspec:\n  hosts: [a]\n  http:\n  - timeout: 5s\n    route: [{destination: {host: a}}]\n",
+        )
+        .expect_err("timeout is not implemented");
+        let e = &err.0[0];
+        assert_eq!(e.file, "test.yaml");
+        assert_eq!(e.resource, "VirtualService/ns/a");
+        assert_eq!(e.field, "spec.http[0].timeout");
+        assert!(e.message.contains("not supported"), "{e}");
+        assert_eq!(e.line, 8, "{e}");
+    }
+
+    #[test]
+    fn unknown_kind_is_refused() {
+        let err = load("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {}\n")
+            .expect_err("not supported yet");
+        assert_eq!(err.0[0].field, "kind");
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let err = load("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a\n  subsets: [{name: v1, labels: [x]}]\n")
+            .expect_err("labels must be a map");
+        assert_eq!(err.0[0].field, "spec.subsets[0].labels", "{}", err.0[0]);
+    }
+}

@@ -1,0 +1,95 @@
+//! The file source: a YAML file or directory, watched.
+//!
+//! inotify (through `notify`) wakes the watcher at once; a slow poll backs it
+//! up where inotify is unavailable or misses an editor's rename dance. A
+//! change is only reported when the bytes of the config files changed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::Watcher;
+use tokio::sync::mpsc;
+
+use crate::load::{ConfigErrors, config_files, load_sources};
+use crate::model::Config;
+
+/// Reads every file of the config path: (name, content).
+fn read_all(path: &Path) -> std::io::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for f in config_files(path)? {
+        out.push((f.display().to_string(), std::fs::read_to_string(&f)?));
+    }
+    Ok(out)
+}
+
+fn digest(sources: &[(String, String)]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    sources.hash(&mut h);
+    h.finish()
+}
+
+/// One reading of the source: parsed, or refused with every error.
+pub type Reading = Result<Config, ConfigErrors>;
+
+/// Watches `path` and sends a [`Reading`] each time its content changes
+/// (the first reading is sent at once). Changes are debounced by 50 ms.
+pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
+    let (tx, rx) = mpsc::channel(4);
+    let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
+    let watch_dir = if path.is_dir() {
+        path.clone()
+    } else {
+        path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    };
+    let watcher = notify::recommended_watcher(move |_ev: notify::Result<notify::Event>| {
+        let _ = wake_tx.try_send(());
+    });
+    let watcher = match watcher {
+        Ok(mut w) => match w.watch(&watch_dir, notify::RecursiveMode::NonRecursive) {
+            Ok(()) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %watch_dir.display(), error = %e, "cannot watch config; polling every second");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "no file watcher; polling every second");
+            None
+        }
+    };
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        let mut last: Option<u64> = None;
+        loop {
+            let reading = match read_all(&path) {
+                Ok(sources) => {
+                    let d = digest(&sources);
+                    if last == Some(d) {
+                        None
+                    } else {
+                        last = Some(d);
+                        Some(load_sources(&sources))
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read config");
+                    None
+                }
+            };
+            if let Some(r) = reading
+                && tx.send(r).await.is_err()
+            {
+                return;
+            }
+            tokio::select! {
+                _ = wake_rx.recv() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while wake_rx.try_recv().is_ok() {}
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,1273 @@
+//! Model → `bosun.config.v1`, per proxy.
+//!
+//! Istio semantics are resolved here, once, off the data path: short host
+//! names become FQDNs, `sourceLabels` and `gateways` are matched against the
+//! proxy, subsets become clusters of the endpoints whose labels match, and
+//! traffic policies are merged (subset > port level > top level). The proxy
+//! receives only what it must evaluate per request.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bosun_xds_proto::config as pb;
+
+use crate::load::{ConfigError, ConfigErrors};
+use crate::model::{
+    self, Config, DestinationRule, HttpMatchRequest, Labels, LoadBalancerSettings, Origin,
+    Sourced, StringMatch,
+};
+
+/// Which proxy the config is for.
+#[derive(Debug, Clone)]
+pub struct ProxyParams {
+    pub mode: ProxyMode,
+    pub namespace: String,
+    pub labels: Labels,
+    /// Sidecar: where the outbound HTTP listener binds (and the IP TCP listeners use).
+    pub outbound_address: String,
+    pub outbound_port: u32,
+    /// Sidecar: inbound listener (address, port) and the local app port it forwards to.
+    pub inbound: Option<(String, u32, u32)>,
+    /// Gateway: address the Gateway server ports bind on.
+    pub gateway_address: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    Sidecar,
+    Gateway,
+}
+
+impl Default for ProxyParams {
+    fn default() -> Self {
+        ProxyParams {
+            mode: ProxyMode::Sidecar,
+            namespace: "default".into(),
+            labels: Labels::new(),
+            outbound_address: "127.0.0.1".into(),
+            outbound_port: 15001,
+            inbound: None,
+            gateway_address: "0.0.0.0".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortProtocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+impl PortProtocol {
+    fn is_http(self) -> bool {
+        !matches!(self, PortProtocol::Tcp)
+    }
+    fn upstream(self) -> pb::UpstreamProtocol {
+        match self {
+            PortProtocol::Http => pb::UpstreamProtocol::Http1,
+            PortProtocol::Http2 | PortProtocol::Grpc => pb::UpstreamProtocol::Http2,
+            PortProtocol::Tcp => pb::UpstreamProtocol::Tcp,
+        }
+    }
+}
+
+/// Istio's protocol selection: explicit protocol/appProtocol, else the port name prefix.
+fn select_protocol(explicit: Option<&str>, name: Option<&str>) -> Result<PortProtocol, String> {
+    let from = |p: &str| -> Option<PortProtocol> {
+        match p.to_ascii_lowercase().as_str() {
+            "http" => Some(PortProtocol::Http),
+            "http2" | "kubernetes.io/h2c" | "h2c" => Some(PortProtocol::Http2),
+            "grpc" | "grpc-web" => Some(PortProtocol::Grpc),
+            "tcp" | "mongo" | "mysql" | "redis" => Some(PortProtocol::Tcp),
+            _ => None,
+        }
+    };
+    if let Some(p) = explicit {
+        return match from(p) {
+            Some(proto) => Ok(proto),
+            None if matches!(p.to_ascii_uppercase().as_str(), "HTTPS" | "TLS") => Err(format!(
+                "protocol {p} is not supported by Bosun yet (TLS arrives with mTLS and gateway TLS)"
+            )),
+            None => Err(format!(
+                "protocol {p} is not supported (use HTTP, HTTP2, GRPC or TCP)"
+            )),
+        };
+    }
+    if let Some(n) = name {
+        let prefix = n.split('-').next().unwrap_or("");
+        if let Some(p) = from(prefix) {
+            return Ok(p);
+        }
+    }
+    // Istio would sniff; Bosun does not, so an unnamed port is opaque TCP.
+    Ok(PortProtocol::Tcp)
+}
+
+#[derive(Debug, Clone)]
+struct SvcPort {
+    number: u32,
+    name: String,
+    protocol: PortProtocol,
+    target: Option<model::IntOrString>,
+}
+
+#[derive(Debug, Clone)]
+struct Ep {
+    address: String,
+    /// Port by service port name (EndpointSlice ports, WorkloadEntry ports).
+    named_ports: BTreeMap<String, u32>,
+    labels: Labels,
+    workload: String,
+    namespace: String,
+}
+
+#[derive(Debug, Clone)]
+struct Svc {
+    host: String,
+    name: String,
+    namespace: String,
+    ports: Vec<SvcPort>,
+    endpoints: Vec<Ep>,
+    origin: Origin,
+    id: String,
+}
+
+impl Svc {
+    fn port(&self, number: u32) -> Option<&SvcPort> {
+        self.ports.iter().find(|p| p.number == number)
+    }
+    fn endpoint_port(&self, ep: &Ep, port: &SvcPort) -> u32 {
+        if let Some(p) = ep.named_ports.get(&port.name) {
+            return *p;
+        }
+        match &port.target {
+            Some(model::IntOrString::Int(n)) => *n,
+            Some(model::IntOrString::String(name)) => {
+                ep.named_ports.get(name).copied().unwrap_or(port.number)
+            }
+            None => port.number,
+        }
+    }
+}
+
+fn labels_match(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Istio's short-name expansion: `reviews` in namespace `ns` is
+/// `reviews.ns.svc.cluster.local`; `reviews.other` is `reviews.other.svc.cluster.local`.
+fn resolve_host(host: &str, namespace: &str, known: &HashMap<String, usize>) -> String {
+    if host.contains('*') || known.contains_key(host) {
+        return host.to_string();
+    }
+    let dots = host.matches('.').count();
+    let candidate = match dots {
+        0 => format!("{host}.{namespace}.svc.cluster.local"),
+        1 => format!("{host}.svc.cluster.local"),
+        _ if host.ends_with(".svc") => format!("{host}.cluster.local"),
+        _ => host.to_string(),
+    };
+    if known.contains_key(&candidate) || dots == 0 {
+        candidate
+    } else {
+        host.to_string()
+    }
+}
+
+struct Registry {
+    services: Vec<Svc>,
+    by_host: HashMap<String, usize>,
+}
+
+fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
+    let mut services = Vec::new();
+    for s in &cfg.services {
+        let obj = &s.value;
+        let ns = obj.namespace().to_string();
+        let mut ports = Vec::new();
+        for (i, p) in obj.spec.ports.iter().enumerate() {
+            if p.protocol.as_deref().is_some_and(|x| x != "TCP") {
+                errors.push(ConfigError::at(
+                    &s.origin,
+                    obj.id(),
+                    &format!("spec.ports[{i}].protocol"),
+                    "only TCP service ports are supported by Bosun yet".into(),
+                ));
+                continue;
+            }
+            match select_protocol(p.app_protocol.as_deref(), p.name.as_deref()) {
+                Ok(protocol) => ports.push(SvcPort {
+                    number: p.port,
+                    name: p.name.clone().unwrap_or_default(),
+                    protocol,
+                    target: p.target_port.clone(),
+                }),
+                Err(m) => errors.push(ConfigError::at(
+                    &s.origin,
+                    obj.id(),
+                    &format!("spec.ports[{i}].appProtocol"),
+                    m,
+                )),
+            }
+        }
+        let mut endpoints = Vec::new();
+        for slice in &cfg.endpoint_slices {
+            let sl = &slice.value;
+            if sl.namespace() != ns
+                || sl.metadata.labels.get("kubernetes.io/service-name") != Some(&obj.metadata.name)
+            {
+                continue;
+            }
+            let named_ports: BTreeMap<String, u32> = sl
+                .ports
+                .iter()
+                .filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port?)))
+                .collect();
+            for e in &sl.endpoints {
+                // Ready endpoints only; Bosun has no health checks of its own yet.
+                if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    continue;
+                }
+                for a in &e.addresses {
+                    endpoints.push(Ep {
+                        address: a.clone(),
+                        named_ports: named_ports.clone(),
+                        labels: Labels::new(),
+                        workload: e.hostname.clone().unwrap_or_default(),
+                        namespace: ns.clone(),
+                    });
+                }
+            }
+        }
+        if !obj.spec.selector.is_empty() {
+            for we in &cfg.workload_entries {
+                let w = &we.value;
+                if w.namespace() == ns && labels_match(&obj.spec.selector, &w.spec.labels) {
+                    endpoints.push(ep_from_workload(&w.spec, &w.metadata.name, w.namespace()));
+                }
+            }
+        }
+        services.push(Svc {
+            host: format!("{}.{}.svc.cluster.local", obj.metadata.name, ns),
+            name: obj.metadata.name.clone(),
+            namespace: ns,
+            ports,
+            endpoints,
+            origin: s.origin.clone(),
+            id: obj.id(),
+        });
+    }
+    for s in &cfg.service_entries {
+        let obj = &s.value;
+        let ns = obj.namespace().to_string();
+        match obj.spec.resolution.as_deref().unwrap_or("NONE") {
+            "STATIC" => {}
+            other => {
+                errors.push(ConfigError::at(
+                    &s.origin,
+                    obj.id(),
+                    "spec.resolution",
+                    format!("resolution {other} is not supported by Bosun yet (use STATIC)"),
+                ));
+                continue;
+            }
+        }
+        if !obj.spec.addresses.is_empty() {
+            errors.push(ConfigError::at(
+                &s.origin,
+                obj.id(),
+                "spec.addresses",
+                "not supported by Bosun yet (needs transparent capture)".into(),
+            ));
+        }
+        let mut ports = Vec::new();
+        for (i, p) in obj.spec.ports.iter().enumerate() {
+            match select_protocol(p.protocol.as_deref(), p.name.as_deref()) {
+                Ok(protocol) => ports.push(SvcPort {
+                    number: p.number,
+                    name: p.name.clone().unwrap_or_default(),
+                    protocol,
+                    target: p.target_port.map(model::IntOrString::Int),
+                }),
+                Err(m) => errors.push(ConfigError::at(
+                    &s.origin,
+                    obj.id(),
+                    &format!("spec.ports[{i}].protocol"),
+                    m,
+                )),
+            }
+        }
+        let mut endpoints: Vec<Ep> = obj
+            .spec
+            .endpoints
+            .iter()
+            .map(|e| ep_from_workload(e, &obj.metadata.name, &ns))
+            .collect();
+        if let Some(sel) = &obj.spec.workload_selector {
+            for we in &cfg.workload_entries {
+                let w = &we.value;
+                if w.namespace() == ns && labels_match(&sel.labels, &w.spec.labels) {
+                    endpoints.push(ep_from_workload(&w.spec, &w.metadata.name, &ns));
+                }
+            }
+        }
+        for h in &obj.spec.hosts {
+            services.push(Svc {
+                host: h.clone(),
+                name: h.split('.').next().unwrap_or(h).to_string(),
+                namespace: ns.clone(),
+                ports: ports.clone(),
+                endpoints: endpoints.clone(),
+                origin: s.origin.clone(),
+                id: obj.id(),
+            });
+        }
+    }
+    let mut by_host = HashMap::new();
+    for (i, s) in services.iter().enumerate() {
+        if let Some(prev) = by_host.insert(s.host.clone(), i) {
+            errors.push(ConfigError::at(
+                &s.origin,
+                s.id.clone(),
+                "metadata.name",
+                format!("host {} is already defined by {}", s.host, services[prev].id),
+            ));
+        }
+    }
+    Registry { services, by_host }
+}
+
+fn ep_from_workload(w: &model::WorkloadEntrySpec, name: &str, ns: &str) -> Ep {
+    Ep {
+        address: w.address.clone(),
+        named_ports: w.ports.clone(),
+        labels: w.labels.clone(),
+        workload: name.to_string(),
+        namespace: ns.to_string(),
+    }
+}
+
+/// Deterministic content hash: the same config gives the same version anywhere.
+fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn cluster_name(port: u32, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
+}
+
+struct Ctx<'a> {
+    cfg: &'a Config,
+    params: &'a ProxyParams,
+    reg: Registry,
+    drs: HashMap<String, &'a Sourced<DestinationRule>>,
+    errors: Vec<ConfigError>,
+    clusters: BTreeMap<String, pb::Cluster>,
+    assignments: BTreeMap<String, pb::ClusterLoadAssignment>,
+}
+
+/// Translates a whole config for one proxy. All errors are returned together.
+pub fn translate(cfg: &Config, params: &ProxyParams) -> Result<pb::ProxyConfig, ConfigErrors> {
+    let mut errors = crate::validate::validate(cfg);
+    let reg = build_registry(cfg, &mut errors);
+    let mut drs = HashMap::new();
+    for d in &cfg.destination_rules {
+        let host = resolve_host(&d.value.spec.host, d.value.namespace(), &reg.by_host);
+        if let Some(prev) = drs.insert(host.clone(), d) {
+            errors.push(ConfigError::at(
+                &d.origin,
+                d.value.id(),
+                "spec.host",
+                format!("host {host} already has DestinationRule {}", prev.value.id()),
+            ));
+        }
+    }
+    let mut ctx = Ctx {
+        cfg,
+        params,
+        reg,
+        drs,
+        errors,
+        clusters: BTreeMap::new(),
+        assignments: BTreeMap::new(),
+    };
+    let mut out = pb::ProxyConfig::default();
+    match params.mode {
+        ProxyMode::Sidecar => sidecar(&mut ctx, &mut out),
+        ProxyMode::Gateway => gateway(&mut ctx, &mut out),
+    }
+    if !ctx.errors.is_empty() {
+        return Err(ConfigErrors(ctx.errors));
+    }
+    out.clusters = ctx.clusters.into_values().collect();
+    out.load_assignments = ctx.assignments.into_values().collect();
+    let version = fnv64(&bosun_xds_proto::prost::Message::encode_to_vec(&out));
+    out.version = format!("{version:016x}");
+    Ok(out)
+}
+
+impl Ctx<'_> {
+    fn lb_settings(&self, host: &str, subset: &str, port: u32) -> Option<LoadBalancerSettings> {
+        let dr = &self.drs.get(host)?.value.spec;
+        let from = |tp: &Option<model::TrafficPolicy>| -> Option<LoadBalancerSettings> {
+            let tp = tp.as_ref()?;
+            tp.port_level_settings
+                .iter()
+                .find(|p| p.port.number == port)
+                .and_then(|p| p.load_balancer.clone())
+                .or_else(|| tp.load_balancer.clone())
+        };
+        let subset_tp = dr
+            .subsets
+            .iter()
+            .find(|s| s.name == subset)
+            .map(|s| &s.traffic_policy);
+        subset_tp
+            .and_then(from)
+            .or_else(|| from(&dr.traffic_policy))
+    }
+
+    /// Makes (once) the cluster for host/port/subset and returns its name.
+    fn cluster(&mut self, svc_idx: usize, port: u32, subset: &str) -> Result<String, String> {
+        let svc = &self.reg.services[svc_idx];
+        let name = cluster_name(port, subset, &svc.host);
+        if self.clusters.contains_key(&name) {
+            return Ok(name);
+        }
+        let sp = svc
+            .port(port)
+            .ok_or_else(|| format!("{} has no port {port}", svc.host))?
+            .clone();
+        let selector = if subset.is_empty() {
+            Labels::new()
+        } else {
+            let dr = self
+                .drs
+                .get(&svc.host)
+                .ok_or_else(|| format!("subset {subset}: no DestinationRule for {}", svc.host))?;
+            dr.value
+                .spec
+                .subsets
+                .iter()
+                .find(|s| s.name == subset)
+                .ok_or_else(|| {
+                    format!(
+                        "subset {subset} is not defined in DestinationRule {}",
+                        dr.value.id()
+                    )
+                })?
+                .labels
+                .clone()
+        };
+        let mut cluster = pb::Cluster {
+            name: name.clone(),
+            protocol: sp.protocol.upstream() as i32,
+            lb_policy: pb::LbPolicy::RoundRobin as i32,
+            service_host: svc.host.clone(),
+            service_name: svc.name.clone(),
+            service_namespace: svc.namespace.clone(),
+            ..Default::default()
+        };
+        if let Some(lb) = self.lb_settings(&svc.host, subset, port) {
+            apply_lb(&mut cluster, &lb)?;
+        }
+        let endpoints = svc
+            .endpoints
+            .iter()
+            .filter(|e| labels_match(&selector, &e.labels))
+            .map(|e| pb::Endpoint {
+                address: e.address.clone(),
+                port: svc.endpoint_port(e, &sp),
+                labels: e.labels.clone().into_iter().collect(),
+                workload: e.workload.clone(),
+                namespace: e.namespace.clone(),
+            })
+            .collect();
+        self.assignments.insert(
+            name.clone(),
+            pb::ClusterLoadAssignment {
+                cluster: name.clone(),
+                endpoints,
+            },
+        );
+        self.clusters.insert(name.clone(), cluster);
+        Ok(name)
+    }
+
+    /// Resolves a route destination to a cluster. `listener_port` picks the
+    /// service port when the destination names none and the service has several.
+    fn destination(
+        &mut self,
+        d: &model::Destination,
+        ns: &str,
+        listener_port: Option<u32>,
+    ) -> Result<String, String> {
+        let host = resolve_host(&d.host, ns, &self.reg.by_host);
+        let idx = *self
+            .reg
+            .by_host
+            .get(&host)
+            .ok_or_else(|| format!("host {} is not a known Service or ServiceEntry", d.host))?;
+        let svc = &self.reg.services[idx];
+        let port = match &d.port {
+            Some(p) => p.number,
+            None if svc.ports.len() == 1 => svc.ports[0].number,
+            None => match listener_port.filter(|p| svc.port(*p).is_some()) {
+                Some(p) => p,
+                None => {
+                    return Err(format!(
+                        "{host} has several ports: set destination.port.number"
+                    ));
+                }
+            },
+        };
+        if svc.port(port).is_none() {
+            return Err(format!("{host} has no port {port}"));
+        }
+        self.cluster(idx, port, d.subset.as_deref().unwrap_or(""))
+    }
+
+    /// Does a VirtualService apply to this proxy for `gateway` ("mesh" for sidecars)?
+    fn vs_gateways(vs: &model::VirtualService) -> Vec<String> {
+        let ns = vs.namespace();
+        if vs.spec.gateways.is_empty() {
+            return vec!["mesh".into()];
+        }
+        vs.spec
+            .gateways
+            .iter()
+            .map(|g| qualify_gateway(g, ns))
+            .collect()
+    }
+
+    /// Translates a VirtualService's http routes for one listener.
+    fn http_routes(
+        &mut self,
+        vs: &Sourced<model::VirtualService>,
+        gateway: &str,
+        listener_port: Option<u32>,
+    ) -> Vec<pb::Route> {
+        let ns = vs.value.namespace().to_string();
+        let vs_gateways = Self::vs_gateways(&vs.value);
+        let mut routes = Vec::new();
+        for (ri, r) in vs.value.spec.http.iter().enumerate() {
+            let field = format!("spec.http[{ri}]");
+            let mut matches = Vec::new();
+            let mut all_filtered = !r.matches.is_empty();
+            for (mi, m) in r.matches.iter().enumerate() {
+                let gws: Vec<String> = if m.gateways.is_empty() {
+                    vs_gateways.clone()
+                } else {
+                    m.gateways.iter().map(|g| qualify_gateway(g, &ns)).collect()
+                };
+                if !gws.iter().any(|g| g == gateway) {
+                    continue;
+                }
+                if !labels_match(&m.source_labels, &self.params.labels) {
+                    continue;
+                }
+                if let (Some(p), Some(lp)) = (m.port, listener_port)
+                    && gateway != "mesh"
+                    && p != lp
+                {
+                    continue;
+                }
+                all_filtered = false;
+                match to_route_match(m) {
+                    Ok(rm) => matches.push(rm),
+                    Err(e) => self.errors.push(ConfigError::at(
+                        &vs.origin,
+                        vs.value.id(),
+                        &format!("{field}.match[{mi}].{}", e.0),
+                        e.1,
+                    )),
+                }
+            }
+            if all_filtered {
+                continue;
+            }
+            let mut route = pb::Route {
+                name: r.name.clone().unwrap_or_else(|| format!("{}.{ri}", vs.value.metadata.name)),
+                matches,
+                ..Default::default()
+            };
+            let mut req_ops = r.headers.as_ref().and_then(|h| h.request.clone());
+            let mut resp_ops = r.headers.as_ref().and_then(|h| h.response.clone());
+            let actions = [
+                !r.route.is_empty(),
+                r.redirect.is_some(),
+                r.direct_response.is_some(),
+            ]
+            .iter()
+            .filter(|x| **x)
+            .count();
+            if actions != 1 {
+                self.errors.push(ConfigError::at(
+                    &vs.origin,
+                    vs.value.id(),
+                    &field,
+                    "exactly one of route, redirect or directResponse is required".into(),
+                ));
+                continue;
+            }
+            if let Some(red) = &r.redirect {
+                route.action = Some(pb::route::Action::Redirect(pb::Redirect {
+                    uri: red.uri.clone().unwrap_or_default(),
+                    authority: red.authority.clone().unwrap_or_default(),
+                    scheme: red.scheme.clone().unwrap_or_default(),
+                    port: red.port.unwrap_or(0),
+                    status: red.redirect_code.unwrap_or(301),
+                }));
+            } else if let Some(dr) = &r.direct_response {
+                route.action = Some(pb::route::Action::DirectResponse(pb::DirectResponse {
+                    status: dr.status,
+                    body: dr
+                        .body
+                        .as_ref()
+                        .and_then(|b| b.string.clone())
+                        .unwrap_or_default()
+                        .into_bytes(),
+                }));
+            } else {
+                let mut clusters = Vec::new();
+                for (di, d) in r.route.iter().enumerate() {
+                    match self.destination(&d.destination, &ns, listener_port) {
+                        Ok(c) => clusters.push(pb::WeightedCluster {
+                            cluster: c,
+                            weight: d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 })
+                                as u32,
+                        }),
+                        Err(m) => self.errors.push(ConfigError::at(
+                            &vs.origin,
+                            vs.value.id(),
+                            &format!("{field}.route[{di}].destination"),
+                            m,
+                        )),
+                    }
+                    if let Some(h) = &d.headers {
+                        if r.route.len() > 1 {
+                            self.errors.push(ConfigError::at(
+                                &vs.origin,
+                                vs.value.id(),
+                                &format!("{field}.route[{di}].headers"),
+                                "headers on one of several weighted destinations are not supported by Bosun yet; set them on the route".into(),
+                            ));
+                        } else {
+                            req_ops = merge_ops(req_ops, h.request.clone());
+                            resp_ops = merge_ops(resp_ops, h.response.clone());
+                        }
+                    }
+                }
+                route.action = Some(pb::route::Action::Route(pb::RouteAction {
+                    clusters,
+                    uri_rewrite: r
+                        .rewrite
+                        .as_ref()
+                        .and_then(|w| w.uri.clone())
+                        .unwrap_or_default(),
+                    authority_rewrite: r
+                        .rewrite
+                        .as_ref()
+                        .and_then(|w| w.authority.clone())
+                        .unwrap_or_default(),
+                }));
+            }
+            route.request_headers = req_ops.map(to_ops);
+            route.response_headers = resp_ops.map(to_ops);
+            routes.push(route);
+        }
+        routes
+    }
+
+    fn tcp_routes(
+        &mut self,
+        vs: &Sourced<model::VirtualService>,
+        gateway: &str,
+        port: u32,
+    ) -> Vec<pb::TcpRoute> {
+        let ns = vs.value.namespace().to_string();
+        let vs_gateways = Self::vs_gateways(&vs.value);
+        let mut out = Vec::new();
+        for (ri, r) in vs.value.spec.tcp.iter().enumerate() {
+            let applies = r.matches.is_empty()
+                || r.matches.iter().any(|m| {
+                    let gws: Vec<String> = if m.gateways.is_empty() {
+                        vs_gateways.clone()
+                    } else {
+                        m.gateways.iter().map(|g| qualify_gateway(g, &ns)).collect()
+                    };
+                    gws.iter().any(|g| g == gateway)
+                        && m.port.is_none_or(|p| p == port)
+                        && labels_match(&m.source_labels, &self.params.labels)
+                });
+            if !applies || (r.matches.is_empty() && !vs_gateways.iter().any(|g| g == gateway)) {
+                continue;
+            }
+            let mut clusters = Vec::new();
+            for (di, d) in r.route.iter().enumerate() {
+                match self.destination(&d.destination, &ns, Some(port)) {
+                    Ok(c) => clusters.push(pb::WeightedCluster {
+                        cluster: c,
+                        weight: d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }) as u32,
+                    }),
+                    Err(m) => self.errors.push(ConfigError::at(
+                        &vs.origin,
+                        vs.value.id(),
+                        &format!("spec.tcp[{ri}].route[{di}].destination"),
+                        m,
+                    )),
+                }
+            }
+            out.push(pb::TcpRoute { clusters });
+        }
+        out
+    }
+}
+
+fn qualify_gateway(g: &str, ns: &str) -> String {
+    if g == "mesh" || g.contains('/') {
+        g.to_string()
+    } else {
+        format!("{ns}/{g}")
+    }
+}
+
+fn merge_ops(
+    a: Option<model::HeaderOperations>,
+    b: Option<model::HeaderOperations>,
+) -> Option<model::HeaderOperations> {
+    match (a, b) {
+        (None, x) | (x, None) => x,
+        (Some(mut a), Some(b)) => {
+            a.set.extend(b.set);
+            a.add.extend(b.add);
+            a.remove.extend(b.remove);
+            Some(a)
+        }
+    }
+}
+
+fn to_ops(o: model::HeaderOperations) -> pb::HeaderOperations {
+    pb::HeaderOperations {
+        set: o.set.into_iter().collect(),
+        add: o.add.into_iter().collect(),
+        remove: o.remove,
+    }
+}
+
+fn apply_lb(c: &mut pb::Cluster, lb: &LoadBalancerSettings) -> Result<(), String> {
+    if let Some(simple) = &lb.simple {
+        c.lb_policy = match simple.as_str() {
+            "ROUND_ROBIN" | "UNSPECIFIED" => pb::LbPolicy::RoundRobin,
+            "LEAST_REQUEST" | "LEAST_CONN" => pb::LbPolicy::LeastRequest,
+            "RANDOM" => pb::LbPolicy::Random,
+            other => {
+                return Err(format!(
+                    "loadBalancer.simple {other} is not supported (ROUND_ROBIN, LEAST_REQUEST, RANDOM)"
+                ));
+            }
+        } as i32;
+    }
+    if let Some(ch) = &lb.consistent_hash {
+        use pb::hash_policy::Key;
+        let key = if let Some(h) = &ch.http_header_name {
+            Key::HeaderName(h.to_ascii_lowercase())
+        } else if let Some(ck) = &ch.http_cookie {
+            Key::Cookie(pb::hash_policy::Cookie {
+                name: ck.name.clone(),
+                path: ck.path.clone().unwrap_or_default(),
+                ttl_seconds: match &ck.ttl {
+                    Some(t) => parse_duration_secs(t)?,
+                    None => 0,
+                },
+            })
+        } else if ch.use_source_ip == Some(true) {
+            Key::SourceIp(true)
+        } else if let Some(q) = &ch.http_query_parameter_name {
+            Key::QueryParameter(q.clone())
+        } else {
+            return Err("consistentHash needs one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName".into());
+        };
+        c.hash_policy = Some(pb::HashPolicy { key: Some(key) });
+        if let Some(m) = &ch.maglev {
+            c.lb_policy = pb::LbPolicy::Maglev as i32;
+            c.table_size = m.table_size.unwrap_or(0);
+        } else {
+            c.lb_policy = pb::LbPolicy::RingHash as i32;
+            c.table_size = ch
+                .ring_hash
+                .as_ref()
+                .and_then(|r| r.minimum_ring_size)
+                .or(ch.minimum_ring_size)
+                .unwrap_or(0);
+        }
+    }
+    Ok(())
+}
+
+/// Istio durations: "10s", "1.5s", "100ms", "1h", "2m".
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid duration {s:?} (e.g. 10s, 500ms, 1h)");
+    let (num, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| s.split_at(i))
+        .ok_or_else(bad)?;
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    Ok(secs.ceil() as u64)
+}
+
+type FieldError = (String, String);
+
+fn to_string_match(m: &StringMatch, field: &str) -> Result<Option<pb::StringMatch>, FieldError> {
+    use pb::string_match::Kind;
+    let set = [&m.exact, &m.prefix, &m.regex]
+        .iter()
+        .filter(|x| x.is_some())
+        .count();
+    if set > 1 {
+        return Err((
+            field.to_string(),
+            "set only one of exact, prefix, regex".into(),
+        ));
+    }
+    let kind = if let Some(e) = &m.exact {
+        Kind::Exact(e.clone())
+    } else if let Some(p) = &m.prefix {
+        Kind::Prefix(p.clone())
+    } else if let Some(r) = &m.regex {
+        Kind::Regex(r.clone())
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(pb::StringMatch { kind: Some(kind) }))
+}
+
+fn to_route_match(m: &HttpMatchRequest) -> Result<pb::RouteMatch, FieldError> {
+    let req = |o: &Option<StringMatch>, f: &str| -> Result<Option<pb::StringMatch>, FieldError> {
+        match o {
+            None => Ok(None),
+            Some(sm) => to_string_match(sm, f)?
+                .map(Some)
+                .ok_or_else(|| (f.to_string(), "set one of exact, prefix, regex".into())),
+        }
+    };
+    let headers = |map: &BTreeMap<String, StringMatch>, f: &str| -> Result<Vec<pb::HeaderMatch>, FieldError> {
+        map.iter()
+            .map(|(k, v)| {
+                Ok(pb::HeaderMatch {
+                    name: if f == "queryParams" { k.clone() } else { k.to_ascii_lowercase() },
+                    value: to_string_match(v, &format!("{f}.{k}"))?,
+                })
+            })
+            .collect()
+    };
+    Ok(pb::RouteMatch {
+        uri: req(&m.uri, "uri")?,
+        authority: req(&m.authority, "authority")?,
+        method: req(&m.method, "method")?,
+        scheme: req(&m.scheme, "scheme")?,
+        headers: headers(&m.headers, "headers")?,
+        without_headers: headers(&m.without_headers, "withoutHeaders")?,
+        query_params: headers(&m.query_params, "queryParams")?,
+        port: m.port.unwrap_or(0),
+        ignore_uri_case: m.ignore_uri_case,
+    })
+}
+
+/// Does a server host (`host`, `ns/host`, `*`, `*.suffix`) admit this VS host?
+fn server_host_admits(server_host: &str, vs_ns: &str, vs_host: &str) -> bool {
+    let (ns, h) = server_host.split_once('/').unwrap_or(("*", server_host));
+    if ns != "*" && ns != "." && ns != vs_ns {
+        return false;
+    }
+    host_matches(h, vs_host) || host_matches(vs_host, h)
+}
+
+fn host_matches(pattern: &str, host: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
+fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
+    let p = ctx.params.clone();
+    // Which VirtualService (mesh-bound) owns each host: first wins, as in Istio.
+    let mut vs_for_host: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, vs) in ctx.cfg.virtual_services.iter().enumerate() {
+        if !Ctx::vs_gateways(&vs.value).iter().any(|g| g == "mesh") {
+            continue;
+        }
+        for h in &vs.value.spec.hosts {
+            let host = resolve_host(h, vs.value.namespace(), &ctx.reg.by_host);
+            vs_for_host.entry(host).or_insert(i);
+        }
+    }
+    let mut vhosts = Vec::new();
+    let mut tcp_ports: BTreeMap<u32, String> = BTreeMap::new();
+    let mut covered = BTreeSet::new();
+    for si in 0..ctx.reg.services.len() {
+        let svc = ctx.reg.services[si].clone();
+        let http_ports: Vec<&SvcPort> = svc.ports.iter().filter(|p| p.protocol.is_http()).collect();
+        for sp in &svc.ports {
+            let vs_idx = vs_for_host.get(&svc.host).copied();
+            if !sp.protocol.is_http() {
+                if let Some(prev) = tcp_ports.get(&sp.number) {
+                    ctx.errors.push(ConfigError::at(
+                        &svc.origin,
+                        svc.id.clone(),
+                        "spec.ports",
+                        format!(
+                            "TCP port {} is also used by {prev}: without transparent capture the sidecar binds one local listener per TCP port",
+                            sp.number
+                        ),
+                    ));
+                    continue;
+                }
+                tcp_ports.insert(sp.number, svc.host.clone());
+                let mut tcp_routes = Vec::new();
+                if let Some(i) = vs_idx {
+                    let vs = &ctx.cfg.virtual_services[i];
+                    tcp_routes = ctx.tcp_routes(vs, "mesh", sp.number);
+                }
+                if tcp_routes.is_empty() {
+                    match ctx.cluster(si, sp.number, "") {
+                        Ok(c) => tcp_routes.push(pb::TcpRoute {
+                            clusters: vec![pb::WeightedCluster { cluster: c, weight: 100 }],
+                        }),
+                        Err(m) => ctx.errors.push(ConfigError::at(&svc.origin, svc.id.clone(), "spec.ports", m)),
+                    }
+                }
+                out.listeners.push(pb::Listener {
+                    name: format!("outbound_tcp_{}", sp.number),
+                    address: p.outbound_address.clone(),
+                    port: sp.number,
+                    protocol: pb::ListenerProtocol::Tcp as i32,
+                    direction: pb::TrafficDirection::Outbound as i32,
+                    route_configuration: String::new(),
+                    tcp_routes,
+                });
+                continue;
+            }
+            let mut domains = vec![format!("{}:{}", svc.host, sp.number)];
+            let short = short_names(&svc);
+            for s in &short {
+                domains.push(format!("{s}:{}", sp.number));
+            }
+            if sp.number == 80 || http_ports.len() == 1 {
+                domains.push(svc.host.clone());
+                domains.extend(short.iter().cloned());
+            }
+            let mut routes = Vec::new();
+            if let Some(i) = vs_idx {
+                covered.insert(i);
+                let vs = &ctx.cfg.virtual_services[i];
+                routes = ctx.http_routes(vs, "mesh", Some(sp.number));
+                // Routes bound to other ports do not apply to this one.
+                routes.retain(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.port == 0 || m.port == sp.number));
+            }
+            if routes.is_empty() {
+                match ctx.cluster(si, sp.number, "") {
+                    Ok(c) => routes.push(pb::Route {
+                        name: "default".into(),
+                        matches: vec![],
+                        action: Some(pb::route::Action::Route(pb::RouteAction {
+                            clusters: vec![pb::WeightedCluster { cluster: c, weight: 100 }],
+                            ..Default::default()
+                        })),
+                        request_headers: None,
+                        response_headers: None,
+                    }),
+                    Err(m) => ctx.errors.push(ConfigError::at(&svc.origin, svc.id.clone(), "spec.ports", m)),
+                }
+            }
+            vhosts.push(pb::VirtualHost {
+                name: format!("{}:{}", svc.host, sp.number),
+                domains,
+                routes,
+            });
+        }
+    }
+    // VirtualServices for hosts that are not services (e.g. a direct response
+    // or a redirect on a made-up host) still get a virtual host.
+    for (host, i) in &vs_for_host {
+        if covered.contains(i) || ctx.reg.by_host.contains_key(host) {
+            continue;
+        }
+        let vs = &ctx.cfg.virtual_services[*i];
+        let routes = ctx.http_routes(vs, "mesh", None);
+        if !routes.is_empty() {
+            vhosts.push(pb::VirtualHost {
+                name: host.clone(),
+                domains: vec![host.clone()],
+                routes,
+            });
+        }
+    }
+    out.listeners.push(pb::Listener {
+        name: "outbound_http".into(),
+        address: p.outbound_address.clone(),
+        port: p.outbound_port,
+        protocol: pb::ListenerProtocol::Http as i32,
+        direction: pb::TrafficDirection::Outbound as i32,
+        route_configuration: "outbound".into(),
+        tcp_routes: vec![],
+    });
+    out.route_configurations.push(pb::RouteConfiguration {
+        name: "outbound".into(),
+        virtual_hosts: vhosts,
+    });
+    if let Some((addr, port, app_port)) = p.inbound {
+        let cluster = format!("inbound|{app_port}||");
+        ctx.clusters.insert(
+            cluster.clone(),
+            pb::Cluster {
+                name: cluster.clone(),
+                protocol: pb::UpstreamProtocol::Unspecified as i32,
+                lb_policy: pb::LbPolicy::RoundRobin as i32,
+                service_namespace: p.namespace.clone(),
+                service_name: p.labels.get("app").cloned().unwrap_or_default(),
+                ..Default::default()
+            },
+        );
+        ctx.assignments.insert(
+            cluster.clone(),
+            pb::ClusterLoadAssignment {
+                cluster: cluster.clone(),
+                endpoints: vec![pb::Endpoint {
+                    address: "127.0.0.1".into(),
+                    port: app_port,
+                    labels: p.labels.clone().into_iter().collect(),
+                    workload: String::new(),
+                    namespace: p.namespace.clone(),
+                }],
+            },
+        );
+        out.listeners.push(pb::Listener {
+            name: "inbound_http".into(),
+            address: addr,
+            port,
+            protocol: pb::ListenerProtocol::Http as i32,
+            direction: pb::TrafficDirection::Inbound as i32,
+            route_configuration: "inbound".into(),
+            tcp_routes: vec![],
+        });
+        out.route_configurations.push(pb::RouteConfiguration {
+            name: "inbound".into(),
+            virtual_hosts: vec![pb::VirtualHost {
+                name: "inbound".into(),
+                domains: vec!["*".into()],
+                routes: vec![pb::Route {
+                    name: "inbound".into(),
+                    matches: vec![],
+                    action: Some(pb::route::Action::Route(pb::RouteAction {
+                        clusters: vec![pb::WeightedCluster { cluster, weight: 100 }],
+                        ..Default::default()
+                    })),
+                    request_headers: None,
+                    response_headers: None,
+                }],
+            }],
+        });
+    }
+}
+
+fn short_names(svc: &Svc) -> Vec<String> {
+    match svc.host.strip_suffix(".svc.cluster.local") {
+        Some(base) => {
+            let mut v = vec![format!("{base}.svc"), base.to_string()];
+            if svc.namespace == svc.host.split('.').nth(1).unwrap_or("") {
+                v.push(svc.name.clone());
+            }
+            v
+        }
+        None => vec![],
+    }
+}
+
+fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
+    let p = ctx.params.clone();
+    // (port) -> (protocol, bind, [(gateway id, server hosts)])
+    struct PortServers {
+        tcp: bool,
+        bind: String,
+        servers: Vec<(String, Vec<String>)>,
+    }
+    let mut ports: BTreeMap<u32, PortServers> = BTreeMap::new();
+    for g in &ctx.cfg.gateways {
+        let gw = &g.value;
+        if !labels_match(&gw.spec.selector, &p.labels) {
+            continue;
+        }
+        let gid = format!("{}/{}", gw.namespace(), gw.metadata.name);
+        for (i, s) in gw.spec.servers.iter().enumerate() {
+            let field = format!("spec.servers[{i}].port.protocol");
+            let proto = match select_protocol(Some(&s.port.protocol), None) {
+                Ok(pr) => pr,
+                Err(m) => {
+                    ctx.errors.push(ConfigError::at(&g.origin, gw.id(), &field, m));
+                    continue;
+                }
+            };
+            let bind = s.bind.clone().unwrap_or_else(|| p.gateway_address.clone());
+            let entry = ports.entry(s.port.number).or_insert(PortServers {
+                tcp: !proto.is_http(),
+                bind,
+                servers: Vec::new(),
+            });
+            if entry.tcp == proto.is_http() {
+                ctx.errors.push(ConfigError::at(
+                    &g.origin,
+                    gw.id(),
+                    &field,
+                    format!("port {} is declared both as TCP and as HTTP", s.port.number),
+                ));
+                continue;
+            }
+            entry.servers.push((gid.clone(), s.hosts.clone()));
+        }
+    }
+    for (port, ps) in ports {
+        if ps.tcp {
+            let mut tcp_routes = Vec::new();
+            for (gid, hosts) in &ps.servers {
+                for vs in &ctx.cfg.virtual_services {
+                    let ns = vs.value.namespace();
+                    let admitted = vs.value.spec.hosts.iter().any(|h| {
+                        hosts.iter().any(|sh| server_host_admits(sh, ns, h))
+                    });
+                    if admitted {
+                        let r = ctx.tcp_routes(vs, gid, port);
+                        tcp_routes.extend(r);
+                    }
+                }
+            }
+            out.listeners.push(pb::Listener {
+                name: format!("gateway_tcp_{port}"),
+                address: ps.bind,
+                port,
+                protocol: pb::ListenerProtocol::Tcp as i32,
+                direction: pb::TrafficDirection::Gateway as i32,
+                route_configuration: String::new(),
+                tcp_routes,
+            });
+            continue;
+        }
+        let rc = format!("http.{port}");
+        let mut vhosts: Vec<pb::VirtualHost> = Vec::new();
+        for (gid, hosts) in &ps.servers {
+            for vs in &ctx.cfg.virtual_services {
+                let ns = vs.value.namespace().to_string();
+                let vs_hosts: Vec<String> = vs
+                    .value
+                    .spec
+                    .hosts
+                    .iter()
+                    .filter(|h| hosts.iter().any(|sh| server_host_admits(sh, &ns, h)))
+                    .cloned()
+                    .collect();
+                if vs_hosts.is_empty() {
+                    continue;
+                }
+                let routes = ctx.http_routes(vs, gid, Some(port));
+                if routes.is_empty() {
+                    continue;
+                }
+                for h in vs_hosts {
+                    if let Some(existing) = vhosts.iter_mut().find(|v| v.name == h) {
+                        existing.routes.extend(routes.clone());
+                    } else {
+                        vhosts.push(pb::VirtualHost {
+                            name: h.clone(),
+                            domains: vec![h.clone()],
+                            routes: routes.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out.listeners.push(pb::Listener {
+            name: format!("gateway_http_{port}"),
+            address: ps.bind,
+            port,
+            protocol: pb::ListenerProtocol::Http as i32,
+            direction: pb::TrafficDirection::Gateway as i32,
+            route_configuration: rc.clone(),
+            tcp_routes: vec![],
+        });
+        out.route_configurations.push(pb::RouteConfiguration {
+            name: rc,
+            virtual_hosts: vhosts,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::load_sources;
+
+    const CANARY: &str = include_str!("../../examples/canary/canary.yaml");
+
+    fn gw_params() -> ProxyParams {
+        ProxyParams {
+            mode: ProxyMode::Gateway,
+            labels: [("istio".to_string(), "ingressgateway".to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn canary_translates_for_the_gateway() {
+        let cfg = load_sources(&[("canary.yaml".into(), CANARY.into())]).expect("parses");
+        let out = translate(&cfg, &gw_params()).expect("valid");
+        assert_eq!(out.listeners.len(), 1);
+        let names: Vec<_> = out.clusters.iter().map(|c| c.name.as_str()).collect();
+        assert!(names.contains(&"outbound|8080|v1|reviews.demo.svc.cluster.local"), "{names:?}");
+        let v1 = out
+            .load_assignments
+            .iter()
+            .find(|a| a.cluster.contains("|v1|"))
+            .expect("v1 endpoints");
+        assert_eq!(v1.endpoints.len(), 1);
+        assert_eq!(v1.endpoints[0].labels.get("version").map(String::as_str), Some("v1"));
+        // Same input, same version: versions are content hashes.
+        let again = translate(&cfg, &gw_params()).expect("valid");
+        assert_eq!(out.version, again.version);
+    }
+
+    #[test]
+    fn undefined_subset_is_an_error_naming_the_field() {
+        let bad = CANARY.replace("subset: v2", "subset: v9");
+        let cfg = load_sources(&[("canary.yaml".into(), bad)]).expect("parses");
+        let err = translate(&cfg, &gw_params()).expect_err("v9 is undefined");
+        let e = &err.0[0];
+        assert!(e.resource.starts_with("VirtualService/demo/"), "{e}");
+        assert!(e.field.contains("route[1].destination"), "{e}");
+        assert!(e.message.contains("v9"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("10s"), Ok(10));
+        assert_eq!(parse_duration_secs("1h"), Ok(3600));
+        assert_eq!(parse_duration_secs("500ms"), Ok(1));
+        assert!(parse_duration_secs("ten").is_err());
+    }
+}

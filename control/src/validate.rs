@@ -1,0 +1,109 @@
+//! Checks that need no other resource: duplicate names, weights that do not
+//! sum to 100, regexes that do not compile, impossible status codes. Checks
+//! across resources (unknown hosts, undefined subsets) happen in translation.
+
+use std::collections::HashMap;
+
+use crate::load::ConfigError;
+use crate::model::{Config, Origin, StringMatch};
+
+pub fn validate(cfg: &Config) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let mut seen: HashMap<String, Origin> = HashMap::new();
+    let mut dup = |id: String, origin: &Origin, errors: &mut Vec<ConfigError>| {
+        if let Some(prev) = seen.insert(id.clone(), origin.clone()) {
+            errors.push(ConfigError::at(
+                origin,
+                id,
+                "metadata.name",
+                format!("duplicate resource (first defined at {prev})"),
+            ));
+        }
+    };
+    macro_rules! dups {
+        ($($f:ident),*) => {$(
+            for r in &cfg.$f { dup(r.value.id(), &r.origin, &mut errors); }
+        )*};
+    }
+    dups!(virtual_services, destination_rules, gateways, service_entries, workload_entries, services, endpoint_slices);
+
+    for vs in &cfg.virtual_services {
+        let v = &vs.value;
+        let err = |field: String, msg: String| ConfigError::at(&vs.origin, v.id(), &field, msg);
+        if v.spec.hosts.is_empty() {
+            errors.push(err("spec.hosts".into(), "at least one host is required".into()));
+        }
+        for (i, r) in v.spec.http.iter().enumerate() {
+            check_weights(r.route.iter().map(|d| d.weight), &format!("spec.http[{i}].route"), &mut |f, m| errors.push(err(f, m)));
+            for (mi, m) in r.matches.iter().enumerate() {
+                let base = format!("spec.http[{i}].match[{mi}]");
+                let mut all: Vec<(String, &StringMatch)> = Vec::new();
+                for (n, sm) in [("uri", &m.uri), ("authority", &m.authority), ("method", &m.method), ("scheme", &m.scheme)] {
+                    if let Some(sm) = sm {
+                        all.push((format!("{base}.{n}"), sm));
+                    }
+                }
+                for (k, sm) in m.headers.iter() {
+                    all.push((format!("{base}.headers.{k}"), sm));
+                }
+                for (k, sm) in m.without_headers.iter() {
+                    all.push((format!("{base}.withoutHeaders.{k}"), sm));
+                }
+                for (k, sm) in m.query_params.iter() {
+                    all.push((format!("{base}.queryParams.{k}"), sm));
+                }
+                for (field, sm) in all {
+                    if let Some(re) = &sm.regex
+                        && let Err(e) = regex::Regex::new(&format!("^(?:{re})$"))
+                    {
+                        errors.push(err(format!("{field}.regex"), format!("invalid regex: {e}")));
+                    }
+                }
+            }
+            if let Some(d) = &r.direct_response
+                && !(200..=599).contains(&d.status)
+            {
+                errors.push(err(format!("spec.http[{i}].directResponse.status"), "must be 200..599".into()));
+            }
+            if let Some(red) = &r.redirect
+                && let Some(code) = red.redirect_code
+                && !matches!(code, 301 | 302 | 303 | 307 | 308)
+            {
+                errors.push(err(format!("spec.http[{i}].redirect.redirectCode"), "must be 301, 302, 303, 307 or 308".into()));
+            }
+        }
+        for (i, r) in v.spec.tcp.iter().enumerate() {
+            check_weights(r.route.iter().map(|d| d.weight), &format!("spec.tcp[{i}].route"), &mut |f, m| errors.push(err(f, m)));
+        }
+    }
+    for dr in &cfg.destination_rules {
+        let mut names = HashMap::new();
+        for (i, s) in dr.value.spec.subsets.iter().enumerate() {
+            if names.insert(s.name.clone(), i).is_some() {
+                errors.push(ConfigError::at(&dr.origin, dr.value.id(), &format!("spec.subsets[{i}].name"), format!("duplicate subset {}", s.name)));
+            }
+        }
+    }
+    errors
+}
+
+fn check_weights(
+    weights: impl Iterator<Item = Option<i64>>,
+    field: &str,
+    push: &mut dyn FnMut(String, String),
+) {
+    let ws: Vec<Option<i64>> = weights.collect();
+    if ws.len() <= 1 && ws.iter().all(|w| w.is_none() || *w == Some(100)) {
+        return;
+    }
+    for (i, w) in ws.iter().enumerate() {
+        if w.is_some_and(|w| w < 0) {
+            push(format!("{field}[{i}].weight"), "must not be negative".into());
+            return;
+        }
+    }
+    let sum: i64 = ws.iter().map(|w| w.unwrap_or(0)).sum();
+    if sum != 100 {
+        push(field.to_string(), format!("weights sum to {sum}, they must sum to 100"));
+    }
+}

@@ -1,0 +1,14 @@
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "proto/bosun/config/v1/config.proto",
+        "proto/bosun/testing/v1/echo.proto",
+    ];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        .btree_map(".")
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,1 +1,138 @@
-fn main(){}
+//! `bosun`: the one binary. Flags are parsed here; the work is in `app`
+//! (running a proxy from a config path) and `demo` (the live canary).
+
+mod app;
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "bosun",
+    version,
+    about = "Bosun service mesh: sidecar and gateway proxy driven by Istio config"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Mode {
+    /// Next to a workload: outbound listener (HTTP by Host, TCP per service port) and inbound to the app.
+    Sidecar,
+    /// Ingress gateway: listens on the ports of the Gateway resources selecting --labels.
+    Gateway,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// sidecar or gateway.
+    #[arg(long, value_enum, default_value = "sidecar")]
+    mode: Mode,
+    /// A YAML file or a directory of YAML files (Istio and Kubernetes resources); watched.
+    #[arg(long)]
+    config: PathBuf,
+    /// This proxy's workload labels, k=v,... (gateways select on them; sourceLabels match them).
+    /// Default: istio=ingressgateway in gateway mode, none in sidecar mode.
+    #[arg(long)]
+    labels: Option<String>,
+    /// This proxy's namespace.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Workload name reported as source_workload in metrics.
+    #[arg(long, default_value = "")]
+    workload: String,
+    /// Admin listener: /ready, /healthz, /stats/prometheus, /config_dump.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_address: SocketAddr,
+    /// Sidecar: the outbound listener (plain HTTP, routed by Host). TCP service
+    /// ports get a listener on the same IP at the service's port.
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    outbound_address: SocketAddr,
+    /// Sidecar: the inbound listener, forwarding to --app-port on 127.0.0.1.
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    inbound_address: SocketAddr,
+    /// Sidecar: the local application's port; no inbound listener without it.
+    #[arg(long)]
+    app_port: Option<u16>,
+    /// Gateway: the IP Gateway server ports bind on (a server's `bind` overrides it).
+    #[arg(long, default_value = "0.0.0.0")]
+    gateway_address: String,
+    /// Write a JSON access log line per request to stdout.
+    #[arg(long)]
+    access_log: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy from a config file or directory.
+    Proxy(Box<ProxyArgs>),
+    /// A live canary on loopback: two backends, a gateway, weights shifted 90/10 → 50/50 → 0/100.
+    Demo {
+        /// Seconds of traffic per weight step.
+        #[arg(long, default_value_t = 5)]
+        step_seconds: u64,
+        /// Concurrent client connections.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+    },
+    /// Check a config file or directory offline; exit non-zero on any error.
+    Validate { path: PathBuf },
+}
+
+fn parse_labels(s: &str) -> anyhow::Result<bosun_control::model::Labels> {
+    let mut out = bosun_control::model::Labels::new();
+    for kv in s.split(',').filter(|x| !x.is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--labels: {kv:?} is not k=v"))?;
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(w) = workers {
+        b.worker_threads(w.max(1));
+    }
+    b.enable_all().build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Proxy(args) => runtime(args.workers)
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(app::run_proxy(*args))),
+        Command::Demo {
+            step_seconds,
+            connections,
+        } => runtime(None)
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(demo::run(step_seconds, connections))),
+        Command::Validate { path } => app::validate(&path),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bosun: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
         .btree_map(".")
+        .type_attribute(".bosun.config", "#[derive(serde::Serialize)]")
         .compile_fds(fds)?;
     Ok(())
 }

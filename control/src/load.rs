@@ -140,8 +140,7 @@ fn split_documents(text: &str) -> Vec<(u32, &str)> {
     let mut start = 0usize;
     let mut start_line = 1u32;
     let mut offset = 0usize;
-    let mut line_no = 1u32;
-    for line in text.split_inclusive('\n') {
+    for (line_no, line) in (1u32..).zip(text.split_inclusive('\n')) {
         let trimmed = line.trim_end();
         if trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "..." {
             docs.push((start_line, &text[start..offset]));
@@ -149,7 +148,6 @@ fn split_documents(text: &str) -> Vec<(u32, &str)> {
             start_line = line_no + 1;
         }
         offset += line.len();
-        line_no += 1;
     }
     docs.push((start_line, &text[start..]));
     docs.retain(|(_, d)| {
@@ -201,7 +199,9 @@ fn parse_document(
     let istio_networking = group == "networking.istio.io"
         && matches!(
             header.api_version.as_str(),
-            "networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3"
+            "networking.istio.io/v1"
+                | "networking.istio.io/v1beta1"
+                | "networking.istio.io/v1alpha3"
         );
     match (header.kind.as_str(), istio_networking) {
         ("VirtualService", true) => push!(virtual_services, VirtualService),
@@ -280,7 +280,9 @@ fn explain(path: String, raw: &str) -> (String, String) {
         };
         return (
             full,
-            format!("field `{name}` is not supported by Bosun yet (remove it, or see README: supported fields)"),
+            format!(
+                "field `{name}` is not supported by Bosun yet (remove it, or see README: supported fields)"
+            ),
         );
     }
     // Strip saphyr's own " at line X column Y" suffix: we print the location first.

@@ -40,7 +40,9 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
     let watch_dir = if path.is_dir() {
         path.clone()
     } else {
-        path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+        path.parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
     };
     let watcher = notify::recommended_watcher(move |_ev: notify::Result<notify::Event>| {
         let _ = wake_tx.try_send(());

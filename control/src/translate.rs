@@ -12,8 +12,8 @@ use bosun_xds_proto::config as pb;
 
 use crate::load::{ConfigError, ConfigErrors};
 use crate::model::{
-    self, Config, DestinationRule, HttpMatchRequest, Labels, LoadBalancerSettings, Origin,
-    Sourced, StringMatch,
+    self, Config, DestinationRule, HttpMatchRequest, Labels, LoadBalancerSettings, Origin, Sourced,
+    StringMatch,
 };
 
 /// Which proxy the config is for.
@@ -331,7 +331,10 @@ fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
                 &s.origin,
                 s.id.clone(),
                 "metadata.name",
-                format!("host {} is already defined by {}", s.host, services[prev].id),
+                format!(
+                    "host {} is already defined by {}",
+                    s.host, services[prev].id
+                ),
             ));
         }
     }
@@ -384,7 +387,10 @@ pub fn translate(cfg: &Config, params: &ProxyParams) -> Result<pb::ProxyConfig, 
                 &d.origin,
                 d.value.id(),
                 "spec.host",
-                format!("host {host} already has DestinationRule {}", prev.value.id()),
+                format!(
+                    "host {host} already has DestinationRule {}",
+                    prev.value.id()
+                ),
             ));
         }
     }
@@ -593,7 +599,10 @@ impl Ctx<'_> {
                 continue;
             }
             let mut route = pb::Route {
-                name: r.name.clone().unwrap_or_else(|| format!("{}.{ri}", vs.value.metadata.name)),
+                name: r
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}.{ri}", vs.value.metadata.name)),
                 matches,
                 ..Default::default()
             };
@@ -864,11 +873,17 @@ fn to_route_match(m: &HttpMatchRequest) -> Result<pb::RouteMatch, FieldError> {
                 .ok_or_else(|| (f.to_string(), "set one of exact, prefix, regex".into())),
         }
     };
-    let headers = |map: &BTreeMap<String, StringMatch>, f: &str| -> Result<Vec<pb::HeaderMatch>, FieldError> {
+    let headers = |map: &BTreeMap<String, StringMatch>,
+                   f: &str|
+     -> Result<Vec<pb::HeaderMatch>, FieldError> {
         map.iter()
             .map(|(k, v)| {
                 Ok(pb::HeaderMatch {
-                    name: if f == "queryParams" { k.clone() } else { k.to_ascii_lowercase() },
+                    name: if f == "queryParams" {
+                        k.clone()
+                    } else {
+                        k.to_ascii_lowercase()
+                    },
                     value: to_string_match(v, &format!("{f}.{k}"))?,
                 })
             })
@@ -949,9 +964,17 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                 if tcp_routes.is_empty() {
                     match ctx.cluster(si, sp.number, "") {
                         Ok(c) => tcp_routes.push(pb::TcpRoute {
-                            clusters: vec![pb::WeightedCluster { cluster: c, weight: 100 }],
+                            clusters: vec![pb::WeightedCluster {
+                                cluster: c,
+                                weight: 100,
+                            }],
                         }),
-                        Err(m) => ctx.errors.push(ConfigError::at(&svc.origin, svc.id.clone(), "spec.ports", m)),
+                        Err(m) => ctx.errors.push(ConfigError::at(
+                            &svc.origin,
+                            svc.id.clone(),
+                            "spec.ports",
+                            m,
+                        )),
                     }
                 }
                 out.listeners.push(pb::Listener {
@@ -980,7 +1003,10 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                 let vs = &ctx.cfg.virtual_services[i];
                 routes = ctx.http_routes(vs, "mesh", Some(sp.number));
                 // Routes bound to other ports do not apply to this one.
-                routes.retain(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.port == 0 || m.port == sp.number));
+                routes.retain(|r| {
+                    r.matches.is_empty()
+                        || r.matches.iter().any(|m| m.port == 0 || m.port == sp.number)
+                });
             }
             if routes.is_empty() {
                 match ctx.cluster(si, sp.number, "") {
@@ -988,13 +1014,21 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                         name: "default".into(),
                         matches: vec![],
                         action: Some(pb::route::Action::Route(pb::RouteAction {
-                            clusters: vec![pb::WeightedCluster { cluster: c, weight: 100 }],
+                            clusters: vec![pb::WeightedCluster {
+                                cluster: c,
+                                weight: 100,
+                            }],
                             ..Default::default()
                         })),
                         request_headers: None,
                         response_headers: None,
                     }),
-                    Err(m) => ctx.errors.push(ConfigError::at(&svc.origin, svc.id.clone(), "spec.ports", m)),
+                    Err(m) => ctx.errors.push(ConfigError::at(
+                        &svc.origin,
+                        svc.id.clone(),
+                        "spec.ports",
+                        m,
+                    )),
                 }
             }
             vhosts.push(pb::VirtualHost {
@@ -1077,7 +1111,10 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                     name: "inbound".into(),
                     matches: vec![],
                     action: Some(pb::route::Action::Route(pb::RouteAction {
-                        clusters: vec![pb::WeightedCluster { cluster, weight: 100 }],
+                        clusters: vec![pb::WeightedCluster {
+                            cluster,
+                            weight: 100,
+                        }],
                         ..Default::default()
                     })),
                     request_headers: None,
@@ -1121,7 +1158,8 @@ fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
             let proto = match select_protocol(Some(&s.port.protocol), None) {
                 Ok(pr) => pr,
                 Err(m) => {
-                    ctx.errors.push(ConfigError::at(&g.origin, gw.id(), &field, m));
+                    ctx.errors
+                        .push(ConfigError::at(&g.origin, gw.id(), &field, m));
                     continue;
                 }
             };
@@ -1149,9 +1187,12 @@ fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
             for (gid, hosts) in &ps.servers {
                 for vs in &ctx.cfg.virtual_services {
                     let ns = vs.value.namespace();
-                    let admitted = vs.value.spec.hosts.iter().any(|h| {
-                        hosts.iter().any(|sh| server_host_admits(sh, ns, h))
-                    });
+                    let admitted = vs
+                        .value
+                        .spec
+                        .hosts
+                        .iter()
+                        .any(|h| hosts.iter().any(|sh| server_host_admits(sh, ns, h)));
                     if admitted {
                         let r = ctx.tcp_routes(vs, gid, port);
                         tcp_routes.extend(r);
@@ -1239,14 +1280,20 @@ mod tests {
         let out = translate(&cfg, &gw_params()).expect("valid");
         assert_eq!(out.listeners.len(), 1);
         let names: Vec<_> = out.clusters.iter().map(|c| c.name.as_str()).collect();
-        assert!(names.contains(&"outbound|8080|v1|reviews.demo.svc.cluster.local"), "{names:?}");
+        assert!(
+            names.contains(&"outbound|8080|v1|reviews.demo.svc.cluster.local"),
+            "{names:?}"
+        );
         let v1 = out
             .load_assignments
             .iter()
             .find(|a| a.cluster.contains("|v1|"))
             .expect("v1 endpoints");
         assert_eq!(v1.endpoints.len(), 1);
-        assert_eq!(v1.endpoints[0].labels.get("version").map(String::as_str), Some("v1"));
+        assert_eq!(
+            v1.endpoints[0].labels.get("version").map(String::as_str),
+            Some("v1")
+        );
         // Same input, same version: versions are content hashes.
         let again = translate(&cfg, &gw_params()).expect("valid");
         assert_eq!(out.version, again.version);

@@ -25,20 +25,40 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
             for r in &cfg.$f { dup(r.value.id(), &r.origin, &mut errors); }
         )*};
     }
-    dups!(virtual_services, destination_rules, gateways, service_entries, workload_entries, services, endpoint_slices);
+    dups!(
+        virtual_services,
+        destination_rules,
+        gateways,
+        service_entries,
+        workload_entries,
+        services,
+        endpoint_slices
+    );
 
     for vs in &cfg.virtual_services {
         let v = &vs.value;
         let err = |field: String, msg: String| ConfigError::at(&vs.origin, v.id(), &field, msg);
         if v.spec.hosts.is_empty() {
-            errors.push(err("spec.hosts".into(), "at least one host is required".into()));
+            errors.push(err(
+                "spec.hosts".into(),
+                "at least one host is required".into(),
+            ));
         }
         for (i, r) in v.spec.http.iter().enumerate() {
-            check_weights(r.route.iter().map(|d| d.weight), &format!("spec.http[{i}].route"), &mut |f, m| errors.push(err(f, m)));
+            check_weights(
+                r.route.iter().map(|d| d.weight),
+                &format!("spec.http[{i}].route"),
+                &mut |f, m| errors.push(err(f, m)),
+            );
             for (mi, m) in r.matches.iter().enumerate() {
                 let base = format!("spec.http[{i}].match[{mi}]");
                 let mut all: Vec<(String, &StringMatch)> = Vec::new();
-                for (n, sm) in [("uri", &m.uri), ("authority", &m.authority), ("method", &m.method), ("scheme", &m.scheme)] {
+                for (n, sm) in [
+                    ("uri", &m.uri),
+                    ("authority", &m.authority),
+                    ("method", &m.method),
+                    ("scheme", &m.scheme),
+                ] {
                     if let Some(sm) = sm {
                         all.push((format!("{base}.{n}"), sm));
                     }
@@ -63,24 +83,39 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
             if let Some(d) = &r.direct_response
                 && !(200..=599).contains(&d.status)
             {
-                errors.push(err(format!("spec.http[{i}].directResponse.status"), "must be 200..599".into()));
+                errors.push(err(
+                    format!("spec.http[{i}].directResponse.status"),
+                    "must be 200..599".into(),
+                ));
             }
             if let Some(red) = &r.redirect
                 && let Some(code) = red.redirect_code
                 && !matches!(code, 301 | 302 | 303 | 307 | 308)
             {
-                errors.push(err(format!("spec.http[{i}].redirect.redirectCode"), "must be 301, 302, 303, 307 or 308".into()));
+                errors.push(err(
+                    format!("spec.http[{i}].redirect.redirectCode"),
+                    "must be 301, 302, 303, 307 or 308".into(),
+                ));
             }
         }
         for (i, r) in v.spec.tcp.iter().enumerate() {
-            check_weights(r.route.iter().map(|d| d.weight), &format!("spec.tcp[{i}].route"), &mut |f, m| errors.push(err(f, m)));
+            check_weights(
+                r.route.iter().map(|d| d.weight),
+                &format!("spec.tcp[{i}].route"),
+                &mut |f, m| errors.push(err(f, m)),
+            );
         }
     }
     for dr in &cfg.destination_rules {
         let mut names = HashMap::new();
         for (i, s) in dr.value.spec.subsets.iter().enumerate() {
             if names.insert(s.name.clone(), i).is_some() {
-                errors.push(ConfigError::at(&dr.origin, dr.value.id(), &format!("spec.subsets[{i}].name"), format!("duplicate subset {}", s.name)));
+                errors.push(ConfigError::at(
+                    &dr.origin,
+                    dr.value.id(),
+                    &format!("spec.subsets[{i}].name"),
+                    format!("duplicate subset {}", s.name),
+                ));
             }
         }
     }
@@ -98,12 +133,18 @@ fn check_weights(
     }
     for (i, w) in ws.iter().enumerate() {
         if w.is_some_and(|w| w < 0) {
-            push(format!("{field}[{i}].weight"), "must not be negative".into());
+            push(
+                format!("{field}[{i}].weight"),
+                "must not be negative".into(),
+            );
             return;
         }
     }
     let sum: i64 = ws.iter().map(|w| w.unwrap_or(0)).sum();
     if sum != 100 {
-        push(field.to_string(), format!("weights sum to {sum}, they must sum to 100"));
+        push(
+            field.to_string(),
+            format!("weights sum to {sum}, they must sum to 100"),
+        );
     }
 }

@@ -1,0 +1,502 @@
+#!/usr/bin/env bash
+# Bosun vs nginx vs haproxy, same machine, same load, one run.
+#
+#   core $CPU_LOAD  : upstream nginx (1 worker) + load generator (wrk / h2load)
+#   core $CPU_PROXY : the proxy under test (1 worker / thread)
+#
+# Per proxy: wrk saturation (rps, p50/p99), h2load at a fixed $LAT_RPS
+# (p50/p99 from h2load's per-request log), proxy CPU µs per request
+# (utime+stime from /proc/PID/stat across the wrk run) and RSS (VmRSS).
+#
+# See bench/README.md. Environment knobs (defaults in brackets):
+#   DURATION [10]      wrk saturation run, seconds
+#   LAT_DURATION [10]  h2load fixed-rate run, seconds
+#   WARMUP [2]         wrk warm-up before each saturation run, seconds
+#   CONNS [64]         wrk connections
+#   LAT_RPS [1000]     total request rate of the latency run
+#   LAT_CONNS [10]     h2load connections (per-connection rate = LAT_RPS/LAT_CONNS)
+#   PROXIES ["nginx haproxy bosun"]  which proxies to run, in order
+#   SKIP_BOSUN [0]     1 = drop bosun from PROXIES
+#   BOSUN [target/release/bosun]     bosun binary (built with cargo if missing)
+#   BOSUN_EXTRA_ARGS [] extra args appended to the bosun command line
+#   CPU_LOAD [0] CPU_PROXY [1]       cores used for pinning
+#   KEEP_TMP [0]       1 = keep the temp dir (configs, logs, h2load logs)
+#   NO_INSTALL [0]     1 = never call apt-get
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT_MD="$ROOT/bench/last-run.md"
+
+DURATION=${DURATION:-10}
+LAT_DURATION=${LAT_DURATION:-10}
+WARMUP=${WARMUP:-2}
+CONNS=${CONNS:-64}
+LAT_RPS=${LAT_RPS:-1000}
+LAT_CONNS=${LAT_CONNS:-10}
+PROXIES=${PROXIES:-nginx haproxy bosun}
+SKIP_BOSUN=${SKIP_BOSUN:-0}
+BOSUN_DEFAULT="$ROOT/target/release/bosun"
+BOSUN=${BOSUN:-$BOSUN_DEFAULT}
+BOSUN_EXTRA_ARGS=${BOSUN_EXTRA_ARGS:-}
+CPU_LOAD=${CPU_LOAD:-0}
+CPU_PROXY=${CPU_PROXY:-1}
+KEEP_TMP=${KEEP_TMP:-0}
+NO_INSTALL=${NO_INSTALL:-0}
+
+PROXY_PORT=18000
+UPSTREAM_PORT=18080
+ADMIN_ADDR=127.0.0.1:15000
+URL="http://127.0.0.1:$PROXY_PORT/"
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+if [[ $SKIP_BOSUN == 1 ]]; then
+  PROXIES=$(printf '%s\n' $PROXIES | grep -vx bosun | tr '\n' ' ' || true)
+fi
+[[ -n ${PROXIES// /} ]] || die "no proxies selected"
+(( LAT_RPS % LAT_CONNS == 0 )) || die "LAT_RPS ($LAT_RPS) must be a multiple of LAT_CONNS ($LAT_CONNS)"
+LAT_RPS_PER_CONN=$(( LAT_RPS / LAT_CONNS ))
+
+# ---------------------------------------------------------------- packages
+need_pkgs=()
+command -v nginx   >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]]   || need_pkgs+=(nginx)
+command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]] || need_pkgs+=(haproxy)
+command -v wrk     >/dev/null 2>&1 || need_pkgs+=(wrk)
+command -v h2load  >/dev/null 2>&1 || need_pkgs+=(nghttp2-client)
+command -v curl    >/dev/null 2>&1 || need_pkgs+=(curl)
+command -v taskset >/dev/null 2>&1 || need_pkgs+=(util-linux)
+command -v pgrep   >/dev/null 2>&1 || need_pkgs+=(procps)
+if (( ${#need_pkgs[@]} )); then
+  [[ $NO_INSTALL == 1 ]] && die "missing packages: ${need_pkgs[*]} (NO_INSTALL=1)"
+  SUDO=()
+  if (( EUID != 0 )); then
+    command -v sudo >/dev/null 2>&1 || die "missing packages ${need_pkgs[*]}; run as root or install them"
+    SUDO=(sudo)
+  fi
+  log "installing: ${need_pkgs[*]}"
+  # DPkg::Lock::Timeout waits for a concurrent apt/dpkg instead of failing.
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -q
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \
+    install -y -q --no-install-recommends "${need_pkgs[@]}"
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+
+NCPU=$(getconf _NPROCESSORS_ONLN)
+(( NCPU >= 2 )) || die "need at least 2 CPUs (have $NCPU)"
+CLK_TCK=$(getconf CLK_TCK)
+LOADAVG=$(cut -d' ' -f1 /proc/loadavg)
+if awk -v l="$LOADAVG" 'BEGIN { exit !(l > 0.5) }'; then
+  log "WARNING: load average is $LOADAVG before the run; other processes will skew the results"
+fi
+
+# --------------------------------------------------------------- bosun binary
+if [[ " $PROXIES " == *" bosun "* && ! -x $BOSUN ]]; then
+  if [[ $BOSUN == "$BOSUN_DEFAULT" ]]; then
+    command -v cargo >/dev/null 2>&1 || die "$BOSUN missing and cargo not found (or set SKIP_BOSUN=1)"
+    log "bosun binary missing; cargo build --release"
+    (cd "$ROOT" && cargo build --release)
+  fi
+  [[ -x $BOSUN ]] || die "bosun binary not found: $BOSUN"
+fi
+
+# ------------------------------------------------------------- temp + cleanup
+TMP=$(mktemp -d /tmp/bosun-bench.XXXXXX)
+chmod 755 "$TMP"   # nginx workers may run as nobody
+STARTED_PIDS=()
+
+stop_pid() {  # stop_pid PID: TERM, wait up to 5 s, then KILL
+  local pid=$1 i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 50; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$? pid
+  set +e
+  for pid in "${STARTED_PIDS[@]}"; do stop_pid "$pid"; done
+  if [[ $KEEP_TMP == 1 ]]; then
+    log "temp dir kept: $TMP"
+  else
+    rm -rf "$TMP"
+  fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in $PROXY_PORT $UPSTREAM_PORT ${ADMIN_ADDR##*:}; do
+  port_busy "$p" && die "port $p is already in use on 127.0.0.1"
+done
+
+# ------------------------------------------------------------------- helpers
+# All PIDs of a process tree (root first).
+tree_pids() {
+  local p=$1 c
+  [[ -d /proc/$p ]] || return 0
+  echo "$p"
+  for c in $(pgrep -P "$p" 2>/dev/null || true); do tree_pids "$c"; done
+}
+
+# Sum of utime+stime (clock ticks) over the given PIDs, all threads included.
+cpu_ticks() {
+  local sum=0 p stat rest f
+  for p in "$@"; do
+    stat=$(<"/proc/$p/stat") 2>/dev/null || continue
+    rest=${stat##*) }          # strip "pid (comm) " - comm may contain spaces
+    read -ra f <<<"$rest"      # f[0] is field 3 (state) => utime=f[11], stime=f[12]
+    sum=$(( sum + f[11] + f[12] ))
+  done
+  echo "$sum"
+}
+
+# Sum of VmRSS in kB over the given PIDs.
+rss_kb() {
+  local sum=0 p v
+  for p in "$@"; do
+    v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || true)
+    sum=$(( sum + ${v:-0} ))
+  done
+  echo "$sum"
+}
+
+wait_ready() {  # wait_ready URL PID LOGFILE
+  local url=$1 pid=$2 logf=$3 code i
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$pid" 2>/dev/null || { log "process $pid exited; log tail:"; tail -n 30 "$logf" >&2 || true; return 1; }
+    code=$(curl -s -o /dev/null -m 1 -w '%{http_code}' "$url" 2>/dev/null || true)
+    [[ $code == 200 ]] && return 0
+    sleep 0.1
+  done
+  log "timeout (10s) waiting for 200 from $url (last code: ${code:-none}); log tail:"
+  tail -n 30 "$logf" >&2 || true
+  return 1
+}
+
+# wrk latency value ("812.00us", "1.23ms", "1.02s", "2.00m") -> microseconds
+to_us() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    if (u == "us") m = 1; else if (u == "ms") m = 1000; else if (u == "s") m = 1e6;
+    else if (u == "m") m = 6e7; else if (u == "h") m = 3.6e9; else m = -1
+    if (m < 0) print "NaN"; else printf "%.0f\n", n * m }'
+}
+
+fmt_us() {  # microseconds -> "123µs" / "1.23ms"
+  awk -v v="$1" 'BEGIN { if (v == "" || v == "NaN" || v == "-") { print "-"; exit }
+    if (v < 1000) printf "%dµs\n", v; else if (v < 1e6) printf "%.2fms\n", v/1000; else printf "%.2fs\n", v/1e6 }'
+}
+
+# ------------------------------------------------------------------ configs
+nginx_common() {  # nginx_common DIR : directives keeping nginx inside DIR
+  cat <<EOF
+daemon off;
+master_process on;
+worker_processes 1;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+EOF
+}
+nginx_http_common() {
+  cat <<EOF
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_body_temp_path $1/client_body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+EOF
+}
+
+write_upstream_conf() {
+  local d=$TMP/upstream; mkdir -p "$d"
+  {
+    nginx_common "$d"
+    echo "http {"
+    nginx_http_common "$d"
+    cat <<EOF
+    server {
+        listen 127.0.0.1:$UPSTREAM_PORT;
+        location / { default_type text/plain; return 200 "ok\n"; }
+    }
+}
+EOF
+  } >"$d/nginx.conf"
+}
+
+write_nginx_proxy_conf() {
+  local d=$TMP/nginx; mkdir -p "$d"
+  {
+    nginx_common "$d"
+    echo "http {"
+    nginx_http_common "$d"
+    cat <<EOF
+    upstream backend {
+        server 127.0.0.1:$UPSTREAM_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$PROXY_PORT;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+  } >"$d/nginx.conf"
+}
+
+write_haproxy_conf() {
+  local d=$TMP/haproxy; mkdir -p "$d"
+  cat >"$d/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+    pidfile $d/haproxy.pid
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 30s
+    timeout http-request 10s
+
+frontend fe
+    bind 127.0.0.1:$PROXY_PORT
+    default_backend be
+
+backend be
+    server upstream 127.0.0.1:$UPSTREAM_PORT
+EOF
+}
+
+write_bosun_conf() {
+  local d=$TMP/bosun/config; mkdir -p "$d"
+  cat >"$d/bench.yaml" <<EOF
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bench, namespace: bench}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: $PROXY_PORT, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: upstream, namespace: bench}
+spec:
+  hosts: [upstream.bench]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.0.1, ports: {http: $UPSTREAM_PORT}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: upstream, namespace: bench}
+spec:
+  hosts: ["*"]
+  gateways: [bench]
+  http:
+  - route: [{destination: {host: upstream.bench}}]
+EOF
+}
+
+# start_proxy NAME -> sets PROXY_PID
+start_proxy() {
+  local name=$1 logf=$TMP/$1.log
+  case $name in
+    nginx)
+      write_nginx_proxy_conf
+      taskset -c "$CPU_PROXY" nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$logf" 2>&1 &
+      ;;
+    haproxy)
+      write_haproxy_conf
+      # -db: stay in foreground, no daemon / master-worker
+      taskset -c "$CPU_PROXY" haproxy -db -f "$TMP/haproxy/haproxy.cfg" >"$logf" 2>&1 &
+      ;;
+    bosun)
+      write_bosun_conf
+      # shellcheck disable=SC2086
+      taskset -c "$CPU_PROXY" "$BOSUN" proxy --mode gateway --config "$TMP/bosun/config" \
+        --gateway-address 127.0.0.1 --admin-address "$ADMIN_ADDR" --workers 1 \
+        $BOSUN_EXTRA_ARGS >"$logf" 2>&1 &
+      ;;
+    *) die "unknown proxy: $name" ;;
+  esac
+  PROXY_PID=$!
+  STARTED_PIDS+=("$PROXY_PID")
+  wait_ready "$URL" "$PROXY_PID" "$logf"
+}
+
+# ------------------------------------------------------------------ versions
+ver_nginx=$(nginx -v 2>&1 | sed 's/^nginx version: nginx\///')
+ver_haproxy=$(haproxy -v 2>&1 | head -n1 | awk '{print $3}')
+ver_wrk=$(wrk -v 2>&1 | head -n1 | awk '{print $2}' || true)
+ver_h2load=$(h2load --version 2>&1 | head -n1 | awk '{print $2}')
+ver_bosun=-
+if [[ " $PROXIES " == *" bosun "* ]]; then
+  ver_bosun=$(timeout 5 "$BOSUN" --version 2>/dev/null | head -n1 || true)
+  ver_bosun=${ver_bosun:-$(basename "$BOSUN")}
+fi
+
+# ------------------------------------------------------------------ upstream
+log "tmp dir: $TMP"
+write_upstream_conf
+taskset -c "$CPU_LOAD" nginx -p "$TMP/upstream" -c "$TMP/upstream/nginx.conf" >"$TMP/upstream.log" 2>&1 &
+UPSTREAM_PID=$!
+STARTED_PIDS+=("$UPSTREAM_PID")
+wait_ready "http://127.0.0.1:$UPSTREAM_PORT/" "$UPSTREAM_PID" "$TMP/upstream.log" || die "upstream nginx failed to start"
+log "upstream nginx ready (pid $UPSTREAM_PID, cpu $CPU_LOAD)"
+
+# ------------------------------------------------------------------ runs
+declare -A R_RPS R_P50 R_P99 R_LP50 R_LP99 R_CPU R_RSS R_NOTE R_LRATE R_LCPU
+
+run_one() {
+  local name=$1 pids wrk_out t0 t1 reqs rps p50 p99 errs
+  log "== $name: starting on cpu $CPU_PROXY"
+  if ! start_proxy "$name"; then
+    log "$name failed to start; skipping"
+    R_NOTE[$name]="failed to start (log tail printed on stderr)"
+    stop_pid "$PROXY_PID"
+    return 0
+  fi
+  mapfile -t pids < <(tree_pids "$PROXY_PID")
+  log "$name ready; pids: ${pids[*]}"
+
+  log "$name: warm-up ${WARMUP}s"
+  taskset -c "$CPU_LOAD" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$URL" >/dev/null 2>&1 || true
+
+  log "$name: wrk -t1 -c$CONNS -d${DURATION}s --latency"
+  mapfile -t pids < <(tree_pids "$PROXY_PID")
+  t0=$(cpu_ticks "${pids[@]}")
+  wrk_out=$(taskset -c "$CPU_LOAD" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$URL" 2>&1) || {
+    log "wrk failed:"; echo "$wrk_out" >&2; R_NOTE[$name]="wrk failed"; stop_pid "$PROXY_PID"; return 0; }
+  t1=$(cpu_ticks "${pids[@]}")
+  R_RSS[$name]=$(rss_kb "${pids[@]}")
+  echo "$wrk_out" >"$TMP/$name.wrk.txt"
+
+  reqs=$(awk '/ requests in / {print $1; exit}' <<<"$wrk_out")
+  rps=$(awk '/^Requests\/sec:/ {print $2; exit}' <<<"$wrk_out")
+  p50=$(awk '$1 == "50%" {print $2; exit}' <<<"$wrk_out")
+  p99=$(awk '$1 == "99%" {print $2; exit}' <<<"$wrk_out")
+  [[ -n $reqs && -n $rps && -n $p50 && -n $p99 ]] || {
+    log "could not parse wrk output:"; echo "$wrk_out" >&2; die "wrk parse error"; }
+  R_RPS[$name]=$rps
+  R_P50[$name]=$(to_us "$p50")
+  R_P99[$name]=$(to_us "$p99")
+  R_CPU[$name]=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" \
+    'BEGIN { if (n > 0) printf "%.2f", d / hz * 1e6 / n; else print "NaN" }')
+  errs=$(awk '/Non-2xx or 3xx responses:/ {n += $NF} /Socket errors:/ {
+      for (i = 3; i <= NF; i += 2) { v = $(i+1); gsub(/,/, "", v); n += v } } END { print n + 0 }' <<<"$wrk_out")
+  (( errs == 0 )) || R_NOTE[$name]="wrk: $errs errors/non-2xx"
+  log "$name: $rps rps, p50 $p50 p99 $p99, $reqs reqs, cpu $((t1 - t0)) ticks, rss ${R_RSS[$name]} kB"
+
+  sleep 1
+  log "$name: h2load --h1 -c $LAT_CONNS --rps $LAT_RPS_PER_CONN -D $LAT_DURATION (= $LAT_RPS rps)"
+  local hlog=$TMP/$name.h2load.tsv h_out lt0 lt1 lreqs
+  lt0=$(cpu_ticks "${pids[@]}")
+  h_out=$(taskset -c "$CPU_LOAD" h2load --h1 -t 1 -c "$LAT_CONNS" --rps "$LAT_RPS_PER_CONN" \
+            -D "$LAT_DURATION" --log-file="$hlog" "$URL" 2>&1) || {
+    log "h2load failed:"; echo "$h_out" >&2; R_NOTE[$name]+="${R_NOTE[$name]:+; }h2load failed"; stop_pid "$PROXY_PID"; return 0; }
+  lt1=$(cpu_ticks "${pids[@]}")
+  echo "$h_out" >"$TMP/$name.h2load.txt"
+  # log-file columns: start (µs since epoch), status, duration (µs)
+  local lbad
+  lbad=$(awk -F'\t' '!($2 >= 200 && $2 < 400) { n++ } END { print n + 0 }' "$hlog")
+  read -r lreqs R_LP50[$name] R_LP99[$name] < <(
+    awk -F'\t' '$2 >= 200 && $2 < 400 { print $3 }' "$hlog" | sort -n | awk '
+      { v[NR] = $1 }
+      END {
+        if (NR == 0) { print 0, "NaN", "NaN"; exit }
+        i50 = int(NR * 0.50); if (i50 < NR * 0.50) i50++   # nearest-rank
+        i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++
+        print NR, v[i50], v[i99] }')
+  (( lbad == 0 )) || R_NOTE[$name]+="${R_NOTE[$name]:+; }h2load: $lbad failed/non-2xx"
+  R_LRATE[$name]=$(awk '/^finished in/ {gsub(/,/, "", $4); print $4; exit}' <<<"$h_out")
+  R_LCPU[$name]=$(awk -v d=$((lt1 - lt0)) -v hz="$CLK_TCK" -v n="$lreqs" \
+    'BEGIN { if (n > 0) printf "%.2f", d / hz * 1e6 / n; else print "NaN" }')
+  log "$name: $lreqs reqs at ${R_LRATE[$name]:-?} req/s, p50 ${R_LP50[$name]}us p99 ${R_LP99[$name]}us"
+
+  stop_pid "$PROXY_PID"
+  # make sure the port is free again before the next proxy
+  local i
+  for ((i = 0; i < 50; i++)); do port_busy "$PROXY_PORT" || break; sleep 0.1; done
+  log "== $name: done"
+}
+
+for p in $PROXIES; do run_one "$p"; done
+
+# ------------------------------------------------------------------ report
+ratio() {  # ratio A B -> "A/B" formatted, or "-"
+  awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || a == "NaN" || b == "NaN" || b + 0 == 0) print "-"; else printf "%.2f×\n", a / b }'
+}
+mb() { awk -v k="$1" 'BEGIN { if (k == "") print "-"; else printf "%.1f\n", k / 1024 }'; }
+
+report() {
+  local p
+  echo "# Bosun proxy benchmark — $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "Host: $(uname -srm), $NCPU CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || echo '?'))."
+  echo "Upstream nginx + load generator on CPU $CPU_LOAD, proxy on CPU $CPU_PROXY, one worker each."
+  echo "Saturation: \`wrk -t1 -c$CONNS -d${DURATION}s --latency\` after ${WARMUP}s warm-up."
+  echo "Latency: \`h2load --h1 -t1 -c$LAT_CONNS --rps $LAT_RPS_PER_CONN -D $LAT_DURATION\` (= $LAT_RPS rps), p50/p99 from \`--log-file\`."
+  echo "Load average before the run: $LOADAVG."
+  echo "Versions: nginx $ver_nginx, haproxy $ver_haproxy, bosun $ver_bosun, wrk $ver_wrk, h2load $ver_h2load."
+  echo
+  echo "| proxy | rps (wrk) | p50/p99 at saturation | p50/p99 at $LAT_RPS rps | CPU µs/req | RSS MB |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for p in $PROXIES; do
+    if [[ -z ${R_RPS[$p]:-} ]]; then
+      echo "| $p | - | - | - | - | - |"
+      continue
+    fi
+    printf '| %s | %.0f | %s / %s | %s / %s | %s | %s |\n' "$p" "${R_RPS[$p]}" \
+      "$(fmt_us "${R_P50[$p]}")" "$(fmt_us "${R_P99[$p]}")" \
+      "$(fmt_us "${R_LP50[$p]:-}")" "$(fmt_us "${R_LP99[$p]:-}")" \
+      "${R_CPU[$p]}" "$(mb "${R_RSS[$p]}")"
+  done
+  echo
+  if [[ -n ${R_RPS[bosun]:-} ]]; then
+    echo "| ratio | CPU µs/req | p99 at $LAT_RPS rps | RSS |"
+    echo "|---|---:|---:|---:|"
+    for p in nginx haproxy; do
+      [[ -n ${R_RPS[$p]:-} ]] || continue
+      echo "| bosun / $p | $(ratio "${R_CPU[bosun]}" "${R_CPU[$p]}") | $(ratio "${R_LP99[bosun]:-}" "${R_LP99[$p]:-}") | $(ratio "${R_RSS[bosun]}" "${R_RSS[$p]}") |"
+    done
+    echo
+  else
+    echo "_no bosun result: no ratios._"
+    echo
+  fi
+  echo "Details:"
+  echo
+  for p in $PROXIES; do
+    if [[ -n ${R_RPS[$p]:-} ]]; then
+      echo "- $p: latency run achieved ${R_LRATE[$p]:-?} req/s; proxy CPU at $LAT_RPS rps ${R_LCPU[$p]:-?} µs/req${R_NOTE[$p]:+; ${R_NOTE[$p]}}"
+    else
+      echo "- $p: ${R_NOTE[$p]:-no result}"
+    fi
+  done
+}
+
+report | tee "$OUT_MD"
+log "written: $OUT_MD"

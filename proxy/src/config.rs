@@ -1,0 +1,463 @@
+//! The proxy's immutable configuration snapshot, built from
+//! `bosun.config.v1` with `TryFrom`. Everything a request needs is resolved
+//! here once: clusters are linked into routes as `Arc`s, header names are
+//! parsed, regexes compiled, hash rings built. A snapshot that cannot be
+//! built is rejected whole (the proxy keeps the previous one).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bosun_xds_proto::config as pb;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use crate::cluster::{Cluster, Endpoint, EndpointRegistry, HashKey, Lb, UpstreamProtocol};
+use crate::metrics::LabelSet;
+use crate::route::{
+    Action, HeaderMatch, HeaderOps, Redirect, Route, RouteAction, RouteMatch, RouteTable, StrMatch,
+    VirtualHost, WeightedClusters,
+};
+
+/// Why a config was refused: which resource and field, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{resource}: {field}: {message}")]
+pub struct RejectError {
+    pub resource: String,
+    pub field: String,
+    pub message: String,
+}
+
+fn reject(
+    resource: impl Into<String>,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> RejectError {
+    RejectError {
+        resource: resource.into(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+    Gateway,
+}
+
+#[derive(Debug)]
+pub enum ListenerKind {
+    Http { route_table: Arc<RouteTable> },
+    Tcp { route: Option<WeightedClusters> },
+}
+
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub direction: Direction,
+    pub kind: ListenerKind,
+}
+
+/// Who this proxy is, for the `source_*` metric labels.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyIdentity {
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+}
+
+/// One complete, immutable configuration. Swapped whole with `ArcSwap`.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: String,
+    /// By the address the listener binds.
+    pub listeners: HashMap<SocketAddr, Arc<Listener>>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    /// What was applied, for `/config_dump`.
+    pub source: pb::ProxyConfig,
+}
+
+impl Snapshot {
+    pub fn empty() -> Self {
+        Snapshot {
+            version: String::new(),
+            listeners: HashMap::new(),
+            clusters: HashMap::new(),
+            source: pb::ProxyConfig::default(),
+        }
+    }
+}
+
+/// Everything besides the resources that building a snapshot needs.
+pub struct BuildContext<'a> {
+    pub identity: &'a ProxyIdentity,
+    pub endpoints: &'a EndpointRegistry,
+}
+
+impl Snapshot {
+    pub fn build(cfg: pb::ProxyConfig, ctx: &BuildContext<'_>) -> Result<Snapshot, RejectError> {
+        let mut assignments: HashMap<&str, &pb::ClusterLoadAssignment> = HashMap::new();
+        for a in &cfg.load_assignments {
+            assignments.insert(a.cluster.as_str(), a);
+        }
+        let mut clusters = HashMap::new();
+        for c in &cfg.clusters {
+            let cla = assignments.get(c.name.as_str()).copied();
+            let cluster = build_cluster(c, cla, ctx)?;
+            if clusters.insert(c.name.clone(), Arc::new(cluster)).is_some() {
+                return Err(reject(
+                    format!("Cluster/{}", c.name),
+                    "name",
+                    "duplicate cluster",
+                ));
+            }
+        }
+        let mut tables = HashMap::new();
+        for rc in &cfg.route_configurations {
+            let t = build_route_table(rc, &clusters)?;
+            tables.insert(rc.name.clone(), Arc::new(t));
+        }
+        let mut listeners = HashMap::new();
+        for l in &cfg.listeners {
+            let id = format!("Listener/{}", l.name);
+            let ip: IpAddr = l.address.parse().map_err(|_| {
+                reject(
+                    &id,
+                    "address",
+                    format!("{:?} is not an IP address", l.address),
+                )
+            })?;
+            let port = u16::try_from(l.port).map_err(|_| reject(&id, "port", "out of range"))?;
+            let direction = match pb::TrafficDirection::try_from(l.direction) {
+                Ok(pb::TrafficDirection::Inbound) => Direction::Inbound,
+                Ok(pb::TrafficDirection::Gateway) => Direction::Gateway,
+                _ => Direction::Outbound,
+            };
+            let kind = match pb::ListenerProtocol::try_from(l.protocol) {
+                Ok(pb::ListenerProtocol::Http) => ListenerKind::Http {
+                    route_table: tables.get(&l.route_configuration).cloned().ok_or_else(|| {
+                        reject(
+                            &id,
+                            "route_configuration",
+                            format!("unknown {:?}", l.route_configuration),
+                        )
+                    })?,
+                },
+                Ok(pb::ListenerProtocol::Tcp) => ListenerKind::Tcp {
+                    route: match l.tcp_routes.first() {
+                        Some(r) => Some(weighted(&r.clusters, &clusters, &id, "tcp_routes[0]")?),
+                        None => None,
+                    },
+                },
+                _ => return Err(reject(&id, "protocol", "must be HTTP or TCP")),
+            };
+            let listener = Listener {
+                name: l.name.clone(),
+                addr: SocketAddr::new(ip, port),
+                direction,
+                kind,
+            };
+            if let Some(other) = listeners.insert(listener.addr, Arc::new(listener)) {
+                return Err(reject(
+                    &id,
+                    "port",
+                    format!(
+                        "{}:{} is also used by listener {}",
+                        l.address, l.port, other.name
+                    ),
+                ));
+            }
+        }
+        Ok(Snapshot {
+            version: cfg.version.clone(),
+            listeners,
+            clusters,
+            source: cfg,
+        })
+    }
+}
+
+fn build_cluster(
+    c: &pb::Cluster,
+    cla: Option<&pb::ClusterLoadAssignment>,
+    ctx: &BuildContext<'_>,
+) -> Result<Cluster, RejectError> {
+    let id = format!("Cluster/{}", c.name);
+    let protocol = match pb::UpstreamProtocol::try_from(c.protocol) {
+        Ok(pb::UpstreamProtocol::Http1) => UpstreamProtocol::Http1,
+        Ok(pb::UpstreamProtocol::Http2) => UpstreamProtocol::Http2,
+        Ok(pb::UpstreamProtocol::Tcp) => UpstreamProtocol::Tcp,
+        Ok(pb::UpstreamProtocol::Unspecified) => UpstreamProtocol::Downstream,
+        Err(_) => return Err(reject(&id, "protocol", "unknown upstream protocol")),
+    };
+    let inbound = c.name.starts_with("inbound|");
+    let mut endpoints = Vec::new();
+    for (i, e) in cla
+        .map(|a| a.endpoints.as_slice())
+        .unwrap_or(&[])
+        .iter()
+        .enumerate()
+    {
+        let field = format!("endpoints[{i}]");
+        let ip: IpAddr = e.address.parse().map_err(|_| {
+            reject(
+                &id,
+                &field,
+                format!("address {:?} is not an IP address", e.address),
+            )
+        })?;
+        let port = u16::try_from(e.port).map_err(|_| reject(&id, &field, "port out of range"))?;
+        let addr = SocketAddr::new(ip, port);
+        let labels = LabelSet::destination(ctx.identity, c, e, inbound);
+        endpoints.push(Arc::new(Endpoint::new(
+            addr,
+            ctx.endpoints.stats(addr),
+            labels,
+        )?));
+    }
+    let hash = match c.hash_policy.as_ref().and_then(|h| h.key.as_ref()) {
+        None => None,
+        Some(pb::hash_policy::Key::HeaderName(h)) => Some(HashKey::Header(
+            HeaderName::try_from(h.as_str())
+                .map_err(|_| reject(&id, "hash_policy.header_name", "invalid header name"))?,
+        )),
+        Some(pb::hash_policy::Key::Cookie(ck)) => Some(HashKey::Cookie {
+            name: ck.name.clone(),
+            path: ck.path.clone(),
+            ttl_seconds: ck.ttl_seconds,
+        }),
+        Some(pb::hash_policy::Key::SourceIp(_)) => Some(HashKey::SourceIp),
+        Some(pb::hash_policy::Key::QueryParameter(q)) => Some(HashKey::Query(q.clone())),
+    };
+    let lb = match pb::LbPolicy::try_from(c.lb_policy) {
+        Ok(pb::LbPolicy::RoundRobin | pb::LbPolicy::Unspecified) => Lb::round_robin(),
+        Ok(pb::LbPolicy::LeastRequest) => Lb::LeastRequest,
+        Ok(pb::LbPolicy::Random) => Lb::Random,
+        Ok(pb::LbPolicy::RingHash) => Lb::ring_hash(&endpoints, c.table_size),
+        Ok(pb::LbPolicy::Maglev) => {
+            Lb::maglev(&endpoints, c.table_size).map_err(|m| reject(&id, "table_size", m))?
+        }
+        Err(_) => return Err(reject(&id, "lb_policy", "unknown policy")),
+    };
+    if lb.is_hash() && hash.is_none() {
+        return Err(reject(
+            &id,
+            "hash_policy",
+            "ring hash and maglev need a hash policy",
+        ));
+    }
+    Ok(Cluster {
+        name: c.name.clone(),
+        protocol,
+        lb,
+        hash,
+        endpoints,
+        no_endpoint_labels: LabelSet::destination_service_only(ctx.identity, c, inbound),
+    })
+}
+
+fn weighted(
+    wcs: &[pb::WeightedCluster],
+    clusters: &HashMap<String, Arc<Cluster>>,
+    id: &str,
+    field: &str,
+) -> Result<WeightedClusters, RejectError> {
+    let mut out = Vec::new();
+    let mut total = 0u32;
+    for (i, w) in wcs.iter().enumerate() {
+        let c = clusters.get(&w.cluster).ok_or_else(|| {
+            reject(
+                id,
+                format!("{field}.clusters[{i}]"),
+                format!("unknown cluster {:?}", w.cluster),
+            )
+        })?;
+        total = total.saturating_add(w.weight);
+        out.push((c.clone(), w.weight));
+    }
+    if out.is_empty() {
+        return Err(reject(id, field, "no clusters"));
+    }
+    if total == 0 {
+        return Err(reject(id, field, "weights sum to 0"));
+    }
+    Ok(WeightedClusters {
+        clusters: out,
+        total,
+    })
+}
+
+fn str_match(
+    m: &pb::StringMatch,
+    ignore_case: bool,
+    id: &str,
+    field: &str,
+) -> Result<Option<StrMatch>, RejectError> {
+    use pb::string_match::Kind;
+    Ok(match &m.kind {
+        None => None,
+        Some(Kind::Exact(e)) if ignore_case => Some(StrMatch::Exact(e.to_ascii_lowercase())),
+        Some(Kind::Prefix(p)) if ignore_case => Some(StrMatch::Prefix(p.to_ascii_lowercase())),
+        Some(Kind::Exact(e)) => Some(StrMatch::Exact(e.clone())),
+        Some(Kind::Prefix(p)) => Some(StrMatch::Prefix(p.clone())),
+        Some(Kind::Regex(r)) => {
+            let pattern = if ignore_case {
+                format!("(?i)^(?:{r})$")
+            } else {
+                format!("^(?:{r})$")
+            };
+            Some(StrMatch::Regex(regex::Regex::new(&pattern).map_err(
+                |e| reject(id, field, format!("invalid regex: {e}")),
+            )?))
+        }
+    })
+}
+
+fn header_ops(
+    o: Option<&pb::HeaderOperations>,
+    id: &str,
+    field: &str,
+) -> Result<HeaderOps, RejectError> {
+    let Some(o) = o else {
+        return Ok(HeaderOps::default());
+    };
+    let name = |n: &str| {
+        HeaderName::try_from(n).map_err(|_| reject(id, field, format!("invalid header name {n:?}")))
+    };
+    let value = |v: &str| {
+        HeaderValue::try_from(v)
+            .map_err(|_| reject(id, field, format!("invalid header value {v:?}")))
+    };
+    let mut ops = HeaderOps::default();
+    for (k, v) in &o.set {
+        ops.set.push((name(k)?, value(v)?));
+    }
+    for (k, v) in &o.add {
+        ops.add.push((name(k)?, value(v)?));
+    }
+    for k in &o.remove {
+        ops.remove.push(name(k)?);
+    }
+    Ok(ops)
+}
+
+fn build_route_table(
+    rc: &pb::RouteConfiguration,
+    clusters: &HashMap<String, Arc<Cluster>>,
+) -> Result<RouteTable, RejectError> {
+    let mut vhosts = Vec::new();
+    for vh in &rc.virtual_hosts {
+        let id = format!("RouteConfiguration/{}/{}", rc.name, vh.name);
+        let mut routes = Vec::new();
+        for (ri, r) in vh.routes.iter().enumerate() {
+            let field = format!("routes[{ri}]");
+            let mut matches = Vec::new();
+            for (mi, m) in r.matches.iter().enumerate() {
+                let f = format!("{field}.matches[{mi}]");
+                let sm = |o: &Option<pb::StringMatch>,
+                          ic: bool,
+                          n: &str|
+                 -> Result<Option<StrMatch>, RejectError> {
+                    match o {
+                        Some(m) => str_match(m, ic, &id, &format!("{f}.{n}")),
+                        None => Ok(None),
+                    }
+                };
+                let hm =
+                    |list: &[pb::HeaderMatch], n: &str| -> Result<Vec<HeaderMatch>, RejectError> {
+                        list.iter()
+                            .map(|h| {
+                                Ok(HeaderMatch {
+                                    name: h.name.clone(),
+                                    header: HeaderName::try_from(h.name.as_str()).ok(),
+                                    value: match &h.value {
+                                        Some(v) => str_match(v, false, &id, &format!("{f}.{n}"))?,
+                                        None => None,
+                                    },
+                                })
+                            })
+                            .collect()
+                    };
+                matches.push(RouteMatch {
+                    uri: sm(&m.uri, m.ignore_uri_case, "uri")?,
+                    ignore_uri_case: m.ignore_uri_case,
+                    authority: sm(&m.authority, false, "authority")?,
+                    method: sm(&m.method, false, "method")?,
+                    scheme: sm(&m.scheme, false, "scheme")?,
+                    headers: hm(&m.headers, "headers")?,
+                    without_headers: hm(&m.without_headers, "without_headers")?,
+                    query_params: hm(&m.query_params, "query_params")?,
+                    port: u16::try_from(m.port)
+                        .map_err(|_| reject(&id, &f, "port out of range"))?,
+                });
+            }
+            let action = match &r.action {
+                Some(pb::route::Action::Route(ra)) => Action::Route(RouteAction {
+                    clusters: weighted(&ra.clusters, clusters, &id, &field)?,
+                    uri_rewrite: (!ra.uri_rewrite.is_empty()).then(|| ra.uri_rewrite.clone()),
+                    authority_rewrite: if ra.authority_rewrite.is_empty() {
+                        None
+                    } else {
+                        Some(
+                            HeaderValue::try_from(ra.authority_rewrite.as_str()).map_err(|_| {
+                                reject(
+                                    &id,
+                                    format!("{field}.authority_rewrite"),
+                                    "invalid authority",
+                                )
+                            })?,
+                        )
+                    },
+                }),
+                Some(pb::route::Action::Redirect(rd)) => Action::Redirect(Redirect {
+                    uri: (!rd.uri.is_empty()).then(|| rd.uri.clone()),
+                    authority: (!rd.authority.is_empty()).then(|| rd.authority.clone()),
+                    scheme: (!rd.scheme.is_empty()).then(|| rd.scheme.clone()),
+                    port: u16::try_from(rd.port).ok().filter(|p| *p != 0),
+                    status: StatusCode::from_u16(rd.status as u16).map_err(|_| {
+                        reject(&id, format!("{field}.redirect.status"), "invalid status")
+                    })?,
+                }),
+                Some(pb::route::Action::DirectResponse(d)) => Action::Direct {
+                    status: u16::try_from(d.status)
+                        .ok()
+                        .and_then(|s| StatusCode::from_u16(s).ok())
+                        .ok_or_else(|| {
+                            reject(
+                                &id,
+                                format!("{field}.direct_response.status"),
+                                "invalid status",
+                            )
+                        })?,
+                    body: Bytes::from(d.body.clone()),
+                },
+                None => return Err(reject(&id, &field, "route has no action")),
+            };
+            routes.push(Route {
+                name: Arc::from(r.name.as_str()),
+                matches,
+                action,
+                request_ops: header_ops(
+                    r.request_headers.as_ref(),
+                    &id,
+                    &format!("{field}.request_headers"),
+                )?,
+                response_ops: header_ops(
+                    r.response_headers.as_ref(),
+                    &id,
+                    &format!("{field}.response_headers"),
+                )?,
+            });
+        }
+        vhosts.push(VirtualHost {
+            name: vh.name.clone(),
+            domains: vh.domains.clone(),
+            routes,
+        });
+    }
+    Ok(RouteTable::new(rc.name.clone(), vhosts))
+}

@@ -1,0 +1,282 @@
+//! Config handling end to end: refused configs keep the old one serving,
+//! gateway mode on a plain upstream, sidecar mode with Kubernetes objects.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::*;
+
+fn simple(port: u16, be: std::net::SocketAddr, extra_route_field: &str) -> String {
+    let mut y = gateway("web", port);
+    y.push_str(&service_entry(
+        "site",
+        "web",
+        80,
+        "HTTP",
+        &[(be, "app=site")],
+    ));
+    y.push_str(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: site, namespace: web}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{{destination: {{host: site}}}}]\n{extra_route_field}"
+    ));
+    y
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_routes_to_a_plain_upstream_with_curl() {
+    // Gateway + VirtualService + ServiceEntry (STATIC) in a directory, curl as the client.
+    let be = backend("plain").await;
+    let port = free_port();
+    let _bosun = Bosun::gateway(&simple(port, be.addr, "")).await;
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-H",
+            "Host: www.example.com",
+            &format!("http://127.0.0.1:{port}/index.html"),
+        ])
+        .output()
+        .expect("curl");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(j["backend"], "plain");
+    assert_eq!(j["path"], "/index.html");
+    assert_eq!(j["headers"]["host"], "www.example.com");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_config_is_refused_and_the_old_one_keeps_serving() {
+    let be = backend("good").await;
+    let port = free_port();
+    let bosun = Bosun::gateway(&simple(port, be.addr, "")).await;
+    let good_version = bosun.version().await;
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/");
+
+    // 1. A field Bosun does not implement yet.
+    bosun.write_config(&simple(port, be.addr, "    timeout: 5s\n"));
+    // 2. Then a config that parses but routes to an undefined subset.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let log = bosun.log_text();
+    assert!(log.contains("mesh.yaml"), "file named: {log}");
+    assert!(
+        log.contains("VirtualService/web/site"),
+        "resource named: {log}"
+    );
+    assert!(log.contains("spec.http[0].timeout"), "field named: {log}");
+    assert_eq!(get(&c, &url, "x").await.backend(), "good");
+    assert_eq!(bosun.version().await, good_version);
+
+    let bad_subset = simple(port, be.addr, "").replace("{host: site}", "{host: site, subset: v9}");
+    bosun.write_config(&bad_subset);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        bosun.log_text().contains("subset v9"),
+        "{}",
+        bosun.log_text()
+    );
+    assert_eq!(get(&c, &url, "x").await.backend(), "good");
+    assert_eq!(bosun.version().await, good_version);
+    let m = bosun.metrics().await;
+    assert!(
+        metric_sum(&m, "bosun_config_rejected_total", &[]) >= 2.0,
+        "{m}"
+    );
+
+    // A good config is taken again within a second.
+    let be2 = backend("new").await;
+    let t = std::time::Instant::now();
+    bosun.reconfigure(&simple(port, be2.addr, "")).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "applied in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(get(&c, &url, "x").await.backend(), "new");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn validate_command_names_file_line_resource_and_field() {
+    let dir = TempDir::new("validate");
+    std::fs::write(
+        dir.0.join("vs.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: ns}\nspec:\n  hosts: [r]\n  http:\n  - fault: {abort: {httpStatus: 500}}\n    route: [{destination: {host: r}}]\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
+        .args(["validate", dir.0.to_str().expect("utf8")])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("vs.yaml:7:"), "{text}");
+    assert!(
+        text.contains("VirtualService/ns/r: spec.http[0].fault"),
+        "{text}"
+    );
+    assert!(text.contains("not supported"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecar_outbound_by_host_inbound_to_app_and_tcp_port() {
+    let (r1, r2) = (backend("reviews-1").await, backend("reviews-2").await);
+    let app = backend("local-app").await;
+    let (out_port, in_port, tcp_port) = (free_port(), free_port(), free_port());
+    // A TCP service (port named tcp-*) whose endpoint echoes.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let echo_addr = echo.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1024];
+                while let Ok(n) = s.read(&mut b).await {
+                    if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let y = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: reviews, namespace: default}}
+spec:
+  selector: {{app: reviews}}
+  ports:
+  - {{name: http, port: 9080, targetPort: 9080}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: reviews-abc
+  namespace: default
+  labels: {{kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{{name: http, port: {p1}}}]
+endpoints:
+- addresses: [127.0.0.1]
+  conditions: {{ready: true}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: reviews-def
+  namespace: default
+  labels: {{kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{{name: http, port: {p2}}}]
+endpoints:
+- addresses: [127.0.0.1]
+  conditions: {{ready: true}}
+- addresses: [127.0.0.2]
+  conditions: {{ready: false}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: default}}
+spec:
+  ports:
+  - {{name: tcp-db, port: {tcp_port}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{{name: tcp-db, port: {pe}}}]
+endpoints:
+- addresses: [127.0.0.1]
+"#,
+        p1 = r1.addr.port(),
+        p2 = r2.addr.port(),
+        pe = echo_addr.port(),
+    );
+    let bosun = Bosun::start(
+        &[
+            "--mode",
+            "sidecar",
+            "--outbound-address",
+            &format!("127.0.0.1:{out_port}"),
+            "--inbound-address",
+            &format!("127.0.0.1:{in_port}"),
+            "--app-port",
+            &app.addr.port().to_string(),
+            "--labels",
+            "app=productpage,version=v1",
+            "--workload",
+            "productpage-v1",
+        ],
+        &y,
+    )
+    .await;
+    // Outbound, plain HTTP proxy style (absolute URI, as with http_proxy=).
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "-x",
+                &format!("http://127.0.0.1:{out_port}"),
+                "http://reviews:9080/r",
+            ])
+            .output()
+            .expect("curl");
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        seen.push(j["backend"].as_str().unwrap_or("").to_string());
+    }
+    let counts = count_by(seen.iter().map(String::as_str));
+    assert_eq!(counts.get("reviews-1"), Some(&10), "{counts:?}");
+    assert_eq!(
+        counts.get("reviews-2"),
+        Some(&10),
+        "not-ready endpoints get nothing: {counts:?}"
+    );
+    // The Host header alone also routes (FQDN form).
+    let c = client();
+    let r = get(
+        &c,
+        &format!("http://127.0.0.1:{out_port}/"),
+        "reviews.default.svc.cluster.local:9080",
+    )
+    .await;
+    assert!(r.backend().starts_with("reviews-"), "{}", r.body);
+    // Inbound to the local app, reported by the destination.
+    let r = get(&c, &format!("http://127.0.0.1:{in_port}/in"), "productpage").await;
+    assert_eq!(r.backend(), "local-app");
+    // TCP service port: a local listener on the service port.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", tcp_port))
+        .await
+        .expect("tcp listener");
+    s.write_all(b"ping").await.expect("write");
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.expect("read");
+    assert_eq!(&b, b"ping");
+    let m = bosun.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "istio_requests_total",
+            &[
+                "reporter=\"source\"",
+                "source_workload=\"productpage-v1\"",
+                "destination_service=\"reviews.default.svc.cluster.local\""
+            ]
+        ) >= 21.0,
+        "{m}"
+    );
+    assert!(
+        metric_sum(
+            &m,
+            "istio_requests_total",
+            &[
+                "reporter=\"destination\"",
+                "destination_app=\"productpage\""
+            ]
+        ) >= 1.0,
+        "{m}"
+    );
+}

@@ -1,0 +1,369 @@
+//! Test harness: real `bosun` processes, real backends on 127.0.0.1, real clients.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+pub fn free_port() -> u16 {
+    let l = StdListener::bind("127.0.0.1:0").expect("bind :0");
+    l.local_addr().expect("addr").port()
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "bosun-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("mkdir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `bosun proxy` process, killed on drop.
+pub struct Bosun {
+    child: Child,
+    pub admin: SocketAddr,
+    pub dir: TempDir,
+    pub log: PathBuf,
+}
+
+impl Bosun {
+    /// `bosun proxy --mode gateway` on a directory holding `yaml`.
+    pub async fn gateway(yaml: &str) -> Bosun {
+        Bosun::start(
+            &["--mode", "gateway", "--gateway-address", "127.0.0.1"],
+            yaml,
+        )
+        .await
+    }
+
+    pub async fn start(extra: &[&str], yaml: &str) -> Bosun {
+        let dir = TempDir::new("proxy");
+        let cfg = dir.0.join("config");
+        std::fs::create_dir_all(&cfg).expect("mkdir config");
+        std::fs::write(cfg.join("mesh.yaml"), yaml).expect("write config");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let log = dir.0.join("bosun.log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_bosun"))
+            .arg("proxy")
+            .args(["--config", cfg.to_str().expect("utf8")])
+            .args(["--admin-address", &admin.to_string()])
+            .args(["--workers", "2"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn bosun");
+        let b = Bosun {
+            child,
+            admin,
+            dir,
+            log,
+        };
+        b.wait_ready().await;
+        b
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.0.join("config")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok((200, _)) = admin_get(self.admin, "/ready").await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bosun not ready; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Replaces the config (atomically, as an editor or a ConfigMap would).
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.config_dir().join(".mesh.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write");
+        std::fs::rename(&tmp, self.config_dir().join("mesh.yaml")).expect("rename");
+    }
+
+    pub async fn version(&self) -> String {
+        let (_, body) = admin_get(self.admin, "/config_dump")
+            .await
+            .expect("config_dump");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        v["version"].as_str().unwrap_or("").to_string()
+    }
+
+    /// Writes a config and waits until the proxy serves it.
+    pub async fn reconfigure(&self, yaml: &str) {
+        let before = self.version().await;
+        self.write_config(yaml);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.version().await == before {
+            assert!(
+                Instant::now() < deadline,
+                "config not applied within 3 s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        admin_get(self.admin, "/stats/prometheus")
+            .await
+            .expect("metrics")
+            .1
+    }
+}
+
+impl Drop for Bosun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let c = client();
+    let resp = c
+        .get(
+            format!("http://{addr}{path}")
+                .parse()
+                .map_err(|e| format!("{e}"))?,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+    /// Which backend answered (from the echo backend's JSON).
+    pub fn backend(&self) -> String {
+        self.json()["backend"].as_str().unwrap_or("").to_string()
+    }
+}
+
+/// One request through the proxy: `host` sets the Host header.
+pub async fn request(
+    c: &HttpClient,
+    method: &str,
+    url: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut b = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("host", host);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::new())).expect("request");
+    match c.request(req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Reply {
+                status,
+                headers,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            }
+        }
+        Err(e) => Reply {
+            status: 0,
+            headers: http::HeaderMap::new(),
+            body: format!("client error: {e}"),
+        },
+    }
+}
+
+pub async fn get(c: &HttpClient, url: &str, host: &str) -> Reply {
+    request(c, "GET", url, host, &[]).await
+}
+
+/// An HTTP/1.1 + h2c backend that answers with JSON describing the request.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+}
+
+pub async fn backend(name: &str) -> Backend {
+    backend_with_delay(name, Duration::ZERO).await
+}
+
+pub async fn backend_with_delay(name: &str, delay: Duration) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    let hits = Arc::new(AtomicU64::new(0));
+    let name: Arc<str> = Arc::from(name);
+    let h = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (name, hits) = (name.clone(), h.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let (name, hits) = (name.clone(), hits.clone());
+                        async move {
+                            hits.fetch_add(1, Ordering::Relaxed);
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            let mut headers = HashMap::new();
+                            for (k, v) in req.headers() {
+                                headers.insert(
+                                    k.as_str().to_string(),
+                                    v.to_str().unwrap_or("").to_string(),
+                                );
+                            }
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let j = serde_json::json!({
+                                "backend": &*name,
+                                "method": parts.method.as_str(),
+                                "path": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                                "version": format!("{:?}", parts.version),
+                                "headers": headers,
+                                "body_len": body.len(),
+                            });
+                            let resp = http::Response::builder()
+                                .header("x-backend", &*name)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(j.to_string())))
+                                .expect("response");
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Backend { addr, hits }
+}
+
+/// A ServiceEntry (STATIC) with labelled endpoints: (address, labels "k=v,...").
+pub fn service_entry(
+    name: &str,
+    ns: &str,
+    port: u16,
+    protocol: &str,
+    endpoints: &[(SocketAddr, &str)],
+) -> String {
+    let mut eps = String::new();
+    for (addr, labels) in endpoints {
+        let labels: Vec<String> = labels
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').expect("k=v");
+                format!("{k}: {v}")
+            })
+            .collect();
+        eps.push_str(&format!(
+            "  - address: {}\n    ports: {{port: {}}}\n    labels: {{{}}}\n",
+            addr.ip(),
+            addr.port(),
+            labels.join(", ")
+        ));
+    }
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  hosts: [{name}.{ns}.svc.cluster.local]\n  resolution: STATIC\n  ports:\n  - {{number: {port}, name: port, protocol: {protocol}}}\n  endpoints:\n{eps}---\n"
+    )
+}
+
+/// A Gateway selecting the default gateway labels, HTTP on `port`, all hosts.
+pub fn gateway(ns: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw, namespace: {ns}}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: {port}, name: http, protocol: HTTP}}\n    hosts: [\"*\"]\n---\n"
+    )
+}
+
+pub fn count_by<'a>(items: impl Iterator<Item = &'a str>) -> HashMap<String, u64> {
+    let mut m = HashMap::new();
+    for i in items {
+        *m.entry(i.to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// The value of one Prometheus series whose labels contain every `needle`.
+pub fn metric_sum(text: &str, name: &str, needles: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

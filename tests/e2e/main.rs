@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `bosun` binary, real sockets on 127.0.0.1,
+//! real clients (hyper, curl, h2load, tonic). One test binary, several
+//! modules, so the workspace links once.
+
+mod balancing;
+mod config;
+mod harness;
+mod protocols;
+mod routing;

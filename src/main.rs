@@ -66,7 +66,7 @@ pub struct ProxyArgs {
     /// Write a JSON access log line per request to stdout.
     #[arg(long)]
     access_log: bool,
-    /// Worker threads (default: one per core).
+    /// Worker threads (default: one per core). 1 = a single-threaded event loop.
     #[arg(long)]
     workers: Option<usize>,
 }
@@ -99,11 +99,19 @@ fn parse_labels(s: &str) -> anyhow::Result<bosun_control::model::Labels> {
     Ok(out)
 }
 
+/// `--workers 1` runs everything on one thread (tokio's current-thread
+/// scheduler: no work stealing, no cross-thread wake-ups), like one nginx
+/// worker; otherwise a work-stealing pool of `workers` threads.
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(w) = workers {
-        b.worker_threads(w.max(1));
-    }
+    let mut b = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(w) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(w.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all().build()
 }
 

@@ -271,8 +271,15 @@ pub async fn serve_connection(
     peer: SocketAddr,
     local: SocketAddr,
 ) {
+    // Rendered once per connection, appended to x-forwarded-for per request.
+    let peer_ip =
+        HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
+        let peer = Peer {
+            addr: peer,
+            ip: peer_ip.clone(),
+        };
         async move { Ok::<_, Infallible>(handle(shared, peer, local, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -384,12 +391,19 @@ fn local(status: StatusCode, body: &'static str, flags: &'static str) -> Local {
     }
 }
 
+struct Peer {
+    addr: SocketAddr,
+    ip: HeaderValue,
+}
+
 async fn handle(
     shared: Arc<Shared>,
-    peer: SocketAddr,
+    peer: Peer,
     local_addr: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Response<RespBody> {
+    let peer_ip = peer.ip;
+    let peer = peer.addr;
     let start = Instant::now();
     let snap = shared.snapshot.load();
     let protocol = if req
@@ -440,17 +454,16 @@ async fn handle(
             None,
         );
     };
-    let authority: String = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
+    // HTTP/2 carries :authority in the URI, HTTP/1.1 in Host (or an absolute URI).
+    let authority_hv: HeaderValue = match req.uri().authority() {
+        Some(a) => HeaderValue::try_from(a.as_str()).unwrap_or(HeaderValue::from_static("")),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("")),
+    };
+    let authority: &str = authority_hv.to_str().unwrap_or("");
     let port = if listener.direction == Direction::Outbound {
         authority
             .rsplit_once(':')
@@ -472,7 +485,7 @@ async fn handle(
                 Version::HTTP_10 => "HTTP/1.0",
                 _ => "HTTP/1.1",
             },
-            authority: authority.clone(),
+            authority: authority.to_string(),
             user_agent: header_str(req.headers(), header::USER_AGENT),
             request_id: header_str(req.headers(), HeaderName::from_static("x-request-id")),
             forwarded_for: header_str(req.headers(), HeaderName::from_static("x-forwarded-for")),
@@ -486,14 +499,14 @@ async fn handle(
     let view = RequestView {
         path: req.uri().path(),
         query: req.uri().query(),
-        authority: &authority,
+        authority,
         method: req.method(),
         scheme: "http",
         headers: req.headers(),
         port,
     };
     let Some((route, matched)) = route_table
-        .virtual_host(&authority)
+        .virtual_host(authority)
         .and_then(|vh| vh.route(&view))
     else {
         return local_response(
@@ -521,11 +534,11 @@ async fn handle(
             let host = r
                 .authority
                 .as_deref()
-                .unwrap_or_else(|| strip_port(&authority));
+                .unwrap_or_else(|| strip_port(authority));
             let host_port = match (r.port, r.authority.is_some()) {
                 (Some(p), _) => format!("{}:{p}", strip_port(host)),
-                (None, false) if authority.len() != strip_port(&authority).len() => {
-                    authority.clone()
+                (None, false) if authority.len() != strip_port(authority).len() => {
+                    authority.to_string()
                 }
                 _ => host.to_string(),
             };
@@ -632,16 +645,17 @@ async fn handle(
     strip_hop_by_hop(headers, upgrade);
     let host = match &ra.authority_rewrite {
         Some(a) => a.clone(),
-        None => HeaderValue::try_from(authority.as_str()).unwrap_or(HeaderValue::from_static("")),
+        None => authority_hv.clone(),
     };
     headers.insert(header::HOST, host);
     let xff = HeaderName::from_static("x-forwarded-for");
-    let peer_ip = peer.ip().to_string();
     let new_xff = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {peer_ip}"),
-        None => peer_ip,
+        Some(prev) => {
+            HeaderValue::try_from(format!("{prev}, {}", peer_ip.to_str().unwrap_or(""))).ok()
+        }
+        None => Some(peer_ip),
     };
-    if let Ok(v) = HeaderValue::try_from(new_xff) {
+    if let Some(v) = new_xff {
         headers.insert(xff, v);
     }
     let xfp = HeaderName::from_static("x-forwarded-proto");

@@ -1310,6 +1310,144 @@ mod tests {
         assert!(e.message.contains("v9"), "{e}");
     }
 
+    const POLICY: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: ns}
+spec:
+  selector: {app: ratings}
+  ports:
+  - {name: http, port: 9080, targetPort: 8080}
+  - {name: grpc-api, port: 9090}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-vm-1, namespace: ns}
+spec:
+  address: 10.0.0.1
+  labels: {app: ratings, version: v1}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-vm-2, namespace: ns}
+spec:
+  address: 10.0.0.2
+  ports: {http: 18080}
+  labels: {app: ratings, version: v2}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: other, namespace: ns}
+spec:
+  address: 10.0.0.9
+  labels: {app: other}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: ns}
+spec:
+  host: ratings
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    portLevelSettings:
+    - port: {number: 9090}
+      loadBalancer: {simple: LEAST_REQUEST}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash: {httpHeaderName: X-User, maglev: {tableSize: 1009}}
+"#;
+
+    #[test]
+    fn policies_merge_subset_over_port_over_top_and_services_select_workload_entries() {
+        let cfg = load_sources(&[("p.yaml".into(), POLICY.into())]).expect("parses");
+        let out = translate(&cfg, &ProxyParams::default()).expect("valid");
+        let cluster = |name: &str| {
+            out.clusters
+                .iter()
+                .find(|c| c.name == name)
+                .unwrap_or_else(|| panic!("{name} missing"))
+        };
+        let host = "ratings.ns.svc.cluster.local";
+        assert_eq!(
+            cluster(&format!("outbound|9080||{host}")).lb_policy,
+            pb::LbPolicy::Random as i32
+        );
+        assert_eq!(
+            cluster(&format!("outbound|9090||{host}")).lb_policy,
+            pb::LbPolicy::LeastRequest as i32
+        );
+        assert_eq!(
+            cluster(&format!("outbound|9090||{host}")).protocol,
+            pb::UpstreamProtocol::Http2 as i32
+        );
+        // Subsets are only built when routed to; build them through the registry.
+        let mut params = ProxyParams::default();
+        params.mode = ProxyMode::Sidecar;
+        let eps = |c: &str| -> Vec<(String, u32)> {
+            out.load_assignments
+                .iter()
+                .find(|a| a.cluster == c)
+                .map(|a| {
+                    a.endpoints
+                        .iter()
+                        .map(|e| (e.address.clone(), e.port))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        // The Service selects the two ratings WorkloadEntries, not "other";
+        // a named WorkloadEntry port wins over targetPort.
+        assert_eq!(
+            eps(&format!("outbound|9080||{host}")),
+            vec![
+                ("10.0.0.1".to_string(), 8080),
+                ("10.0.0.2".to_string(), 18080)
+            ]
+        );
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: ns}\nspec:\n  hosts: [ratings]\n  http:\n  - route:\n    - {destination: {host: ratings, subset: v1, port: {number: 9080}}, weight: 50}\n    - {destination: {host: ratings, subset: v2, port: {number: 9080}}, weight: 50}\n";
+        let cfg = load_sources(&[
+            ("p.yaml".into(), POLICY.into()),
+            ("vs.yaml".into(), vs.into()),
+        ])
+        .expect("parses");
+        let out = translate(&cfg, &params).expect("valid");
+        let v2 = out
+            .clusters
+            .iter()
+            .find(|c| c.name == format!("outbound|9080|v2|{host}"))
+            .expect("v2");
+        assert_eq!(v2.lb_policy, pb::LbPolicy::Maglev as i32);
+        assert_eq!(v2.table_size, 1009);
+        assert_eq!(
+            v2.hash_policy.as_ref().and_then(|h| h.key.clone()),
+            Some(pb::hash_policy::Key::HeaderName("x-user".into()))
+        );
+        let v1 = out
+            .clusters
+            .iter()
+            .find(|c| c.name == format!("outbound|9080|v1|{host}"))
+            .expect("v1");
+        assert_eq!(
+            v1.lb_policy,
+            pb::LbPolicy::Random as i32,
+            "top-level policy"
+        );
+    }
+
+    #[test]
+    fn weights_must_sum_to_100() {
+        let bad = CANARY.replace("weight: 10", "weight: 20");
+        let cfg = load_sources(&[("canary.yaml".into(), bad)]).expect("parses");
+        let err = translate(&cfg, &gw_params()).expect_err("110");
+        assert!(err.0[0].message.contains("sum to 110"), "{}", err.0[0]);
+        assert_eq!(err.0[0].field, "spec.http[0].route");
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration_secs("10s"), Ok(10));

@@ -288,3 +288,83 @@ async fn least_request_avoids_a_slow_endpoint() {
         slow_share * 100.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hash_by_cookie_query_parameter_and_source_ip() {
+    let bs = [
+        backend("a").await,
+        backend("b").await,
+        backend("c").await,
+        backend("d").await,
+    ];
+    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
+    let c = client();
+
+    // Cookie with a ttl: a client without the cookie gets one, and sticks to it.
+    let port = free_port();
+    let _b = Bosun::gateway(&lb_yaml(
+        port,
+        &addrs,
+        "      consistentHash:\n        httpCookie: {name: session, path: /, ttl: 3600s}\n",
+    ))
+    .await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let first = get(&c, &url, "x").await;
+    let set = first.headers["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    assert!(
+        set.starts_with("session=") && set.contains("Max-Age=3600") && set.contains("Path=/"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().expect("pair").to_string();
+    for _ in 0..10 {
+        let r = request(&c, "GET", &url, "x", &[("cookie", &cookie)]).await;
+        assert_eq!(r.backend(), first.backend(), "cookie {cookie} must stick");
+        assert!(r.headers.get("set-cookie").is_none());
+    }
+    let mut owners = std::collections::HashSet::new();
+    for i in 0..40 {
+        let r = request(
+            &c,
+            "GET",
+            &url,
+            "x",
+            &[("cookie", &format!("session=s{i}"))],
+        )
+        .await;
+        owners.insert(r.backend());
+    }
+    assert!(owners.len() >= 3, "sessions spread: {owners:?}");
+
+    // Query parameter.
+    let port = free_port();
+    let _b = Bosun::gateway(&lb_yaml(
+        port,
+        &addrs,
+        "      consistentHash:\n        httpQueryParameterName: user\n",
+    ))
+    .await;
+    let mut owners = std::collections::HashSet::new();
+    for i in 0..20 {
+        let u = format!("http://127.0.0.1:{port}/p?user=u{i}&x=1");
+        let a = get(&c, &u, "x").await.backend();
+        for _ in 0..3 {
+            assert_eq!(get(&c, &u, "x").await.backend(), a);
+        }
+        owners.insert(a);
+    }
+    assert!(owners.len() >= 3, "{owners:?}");
+
+    // Source IP: every request from 127.0.0.1 lands on one endpoint.
+    let port = free_port();
+    let _b = Bosun::gateway(&lb_yaml(
+        port,
+        &addrs,
+        "      consistentHash:\n        useSourceIp: true\n",
+    ))
+    .await;
+    let counts = spray(&format!("http://127.0.0.1:{port}/"), "x", 200, 4).await;
+    assert_eq!(counts.len(), 1, "one client IP, one endpoint: {counts:?}");
+}

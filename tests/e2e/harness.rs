@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -67,6 +67,7 @@ impl Bosun {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let log = dir.0.join("bosun.log");
         let logf = std::fs::File::create(&log).expect("log file");
+        let outf = std::fs::File::create(dir.0.join("stdout.log")).expect("stdout file");
         let child = Command::new(env!("CARGO_BIN_EXE_bosun"))
             .arg("proxy")
             .args(["--config", cfg.to_str().expect("utf8")])
@@ -74,7 +75,7 @@ impl Bosun {
             .args(["--workers", "2"])
             .args(extra)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(outf)
             .stderr(logf)
             .spawn()
             .expect("spawn bosun");
@@ -90,6 +91,11 @@ impl Bosun {
 
     pub fn config_dir(&self) -> PathBuf {
         self.dir.0.join("config")
+    }
+
+    /// What the proxy wrote on stdout (the access log).
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("stdout.log")).unwrap_or_default()
     }
 
     pub fn log_text(&self) -> String {

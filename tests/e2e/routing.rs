@@ -163,19 +163,48 @@ async fn every_match_type_rewrite_redirect_and_headers() {
     drop(bosun);
 }
 
+/// Reads a request head, then closes without answering: an upstream reset.
+async fn hang_up_backend() -> std::net::SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            drop(s);
+        }
+    });
+    addr
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn response_flags_nr_uh_uf() {
+async fn response_flags_nr_uh_uf_uc_and_access_log() {
     let port = free_port();
     let closed = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let reset = hang_up_backend().await;
     let mut y = gateway("t", port);
     y.push_str(&service_entry("down", "t", 80, "HTTP", &[(closed, "")]));
+    y.push_str(&service_entry("reset", "t", 80, "HTTP", &[(reset, "")]));
     y.push_str(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: empty, namespace: t}\nspec:\n  hosts: [empty.t.svc.cluster.local]\n  resolution: STATIC\n  ports: [{number: 80, name: http, protocol: HTTP}]\n---\n",
     );
     y.push_str(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs, namespace: t}\nspec:\n  hosts: [known.example]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /uf}}]\n    route: [{destination: {host: down}}]\n  - match: [{uri: {prefix: /uh}}]\n    route: [{destination: {host: empty}}]\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs, namespace: t}\nspec:\n  hosts: [known.example]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /uf}}]\n    route: [{destination: {host: down}}]\n  - match: [{uri: {prefix: /uh}}]\n    route: [{destination: {host: empty}}]\n  - match: [{uri: {prefix: /uc}}]\n    route: [{destination: {host: reset}}]\n",
     );
-    let bosun = Bosun::gateway(&y).await;
+    let bosun = Bosun::start(
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.1",
+            "--access-log",
+        ],
+        &y,
+    )
+    .await;
     let c = client();
     let base = format!("http://127.0.0.1:{port}");
     let r = get(&c, &format!("{base}/"), "unknown.example").await;
@@ -190,8 +219,11 @@ async fn response_flags_nr_uh_uf() {
     let r = get(&c, &format!("{base}/uf"), "known.example").await;
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["x-bosun-response-flags"], "UF");
+    let r = get(&c, &format!("{base}/uc"), "known.example").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["x-bosun-response-flags"], "UC");
     let m = bosun.metrics().await;
-    for flags in ["NR", "UH", "UF"] {
+    for flags in ["NR", "UH", "UF", "UC"] {
         assert!(
             metric_sum(
                 &m,
@@ -201,4 +233,30 @@ async fn response_flags_nr_uh_uf() {
             "{flags} missing from metrics:\n{m}"
         );
     }
+    // One JSON access-log line per request, with Envoy's flags.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let lines: Vec<serde_json::Value> = bosun
+        .stdout_text()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON access log line"))
+        .collect();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    let uf = lines
+        .iter()
+        .find(|l| l["path"] == "/uf")
+        .expect("uf logged");
+    assert_eq!(uf["response_code"], 503);
+    assert_eq!(uf["response_flags"], "UF");
+    assert_eq!(uf["authority"], "known.example");
+    assert_eq!(uf["upstream_host"], closed.to_string());
+    assert!(
+        uf["upstream_cluster"]
+            .as_str()
+            .is_some_and(|c| c.contains("down.t.svc.cluster.local"))
+    );
+    assert_eq!(uf["request_id"].as_str().map(str::len), Some(36));
+    assert_eq!(
+        admin_get(bosun.admin, "/healthz").await.map(|r| r.0),
+        Ok(200)
+    );
 }

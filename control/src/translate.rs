@@ -1386,8 +1386,10 @@ spec:
             pb::UpstreamProtocol::Http2 as i32
         );
         // Subsets are only built when routed to; build them through the registry.
-        let mut params = ProxyParams::default();
-        params.mode = ProxyMode::Sidecar;
+        let params = ProxyParams {
+            mode: ProxyMode::Sidecar,
+            ..Default::default()
+        };
         let eps = |c: &str| -> Vec<(String, u32)> {
             out.load_assignments
                 .iter()

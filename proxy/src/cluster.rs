@@ -29,6 +29,8 @@ pub enum UpstreamProtocol {
 #[derive(Debug, Default)]
 pub struct EndpointStats {
     pub active: AtomicUsize,
+    /// Idle HTTP/1.1 connections to this endpoint.
+    pub idle: Arc<crate::upstream::IdlePool>,
 }
 
 /// Endpoint stats by address, shared by all snapshots.

@@ -170,9 +170,14 @@ impl Exchange {
 }
 
 enum RespKind {
+    /// From hyper's client (HTTP/2 upstreams, upgrades).
     Upstream(Incoming),
+    /// From Bosun's own HTTP/1.1 upstream connection.
+    H1(crate::upstream::H1Body),
     Full(Option<Bytes>),
 }
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The response body: streamed from upstream or local; recorded when it ends.
 pub struct RespBody {
@@ -190,9 +195,9 @@ impl RespBody {
 
 impl Drop for RespBody {
     fn drop(&mut self) {
+        let ended = self.kind_ended();
         if let Some(x) = self.exchange.as_mut()
-            && let RespKind::Upstream(b) = &self.kind
-            && !b.is_end_stream()
+            && !ended
             && x.flags == "-"
         {
             x.flags = "DC";
@@ -201,14 +206,48 @@ impl Drop for RespBody {
     }
 }
 
+impl RespBody {
+    fn kind_ended(&self) -> bool {
+        match &self.kind {
+            RespKind::Full(_) => true,
+            RespKind::Upstream(b) => b.is_end_stream(),
+            RespKind::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    /// Counts bytes, reads grpc-status from trailers, records at the end.
+    fn observe<E>(&mut self, f: &Option<Result<Frame<Bytes>, E>>, end: bool) {
+        match f {
+            Some(Ok(frame)) => {
+                if let Some(x) = self.exchange.as_mut() {
+                    if let Some(d) = frame.data_ref() {
+                        x.response_bytes += d.len() as u64;
+                    } else if let Some(t) = frame.trailers_ref() {
+                        x.grpc_status = grpc_status(t).or(x.grpc_status);
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(x) = self.exchange.as_mut() {
+                    x.flags = "UC";
+                }
+            }
+            None => {}
+        }
+        if f.is_none() || end {
+            self.done();
+        }
+    }
+}
+
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match &mut this.kind {
             RespKind::Full(b) => {
@@ -221,27 +260,14 @@ impl Body for RespBody {
             RespKind::Upstream(inner) => {
                 let f = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 let end = inner.is_end_stream();
-                match &f {
-                    Some(Ok(frame)) => {
-                        if let Some(x) = this.exchange.as_mut() {
-                            if let Some(d) = frame.data_ref() {
-                                x.response_bytes += d.len() as u64;
-                            } else if let Some(t) = frame.trailers_ref() {
-                                x.grpc_status = grpc_status(t).or(x.grpc_status);
-                            }
-                        }
-                    }
-                    Some(Err(_)) => {
-                        if let Some(x) = this.exchange.as_mut() {
-                            x.flags = "UC";
-                        }
-                    }
-                    None => {}
-                }
-                if f.is_none() || end {
-                    this.done();
-                }
-                Poll::Ready(f)
+                this.observe(&f, end);
+                Poll::Ready(f.map(|r| r.map_err(BoxError::from)))
+            }
+            RespKind::H1(inner) => {
+                let f = ready!(Pin::new(&mut *inner).poll_frame(cx));
+                let end = inner.is_end_stream();
+                this.observe(&f, end);
+                Poll::Ready(f.map(|r| r.map_err(BoxError::from)))
             }
         }
     }
@@ -249,6 +275,7 @@ impl Body for RespBody {
         match &self.kind {
             RespKind::Full(b) => b.is_none(),
             RespKind::Upstream(b) => b.is_end_stream(),
+            RespKind::H1(b) => b.is_end_stream(),
         }
     }
     fn size_hint(&self) -> SizeHint {
@@ -256,6 +283,7 @@ impl Body for RespBody {
             RespKind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             RespKind::Full(None) => SizeHint::with_exact(0),
             RespKind::Upstream(b) => b.size_hint(),
+            RespKind::H1(b) => b.size_hint(),
         }
     }
 }
@@ -683,56 +711,70 @@ async fn handle(
         Version::HTTP_11
     };
     parts.uri = uri;
-    let upstream_req = Request::from_parts(
-        parts,
-        ReqBody {
-            inner: body,
-            bytes: request_bytes.clone(),
-        },
-    );
-    let client = if use_h2 { &shared.h2 } else { &shared.h1 };
-    let result = client.request(upstream_req).await;
-    let mut resp = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let (flags, msg) = if e.is_connect() {
-                (
-                    "UF",
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                )
-            } else {
-                (
-                    "UC",
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                )
-            };
-            tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e, flags, "upstream request failed");
-            let x = mk_exchange(endpoint.labels.clone(), 503, flags, log, Some(active));
-            return local_response(local(StatusCode::SERVICE_UNAVAILABLE, msg, flags), x, None);
+    let req_body = ReqBody {
+        inner: body,
+        bytes: request_bytes.clone(),
+    };
+    const CONNECT_FAILURE: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+    const TERMINATION: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+    let (mut parts, kind) = if use_h2 || upgrade {
+        // HTTP/2 multiplexing and protocol upgrades: hyper's pooled client.
+        let client = if use_h2 { &shared.h2 } else { &shared.h1 };
+        let mut resp = match client.request(Request::from_parts(parts, req_body)).await {
+            Ok(r) => r,
+            Err(e) => {
+                let (flags, msg) = if e.is_connect() {
+                    ("UF", CONNECT_FAILURE)
+                } else {
+                    ("UC", TERMINATION)
+                };
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e, flags, "upstream request failed");
+                let x = mk_exchange(endpoint.labels.clone(), 503, flags, log, Some(active));
+                return local_response(local(StatusCode::SERVICE_UNAVAILABLE, msg, flags), x, None);
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(down) = downstream_upgrade
+        {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(down, up) {
+                    Ok((d, u)) => {
+                        let mut d = TokioIo::new(d);
+                        let mut u = TokioIo::new(u);
+                        let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+            let (parts, body) = resp.into_parts();
+            (parts, RespKind::Upstream(body))
+        } else {
+            strip_hop_by_hop(resp.headers_mut(), false);
+            let (mut parts, body) = resp.into_parts();
+            parts.version = downstream_version;
+            (parts, RespKind::Upstream(body))
+        }
+    } else {
+        match crate::upstream::send(&endpoint.stats.idle, endpoint.addr, parts, req_body).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers, false);
+                parts.version = downstream_version;
+                (parts, RespKind::H1(body))
+            }
+            Err(e) => {
+                let (flags, msg) = match e {
+                    crate::upstream::SendError::Connect(_) => ("UF", CONNECT_FAILURE),
+                    crate::upstream::SendError::Reset(_) => ("UC", TERMINATION),
+                };
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e, flags, "upstream request failed");
+                let x = mk_exchange(endpoint.labels.clone(), 503, flags, log, Some(active));
+                return local_response(local(StatusCode::SERVICE_UNAVAILABLE, msg, flags), x, None);
+            }
         }
     };
-    let status = resp.status();
-    if status == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(down) = downstream_upgrade
-    {
-        let up = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            match tokio::try_join!(down, up) {
-                Ok((d, u)) => {
-                    let mut d = TokioIo::new(d);
-                    let mut u = TokioIo::new(u);
-                    let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
-                }
-                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-            }
-        });
-    } else {
-        strip_hop_by_hop(resp.headers_mut(), false);
-    }
-    let (mut parts, body) = resp.into_parts();
-    if downstream_version == Version::HTTP_2 || status != StatusCode::SWITCHING_PROTOCOLS {
-        parts.version = downstream_version;
-    }
+    let status = parts.status;
     route.response_ops.apply(&mut parts.headers);
     if let Some(c) = set_cookie {
         parts.headers.append(header::SET_COOKIE, c);
@@ -746,7 +788,7 @@ async fn handle(
     );
     x.grpc_status = grpc_status(&parts.headers);
     let body = RespBody {
-        kind: RespKind::Upstream(body),
+        kind,
         exchange: Some(x),
     };
     Response::from_parts(parts, body)

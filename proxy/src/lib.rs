@@ -15,6 +15,7 @@ pub mod listener;
 pub mod metrics;
 pub mod route;
 pub mod tcp;
+pub mod upstream;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

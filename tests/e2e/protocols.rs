@@ -401,3 +401,87 @@ async fn websocket_upgrade_passes_through() {
     s.read_exact(&mut back).await.expect("echo");
     assert_eq!(back, frame);
 }
+
+/// Answers one request per connection as if keeping it alive, then closes it
+/// 50 ms later, the way an upstream idle timeout does.
+async fn idle_closing_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut b).await.is_err() {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                let mut body = vec![0u8; len];
+                let _ = s.read_exact(&mut body).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keepalive_connection_closed_by_the_upstream_is_not_a_503() {
+    let (be, conns) = idle_closing_backend().await;
+    let port = free_port();
+    let bosun = Bosun::gateway(&http_gateway(port, 80, "HTTP", be)).await;
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/");
+    for i in 0..5 {
+        let r = get(&c, &url, "x").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "ok"), "GET {i}");
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        // A request with a body cannot be replayed: the idle connection is checked first.
+        let r = request_with_body(&c, &url, "payload").await;
+        assert_eq!(r, 200, "POST {i}");
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    }
+    assert_eq!(
+        conns.load(std::sync::atomic::Ordering::Relaxed),
+        10,
+        "one connection per request"
+    );
+    let m = bosun.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "istio_requests_total", &["response_code=\"503\""]),
+        0.0,
+        "{m}"
+    );
+}
+
+async fn request_with_body(c: &HttpClient, url: &str, body: &'static str) -> u16 {
+    let req = http::Request::post(url)
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            body.as_bytes(),
+        )))
+        .expect("request");
+    c.request(req)
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}

@@ -337,12 +337,22 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one scan, no hashing, no allocation.
+    if !h
+        .keys()
+        .any(|k| k == header::TE || HOP_BY_HOP.iter().any(|n| n == k))
+    {
+        return;
+    }
     if let Some(c) = h
         .get(header::CONNECTION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
     {
         for name in c.split(',').map(str::trim) {
+            if name.eq_ignore_ascii_case("keep-alive") || name.eq_ignore_ascii_case("close") {
+                continue;
+            }
             if keep_upgrade && name.eq_ignore_ascii_case("upgrade") {
                 continue;
             }

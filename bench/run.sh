@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# Bosun vs nginx vs haproxy, same machine, same load, one run.
+# Bosun vs nginx vs haproxy, same machine, same load, $ROUNDS interleaved rounds.
 #
 #   core $CPU_LOAD  : upstream nginx (1 worker) + load generator (wrk / h2load)
 #   core $CPU_PROXY : the proxy under test (1 worker / thread)
 #
 # Per proxy: wrk saturation (rps, p50/p99), h2load at a fixed $LAT_RPS
 # (p50/p99 from h2load's per-request log), proxy CPU µs per request
-# (utime+stime from /proc/PID/stat across the wrk run) and RSS (VmRSS).
+# (utime+stime from /proc/PID/stat across the wrk run, also split into user
+# and sys) and RSS (VmRSS).
+#
+# Every round runs each proxy once (fresh process); the order is rotated by one
+# each round (nginx haproxy bosun / haproxy bosun nginx / bosun nginx haproxy)
+# so slow drift of the machine favours no proxy. The table shows the median of
+# each figure over the rounds; Details shows the min-max range of CPU µs/req and
+# of p99 at $LAT_RPS rps.
 #
 # See bench/README.md. Environment knobs (defaults in brackets):
+#   ROUNDS [3]         interleaved rounds; the table reports medians over them
 #   DURATION [10]      wrk saturation run, seconds
 #   LAT_DURATION [10]  h2load fixed-rate run, seconds
 #   WARMUP [2]         wrk warm-up before each saturation run, seconds
 #   CONNS [64]         wrk connections
 #   LAT_RPS [1000]     total request rate of the latency run
 #   LAT_CONNS [10]     h2load connections (per-connection rate = LAT_RPS/LAT_CONNS)
-#   PROXIES ["nginx haproxy bosun"]  which proxies to run, in order
+#   PROXIES ["nginx haproxy bosun"]  which proxies to run, in round-1 order
 #   SKIP_BOSUN [0]     1 = drop bosun from PROXIES
 #   BOSUN [target/release/bosun]     bosun binary (built with cargo if missing)
 #   BOSUN_EXTRA_ARGS [] extra args appended to the bosun command line
@@ -27,6 +35,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT_MD="$ROOT/bench/last-run.md"
 
+ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 LAT_DURATION=${LAT_DURATION:-10}
 WARMUP=${WARMUP:-2}
@@ -55,6 +64,10 @@ if [[ $SKIP_BOSUN == 1 ]]; then
   PROXIES=$(printf '%s\n' $PROXIES | grep -vx bosun | tr '\n' ' ' || true)
 fi
 [[ -n ${PROXIES// /} ]] || die "no proxies selected"
+[[ $ROUNDS =~ ^[0-9]+$ ]] && (( 10#$ROUNDS >= 1 )) || die "ROUNDS must be a positive integer (got '$ROUNDS')"
+ROUNDS=$(( 10#$ROUNDS ))
+read -ra PROXY_LIST <<<"$PROXIES"
+PROXIES="${PROXY_LIST[*]}"
 (( LAT_RPS % LAT_CONNS == 0 )) || die "LAT_RPS ($LAT_RPS) must be a multiple of LAT_CONNS ($LAT_CONNS)"
 LAT_RPS_PER_CONN=$(( LAT_RPS / LAT_CONNS ))
 
@@ -147,16 +160,17 @@ tree_pids() {
   for c in $(pgrep -P "$p" 2>/dev/null || true); do tree_pids "$c"; done
 }
 
-# Sum of utime+stime (clock ticks) over the given PIDs, all threads included.
+# utime and stime (clock ticks), each summed over the given PIDs, all threads
+# included. Prints "UTIME STIME".
 cpu_ticks() {
-  local sum=0 p stat rest f
+  local u=0 st=0 p stat rest f
   for p in "$@"; do
     stat=$(<"/proc/$p/stat") 2>/dev/null || continue
     rest=${stat##*) }          # strip "pid (comm) " - comm may contain spaces
     read -ra f <<<"$rest"      # f[0] is field 3 (state) => utime=f[11], stime=f[12]
-    sum=$(( sum + f[11] + f[12] ))
+    u=$(( u + f[11] )); st=$(( st + f[12] ))
   done
-  echo "$sum"
+  echo "$u $st"
 }
 
 # Sum of VmRSS in kB over the given PIDs.
@@ -321,8 +335,8 @@ EOF
 }
 
 # start_proxy NAME -> sets PROXY_PID
-start_proxy() {
-  local name=$1 logf=$TMP/$1.log
+start_proxy() {  # logs go to $TMP/r$ROUND.NAME.log
+  local name=$1 logf=$TMP/r$ROUND.$1.log
   case $name in
     nginx)
       write_nginx_proxy_conf
@@ -368,15 +382,35 @@ wait_ready "http://127.0.0.1:$UPSTREAM_PORT/" "$UPSTREAM_PID" "$TMP/upstream.log
 log "upstream nginx ready (pid $UPSTREAM_PID, cpu $CPU_LOAD)"
 
 # ------------------------------------------------------------------ runs
-declare -A R_RPS R_P50 R_P99 R_LP50 R_LP99 R_CPU R_RSS R_NOTE R_LRATE R_LCPU
+# Per-round results, keyed "proxy:round". Latencies in µs, CPU in µs/req, RSS in kB.
+declare -A R_RPS R_P50 R_P99 R_LP50 R_LP99 R_CPU R_UCPU R_SCPU R_RSS R_NOTE R_LRATE R_LCPU
+RAW_TSV=$TMP/rounds.tsv
+printf 'round\tproxy\trps\tp50_us\tp99_us\tlat_p50_us\tlat_p99_us\tcpu_us_req\tuser_us_req\tsys_us_req\trss_kb\tlat_rate\tlat_cpu_us_req\n' >"$RAW_TSV"
 
-run_one() {
-  local name=$1 pids wrk_out t0 t1 reqs rps p50 p99 errs
-  log "== $name: starting on cpu $CPU_PROXY"
+per_req() {  # per_req TICKS REQS -> µs per request
+  awk -v d="$1" -v hz="$CLK_TCK" -v n="$2" \
+    'BEGIN { if (n > 0) printf "%.2f", d / hz * 1e6 / n; else print "NaN" }'
+}
+
+note() {  # note KEY TEXT
+  R_NOTE[$1]+="${R_NOTE[$1]:+; }$2"
+}
+
+# Stop the proxy under test and wait for its port to be free again.
+finish_one() {
+  local i
+  stop_pid "$PROXY_PID"
+  for ((i = 0; i < 50; i++)); do port_busy "$PROXY_PORT" || break; sleep 0.1; done
+}
+
+run_one() {  # run_one NAME (uses $ROUND)
+  local name=$1 k="$1:$ROUND" tag="r$ROUND.$1" pids wrk_out reqs rps p50 p99 errs
+  local u0 s0 u1 s1
+  log "== round $ROUND/$ROUNDS, $name: starting on cpu $CPU_PROXY"
   if ! start_proxy "$name"; then
-    log "$name failed to start; skipping"
-    R_NOTE[$name]="failed to start (log tail printed on stderr)"
-    stop_pid "$PROXY_PID"
+    log "$name failed to start; skipping it this round"
+    note "$k" "failed to start (log tail printed on stderr)"
+    finish_one
     return 0
   fi
   mapfile -t pids < <(tree_pids "$PROXY_PID")
@@ -387,12 +421,12 @@ run_one() {
 
   log "$name: wrk -t1 -c$CONNS -d${DURATION}s --latency"
   mapfile -t pids < <(tree_pids "$PROXY_PID")
-  t0=$(cpu_ticks "${pids[@]}")
+  read -r u0 s0 < <(cpu_ticks "${pids[@]}")
   wrk_out=$(taskset -c "$CPU_LOAD" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$URL" 2>&1) || {
-    log "wrk failed:"; echo "$wrk_out" >&2; R_NOTE[$name]="wrk failed"; stop_pid "$PROXY_PID"; return 0; }
-  t1=$(cpu_ticks "${pids[@]}")
-  R_RSS[$name]=$(rss_kb "${pids[@]}")
-  echo "$wrk_out" >"$TMP/$name.wrk.txt"
+    log "wrk failed:"; echo "$wrk_out" >&2; note "$k" "wrk failed"; finish_one; return 0; }
+  read -r u1 s1 < <(cpu_ticks "${pids[@]}")
+  R_RSS[$k]=$(rss_kb "${pids[@]}")
+  echo "$wrk_out" >"$TMP/$tag.wrk.txt"
 
   reqs=$(awk '/ requests in / {print $1; exit}' <<<"$wrk_out")
   rps=$(awk '/^Requests\/sec:/ {print $2; exit}' <<<"$wrk_out")
@@ -400,29 +434,29 @@ run_one() {
   p99=$(awk '$1 == "99%" {print $2; exit}' <<<"$wrk_out")
   [[ -n $reqs && -n $rps && -n $p50 && -n $p99 ]] || {
     log "could not parse wrk output:"; echo "$wrk_out" >&2; die "wrk parse error"; }
-  R_RPS[$name]=$rps
-  R_P50[$name]=$(to_us "$p50")
-  R_P99[$name]=$(to_us "$p99")
-  R_CPU[$name]=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" \
-    'BEGIN { if (n > 0) printf "%.2f", d / hz * 1e6 / n; else print "NaN" }')
+  R_RPS[$k]=$rps
+  R_P50[$k]=$(to_us "$p50")
+  R_P99[$k]=$(to_us "$p99")
+  R_CPU[$k]=$(per_req $((u1 - u0 + s1 - s0)) "$reqs")
+  R_UCPU[$k]=$(per_req $((u1 - u0)) "$reqs")
+  R_SCPU[$k]=$(per_req $((s1 - s0)) "$reqs")
   errs=$(awk '/Non-2xx or 3xx responses:/ {n += $NF} /Socket errors:/ {
       for (i = 3; i <= NF; i += 2) { v = $(i+1); gsub(/,/, "", v); n += v } } END { print n + 0 }' <<<"$wrk_out")
-  (( errs == 0 )) || R_NOTE[$name]="wrk: $errs errors/non-2xx"
-  log "$name: $rps rps, p50 $p50 p99 $p99, $reqs reqs, cpu $((t1 - t0)) ticks, rss ${R_RSS[$name]} kB"
+  (( errs == 0 )) || note "$k" "wrk: $errs errors/non-2xx"
+  log "$name: $rps rps, p50 $p50 p99 $p99, $reqs reqs, cpu $((u1 - u0))+$((s1 - s0)) ticks user+sys (${R_CPU[$k]} µs/req), rss ${R_RSS[$k]} kB"
 
   sleep 1
   log "$name: h2load --h1 -c $LAT_CONNS --rps $LAT_RPS_PER_CONN -D $LAT_DURATION (= $LAT_RPS rps)"
-  local hlog=$TMP/$name.h2load.tsv h_out lt0 lt1 lreqs
-  lt0=$(cpu_ticks "${pids[@]}")
+  local hlog=$TMP/$tag.h2load.tsv h_out lu0 ls0 lu1 ls1 lreqs lbad
+  read -r lu0 ls0 < <(cpu_ticks "${pids[@]}")
   h_out=$(taskset -c "$CPU_LOAD" h2load --h1 -t 1 -c "$LAT_CONNS" --rps "$LAT_RPS_PER_CONN" \
             -D "$LAT_DURATION" --log-file="$hlog" "$URL" 2>&1) || {
-    log "h2load failed:"; echo "$h_out" >&2; R_NOTE[$name]+="${R_NOTE[$name]:+; }h2load failed"; stop_pid "$PROXY_PID"; return 0; }
-  lt1=$(cpu_ticks "${pids[@]}")
-  echo "$h_out" >"$TMP/$name.h2load.txt"
+    log "h2load failed:"; echo "$h_out" >&2; note "$k" "h2load failed"; finish_one; return 0; }
+  read -r lu1 ls1 < <(cpu_ticks "${pids[@]}")
+  echo "$h_out" >"$TMP/$tag.h2load.txt"
   # log-file columns: start (µs since epoch), status, duration (µs)
-  local lbad
   lbad=$(awk -F'\t' '!($2 >= 200 && $2 < 400) { n++ } END { print n + 0 }' "$hlog")
-  read -r lreqs R_LP50[$name] R_LP99[$name] < <(
+  read -r lreqs R_LP50[$k] R_LP99[$k] < <(
     awk -F'\t' '$2 >= 200 && $2 < 400 { print $3 }' "$hlog" | sort -n | awk '
       { v[NR] = $1 }
       END {
@@ -430,72 +464,137 @@ run_one() {
         i50 = int(NR * 0.50); if (i50 < NR * 0.50) i50++   # nearest-rank
         i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++
         print NR, v[i50], v[i99] }')
-  (( lbad == 0 )) || R_NOTE[$name]+="${R_NOTE[$name]:+; }h2load: $lbad failed/non-2xx"
-  R_LRATE[$name]=$(awk '/^finished in/ {gsub(/,/, "", $4); print $4; exit}' <<<"$h_out")
-  R_LCPU[$name]=$(awk -v d=$((lt1 - lt0)) -v hz="$CLK_TCK" -v n="$lreqs" \
-    'BEGIN { if (n > 0) printf "%.2f", d / hz * 1e6 / n; else print "NaN" }')
-  log "$name: $lreqs reqs at ${R_LRATE[$name]:-?} req/s, p50 ${R_LP50[$name]}us p99 ${R_LP99[$name]}us"
+  (( lbad == 0 )) || note "$k" "h2load: $lbad failed/non-2xx"
+  R_LRATE[$k]=$(awk '/^finished in/ {gsub(/,/, "", $4); print $4; exit}' <<<"$h_out")
+  R_LCPU[$k]=$(per_req $((lu1 - lu0 + ls1 - ls0)) "$lreqs")
+  log "$name: $lreqs reqs at ${R_LRATE[$k]:-?} req/s, p50 ${R_LP50[$k]}us p99 ${R_LP99[$k]}us"
 
-  stop_pid "$PROXY_PID"
-  # make sure the port is free again before the next proxy
-  local i
-  for ((i = 0; i < 50; i++)); do port_busy "$PROXY_PORT" || break; sleep 0.1; done
-  log "== $name: done"
+  finish_one
+  log "== round $ROUND/$ROUNDS, $name: done"
 }
 
-for p in $PROXIES; do run_one "$p"; done
+NPROXY=${#PROXY_LIST[@]}
+ROUND_ORDERS=()
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+  order=()
+  for ((i = 0; i < NPROXY; i++)); do
+    order+=("${PROXY_LIST[(i + ROUND - 1) % NPROXY]}")
+  done
+  ROUND_ORDERS+=("${order[*]}")
+  log "=== round $ROUND/$ROUNDS: ${order[*]}"
+  for p in "${order[@]}"; do
+    run_one "$p"
+    k="$p:$ROUND"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$p" \
+      "${R_RPS[$k]:--}" "${R_P50[$k]:--}" "${R_P99[$k]:--}" "${R_LP50[$k]:--}" "${R_LP99[$k]:--}" \
+      "${R_CPU[$k]:--}" "${R_UCPU[$k]:--}" "${R_SCPU[$k]:--}" "${R_RSS[$k]:--}" \
+      "${R_LRATE[$k]:--}" "${R_LCPU[$k]:--}" >>"$RAW_TSV"
+  done
+done
+LOADAVG_END=$(cut -d' ' -f1 /proc/loadavg)
+
+# ------------------------------------------------------------------ aggregation
+# vals ARRAYNAME PROXY -> the proxy's per-round values of that array, one a
+# line, missing/NaN rounds left out.
+vals() {
+  local -n arr=$1
+  local r v
+  for ((r = 1; r <= ROUNDS; r++)); do
+    v=${arr[$2:$r]:-}
+    [[ -n $v && $v != NaN ]] && echo "$v"
+  done
+  return 0
+}
+median() {  # median ARRAYNAME PROXY -> median over rounds ("" if none)
+  vals "$@" | sort -g | awk '{ v[NR] = $1 } END {
+    if (NR == 0) exit
+    if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+range() {  # range ARRAYNAME PROXY -> "MIN MAX" ("" if none)
+  vals "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR) print lo, hi }'
+}
+
+declare -A M_RPS M_P50 M_P99 M_LP50 M_LP99 M_CPU M_UCPU M_SCPU M_RSS M_LRATE M_LCPU M_N
+for p in "${PROXY_LIST[@]}"; do
+  M_N[$p]=$(vals R_RPS "$p" | wc -l)
+  for f in RPS P50 P99 LP50 LP99 CPU UCPU SCPU RSS LRATE LCPU; do
+    declare -n dst=M_$f
+    dst[$p]=$(median "R_$f" "$p")
+    unset -n dst
+  done
+done
 
 # ------------------------------------------------------------------ report
 ratio() {  # ratio A B -> "A/B" formatted, or "-"
   awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || a == "NaN" || b == "NaN" || b + 0 == 0) print "-"; else printf "%.2f×\n", a / b }'
 }
 mb() { awk -v k="$1" 'BEGIN { if (k == "") print "-"; else printf "%.1f\n", k / 1024 }'; }
+f2() { awk -v v="$1" 'BEGIN { if (v == "") print "-"; else printf "%.2f\n", v }'; }
+f1() { awk -v v="$1" 'BEGIN { if (v == "") print "-"; else printf "%.1f\n", v }'; }
 
 report() {
-  local p
+  local p r lo hi order
   echo "# Bosun proxy benchmark — $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "Host: $(uname -srm), $NCPU CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || echo '?'))."
   echo "Upstream nginx + load generator on CPU $CPU_LOAD, proxy on CPU $CPU_PROXY, one worker each."
   echo "Saturation: \`wrk -t1 -c$CONNS -d${DURATION}s --latency\` after ${WARMUP}s warm-up."
   echo "Latency: \`h2load --h1 -t1 -c$LAT_CONNS --rps $LAT_RPS_PER_CONN -D $LAT_DURATION\` (= $LAT_RPS rps), p50/p99 from \`--log-file\`."
-  echo "Load average before the run: $LOADAVG."
+  order=""
+  for ((r = 1; r <= ROUNDS; r++)); do
+    order+="${order:+; }${ROUND_ORDERS[r - 1]// /, }"
+  done
+  echo "Rounds: $ROUNDS, a fresh proxy process each time, order rotated per round ($order)."
+  echo "Every figure below is the median over the rounds; ratios are ratios of medians."
+  echo "Load average before the run: $LOADAVG (after: $LOADAVG_END, includes the benchmark itself)."
   echo "Versions: nginx $ver_nginx, haproxy $ver_haproxy, bosun $ver_bosun, wrk $ver_wrk, h2load $ver_h2load."
   echo
   echo "| proxy | rps (wrk) | p50/p99 at saturation | p50/p99 at $LAT_RPS rps | CPU µs/req | RSS MB |"
   echo "|---|---:|---:|---:|---:|---:|"
-  for p in $PROXIES; do
-    if [[ -z ${R_RPS[$p]:-} ]]; then
+  for p in "${PROXY_LIST[@]}"; do
+    if [[ -z ${M_RPS[$p]} ]]; then
       echo "| $p | - | - | - | - | - |"
       continue
     fi
-    printf '| %s | %.0f | %s / %s | %s / %s | %s | %s |\n' "$p" "${R_RPS[$p]}" \
-      "$(fmt_us "${R_P50[$p]}")" "$(fmt_us "${R_P99[$p]}")" \
-      "$(fmt_us "${R_LP50[$p]:-}")" "$(fmt_us "${R_LP99[$p]:-}")" \
-      "${R_CPU[$p]}" "$(mb "${R_RSS[$p]}")"
+    printf '| %s | %.0f | %s / %s | %s / %s | %s | %s |\n' "$p" "${M_RPS[$p]}" \
+      "$(fmt_us "${M_P50[$p]}")" "$(fmt_us "${M_P99[$p]}")" \
+      "$(fmt_us "${M_LP50[$p]}")" "$(fmt_us "${M_LP99[$p]}")" \
+      "$(f2 "${M_CPU[$p]}")" "$(mb "${M_RSS[$p]}")"
   done
   echo
-  if [[ -n ${R_RPS[bosun]:-} ]]; then
-    echo "| ratio | CPU µs/req | p99 at $LAT_RPS rps | RSS |"
+  if [[ -n ${M_RPS[bosun]:-} ]]; then
+    echo "| ratio (of medians) | CPU µs/req | p99 at $LAT_RPS rps | RSS |"
     echo "|---|---:|---:|---:|"
     for p in nginx haproxy; do
-      [[ -n ${R_RPS[$p]:-} ]] || continue
-      echo "| bosun / $p | $(ratio "${R_CPU[bosun]}" "${R_CPU[$p]}") | $(ratio "${R_LP99[bosun]:-}" "${R_LP99[$p]:-}") | $(ratio "${R_RSS[bosun]}" "${R_RSS[$p]}") |"
+      [[ -n ${M_RPS[$p]:-} ]] || continue
+      echo "| bosun / $p | $(ratio "${M_CPU[bosun]}" "${M_CPU[$p]}") | $(ratio "${M_LP99[bosun]}" "${M_LP99[$p]}") | $(ratio "${M_RSS[bosun]}" "${M_RSS[$p]}") |"
     done
     echo
   else
     echo "_no bosun result: no ratios._"
     echo
   fi
-  echo "Details:"
+  echo "Details (medians over rounds unless a range is given):"
   echo
-  for p in $PROXIES; do
-    if [[ -n ${R_RPS[$p]:-} ]]; then
-      echo "- $p: latency run achieved ${R_LRATE[$p]:-?} req/s; proxy CPU at $LAT_RPS rps ${R_LCPU[$p]:-?} µs/req${R_NOTE[$p]:+; ${R_NOTE[$p]}}"
+  for p in "${PROXY_LIST[@]}"; do
+    if [[ -z ${M_RPS[$p]} ]]; then
+      echo "- $p: no result in any round"
     else
-      echo "- $p: ${R_NOTE[$p]:-no result}"
+      echo "- $p (${M_N[$p]}/$ROUNDS rounds):"
+      lo= hi=
+      read -r lo hi < <(range R_CPU "$p") || true
+      echo "  - CPU µs/req at saturation: $(f2 "${M_CPU[$p]}"), range $(f2 "$lo")–$(f2 "$hi")"
+      echo "  - $p: $(f1 "${M_UCPU[$p]}") µs user + $(f1 "${M_SCPU[$p]}") µs sys per request (at saturation)"
+      lo= hi=
+      read -r lo hi < <(range R_LP99 "$p") || true
+      echo "  - p99 at $LAT_RPS rps: $(fmt_us "${M_LP99[$p]}"), range $(fmt_us "$lo")–$(fmt_us "$hi")"
+      echo "  - latency run achieved $(f2 "${M_LRATE[$p]}") req/s; proxy CPU at $LAT_RPS rps $(f2 "${M_LCPU[$p]}") µs/req"
     fi
+    for ((r = 1; r <= ROUNDS; r++)); do
+      [[ -n ${R_NOTE[$p:$r]:-} ]] && echo "  - round $r: ${R_NOTE[$p:$r]}"
+    done
   done
+  return 0
 }
 
 report | tee "$OUT_MD"

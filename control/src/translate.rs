@@ -1010,19 +1010,7 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
             }
             if routes.is_empty() {
                 match ctx.cluster(si, sp.number, "") {
-                    Ok(c) => routes.push(pb::Route {
-                        name: "default".into(),
-                        matches: vec![],
-                        action: Some(pb::route::Action::Route(pb::RouteAction {
-                            clusters: vec![pb::WeightedCluster {
-                                cluster: c,
-                                weight: 100,
-                            }],
-                            ..Default::default()
-                        })),
-                        request_headers: None,
-                        response_headers: None,
-                    }),
+                    Ok(c) => routes.push(route_all_to("default", c)),
                     Err(m) => ctx.errors.push(ConfigError::at(
                         &svc.origin,
                         svc.id.clone(),
@@ -1107,21 +1095,26 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
             virtual_hosts: vec![pb::VirtualHost {
                 name: "inbound".into(),
                 domains: vec!["*".into()],
-                routes: vec![pb::Route {
-                    name: "inbound".into(),
-                    matches: vec![],
-                    action: Some(pb::route::Action::Route(pb::RouteAction {
-                        clusters: vec![pb::WeightedCluster {
-                            cluster,
-                            weight: 100,
-                        }],
-                        ..Default::default()
-                    })),
-                    request_headers: None,
-                    response_headers: None,
-                }],
+                routes: vec![route_all_to("inbound", cluster)],
             }],
         });
+    }
+}
+
+/// A route that sends every request to one cluster.
+fn route_all_to(name: &str, cluster: String) -> pb::Route {
+    pb::Route {
+        name: name.into(),
+        matches: vec![],
+        action: Some(pb::route::Action::Route(pb::RouteAction {
+            clusters: vec![pb::WeightedCluster {
+                cluster,
+                weight: 100,
+            }],
+            ..Default::default()
+        })),
+        request_headers: None,
+        response_headers: None,
     }
 }
 

@@ -128,14 +128,7 @@ async fn sidecar_outbound_by_host_inbound_to_app_and_tcp_port() {
     let echo_addr = echo.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let mut b = [0u8; 1024];
-                while let Ok(n) = s.read(&mut b).await {
-                    if n == 0 || s.write_all(&b[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            tokio::spawn(async move { echo_bytes(&mut s).await });
         }
     });
     let y = format!(
@@ -279,4 +272,25 @@ endpoints:
         ) >= 1.0,
         "{m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_example_validates() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&root).expect("examples/") {
+        let dir = entry.expect("entry").path();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
+            .args(["validate", dir.to_str().expect("utf8")])
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        n += 1;
+    }
+    assert!(n >= 2);
 }

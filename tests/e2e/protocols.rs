@@ -250,17 +250,7 @@ async fn tcp_echo() -> std::net::SocketAddr {
                 continue;
             };
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
+                echo_bytes(&mut s).await;
             });
         }
     });
@@ -344,17 +334,7 @@ async fn upgrade_echo() -> std::net::SocketAddr {
                 let _ = s
                     .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
                     .await;
-                let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
+                echo_bytes(&mut s).await;
             });
         }
     });
@@ -403,7 +383,7 @@ async fn websocket_upgrade_passes_through() {
 }
 
 /// Answers one request per connection as if keeping it alive, then closes it
-/// 50 ms later, the way an upstream idle timeout does.
+/// 20 ms later, the way an upstream idle timeout does.
 async fn idle_closing_backend() -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -437,7 +417,7 @@ async fn idle_closing_backend() -> (
                 let _ = s
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                     .await;
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             });
         }
     });
@@ -454,11 +434,12 @@ async fn a_keepalive_connection_closed_by_the_upstream_is_not_a_503() {
     for i in 0..5 {
         let r = get(&c, &url, "x").await;
         assert_eq!((r.status, r.body.as_str()), (200, "ok"), "GET {i}");
-        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        // Long enough for the upstream to have closed the idle connection.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         // A request with a body cannot be replayed: the idle connection is checked first.
         let r = request_with_body(&c, &url, "payload").await;
         assert_eq!(r, 200, "POST {i}");
-        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
     assert_eq!(
         conns.load(std::sync::atomic::Ordering::Relaxed),

@@ -64,7 +64,13 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
         let _watcher = watcher;
         let mut last: Option<u64> = None;
         loop {
-            let reading = match read_all(&path) {
+            // File reads block: keep them off the event loop, which may be
+            // the proxy's only thread (`--workers 1`).
+            let p = path.clone();
+            let read = tokio::task::spawn_blocking(move || read_all(&p))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            let reading = match read {
                 Ok(sources) => {
                     let d = digest(&sources);
                     if last == Some(d) {

@@ -385,20 +385,24 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             })
 }
 
+/// A random (v4) UUID, formatted in place: no intermediate strings.
 fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b: [u8; 16] = rand::rng().random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    let s = format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    );
-    HeaderValue::try_from(s).unwrap_or(HeaderValue::from_static("0"))
+    let mut out = [0u8; 36];
+    let mut o = 0;
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[o] = b'-';
+            o += 1;
+        }
+        out[o] = HEX[usize::from(x >> 4)];
+        out[o + 1] = HEX[usize::from(x & 0xf)];
+        o += 2;
+    }
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
 fn cookie_value<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -654,25 +658,31 @@ async fn handle(
     let upgrade = is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // The upstream URI: the endpoint's address as authority (pools are per
+    // endpoint), the request's path and query (shared bytes, no copy) unless
+    // rewritten.
     let path_and_query = match &ra.uri_rewrite {
         Some(rw) => {
             let p = rewrite_path(parts.uri.path(), matched, rw);
-            match parts.uri.query() {
+            let pq = match parts.uri.query() {
                 Some(q) => format!("{p}?{q}"),
                 None => p,
-            }
+            };
+            http::uri::PathAndQuery::try_from(pq).ok()
         }
-        None => parts
-            .uri
-            .path_and_query()
-            .map_or("/".into(), |p| p.as_str().to_string()),
+        None => Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or(http::uri::PathAndQuery::from_static("/")),
+        ),
     };
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(endpoint.authority.clone())
-        .path_and_query(path_and_query)
-        .build();
-    let uri = match uri {
+    let mut uri_parts = http::uri::Parts::default();
+    uri_parts.scheme = Some(http::uri::Scheme::HTTP);
+    uri_parts.authority = Some(endpoint.authority.clone());
+    uri_parts.path_and_query = path_and_query;
+    let uri = match Uri::from_parts(uri_parts) {
         Ok(u) => u,
         Err(_) => {
             let x = mk_exchange(endpoint.labels.clone(), 400, "-", log, None);
@@ -836,4 +846,22 @@ fn local_response(
         ops.apply(resp.headers_mut());
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let a = super::request_id();
+        let s = a.to_str().expect("ascii");
+        assert_eq!(s.len(), 36);
+        let parts: Vec<&str> = s.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            vec![8, 4, 4, 4, 12]
+        );
+        assert!(parts[2].starts_with('4'), "{s}");
+        assert!(matches!(&parts[3][..1], "8" | "9" | "a" | "b"), "{s}");
+        assert_ne!(a, super::request_id());
+    }
 }

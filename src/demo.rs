@@ -162,7 +162,9 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        // Count only traffic routed by this step's weights.
+        // Count only traffic routed by this step's weights: let requests
+        // already routed by the previous weights finish first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let carried = std::mem::take(&mut *stats.lock().await);
         merge(&mut *total.lock().await, carried);
         tokio::time::sleep(Duration::from_secs(step_seconds)).await;

@@ -294,3 +294,25 @@ async fn every_example_validates() {
     }
     assert!(n >= 2);
 }
+
+#[test]
+fn the_demo_shifts_weights_with_no_failed_request() {
+    // Uses the demo's fixed ports (8080, 15000, 18081, 18082); the other
+    // tests only use ephemeral ports.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
+        .args(["demo", "--step-seconds", "1", "--connections", "4"])
+        .output()
+        .expect("run demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("step ").count(), 3, "{text}");
+    assert!(
+        text.contains("weights v1=0   v2=100 | observed v1=  0.0% v2=100.0%"),
+        "{text}"
+    );
+    assert!(text.contains(", 0 failed,"), "{text}");
+}

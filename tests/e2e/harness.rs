@@ -15,9 +15,18 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+/// A port for a listener the proxy will bind later. Taken below Linux's
+/// ephemeral range (32768+), so that no outgoing connection of another test
+/// can grab it between this check and the proxy's bind.
 pub fn free_port() -> u16 {
-    let l = StdListener::bind("127.0.0.1:0").expect("bind :0");
-    l.local_addr().expect("addr").port()
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let start = (std::process::id() % 40) as u16 * 300;
+    loop {
+        let p = 20_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if StdListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 pub struct TempDir(pub PathBuf);

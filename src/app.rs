@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bosun_control::translate::{ProxyMode, ProxyParams};
 use bosun_proxy::config::ProxyIdentity;
 use bosun_proxy::{Proxy, ProxyOptions};
+use bosun_xds_proto::prost_types::{Struct, Value, value::Kind};
 
 use crate::{Mode, ProxyArgs, parse_labels};
 
@@ -54,7 +55,23 @@ pub async fn start_proxy(args: &ProxyArgs) -> anyhow::Result<Arc<Proxy>> {
         .await
         .map_err(|e| anyhow::anyhow!("admin listener {}: {e}", args.admin_address))?;
     tokio::spawn(bosun_proxy::admin::serve(proxy.shared().clone(), admin));
-    let mut readings = bosun_control::source::watch(args.config.clone());
+    if let Some(xds) = &args.xds {
+        let opts = bosun_proxy::xds::XdsOptions {
+            address: if xds.contains("://") {
+                xds.clone()
+            } else {
+                format!("http://{xds}")
+            },
+            node: node(args, &params),
+            delta: !args.xds_sotw,
+        };
+        tokio::spawn(bosun_proxy::xds::run(proxy.clone(), opts));
+        return Ok(proxy);
+    }
+    let Some(config) = args.config.clone() else {
+        anyhow::bail!("give --config PATH (files) or --xds ADDR (a control service)");
+    };
+    let mut readings = bosun_control::source::watch(config);
     let p = proxy.clone();
     tokio::spawn(async move {
         while let Some(reading) = readings.recv().await {
@@ -79,6 +96,66 @@ pub async fn start_proxy(args: &ProxyArgs) -> anyhow::Result<Arc<Proxy>> {
     Ok(proxy)
 }
 
+fn string(v: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(v.to_string())),
+    }
+}
+
+/// The Node this proxy announces: what the control service translates for.
+fn node(args: &ProxyArgs, params: &ProxyParams) -> bosun_xds_proto::core::Node {
+    use bosun_control::xds::meta;
+    let mut fields = std::collections::BTreeMap::new();
+    let mode = match params.mode {
+        ProxyMode::Sidecar => "sidecar",
+        ProxyMode::Gateway => "gateway",
+    };
+    fields.insert(meta::MODE.to_string(), string(mode));
+    fields.insert(meta::NAMESPACE.to_string(), string(&params.namespace));
+    let labels = params
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), string(v)))
+        .collect();
+    fields.insert(
+        meta::LABELS.to_string(),
+        Value {
+            kind: Some(Kind::StructValue(Struct { fields: labels })),
+        },
+    );
+    fields.insert(
+        meta::OUTBOUND_ADDRESS.to_string(),
+        string(&args.outbound_address.to_string()),
+    );
+    fields.insert(
+        meta::INBOUND_ADDRESS.to_string(),
+        string(&args.inbound_address.to_string()),
+    );
+    if let Some(app) = args.app_port {
+        fields.insert(meta::APP_PORT.to_string(), string(&app.to_string()));
+    }
+    fields.insert(
+        meta::GATEWAY_ADDRESS.to_string(),
+        string(&args.gateway_address),
+    );
+    bosun_xds_proto::core::Node {
+        id: args
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{mode}~{}~{}", args.workload, params.namespace)),
+        cluster: args.workload.clone(),
+        metadata: Some(Struct { fields }),
+        locality: None,
+        user_agent_name: "bosun".into(),
+        user_agent_version_type: Some(
+            bosun_xds_proto::core::node::UserAgentVersionType::UserAgentVersion(
+                env!("CARGO_PKG_VERSION").into(),
+            ),
+        ),
+        client_features: vec![],
+    }
+}
+
 pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let _proxy = start_proxy(&args).await?;
     tokio::signal::ctrl_c().await?;
@@ -86,40 +163,20 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `bosun validate PATH`: parse and translate for a sidecar and a gateway.
+/// `bosun validate PATH`: parse, then check as every proxy will see it.
 pub fn validate(path: &Path) -> anyhow::Result<ExitCode> {
-    let cfg = match bosun_control::load::load_path(path) {
-        Ok(c) => c,
+    let result =
+        bosun_control::load::load_path(path).and_then(|cfg| bosun_control::translate::check(&cfg));
+    match result {
+        Ok(()) => {
+            println!("{}: ok", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Err(errors) => {
             for e in &errors.0 {
                 println!("{e}");
             }
-            return Ok(ExitCode::FAILURE);
+            Ok(ExitCode::FAILURE)
         }
-    };
-    let mut seen = std::collections::BTreeSet::new();
-    for mode in [ProxyMode::Sidecar, ProxyMode::Gateway] {
-        let mut params = ProxyParams {
-            mode,
-            ..Default::default()
-        };
-        // Every Gateway's selector, so every server is checked.
-        for g in &cfg.gateways {
-            params.labels.extend(g.value.spec.selector.clone());
-        }
-        if let Err(errors) = bosun_control::translate(&cfg, &params) {
-            for e in errors.0 {
-                let s = e.to_string();
-                if seen.insert(s.clone()) {
-                    println!("{s}");
-                }
-            }
-        }
-    }
-    if seen.is_empty() {
-        println!("{}: ok", path.display());
-        Ok(ExitCode::SUCCESS)
-    } else {
-        Ok(ExitCode::FAILURE)
     }
 }

@@ -92,7 +92,10 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
     write_config(&dir, STEPS[0].0, STEPS[0].1)?;
     let args = ProxyArgs {
         mode: Mode::Gateway,
-        config: dir.clone(),
+        config: Some(dir.clone()),
+        xds: None,
+        node_id: None,
+        xds_sotw: false,
         labels: None,
         namespace: "istio-system".into(),
         workload: "istio-ingressgateway".into(),

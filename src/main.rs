@@ -2,6 +2,7 @@
 //! (running a proxy from a config path) and `demo` (the live canary).
 
 mod app;
+mod control;
 mod demo;
 
 use std::net::SocketAddr;
@@ -35,8 +36,17 @@ pub struct ProxyArgs {
     #[arg(long, value_enum, default_value = "sidecar")]
     mode: Mode,
     /// A YAML file or a directory of YAML files (Istio and Kubernetes resources); watched.
+    #[arg(long, conflicts_with = "xds", required_unless_present = "xds")]
+    config: Option<PathBuf>,
+    /// A control service's xDS address (host:port): configuration over ADS instead of files.
     #[arg(long)]
-    config: PathBuf,
+    xds: Option<String>,
+    /// The node id announced to the control service (default: <mode>~<workload>~<namespace>).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Use state-of-the-world ADS instead of incremental (delta).
+    #[arg(long)]
+    xds_sotw: bool,
     /// This proxy's workload labels, k=v,... (gateways select on them; sourceLabels match them).
     /// Default: istio=ingressgateway in gateway mode, none in sidecar mode.
     #[arg(long)]
@@ -83,6 +93,14 @@ enum Command {
         /// Concurrent client connections.
         #[arg(long, default_value_t = 8)]
         connections: usize,
+    },
+    /// The control service: reads the config, validates it, and pushes it to proxies over xDS.
+    Control(control::ControlArgs),
+    /// Each proxy connected to a control service, its ACKed version and last NACK.
+    Status {
+        /// The control service's admin address.
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        control: String,
     },
     /// Check a config file or directory offline; exit non-zero on any error.
     Validate { path: PathBuf },
@@ -135,6 +153,12 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(demo::run(step_seconds, connections))),
         Command::Validate { path } => app::validate(&path),
+        Command::Control(args) => runtime(None)
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(control::run(args))),
+        Command::Status { control } => runtime(Some(1))
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(control::status(&control))),
     };
     match result {
         Ok(code) => code,

@@ -2,6 +2,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/bosun/config/v1/config.proto",
         "proto/bosun/testing/v1/echo.proto",
+        "proto/envoy/service/discovery/v3/ads.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

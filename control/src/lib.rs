@@ -9,6 +9,7 @@ pub mod model;
 pub mod source;
 pub mod translate;
 pub mod validate;
+pub mod xds;
 
 pub use load::{ConfigError, ConfigErrors};
 pub use translate::{ProxyMode, ProxyParams, translate};

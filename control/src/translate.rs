@@ -820,6 +820,34 @@ fn apply_lb(c: &mut pb::Cluster, lb: &LoadBalancerSettings) -> Result<(), String
     Ok(())
 }
 
+/// Checks a whole config the way every proxy will see it: translated for a
+/// sidecar and for a gateway selected by every Gateway's selector, so each
+/// route, server and destination is checked once. Errors are deduplicated.
+pub fn check(cfg: &Config) -> Result<(), ConfigErrors> {
+    let mut errors: Vec<ConfigError> = Vec::new();
+    for mode in [ProxyMode::Sidecar, ProxyMode::Gateway] {
+        let mut params = ProxyParams {
+            mode,
+            ..Default::default()
+        };
+        for g in &cfg.gateways {
+            params.labels.extend(g.value.spec.selector.clone());
+        }
+        if let Err(e) = translate(cfg, &params) {
+            for err in e.0 {
+                if !errors.contains(&err) {
+                    errors.push(err);
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
 /// Istio durations: "10s", "1.5s", "100ms", "1h", "2m".
 pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
     let bad = || format!("invalid duration {s:?} (e.g. 10s, 500ms, 1h)");

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod route;
 pub mod tcp;
 pub mod upstream;
+pub mod xds;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -13,4 +13,54 @@ pub mod testing {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("bosun.testing.v1");
 }
+/// Envoy's packages, nested as the generated code expects.
+#[allow(clippy::all, missing_docs)]
+pub mod envoy {
+    pub mod service {
+        pub mod discovery {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
+            }
+        }
+    }
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+}
+
+/// `google.rpc.Status`, carried in NACKs.
+#[allow(clippy::all, missing_docs)]
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}
+
+/// `envoy.config.core.v3`: the Node a proxy identifies itself with.
+pub use envoy::config::core::v3 as core;
+/// Envoy's discovery protocol (`envoy.service.discovery.v3`), the transport.
+pub use envoy::service::discovery::v3 as discovery;
+pub use google::rpc;
+
 pub use prost;
+pub use prost_types;
+
+/// Type URLs of Bosun's resources, one per kind, as Envoy users know them.
+pub mod type_url {
+    pub const LISTENER: &str = "type.googleapis.com/bosun.config.v1.Listener";
+    pub const ROUTE_CONFIGURATION: &str = "type.googleapis.com/bosun.config.v1.RouteConfiguration";
+    pub const CLUSTER: &str = "type.googleapis.com/bosun.config.v1.Cluster";
+    pub const CLUSTER_LOAD_ASSIGNMENT: &str =
+        "type.googleapis.com/bosun.config.v1.ClusterLoadAssignment";
+    /// The order a control plane pushes them in: what is referenced first.
+    pub const ALL: [&str; 4] = [
+        CLUSTER,
+        CLUSTER_LOAD_ASSIGNMENT,
+        LISTENER,
+        ROUTE_CONFIGURATION,
+    ];
+}

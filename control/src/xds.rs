@@ -1,0 +1,615 @@
+//! The aggregated discovery service: Envoy's ADS protocol (state of the
+//! world and incremental), carrying Bosun's `bosun.config.v1` resources.
+//!
+//! Each stream identifies its proxy by the `Node` of its first request; the
+//! node's metadata (MODE, NAMESPACE, LABELS, addresses) picks what the proxy
+//! receives. Every push sends all four types in dependency order (clusters,
+//! endpoints, listeners, routes), each stamped with the same global version,
+//! so a proxy applies a consistent set: in delta mode a type that did not
+//! change is sent as an empty response carrying only the version.
+//! Versions are content hashes: two replicas fed the same config agree.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bosun_xds_proto::config as pb;
+use bosun_xds_proto::core::Node;
+use bosun_xds_proto::discovery::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use bosun_xds_proto::discovery::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use bosun_xds_proto::prost::Message;
+use bosun_xds_proto::prost_types::{Any, Struct, value::Kind};
+use bosun_xds_proto::type_url;
+use futures_util::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::model::{Config, Labels};
+use crate::translate::{ProxyMode, ProxyParams, translate};
+
+/// One named, versioned resource of one type.
+#[derive(Clone, Debug)]
+pub struct Named {
+    pub version: String,
+    pub any: Any,
+}
+
+/// A proxy's resources by type URL, then by name, and the global version.
+#[derive(Clone, Debug, Default)]
+pub struct Resources {
+    pub version: String,
+    pub by_type: BTreeMap<&'static str, BTreeMap<String, Named>>,
+}
+
+fn fnv(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn named<M: Message>(type_url: &str, m: &M) -> Named {
+    let value = m.encode_to_vec();
+    Named {
+        version: fnv(&value),
+        any: Any {
+            type_url: type_url.to_string(),
+            value,
+        },
+    }
+}
+
+/// Splits a proxy's config into xDS resources.
+pub fn split(cfg: &pb::ProxyConfig) -> Resources {
+    let mut by_type: BTreeMap<&'static str, BTreeMap<String, Named>> = BTreeMap::new();
+    for t in type_url::ALL {
+        by_type.insert(t, BTreeMap::new());
+    }
+    let mut put = |t: &'static str, name: &str, n: Named| {
+        if let Some(m) = by_type.get_mut(t) {
+            m.insert(name.to_string(), n);
+        }
+    };
+    for l in &cfg.listeners {
+        put(type_url::LISTENER, &l.name, named(type_url::LISTENER, l));
+    }
+    for r in &cfg.route_configurations {
+        put(
+            type_url::ROUTE_CONFIGURATION,
+            &r.name,
+            named(type_url::ROUTE_CONFIGURATION, r),
+        );
+    }
+    for c in &cfg.clusters {
+        put(type_url::CLUSTER, &c.name, named(type_url::CLUSTER, c));
+    }
+    for a in &cfg.load_assignments {
+        put(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            &a.cluster,
+            named(type_url::CLUSTER_LOAD_ASSIGNMENT, a),
+        );
+    }
+    Resources {
+        version: cfg.version.clone(),
+        by_type,
+    }
+}
+
+/// Node metadata keys a Bosun proxy sends (all optional).
+pub mod meta {
+    pub const MODE: &str = "MODE";
+    pub const NAMESPACE: &str = "NAMESPACE";
+    pub const LABELS: &str = "LABELS";
+    pub const OUTBOUND_ADDRESS: &str = "OUTBOUND_ADDRESS";
+    pub const INBOUND_ADDRESS: &str = "INBOUND_ADDRESS";
+    pub const APP_PORT: &str = "APP_PORT";
+    pub const GATEWAY_ADDRESS: &str = "GATEWAY_ADDRESS";
+}
+
+fn meta_str(s: &Struct, key: &str) -> Option<String> {
+    match s.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(v) => Some(v.clone()),
+        Kind::NumberValue(n) => Some(format!("{n}")),
+        _ => None,
+    }
+}
+
+/// What a proxy is, from its Node.
+pub fn params_from_node(node: &Node) -> Result<ProxyParams, String> {
+    let mut p = ProxyParams::default();
+    let Some(md) = &node.metadata else {
+        return Ok(p);
+    };
+    if let Some(m) = meta_str(md, meta::MODE) {
+        p.mode = match m.as_str() {
+            "sidecar" => ProxyMode::Sidecar,
+            "gateway" => ProxyMode::Gateway,
+            other => {
+                return Err(format!(
+                    "node metadata MODE {other:?}: want sidecar or gateway"
+                ));
+            }
+        };
+    }
+    if let Some(ns) = meta_str(md, meta::NAMESPACE) {
+        p.namespace = ns;
+    }
+    if let Some(v) = md.fields.get(meta::LABELS)
+        && let Some(Kind::StructValue(ls)) = &v.kind
+    {
+        let mut labels = Labels::new();
+        for k in ls.fields.keys() {
+            if let Some(val) = meta_str(ls, k) {
+                labels.insert(k.clone(), val);
+            }
+        }
+        p.labels = labels;
+    } else if p.mode == ProxyMode::Gateway {
+        p.labels.insert("istio".into(), "ingressgateway".into());
+    }
+    let split_addr = |s: &str| -> Result<(String, u32), String> {
+        let a: std::net::SocketAddr = s
+            .parse()
+            .map_err(|_| format!("bad address {s:?} in node metadata"))?;
+        Ok((a.ip().to_string(), u32::from(a.port())))
+    };
+    if let Some(a) = meta_str(md, meta::OUTBOUND_ADDRESS) {
+        let (ip, port) = split_addr(&a)?;
+        p.outbound_address = ip;
+        p.outbound_port = port;
+    }
+    if let Some(app) = meta_str(md, meta::APP_PORT) {
+        let app: u32 = app.parse().map_err(|_| format!("bad APP_PORT {app:?}"))?;
+        let inbound = meta_str(md, meta::INBOUND_ADDRESS).unwrap_or_else(|| "0.0.0.0:15006".into());
+        let (ip, port) = split_addr(&inbound)?;
+        p.inbound = Some((ip, port, app));
+    }
+    if let Some(g) = meta_str(md, meta::GATEWAY_ADDRESS) {
+        p.gateway_address = g;
+    }
+    Ok(p)
+}
+
+/// What `bosun status` shows per connected proxy.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProxyStatus {
+    pub node_id: String,
+    pub stream: String,
+    pub acked_version: String,
+    pub latest_version: String,
+    pub last_nack: Option<String>,
+    pub translate_error: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    next: AtomicU64,
+    proxies: Mutex<HashMap<u64, ProxyStatus>>,
+}
+
+impl Registry {
+    pub fn snapshot(&self) -> Vec<ProxyStatus> {
+        let m = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = m.values().cloned().collect();
+        v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        v
+    }
+    fn update(&self, id: u64, f: impl FnOnce(&mut ProxyStatus)) {
+        let mut m = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = m.get_mut(&id) {
+            f(s);
+        }
+    }
+}
+
+struct Deregister(Arc<Registry>, u64);
+
+impl Drop for Deregister {
+    fn drop(&mut self) {
+        let mut m = self.0.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&self.1);
+    }
+}
+
+/// The ADS service, fed by a watch of the last good config.
+#[derive(Clone)]
+pub struct Ads {
+    config: watch::Receiver<Option<Arc<Config>>>,
+    pub registry: Arc<Registry>,
+}
+
+impl Ads {
+    pub fn new(config: watch::Receiver<Option<Arc<Config>>>) -> Ads {
+        Ads {
+            config,
+            registry: Arc::new(Registry::default()),
+        }
+    }
+
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Ads> {
+        AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(64 * 1024 * 1024)
+    }
+
+    fn register(&self, node: &Node, stream: &str) -> (u64, Deregister) {
+        let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
+        let mut m = self
+            .registry
+            .proxies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.insert(
+            id,
+            ProxyStatus {
+                node_id: node.id.clone(),
+                stream: stream.into(),
+                acked_version: String::new(),
+                latest_version: String::new(),
+                last_nack: None,
+                translate_error: None,
+            },
+        );
+        (id, Deregister(self.registry.clone(), id))
+    }
+}
+
+/// The proxy's resources for the current config, or why there are none.
+fn resources_for(config: &Option<Arc<Config>>, params: &ProxyParams) -> Result<Resources, String> {
+    let Some(cfg) = config else {
+        return Err("the control service has no valid config yet".into());
+    };
+    translate(cfg, params)
+        .map(|c| split(&c))
+        .map_err(|e| e.to_string())
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn nack_text(s: &bosun_xds_proto::rpc::Status) -> String {
+    format!("code {}: {}", s.code, s.message)
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.sotw(&mut inbound, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.delta(&mut inbound, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[derive(Default)]
+struct SotwType {
+    /// Empty: wildcard.
+    names: Vec<String>,
+    nonce: String,
+    sent_version: String,
+}
+
+#[derive(Default)]
+struct DeltaType {
+    wildcard: bool,
+    names: HashSet<String>,
+    /// What the client holds: name → version.
+    known: HashMap<String, String>,
+    nonce: String,
+}
+
+impl Ads {
+    async fn sotw(
+        &self,
+        inbound: &mut Streaming<DiscoveryRequest>,
+        tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) -> Result<(), Status> {
+        let Some(first) = inbound.message().await? else {
+            return Ok(());
+        };
+        let node = first.node.clone().unwrap_or_default();
+        let params = params_from_node(&node).map_err(Status::invalid_argument)?;
+        let (id, _dereg) = self.register(&node, "sotw");
+        let mut cfg_rx = self.config.clone();
+        let mut current = self.current(id, &mut cfg_rx, &params);
+        let mut types: BTreeMap<String, SotwType> = BTreeMap::new();
+        let mut nonce = 0u64;
+        let mut pending = Some(first);
+        loop {
+            let req = match pending.take() {
+                Some(r) => Some(r),
+                None => tokio::select! {
+                    m = inbound.message() => match m? { Some(r) => Some(r), None => return Ok(()) },
+                    changed = cfg_rx.changed() => {
+                        if changed.is_err() { return Ok(()); }
+                        current = self.current(id, &mut cfg_rx, &params);
+                        None
+                    }
+                },
+            };
+            let Some(res) = current.clone() else {
+                if let Some(req) = req {
+                    // Remember the subscription; answer once there is config.
+                    types.entry(req.type_url.clone()).or_default().names = req.resource_names;
+                }
+                continue;
+            };
+            match req {
+                Some(req) => {
+                    let entry = types.entry(req.type_url.clone()).or_default();
+                    if !req.response_nonce.is_empty() {
+                        if req.response_nonce != entry.nonce {
+                            continue; // an answer to an older response
+                        }
+                        if let Some(err) = &req.error_detail {
+                            let text = nack_text(err);
+                            tracing::warn!(node = %node.id, type_url = %req.type_url, error = %text, "NACK");
+                            self.registry.update(id, |s| s.last_nack = Some(text));
+                            continue;
+                        }
+                        self.registry.update(id, |s| {
+                            s.acked_version.clone_from(&req.version_info);
+                            s.last_nack = None;
+                        });
+                        if req.resource_names == entry.names {
+                            continue;
+                        }
+                    }
+                    entry.names = req.resource_names;
+                    let resp = sotw_response(&res, &req.type_url, entry, &mut nonce);
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    for t in type_url::ALL {
+                        if let Some(entry) = types.get_mut(t)
+                            && entry.sent_version != res.version
+                        {
+                            let resp = sotw_response(&res, t, entry, &mut nonce);
+                            if tx.send(Ok(resp)).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn current(
+        &self,
+        id: u64,
+        cfg_rx: &mut watch::Receiver<Option<Arc<Config>>>,
+        params: &ProxyParams,
+    ) -> Option<Resources> {
+        let cfg = cfg_rx.borrow_and_update().clone();
+        match resources_for(&cfg, params) {
+            Ok(r) => {
+                let v = r.version.clone();
+                self.registry.update(id, |s| {
+                    s.latest_version = v;
+                    s.translate_error = None;
+                });
+                Some(r)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no config for this proxy; it keeps its last good one");
+                self.registry.update(id, |s| s.translate_error = Some(e));
+                None
+            }
+        }
+    }
+
+    async fn delta(
+        &self,
+        inbound: &mut Streaming<DeltaDiscoveryRequest>,
+        tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) -> Result<(), Status> {
+        let Some(first) = inbound.message().await? else {
+            return Ok(());
+        };
+        let node = first.node.clone().unwrap_or_default();
+        let params = params_from_node(&node).map_err(Status::invalid_argument)?;
+        let (id, _dereg) = self.register(&node, "delta");
+        let mut cfg_rx = self.config.clone();
+        let mut current = self.current(id, &mut cfg_rx, &params);
+        let mut last_good = current.clone();
+        let mut pushed = current
+            .as_ref()
+            .map(|r| r.version.clone())
+            .unwrap_or_default();
+        let mut types: BTreeMap<String, DeltaType> = BTreeMap::new();
+        let mut nonce = 0u64;
+        let mut pending = Some(first);
+        loop {
+            let req = match pending.take() {
+                Some(r) => Some(r),
+                None => tokio::select! {
+                    m = inbound.message() => match m? { Some(r) => Some(r), None => return Ok(()) },
+                    changed = cfg_rx.changed() => {
+                        if changed.is_err() { return Ok(()); }
+                        current = self.current(id, &mut cfg_rx, &params);
+                        None
+                    }
+                },
+            };
+            if current.is_some() {
+                last_good.clone_from(&current);
+            }
+            match req {
+                Some(req) => {
+                    let entry = types.entry(req.type_url.clone()).or_default();
+                    if !req.response_nonce.is_empty() {
+                        if req.response_nonce != entry.nonce {
+                            continue;
+                        }
+                        if let Some(err) = &req.error_detail {
+                            let text = nack_text(err);
+                            tracing::warn!(node = %node.id, type_url = %req.type_url, error = %text, "NACK");
+                            self.registry.update(id, |s| s.last_nack = Some(text));
+                        } else {
+                            let v = last_good
+                                .as_ref()
+                                .map(|r| r.version.clone())
+                                .unwrap_or_default();
+                            self.registry.update(id, |s| {
+                                s.acked_version = v;
+                                s.last_nack = None;
+                            });
+                        }
+                        if req.resource_names_subscribe.is_empty()
+                            && req.resource_names_unsubscribe.is_empty()
+                        {
+                            continue;
+                        }
+                    } else {
+                        // First request of this type on this stream.
+                        entry.wildcard = req.resource_names_subscribe.is_empty()
+                            || req.resource_names_subscribe.iter().any(|n| n == "*");
+                        entry.known = req.initial_resource_versions.clone().into_iter().collect();
+                    }
+                    for n in &req.resource_names_subscribe {
+                        if n != "*" {
+                            entry.names.insert(n.clone());
+                        }
+                    }
+                    for n in &req.resource_names_unsubscribe {
+                        if n == "*" {
+                            entry.wildcard = false;
+                        }
+                        entry.names.remove(n);
+                        entry.known.remove(n);
+                    }
+                    if let Some(res) = &last_good {
+                        let resp = delta_response(res, &req.type_url, entry, &mut nonce);
+                        if tx.send(Ok(resp)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                None => {
+                    let Some(res) = &current else { continue };
+                    if res.version == pushed {
+                        continue; // the config changed, not this proxy's part of it
+                    }
+                    pushed.clone_from(&res.version);
+                    for t in type_url::ALL {
+                        if let Some(entry) = types.get_mut(t) {
+                            let resp = delta_response(res, t, entry, &mut nonce);
+                            if tx.send(Ok(resp)).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn sotw_response(
+    res: &Resources,
+    t: &str,
+    entry: &mut SotwType,
+    nonce: &mut u64,
+) -> DiscoveryResponse {
+    *nonce += 1;
+    entry.nonce = nonce.to_string();
+    entry.sent_version.clone_from(&res.version);
+    let resources = res
+        .by_type
+        .get(t)
+        .map(|m| {
+            m.iter()
+                .filter(|(name, _)| entry.names.is_empty() || entry.names.contains(name))
+                .map(|(_, n)| n.any.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    DiscoveryResponse {
+        version_info: res.version.clone(),
+        resources,
+        canary: false,
+        type_url: t.to_string(),
+        nonce: entry.nonce.clone(),
+        control_plane: None,
+    }
+}
+
+fn delta_response(
+    res: &Resources,
+    t: &str,
+    entry: &mut DeltaType,
+    nonce: &mut u64,
+) -> DeltaDiscoveryResponse {
+    *nonce += 1;
+    entry.nonce = nonce.to_string();
+    let empty = BTreeMap::new();
+    let all = res.by_type.get(t).unwrap_or(&empty);
+    let wanted = |name: &str| entry.wildcard || entry.names.contains(name);
+    let mut resources = Vec::new();
+    for (name, n) in all {
+        if wanted(name) && entry.known.get(name) != Some(&n.version) {
+            resources.push(Resource {
+                version: n.version.clone(),
+                resource: Some(n.any.clone()),
+                name: name.clone(),
+                aliases: vec![],
+                ttl: None,
+            });
+        }
+    }
+    let removed: Vec<String> = entry
+        .known
+        .keys()
+        .filter(|name| !all.contains_key(*name) || !wanted(name))
+        .cloned()
+        .collect();
+    for r in &resources {
+        entry.known.insert(r.name.clone(), r.version.clone());
+    }
+    for r in &removed {
+        entry.known.remove(r);
+    }
+    DeltaDiscoveryResponse {
+        system_version_info: res.version.clone(),
+        resources,
+        type_url: t.to_string(),
+        nonce: entry.nonce.clone(),
+        removed_resources: removed,
+        control_plane: None,
+    }
+}

@@ -1,0 +1,184 @@
+//! `bosun control` and `bosun status`.
+//!
+//! The control service watches a config directory, checks every change as
+//! every proxy will see it, and publishes only valid configs to the ADS
+//! server; an invalid change is refused (logged with file, resource and
+//! field, counted) and proxies keep the last good one.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bosun_control::model::Config;
+use bosun_control::xds::{Ads, Registry};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControlArgs {
+    /// A directory (or file) of Istio and Kubernetes YAML; watched.
+    #[arg(long)]
+    config_dir: PathBuf,
+    /// Where proxies connect for xDS (ADS over gRPC, plaintext).
+    #[arg(long, default_value = "0.0.0.0:15010")]
+    xds_addr: SocketAddr,
+    /// Admin: /ready, /healthz, /metrics, /debug/proxies (JSON, for `bosun status`).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    admin_address: SocketAddr,
+}
+
+#[derive(Default)]
+struct Counters {
+    applied: AtomicU64,
+    rejected: AtomicU64,
+}
+
+pub async fn run(args: ControlArgs) -> anyhow::Result<ExitCode> {
+    let (tx, rx) = watch::channel::<Option<Arc<Config>>>(None);
+    let ads = Ads::new(rx.clone());
+    let registry = ads.registry.clone();
+    let counters = Arc::new(Counters::default());
+
+    let mut readings = bosun_control::source::watch(args.config_dir.clone());
+    let c = counters.clone();
+    tokio::spawn(async move {
+        while let Some(reading) = readings.recv().await {
+            let checked =
+                reading.and_then(|cfg| bosun_control::translate::check(&cfg).map(|()| cfg));
+            match checked {
+                Ok(cfg) => {
+                    c.applied.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("config accepted; pushing to proxies");
+                    tx.send_replace(Some(Arc::new(cfg)));
+                }
+                Err(errors) => {
+                    c.rejected.fetch_add(1, Ordering::Relaxed);
+                    for e in &errors.0 {
+                        tracing::error!("config refused, proxies keep the last good config: {e}");
+                    }
+                }
+            }
+        }
+    });
+
+    let admin = tokio::net::TcpListener::bind(args.admin_address)
+        .await
+        .map_err(|e| anyhow::anyhow!("admin listener {}: {e}", args.admin_address))?;
+    tokio::spawn(serve_admin(admin, registry, counters, rx));
+
+    tracing::info!(addr = %args.xds_addr, "xDS (ADS) listening");
+    let incoming = tokio::net::TcpListener::bind(args.xds_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("xDS listener {}: {e}", args.xds_addr))?;
+    tonic::transport::Server::builder()
+        .add_service(ads.into_service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(incoming),
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+            },
+        )
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    counters: Arc<Counters>,
+    config: watch::Receiver<Option<Arc<Config>>>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (registry, counters, config) = (registry.clone(), counters.clone(), config.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (registry, counters, config) =
+                        (registry.clone(), counters.clone(), config.clone());
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/healthz" => (200, "ok\n".to_string()),
+                            "/ready" if config.borrow().is_some() => (200, "ready\n".to_string()),
+                            "/ready" => (503, "no valid config yet\n".to_string()),
+                            "/debug/proxies" => (
+                                200,
+                                serde_json::to_string_pretty(&registry.snapshot())
+                                    .unwrap_or_default(),
+                            ),
+                            "/metrics" | "/stats/prometheus" => (
+                                200,
+                                format!(
+                                    "# TYPE bosun_control_config_accepted_total counter\nbosun_control_config_accepted_total {}\n# TYPE bosun_control_config_rejected_total counter\nbosun_control_config_rejected_total {}\n# TYPE bosun_control_connected_proxies gauge\nbosun_control_connected_proxies {}\n",
+                                    counters.applied.load(Ordering::Relaxed),
+                                    counters.rejected.load(Ordering::Relaxed),
+                                    registry.snapshot().len()
+                                ),
+                            ),
+                            _ => (
+                                404,
+                                "control admin: /ready /healthz /metrics /debug/proxies\n"
+                                    .to_string(),
+                            ),
+                        };
+                        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+                        *resp.status_mut() =
+                            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+                        Ok::<_, Infallible>(resp)
+                    }
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// `bosun status`: like `istioctl proxy-status`.
+pub async fn status(control: &str) -> anyhow::Result<ExitCode> {
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let uri: hyper::Uri = format!("http://{control}/debug/proxies").parse()?;
+    let resp = client
+        .get(uri)
+        .await
+        .map_err(|e| anyhow::anyhow!("control service at {control}: {e}"))?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    let proxies: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
+    println!(
+        "{:<40} {:<6} {:<18} {:<18} {:<8} LAST NACK",
+        "NODE", "STREAM", "ACKED", "LATEST", "SYNCED"
+    );
+    for p in &proxies {
+        let s = |k: &str| p[k].as_str().unwrap_or("").to_string();
+        let synced = if s("acked_version") == s("latest_version") && !s("latest_version").is_empty()
+        {
+            "SYNCED"
+        } else {
+            "STALE"
+        };
+        let nack = p["last_nack"]
+            .as_str()
+            .or(p["translate_error"].as_str())
+            .unwrap_or("-");
+        println!(
+            "{:<40} {:<6} {:<18} {:<18} {:<8} {}",
+            s("node_id"),
+            s("stream"),
+            s("acked_version"),
+            s("latest_version"),
+            synced,
+            nack
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -73,29 +73,43 @@ impl Bosun {
         let cfg = dir.0.join("config");
         std::fs::create_dir_all(&cfg).expect("mkdir config");
         std::fs::write(cfg.join("mesh.yaml"), yaml).expect("write config");
+        let cfg_arg = cfg.to_str().expect("utf8").to_string();
+        let mut args = vec!["--config", cfg_arg.as_str()];
+        args.extend_from_slice(extra);
+        let b = Bosun::spawn(dir, &args);
+        b.wait_ready().await;
+        b
+    }
+
+    /// A proxy fed by a control service over xDS (`--xds`); not waited for.
+    pub fn with_xds(xds: SocketAddr, extra: &[&str]) -> Bosun {
+        let x = xds.to_string();
+        let mut args = vec!["--xds", x.as_str()];
+        args.extend_from_slice(extra);
+        Bosun::spawn(TempDir::new("xds-proxy"), &args)
+    }
+
+    fn spawn(dir: TempDir, args: &[&str]) -> Bosun {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let log = dir.0.join("bosun.log");
         let logf = std::fs::File::create(&log).expect("log file");
         let outf = std::fs::File::create(dir.0.join("stdout.log")).expect("stdout file");
         let child = Command::new(env!("CARGO_BIN_EXE_bosun"))
             .arg("proxy")
-            .args(["--config", cfg.to_str().expect("utf8")])
             .args(["--admin-address", &admin.to_string()])
             .args(["--workers", "2"])
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(outf)
             .stderr(logf)
             .spawn()
             .expect("spawn bosun");
-        let b = Bosun {
+        Bosun {
             child,
             admin,
             dir,
             log,
-        };
-        b.wait_ready().await;
-        b
+        }
     }
 
     pub fn config_dir(&self) -> PathBuf {
@@ -391,5 +405,97 @@ pub async fn echo_bytes(s: &mut tokio::net::TcpStream) {
         if n == 0 || s.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// A running `bosun control` process, killed on drop.
+pub struct Control {
+    child: Child,
+    pub xds: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Control {
+    /// Starts a control service on `dir` (its YAML is watched).
+    pub async fn start(dir: &std::path::Path, xds: Option<SocketAddr>) -> Control {
+        let xds =
+            xds.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().expect("addr"));
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        static N: AtomicU64 = AtomicU64::new(0);
+        let log = dir.with_extension(format!("control{}.log", N.fetch_add(1, Ordering::Relaxed)));
+        let child = Command::new(env!("CARGO_BIN_EXE_bosun"))
+            .args(["control", "--config-dir", dir.to_str().expect("utf8")])
+            .args([
+                "--xds-addr",
+                &xds.to_string(),
+                "--admin-address",
+                &admin.to_string(),
+            ])
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn control");
+        let c = Control {
+            child,
+            xds,
+            admin,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !matches!(admin_get(c.admin, "/ready").await, Ok((200, _))) {
+            assert!(
+                Instant::now() < deadline,
+                "control not ready: {}",
+                c.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        c
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/debug/proxies`: what `bosun status` prints.
+    pub async fn proxies(&self) -> Vec<serde_json::Value> {
+        let (_, body) = admin_get(self.admin, "/debug/proxies")
+            .await
+            .expect("status");
+        serde_json::from_str(&body).expect("json")
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Writes `yaml` as the one file of a config directory (atomically).
+pub fn write_dir(dir: &std::path::Path, yaml: &str) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let tmp = dir.join(".mesh.yaml.tmp");
+    std::fs::write(&tmp, yaml).expect("write");
+    std::fs::rename(&tmp, dir.join("mesh.yaml")).expect("rename");
+}
+
+/// Waits until `f` holds, or panics with `what` after 5 s.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

@@ -7,3 +7,4 @@ mod config;
 mod harness;
 mod protocols;
 mod routing;
+mod xds;

@@ -1,0 +1,312 @@
+//! The control service and proxies over ADS, as real processes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use bosun_xds_proto::core::Node;
+use bosun_xds_proto::discovery::DeltaDiscoveryRequest;
+use bosun_xds_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use bosun_xds_proto::prost_types::{Struct, Value, value::Kind};
+use bosun_xds_proto::type_url;
+
+use crate::harness::*;
+
+fn mesh(port: u16, be: SocketAddr, extra_server_port: Option<u16>) -> String {
+    let mut y = gateway("x", port);
+    if let Some(p) = extra_server_port {
+        y = y.replace(
+            "    hosts: [\"*\"]\n---\n",
+            &format!("    hosts: [\"*\"]\n  - port: {{number: {p}, name: http-2, protocol: HTTP}}\n    hosts: [\"*\"]\n---\n"),
+        );
+    }
+    y.push_str(&service_entry("app", "x", 80, "HTTP", &[(be, "app=app")]));
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: app, namespace: x}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: app}}]\n");
+    y
+}
+
+async fn backend_of(port: u16, ip: &str) -> String {
+    get(&client(), &format!("http://{ip}:{port}/"), "x")
+        .await
+        .backend()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxies_converge_over_delta_and_sotw_and_status_shows_them() {
+    let (v1, v2) = (backend("v1").await, backend("v2").await);
+    let port = free_port();
+    let dir = TempDir::new("control");
+    let cfg = dir.0.join("cfg");
+    write_dir(&cfg, &mesh(port, v1.addr, None));
+    let control = Control::start(&cfg, None).await;
+    let delta = Bosun::with_xds(
+        control.xds,
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.1",
+            "--node-id",
+            "gw-delta",
+        ],
+    );
+    let sotw = Bosun::with_xds(
+        control.xds,
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.2",
+            "--node-id",
+            "gw-sotw",
+            "--xds-sotw",
+        ],
+    );
+    delta.wait_ready().await;
+    sotw.wait_ready().await;
+    assert_eq!(backend_of(port, "127.0.0.1").await, "v1");
+    assert_eq!(backend_of(port, "127.0.0.2").await, "v1");
+
+    write_dir(&cfg, &mesh(port, v2.addr, None));
+    eventually("both proxies route to v2", || async {
+        backend_of(port, "127.0.0.1").await == "v2" && backend_of(port, "127.0.0.2").await == "v2"
+    })
+    .await;
+    eventually("status shows both synced", || async {
+        let ps = control.proxies().await;
+        ps.len() == 2
+            && ps.iter().all(|p| {
+                !p["latest_version"].as_str().unwrap_or("").is_empty()
+                    && p["acked_version"] == p["latest_version"]
+            })
+    })
+    .await;
+    let ps = control.proxies().await;
+    let streams: Vec<&str> = ps.iter().filter_map(|p| p["stream"].as_str()).collect();
+    assert_eq!(streams, vec!["delta", "sotw"], "{ps:?}");
+    let versions: Vec<&str> = ps
+        .iter()
+        .filter_map(|p| p["acked_version"].as_str())
+        .collect();
+    assert_eq!(
+        versions,
+        vec![
+            delta.version().await.as_str(),
+            sotw.version().await.as_str()
+        ]
+    );
+
+    // An invalid change never reaches a proxy.
+    write_dir(
+        &cfg,
+        &mesh(port, v1.addr, None).replace("{host: app}", "{host: nowhere}"),
+    );
+    eventually("control refuses the bad config", || async {
+        control.log_text().contains("nowhere")
+    })
+    .await;
+    assert_eq!(backend_of(port, "127.0.0.1").await, "v2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_the_proxy_cannot_apply_is_nacked_and_the_old_one_keeps_serving() {
+    let be = backend("app").await;
+    let (port, taken) = (free_port(), free_port());
+    // Something else already listens where the new config wants a listener.
+    let _squatter = std::net::TcpListener::bind(("127.0.0.3", taken)).expect("bind");
+    let dir = TempDir::new("control");
+    let cfg = dir.0.join("cfg");
+    write_dir(&cfg, &mesh(port, be.addr, None));
+    let control = Control::start(&cfg, None).await;
+    let proxy = Bosun::with_xds(
+        control.xds,
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.3",
+            "--node-id",
+            "gw-nack",
+        ],
+    );
+    proxy.wait_ready().await;
+    let good = proxy.version().await;
+    write_dir(&cfg, &mesh(port, be.addr, Some(taken)));
+    eventually("the NACK is reported", || async {
+        control.proxies().await.iter().any(|p| {
+            p["last_nack"]
+                .as_str()
+                .is_some_and(|n| n.contains("cannot listen"))
+        })
+    })
+    .await;
+    assert_eq!(proxy.version().await, good);
+    assert_eq!(backend_of(port, "127.0.0.3").await, "app");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
+        .args(["status", "--control", &control.admin.to_string()])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("gw-nack") && text.contains("STALE") && text.contains("cannot listen"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxies_keep_serving_without_the_control_service_and_resync_when_it_returns() {
+    let (v1, v2) = (backend("v1").await, backend("v2").await);
+    let port = free_port();
+    let dir = TempDir::new("control");
+    let cfg = dir.0.join("cfg");
+    write_dir(&cfg, &mesh(port, v1.addr, None));
+    let mut control = Control::start(&cfg, None).await;
+    let xds = control.xds;
+    let proxy = Bosun::with_xds(
+        xds,
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.4",
+            "--node-id",
+            "gw-k",
+        ],
+    );
+    proxy.wait_ready().await;
+    control.kill();
+    for _ in 0..20 {
+        assert_eq!(backend_of(port, "127.0.0.4").await, "v1");
+    }
+    write_dir(&cfg, &mesh(port, v2.addr, None));
+    let _control = Control::start(&cfg, Some(xds)).await;
+    eventually(
+        "the proxy resyncs from the restarted control service",
+        || async { backend_of(port, "127.0.0.4").await == "v2" },
+    )
+    .await;
+    // One applied config per distinct version: the reconnect itself did not reload.
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "bosun_config_applied_total", &[]),
+        2.0,
+        "{m}"
+    );
+}
+
+fn gateway_node(id: &str) -> Node {
+    let mut fields = BTreeMap::new();
+    fields.insert(
+        "MODE".to_string(),
+        Value {
+            kind: Some(Kind::StringValue("gateway".into())),
+        },
+    );
+    fields.insert(
+        "GATEWAY_ADDRESS".to_string(),
+        Value {
+            kind: Some(Kind::StringValue("127.0.0.1".into())),
+        },
+    );
+    Node {
+        id: id.into(),
+        metadata: Some(Struct { fields }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delta_push_of_one_changed_endpoint_carries_only_that_resource() {
+    let (a, b) = (backend("a").await, backend("b").await);
+    let port = free_port();
+    let dir = TempDir::new("control");
+    let cfg = dir.0.join("cfg");
+    // Two services, so that one endpoint change leaves another CLA untouched.
+    let two = |first: SocketAddr| {
+        let mut y = mesh(port, first, None);
+        y.push_str("---\n");
+        y.push_str(&service_entry(
+            "other",
+            "x",
+            80,
+            "HTTP",
+            &[(b.addr, "app=other")],
+        ));
+        y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: other, namespace: x}\nspec:\n  hosts: [other.example]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: other}}]\n");
+        y
+    };
+    write_dir(&cfg, &two(a.addr));
+    let control = Control::start(&cfg, None).await;
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", control.xds))
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for t in type_url::ALL {
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(gateway_node("raw")),
+            type_url: t.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+    }
+    let mut stream = client
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut first = BTreeMap::new();
+    for _ in 0..4 {
+        let r = stream.message().await.expect("ok").expect("response");
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("ack");
+        first.insert(r.type_url.clone(), r);
+    }
+    assert_eq!(first[type_url::CLUSTER_LOAD_ASSIGNMENT].resources.len(), 2);
+    assert_eq!(first[type_url::CLUSTER].resources.len(), 2);
+    assert!(!first[type_url::LISTENER].resources.is_empty());
+
+    // Move service "app" to another endpoint.
+    let moved: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    write_dir(&cfg, &two(moved));
+    let mut push = BTreeMap::new();
+    for _ in 0..4 {
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), stream.message())
+            .await
+            .expect("a push within 5 s")
+            .expect("ok")
+            .expect("response");
+        push.insert(r.type_url.clone(), r);
+    }
+    let cla = &push[type_url::CLUSTER_LOAD_ASSIGNMENT];
+    assert_eq!(
+        cla.resources.len(),
+        1,
+        "only the changed endpoint set: {cla:?}"
+    );
+    assert_eq!(
+        cla.resources[0].name,
+        "outbound|80||app.x.svc.cluster.local"
+    );
+    assert!(cla.removed_resources.is_empty());
+    for t in [
+        type_url::CLUSTER,
+        type_url::LISTENER,
+        type_url::ROUTE_CONFIGURATION,
+    ] {
+        assert!(
+            push[t].resources.is_empty() && push[t].removed_resources.is_empty(),
+            "{t} unchanged: {:?}",
+            push[t]
+        );
+        assert_eq!(push[t].system_version_info, cla.system_version_info);
+    }
+    assert_ne!(
+        cla.system_version_info,
+        first[type_url::CLUSTER].system_version_info
+    );
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test Bosun has. Installs the outside clients the tests
-# use (curl, h2load from nghttp2-client) when they are missing.
+# use when they are missing: curl, h2load (nghttp2-client), and Python's
+# grpcio + xds-protos for the xDS conformance test.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -13,6 +14,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# A stock xDS client for the conformance test: Envoy's generated protos.
+if ! python3 -c "import grpc, envoy.service.discovery.v3.ads_pb2_grpc" 2>/dev/null; then
+    echo "test.sh: installing grpcio and xds-protos (PyPI)"
+    python3 -m pip install --quiet grpcio xds-protos
 fi
 
 cargo fmt --all --check

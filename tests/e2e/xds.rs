@@ -310,3 +310,27 @@ async fn a_delta_push_of_one_changed_endpoint_carries_only_that_resource() {
         first[type_url::CLUSTER].system_version_info
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stock_python_xds_client_speaks_to_the_control_service() {
+    let be = backend("app").await;
+    let dir = TempDir::new("control");
+    let cfg = dir.0.join("cfg");
+    write_dir(&cfg, &mesh(free_port(), be.addr, None));
+    let control = Control::start(&cfg, None).await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/xds_client.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .args([control.xds.to_string(), control.admin.to_string()])
+        .output()
+        .await
+        .expect("python3 (test.sh installs grpcio and xds-protos)");
+    assert!(
+        out.status.success(),
+        "{}\n{}\ncontrol log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        control.log_text()
+    );
+}

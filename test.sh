@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every check and test Bosun has. Installs the outside clients the tests
-# use when they are missing: curl, h2load (nghttp2-client), and Python's
+# use when they are missing: curl, h2load (nghttp2-client), etcd (etcd-server), and Python's
 # grpcio + xds-protos for the xDS conformance test.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -8,6 +8,7 @@ cd "$(dirname "$0")"
 missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
+command -v etcd >/dev/null || missing+=(etcd-server)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}"
     sudo=""

@@ -57,11 +57,18 @@ pub async fn start_proxy(args: &ProxyArgs) -> anyhow::Result<Arc<Proxy>> {
     tokio::spawn(bosun_proxy::admin::serve(proxy.shared().clone(), admin));
     if let Some(xds) = &args.xds {
         let opts = bosun_proxy::xds::XdsOptions {
-            address: if xds.contains("://") {
-                xds.clone()
-            } else {
-                format!("http://{xds}")
-            },
+            addresses: xds
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(|a| {
+                    if a.contains("://") {
+                        a.to_string()
+                    } else {
+                        format!("http://{a}")
+                    }
+                })
+                .collect(),
             node: node(args, &params),
             delta: !args.xds_sotw,
         };

@@ -22,8 +22,14 @@ use tokio::sync::watch;
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControlArgs {
     /// A directory (or file) of Istio and Kubernetes YAML; watched.
+    #[arg(long, conflicts_with = "etcd", required_unless_present = "etcd")]
+    config_dir: Option<PathBuf>,
+    /// An etcd (v3, `http://host:port`) holding one resource per key under --etcd-prefix; watched.
     #[arg(long)]
-    config_dir: PathBuf,
+    etcd: Option<String>,
+    /// Keys are <prefix>/<kind>/<namespace>/<name>; values are YAML or JSON documents.
+    #[arg(long, default_value = "/bosun")]
+    etcd_prefix: String,
     /// Where proxies connect for xDS (ADS over gRPC, plaintext).
     #[arg(long, default_value = "0.0.0.0:15010")]
     xds_addr: SocketAddr,
@@ -44,7 +50,19 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<ExitCode> {
     let registry = ads.registry.clone();
     let counters = Arc::new(Counters::default());
 
-    let mut readings = bosun_control::source::watch(args.config_dir.clone());
+    let mut readings = match (&args.config_dir, &args.etcd) {
+        (Some(dir), _) => bosun_control::source::watch(dir.clone()),
+        (None, Some(etcd)) => {
+            let endpoint = if etcd.contains("://") {
+                etcd.clone()
+            } else {
+                format!("http://{etcd}")
+            };
+            let prefix = format!("{}/", args.etcd_prefix.trim_end_matches('/'));
+            bosun_control::etcd::watch(endpoint, prefix)
+        }
+        (None, None) => anyhow::bail!("give --config-dir DIR or --etcd URL"),
+    };
     let c = counters.clone();
     tokio::spawn(async move {
         while let Some(reading) = readings.recv().await {

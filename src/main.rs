@@ -38,7 +38,8 @@ pub struct ProxyArgs {
     /// A YAML file or a directory of YAML files (Istio and Kubernetes resources); watched.
     #[arg(long, conflicts_with = "xds", required_unless_present = "xds")]
     config: Option<PathBuf>,
-    /// A control service's xDS address (host:port): configuration over ADS instead of files.
+    /// Control service xDS address(es), host:port[,host:port...]: config over ADS instead of
+    /// files; on failure the proxy moves to the next replica.
     #[arg(long)]
     xds: Option<String>,
     /// The node id announced to the control service (default: <mode>~<workload>~<namespace>).

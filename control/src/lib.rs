@@ -1,9 +1,10 @@
 //! Bosun control: the Istio/Kubernetes configuration model, its validation,
 //! and its translation into `bosun.config.v1` resources for one proxy.
 //!
-//! Sources ([`source`]) read YAML files today; the xDS server and the etcd
-//! and Kubernetes sources build on the same [`model`] and [`translate`].
+//! Sources: a watched file or directory ([`source`]) and etcd ([`etcd`]).
+//! [`xds`] serves the translated resources to proxies over Envoy's ADS.
 
+pub mod etcd;
 pub mod load;
 pub mod model;
 pub mod source;

@@ -25,8 +25,9 @@ use crate::Proxy;
 
 #[derive(Clone, Debug)]
 pub struct XdsOptions {
-    /// e.g. `http://127.0.0.1:15010`
-    pub address: String,
+    /// Control service replicas, e.g. `http://127.0.0.1:15010`; the client
+    /// moves to the next one when a stream fails.
+    pub addresses: Vec<String>,
     pub node: Node,
     /// Incremental (delta) ADS; false: state of the world.
     pub delta: bool,
@@ -82,18 +83,28 @@ fn nack(message: String) -> Option<RpcStatus> {
 pub async fn run(proxy: Arc<Proxy>, opts: XdsOptions) {
     let mut applied = Applied::default();
     let mut backoff = Duration::from_millis(100);
+    let mut next = 0usize;
     loop {
+        let Some(address) = opts
+            .addresses
+            .get(next % opts.addresses.len().max(1))
+            .cloned()
+        else {
+            tracing::error!("no xDS address");
+            return;
+        };
+        next += 1;
         let got_response = if opts.delta {
-            delta_session(&proxy, &opts, &mut applied).await
+            delta_session(&proxy, &opts, &address, &mut applied).await
         } else {
-            sotw_session(&proxy, &opts, &mut applied).await
+            sotw_session(&proxy, &opts, &address, &mut applied).await
         };
         match got_response {
             Ok(true) | Err((true, _)) => backoff = Duration::from_millis(100),
             _ => {}
         }
         if let Err((_, e)) = &got_response {
-            tracing::warn!(address = %opts.address, error = %e, "xDS stream ended; serving the last applied config");
+            tracing::warn!(%address, error = %e, "xDS stream ended; serving the last applied config");
         }
         // Full jitter: a fleet of proxies does not reconnect in lockstep.
         let wait = rand::rng().random_range(backoff / 2..=backoff);
@@ -105,9 +116,9 @@ pub async fn run(proxy: Arc<Proxy>, opts: XdsOptions) {
 type SessionResult = Result<bool, (bool, String)>;
 
 async fn connect(
-    opts: &XdsOptions,
+    address: &str,
 ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(opts.address.clone())
+    let endpoint = tonic::transport::Endpoint::from_shared(address.to_string())
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(30))
@@ -130,8 +141,13 @@ fn try_apply(proxy: &Proxy, staged: &BTreeMap<String, TypeState>, version: &str)
     result.err()
 }
 
-async fn delta_session(proxy: &Proxy, opts: &XdsOptions, applied: &mut Applied) -> SessionResult {
-    let mut client = connect(opts).await.map_err(|e| (false, e))?;
+async fn delta_session(
+    proxy: &Proxy,
+    opts: &XdsOptions,
+    address: &str,
+    applied: &mut Applied,
+) -> SessionResult {
+    let mut client = connect(address).await.map_err(|e| (false, e))?;
     let (tx, rx) = mpsc::channel(16);
     for t in type_url::ALL {
         let initial = applied
@@ -204,8 +220,13 @@ async fn delta_session(proxy: &Proxy, opts: &XdsOptions, applied: &mut Applied) 
     }
 }
 
-async fn sotw_session(proxy: &Proxy, opts: &XdsOptions, applied: &mut Applied) -> SessionResult {
-    let mut client = connect(opts).await.map_err(|e| (false, e))?;
+async fn sotw_session(
+    proxy: &Proxy,
+    opts: &XdsOptions,
+    address: &str,
+    applied: &mut Applied,
+) -> SessionResult {
+    let mut client = connect(address).await.map_err(|e| (false, e))?;
     let (tx, rx) = mpsc::channel(16);
     for t in type_url::ALL {
         let _ = tx

@@ -83,8 +83,12 @@ impl Bosun {
 
     /// A proxy fed by a control service over xDS (`--xds`); not waited for.
     pub fn with_xds(xds: SocketAddr, extra: &[&str]) -> Bosun {
-        let x = xds.to_string();
-        let mut args = vec!["--xds", x.as_str()];
+        Bosun::with_xds_list(&xds.to_string(), extra)
+    }
+
+    /// As `with_xds`, with `host:port,host:port` of several control replicas.
+    pub fn with_xds_list(xds: &str, extra: &[&str]) -> Bosun {
+        let mut args = vec!["--xds", xds];
         args.extend_from_slice(extra);
         Bosun::spawn(TempDir::new("xds-proxy"), &args)
     }
@@ -419,13 +423,28 @@ pub struct Control {
 impl Control {
     /// Starts a control service on `dir` (its YAML is watched).
     pub async fn start(dir: &std::path::Path, xds: Option<SocketAddr>) -> Control {
+        let d = dir.to_str().expect("utf8").to_string();
+        Control::start_with(&["--config-dir", &d], dir, xds).await
+    }
+
+    /// Starts a control service reading etcd at `url`, keys under `prefix`.
+    pub async fn start_etcd(url: &str, prefix: &str, logs: &std::path::Path) -> Control {
+        Control::start_with(&["--etcd", url, "--etcd-prefix", prefix], logs, None).await
+    }
+
+    async fn start_with(
+        source: &[&str],
+        dir: &std::path::Path,
+        xds: Option<SocketAddr>,
+    ) -> Control {
         let xds =
             xds.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().expect("addr"));
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         static N: AtomicU64 = AtomicU64::new(0);
         let log = dir.with_extension(format!("control{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let child = Command::new(env!("CARGO_BIN_EXE_bosun"))
-            .args(["control", "--config-dir", dir.to_str().expect("utf8")])
+            .arg("control")
+            .args(source)
             .args([
                 "--xds-addr",
                 &xds.to_string(),
@@ -498,4 +517,113 @@ where
         assert!(Instant::now() < deadline, "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// A real etcd (Debian's etcd-server) on loopback, killed on drop.
+pub struct Etcd {
+    child: Child,
+    pub url: String,
+    _dir: TempDir,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let dir = TempDir::new("etcd");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args([
+                "--name",
+                "t",
+                "--data-dir",
+                dir.0.join("data").to_str().expect("utf8"),
+            ])
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args(["--initial-cluster", &format!("t={peer_url}")])
+            .stdout(std::fs::File::create(dir.0.join("etcd.log")).expect("log"))
+            .stderr(std::fs::File::create(dir.0.join("etcd.err")).expect("log"))
+            .spawn()
+            .expect("etcd is installed (test.sh installs etcd-server)");
+        let e = Etcd {
+            child,
+            url,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let ok = client_post(&format!("{}/v3/kv/range", e.url), r#"{"key":"AA=="}"#)
+                .await
+                .is_ok();
+            if ok {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "etcd did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Puts one key through etcd's v3 JSON gateway.
+    pub async fn put(&self, key: &str, value: &str) {
+        let body = serde_json::json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes())});
+        client_post(&format!("{}/v3/kv/put", self.url), &body.to_string())
+            .await
+            .expect("etcd put");
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn client_post(url: &str, body: &str) -> Result<String, String> {
+    let req = http::Request::post(url)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let resp = client().request(req).await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    let b = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&b).into_owned())
+}
+
+fn b64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }

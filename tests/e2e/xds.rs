@@ -334,3 +334,96 @@ async fn a_stock_python_xds_client_speaks_to_the_control_service() {
         control.log_text()
     );
 }
+
+/// The version a control service holds for a gateway node, read as a raw client.
+async fn version_at(xds: SocketAddr) -> String {
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(gateway_node("probe")),
+        type_url: type_url::CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let mut s = client
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    s.message()
+        .await
+        .expect("ok")
+        .expect("response")
+        .system_version_info
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_control_replicas_on_one_etcd_agree_and_a_proxy_fails_over_without_a_reload() {
+    let (v1, v2) = (backend("v1").await, backend("v2").await);
+    let port = free_port();
+    let etcd = Etcd::start().await;
+    // One resource per key: <prefix>/<kind>/<namespace>/<name>, YAML or JSON.
+    etcd.put("/mesh/Gateway/x/gw", &gateway("x", port)).await;
+    etcd.put(
+        "/mesh/ServiceEntry/x/app",
+        &service_entry("app", "x", 80, "HTTP", &[(v1.addr, "app=app")]),
+    )
+    .await;
+    let vs = serde_json::json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "app", "namespace": "x"},
+        "spec": {"hosts": ["*"], "gateways": ["gw"], "http": [{"route": [{"destination": {"host": "app"}}]}]}
+    });
+    etcd.put("/mesh/VirtualService/x/app", &vs.to_string())
+        .await;
+    let logs = TempDir::new("etcd-controls");
+    let mut a = Control::start_etcd(&etcd.url, "/mesh", &logs.0.join("a")).await;
+    let b = Control::start_etcd(&etcd.url, "/mesh", &logs.0.join("b")).await;
+    assert_eq!(
+        version_at(a.xds).await,
+        version_at(b.xds).await,
+        "same etcd, same version"
+    );
+
+    let replicas = format!("{},{}", a.xds, b.xds);
+    let proxy = Bosun::with_xds_list(
+        &replicas,
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.5",
+            "--node-id",
+            "gw-etcd",
+        ],
+    );
+    proxy.wait_ready().await;
+    assert_eq!(backend_of(port, "127.0.0.5").await, "v1");
+    a.kill();
+    eventually("the proxy reconnects to replica b", || async {
+        b.proxies()
+            .await
+            .iter()
+            .any(|p| p["node_id"] == "gw-etcd" && p["acked_version"] == p["latest_version"])
+    })
+    .await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "bosun_config_applied_total", &[]),
+        1.0,
+        "failover without a reload: {m}"
+    );
+    // A change in etcd reaches the proxy through the surviving replica.
+    etcd.put(
+        "/mesh/ServiceEntry/x/app",
+        &service_entry("app", "x", 80, "HTTP", &[(v2.addr, "app=app")]),
+    )
+    .await;
+    eventually("the change in etcd reaches the proxy", || async {
+        backend_of(port, "127.0.0.5").await == "v2"
+    })
+    .await;
+}

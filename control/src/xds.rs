@@ -220,11 +220,31 @@ impl Drop for Deregister {
     }
 }
 
+/// Translations shared by every stream of the same kind of proxy: a fleet
+/// of identical sidecars costs one translation per config change, and their
+/// streams hold the same `Arc`, not copies.
+#[derive(Default)]
+struct TranslateCache {
+    config: Option<Arc<Config>>,
+    by_params: HashMap<String, Result<Arc<Resources>, String>>,
+}
+
+/// What changed in one type between two versions, computed once and shared.
+struct TypeDiff {
+    changed: Vec<(String, Named)>,
+    removed: Vec<String>,
+}
+
+/// Diffs by (old version, new version, type URL).
+type DiffCache = HashMap<(String, String, &'static str), Arc<TypeDiff>>;
+
 /// The ADS service, fed by a watch of the last good config.
 #[derive(Clone)]
 pub struct Ads {
     config: watch::Receiver<Option<Arc<Config>>>,
     pub registry: Arc<Registry>,
+    translations: Arc<tokio::sync::Mutex<TranslateCache>>,
+    diffs: Arc<Mutex<DiffCache>>,
 }
 
 impl Ads {
@@ -232,6 +252,8 @@ impl Ads {
         Ads {
             config,
             registry: Arc::new(Registry::default()),
+            translations: Arc::default(),
+            diffs: Arc::default(),
         }
     }
 
@@ -259,16 +281,90 @@ impl Ads {
         );
         (id, Deregister(self.registry.clone(), id))
     }
-}
 
-/// The proxy's resources for the current config, or why there are none.
-fn resources_for(config: &Option<Arc<Config>>, params: &ProxyParams) -> Result<Resources, String> {
-    let Some(cfg) = config else {
-        return Err("the control service has no valid config yet".into());
-    };
-    translate(cfg, params)
-        .map(|c| split(&c))
-        .map_err(|e| e.to_string())
+    /// The proxy's resources for the current config, or why there are none.
+    async fn resources_for(
+        &self,
+        config: &Option<Arc<Config>>,
+        params: &ProxyParams,
+    ) -> Result<Arc<Resources>, String> {
+        let Some(cfg) = config else {
+            return Err("the control service has no valid config yet".into());
+        };
+        let key = format!("{params:?}");
+        let mut cache = self.translations.lock().await;
+        if !cache.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, cfg)) {
+            cache.config = Some(cfg.clone());
+            cache.by_params.clear();
+        }
+        if let Some(r) = cache.by_params.get(&key) {
+            return r.clone();
+        }
+        let r = translate(cfg, params)
+            .map(|c| Arc::new(split(&c)))
+            .map_err(|e| e.to_string());
+        cache.by_params.insert(key, r.clone());
+        r
+    }
+
+    async fn current(
+        &self,
+        id: u64,
+        cfg_rx: &mut watch::Receiver<Option<Arc<Config>>>,
+        params: &ProxyParams,
+    ) -> Option<Arc<Resources>> {
+        let cfg = cfg_rx.borrow_and_update().clone();
+        match self.resources_for(&cfg, params).await {
+            Ok(r) => {
+                let v = r.version.clone();
+                self.registry.update(id, |s| {
+                    s.latest_version = v;
+                    s.translate_error = None;
+                });
+                Some(r)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no config for this proxy; it keeps its last good one");
+                self.registry.update(id, |s| s.translate_error = Some(e));
+                None
+            }
+        }
+    }
+
+    fn diff(&self, old: &Resources, new: &Resources, t: &'static str) -> Arc<TypeDiff> {
+        let key = (old.version.clone(), new.version.clone(), t);
+        if let Some(d) = self
+            .diffs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return d.clone();
+        }
+        let empty = BTreeMap::new();
+        let (o, n) = (
+            old.by_type.get(t).unwrap_or(&empty),
+            new.by_type.get(t).unwrap_or(&empty),
+        );
+        let d = Arc::new(TypeDiff {
+            changed: n
+                .iter()
+                .filter(|(name, r)| o.get(*name).is_none_or(|x| x.version != r.version))
+                .map(|(name, r)| (name.clone(), r.clone()))
+                .collect(),
+            removed: o
+                .keys()
+                .filter(|name| !n.contains_key(*name))
+                .cloned()
+                .collect(),
+        });
+        let mut diffs = self.diffs.lock().unwrap_or_else(|p| p.into_inner());
+        if diffs.len() > 256 {
+            diffs.clear();
+        }
+        diffs.insert(key, d.clone());
+        d
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -325,8 +421,10 @@ struct SotwType {
 struct DeltaType {
     wildcard: bool,
     names: HashSet<String>,
-    /// What the client holds: name → version.
-    known: HashMap<String, String>,
+    /// The resources last sent on this stream (shared with other streams).
+    sent: Option<Arc<Resources>>,
+    /// On a resumed stream, until the first response: what the client has.
+    resumed: Option<HashMap<String, String>>,
     nonce: String,
 }
 
@@ -343,7 +441,7 @@ impl Ads {
         let params = params_from_node(&node).map_err(Status::invalid_argument)?;
         let (id, _dereg) = self.register(&node, "sotw");
         let mut cfg_rx = self.config.clone();
-        let mut current = self.current(id, &mut cfg_rx, &params);
+        let mut current = self.current(id, &mut cfg_rx, &params).await;
         let mut types: BTreeMap<String, SotwType> = BTreeMap::new();
         let mut nonce = 0u64;
         let mut pending = Some(first);
@@ -354,7 +452,7 @@ impl Ads {
                     m = inbound.message() => match m? { Some(r) => Some(r), None => return Ok(()) },
                     changed = cfg_rx.changed() => {
                         if changed.is_err() { return Ok(()); }
-                        current = self.current(id, &mut cfg_rx, &params);
+                        current = self.current(id, &mut cfg_rx, &params).await;
                         None
                     }
                 },
@@ -409,30 +507,6 @@ impl Ads {
         }
     }
 
-    fn current(
-        &self,
-        id: u64,
-        cfg_rx: &mut watch::Receiver<Option<Arc<Config>>>,
-        params: &ProxyParams,
-    ) -> Option<Resources> {
-        let cfg = cfg_rx.borrow_and_update().clone();
-        match resources_for(&cfg, params) {
-            Ok(r) => {
-                let v = r.version.clone();
-                self.registry.update(id, |s| {
-                    s.latest_version = v;
-                    s.translate_error = None;
-                });
-                Some(r)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "no config for this proxy; it keeps its last good one");
-                self.registry.update(id, |s| s.translate_error = Some(e));
-                None
-            }
-        }
-    }
-
     async fn delta(
         &self,
         inbound: &mut Streaming<DeltaDiscoveryRequest>,
@@ -445,7 +519,7 @@ impl Ads {
         let params = params_from_node(&node).map_err(Status::invalid_argument)?;
         let (id, _dereg) = self.register(&node, "delta");
         let mut cfg_rx = self.config.clone();
-        let mut current = self.current(id, &mut cfg_rx, &params);
+        let mut current = self.current(id, &mut cfg_rx, &params).await;
         let mut last_good = current.clone();
         let mut pushed = current
             .as_ref()
@@ -461,7 +535,7 @@ impl Ads {
                     m = inbound.message() => match m? { Some(r) => Some(r), None => return Ok(()) },
                     changed = cfg_rx.changed() => {
                         if changed.is_err() { return Ok(()); }
-                        current = self.current(id, &mut cfg_rx, &params);
+                        current = self.current(id, &mut cfg_rx, &params).await;
                         None
                     }
                 },
@@ -471,7 +545,14 @@ impl Ads {
             }
             match req {
                 Some(req) => {
+                    let Some(t) = type_url::ALL.iter().copied().find(|t| *t == req.type_url) else {
+                        return Err(Status::invalid_argument(format!(
+                            "unknown type {}",
+                            req.type_url
+                        )));
+                    };
                     let entry = types.entry(req.type_url.clone()).or_default();
+                    let mut new_names = Vec::new();
                     if !req.response_nonce.is_empty() {
                         if req.response_nonce != entry.nonce {
                             continue;
@@ -481,7 +562,8 @@ impl Ads {
                             tracing::warn!(node = %node.id, type_url = %req.type_url, error = %text, "NACK");
                             self.registry.update(id, |s| s.last_nack = Some(text));
                         } else {
-                            let v = last_good
+                            let v = entry
+                                .sent
                                 .as_ref()
                                 .map(|r| r.version.clone())
                                 .unwrap_or_default();
@@ -499,11 +581,14 @@ impl Ads {
                         // First request of this type on this stream.
                         entry.wildcard = req.resource_names_subscribe.is_empty()
                             || req.resource_names_subscribe.iter().any(|n| n == "*");
-                        entry.known = req.initial_resource_versions.clone().into_iter().collect();
+                        if !req.initial_resource_versions.is_empty() {
+                            entry.resumed =
+                                Some(req.initial_resource_versions.clone().into_iter().collect());
+                        }
                     }
                     for n in &req.resource_names_subscribe {
-                        if n != "*" {
-                            entry.names.insert(n.clone());
+                        if n != "*" && entry.names.insert(n.clone()) && entry.sent.is_some() {
+                            new_names.push(n.clone());
                         }
                     }
                     for n in &req.resource_names_unsubscribe {
@@ -511,10 +596,9 @@ impl Ads {
                             entry.wildcard = false;
                         }
                         entry.names.remove(n);
-                        entry.known.remove(n);
                     }
                     if let Some(res) = &last_good {
-                        let resp = delta_response(res, &req.type_url, entry, &mut nonce);
+                        let resp = self.delta_response(res, t, entry, &mut nonce, &new_names);
                         if tx.send(Ok(resp)).await.is_err() {
                             return Ok(());
                         }
@@ -528,7 +612,7 @@ impl Ads {
                     pushed.clone_from(&res.version);
                     for t in type_url::ALL {
                         if let Some(entry) = types.get_mut(t) {
-                            let resp = delta_response(res, t, entry, &mut nonce);
+                            let resp = self.delta_response(res, t, entry, &mut nonce, &[]);
                             if tx.send(Ok(resp)).await.is_err() {
                                 return Ok(());
                             }
@@ -536,6 +620,88 @@ impl Ads {
                     }
                 }
             }
+        }
+    }
+
+    /// What this stream lacks of `res` for type `t`: against what was last
+    /// sent (a shared, cached diff), against the versions a resumed client
+    /// announced, or everything on a first response; plus `extra` names the
+    /// client just subscribed to.
+    fn delta_response(
+        &self,
+        res: &Arc<Resources>,
+        t: &'static str,
+        entry: &mut DeltaType,
+        nonce: &mut u64,
+        extra: &[String],
+    ) -> DeltaDiscoveryResponse {
+        *nonce += 1;
+        entry.nonce = nonce.to_string();
+        let empty = BTreeMap::new();
+        let all = res.by_type.get(t).unwrap_or(&empty);
+        let wanted = |name: &str| entry.wildcard || entry.names.contains(name);
+        let resource = |name: &str, n: &Named| Resource {
+            version: n.version.clone(),
+            resource: Some(n.any.clone()),
+            name: name.to_string(),
+            aliases: vec![],
+            ttl: None,
+        };
+        let (mut resources, removed): (Vec<Resource>, Vec<String>) =
+            if let Some(known) = entry.resumed.take() {
+                (
+                    all.iter()
+                        .filter(|(name, n)| wanted(name) && known.get(*name) != Some(&n.version))
+                        .map(|(name, n)| resource(name, n))
+                        .collect(),
+                    known
+                        .keys()
+                        .filter(|name| !all.contains_key(*name))
+                        .cloned()
+                        .collect(),
+                )
+            } else if let Some(prev) = &entry.sent {
+                if Arc::ptr_eq(prev, res) || prev.version == res.version {
+                    (vec![], vec![])
+                } else {
+                    let d = self.diff(prev, res, t);
+                    (
+                        d.changed
+                            .iter()
+                            .filter(|(name, _)| wanted(name))
+                            .map(|(name, n)| resource(name, n))
+                            .collect(),
+                        d.removed
+                            .iter()
+                            .filter(|name| wanted(name))
+                            .cloned()
+                            .collect(),
+                    )
+                }
+            } else {
+                (
+                    all.iter()
+                        .filter(|(name, _)| wanted(name))
+                        .map(|(name, n)| resource(name, n))
+                        .collect(),
+                    vec![],
+                )
+            };
+        for name in extra {
+            if let Some(n) = all.get(name)
+                && !resources.iter().any(|r| r.name == *name)
+            {
+                resources.push(resource(name, n));
+            }
+        }
+        entry.sent = Some(res.clone());
+        DeltaDiscoveryResponse {
+            system_version_info: res.version.clone(),
+            resources,
+            type_url: t.to_string(),
+            nonce: entry.nonce.clone(),
+            removed_resources: removed,
+            control_plane: None,
         }
     }
 }
@@ -565,51 +731,6 @@ fn sotw_response(
         canary: false,
         type_url: t.to_string(),
         nonce: entry.nonce.clone(),
-        control_plane: None,
-    }
-}
-
-fn delta_response(
-    res: &Resources,
-    t: &str,
-    entry: &mut DeltaType,
-    nonce: &mut u64,
-) -> DeltaDiscoveryResponse {
-    *nonce += 1;
-    entry.nonce = nonce.to_string();
-    let empty = BTreeMap::new();
-    let all = res.by_type.get(t).unwrap_or(&empty);
-    let wanted = |name: &str| entry.wildcard || entry.names.contains(name);
-    let mut resources = Vec::new();
-    for (name, n) in all {
-        if wanted(name) && entry.known.get(name) != Some(&n.version) {
-            resources.push(Resource {
-                version: n.version.clone(),
-                resource: Some(n.any.clone()),
-                name: name.clone(),
-                aliases: vec![],
-                ttl: None,
-            });
-        }
-    }
-    let removed: Vec<String> = entry
-        .known
-        .keys()
-        .filter(|name| !all.contains_key(*name) || !wanted(name))
-        .cloned()
-        .collect();
-    for r in &resources {
-        entry.known.insert(r.name.clone(), r.version.clone());
-    }
-    for r in &removed {
-        entry.known.remove(r);
-    }
-    DeltaDiscoveryResponse {
-        system_version_info: res.version.clone(),
-        resources,
-        type_url: t.to_string(),
-        nonce: entry.nonce.clone(),
-        removed_resources: removed,
         control_plane: None,
     }
 }

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 
-use crate::load::load_sources;
+use crate::load::ParseCache;
 use crate::source::Reading;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -102,9 +102,10 @@ pub fn watch(endpoint: String, prefix: String) -> mpsc::Receiver<Reading> {
     tokio::spawn(async move {
         let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
         let mut last: Option<Vec<(String, String)>> = None;
+        let mut cache = ParseCache::default();
         let mut backoff = Duration::from_millis(100);
         loop {
-            match session(&client, &endpoint, &prefix, &tx, &mut last).await {
+            match session(&client, &endpoint, &prefix, &tx, &mut last, &mut cache).await {
                 Ok(()) => return, // the receiver is gone
                 Err(e) => {
                     tracing::warn!(%endpoint, error = %e, "etcd unavailable; keeping the last good config")
@@ -124,10 +125,11 @@ async fn session(
     prefix: &str,
     tx: &mpsc::Sender<Reading>,
     last: &mut Option<Vec<(String, String)>>,
+    cache: &mut ParseCache,
 ) -> Result<(), String> {
     let (revision, sources) = range(client, endpoint, prefix).await?;
     if last.as_ref() != Some(&sources) {
-        if tx.send(load_sources(&sources)).await.is_err() {
+        if tx.send(cache.load(&sources)).await.is_err() {
             return Ok(());
         }
         *last = Some(sources);
@@ -174,7 +176,7 @@ async fn session(
             tokio::time::sleep(Duration::from_millis(50)).await;
             let (_, sources) = range(client, endpoint, prefix).await?;
             if last.as_ref() != Some(&sources) {
-                if tx.send(load_sources(&sources)).await.is_err() {
+                if tx.send(cache.load(&sources)).await.is_err() {
                     return Ok(());
                 }
                 *last = Some(sources);

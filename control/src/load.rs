@@ -4,7 +4,11 @@
 //! read twice: first only its `apiVersion`/`kind`/`metadata` (to name it in
 //! errors), then as its typed resource with the path of any bad field.
 
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
@@ -117,19 +121,60 @@ pub fn load_path(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Parses named YAML texts (file name, content) into one [`Config`].
 pub fn load_sources(sources: &[(String, String)]) -> Result<Config, ConfigErrors> {
+    ParseCache::default().load(sources)
+}
+
+/// One file's resources, or its errors.
+fn parse_file(file: &str, text: &str) -> (Config, Vec<ConfigError>) {
     let mut config = Config::default();
     let mut errors = Vec::new();
-    for (file, text) in sources {
-        for (first_line, doc) in split_documents(text) {
-            if let Err(e) = parse_document(file, first_line, doc, &mut config) {
-                errors.push(e);
-            }
+    for (first_line, doc) in split_documents(text) {
+        if let Err(e) = parse_document(file, first_line, doc, &mut config) {
+            errors.push(e);
         }
     }
-    if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigErrors(errors))
+    (config, errors)
+}
+
+/// One file parsed: its resources and its errors.
+type Parsed = Arc<(Config, Vec<ConfigError>)>;
+
+/// Parsed files by name and content hash: a watched source re-parses only
+/// the files that changed (YAML parsing is most of the cost of a reload).
+#[derive(Default)]
+pub struct ParseCache {
+    files: HashMap<String, (u64, Parsed)>,
+}
+
+impl ParseCache {
+    pub fn load(&mut self, sources: &[(String, String)]) -> Result<Config, ConfigErrors> {
+        let mut config = Config::default();
+        let mut errors = Vec::new();
+        let mut seen = HashSet::new();
+        for (file, text) in sources {
+            let hash = {
+                let mut h = DefaultHasher::new();
+                text.hash(&mut h);
+                h.finish()
+            };
+            seen.insert(file.clone());
+            let parsed = match self.files.get(file) {
+                Some((h, p)) if *h == hash => p.clone(),
+                _ => {
+                    let p = Arc::new(parse_file(file, text));
+                    self.files.insert(file.clone(), (hash, p.clone()));
+                    p
+                }
+            };
+            config.extend_from(&parsed.0);
+            errors.extend(parsed.1.iter().cloned());
+        }
+        self.files.retain(|f, _| seen.contains(f));
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 }
 
@@ -339,5 +384,35 @@ mod tests {
         let err = load("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a\n  subsets: [{name: v1, labels: [x]}]\n")
             .expect_err("labels must be a map");
         assert_eq!(err.0[0].field, "spec.subsets[0].labels", "{}", err.0[0]);
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_reparses_only_changed_files_and_forgets_removed_ones() {
+        let svc = |n: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {n}}}\nspec:\n  ports: [{{port: 80, name: http}}]\n"
+            )
+        };
+        let mut cache = ParseCache::default();
+        let a = ("a.yaml".to_string(), svc("a"));
+        let b = ("b.yaml".to_string(), svc("b"));
+        let cfg = cache.load(&[a.clone(), b.clone()]).expect("valid");
+        assert_eq!(cfg.services.len(), 2);
+        let before = cache.files["a.yaml"].1.clone();
+        let b2 = ("b.yaml".to_string(), svc("b2"));
+        let cfg = cache.load(&[a.clone(), b2]).expect("valid");
+        assert!(
+            Arc::ptr_eq(&before, &cache.files["a.yaml"].1),
+            "a.yaml was not parsed again"
+        );
+        assert_eq!(cfg.services[1].value.metadata.name, "b2");
+        let cfg = cache.load(&[a]).expect("valid");
+        assert_eq!(cfg.services.len(), 1);
+        assert_eq!(cache.files.len(), 1);
     }
 }

@@ -553,6 +553,24 @@ pub struct Config {
     pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
 }
 
+impl Config {
+    /// Appends every resource of `other`.
+    pub fn extend_from(&mut self, other: &Config) {
+        self.virtual_services
+            .extend(other.virtual_services.iter().cloned());
+        self.destination_rules
+            .extend(other.destination_rules.iter().cloned());
+        self.gateways.extend(other.gateways.iter().cloned());
+        self.service_entries
+            .extend(other.service_entries.iter().cloned());
+        self.workload_entries
+            .extend(other.workload_entries.iter().cloned());
+        self.services.extend(other.services.iter().cloned());
+        self.endpoint_slices
+            .extend(other.endpoint_slices.iter().cloned());
+    }
+}
+
 impl<S> Object<S> {
     pub fn namespace(&self) -> &str {
         self.metadata.namespace.as_deref().unwrap_or("default")

@@ -10,7 +10,7 @@ use std::time::Duration;
 use notify::Watcher;
 use tokio::sync::mpsc;
 
-use crate::load::{ConfigErrors, config_files, load_sources};
+use crate::load::{ConfigErrors, ParseCache, config_files};
 use crate::model::Config;
 
 /// Reads every file of the config path: (name, content).
@@ -63,6 +63,7 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
     tokio::spawn(async move {
         let _watcher = watcher;
         let mut last: Option<u64> = None;
+        let mut cache = ParseCache::default();
         loop {
             // File reads block: keep them off the event loop, which may be
             // the proxy's only thread (`--workers 1`).
@@ -77,7 +78,7 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
                         None
                     } else {
                         last = Some(d);
-                        Some(load_sources(&sources))
+                        Some(cache.load(&sources))
                     }
                 }
                 Err(e) => {

@@ -45,6 +45,32 @@ struct Counters {
 }
 
 pub async fn run(args: ControlArgs) -> anyhow::Result<ExitCode> {
+    start(&args).await?;
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("shutting down");
+    Ok(ExitCode::SUCCESS)
+}
+
+impl ControlArgs {
+    /// A control service on a config directory (the demo runs one in-process).
+    pub fn new(
+        config_dir: PathBuf,
+        xds_addr: SocketAddr,
+        admin_address: SocketAddr,
+    ) -> ControlArgs {
+        ControlArgs {
+            config_dir: Some(config_dir),
+            etcd: None,
+            etcd_prefix: "/bosun".into(),
+            xds_addr,
+            admin_address,
+        }
+    }
+}
+
+/// Binds the xDS and admin listeners and starts the source; returns once
+/// they listen, with everything running in the background.
+pub async fn start(args: &ControlArgs) -> anyhow::Result<()> {
     let (tx, rx) = watch::channel::<Option<Arc<Config>>>(None);
     let ads = Ads::new(rx.clone());
     let registry = ads.registry.clone();
@@ -89,20 +115,20 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("admin listener {}: {e}", args.admin_address))?;
     tokio::spawn(serve_admin(admin, registry, counters, rx));
 
-    tracing::info!(addr = %args.xds_addr, "xDS (ADS) listening");
     let incoming = tokio::net::TcpListener::bind(args.xds_addr)
         .await
         .map_err(|e| anyhow::anyhow!("xDS listener {}: {e}", args.xds_addr))?;
-    tonic::transport::Server::builder()
-        .add_service(ads.into_service())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(incoming),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
-        .await?;
-    Ok(ExitCode::SUCCESS)
+    tracing::info!(addr = %args.xds_addr, "xDS (ADS) listening");
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(ads.into_service())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(incoming))
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "xDS server stopped");
+        }
+    });
+    Ok(())
 }
 
 async fn serve_admin(

@@ -1,9 +1,10 @@
 //! `bosun demo`: a live canary on loopback, nothing to install.
 //!
-//! Two backends (v1 on :18081, v2 on :18082), a gateway on :8080 configured
-//! by `examples/canary/canary.yaml` (embedded), and a load loop. The demo
-//! rewrites the VirtualService weights in the watched config directory while
-//! traffic flows, exactly as a user would, and reports each step.
+//! Two backends (v1 on :18081, v2 on :18082), a control service (xDS on
+//! :15010) watching a directory that holds `examples/canary/canary.yaml`
+//! (embedded), a gateway on :8080 configured by it over xDS, and a load
+//! loop. The demo rewrites the VirtualService weights in the watched
+//! directory while traffic flows, exactly as a user would, and reports each step.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,6 +24,8 @@ pub const CANARY_YAML: &str = include_str!("../examples/canary/canary.yaml");
 const GATEWAY: &str = "127.0.0.1:8080";
 const BACKENDS: [(&str, &str); 2] = [("v1", "127.0.0.1:18081"), ("v2", "127.0.0.1:18082")];
 const STEPS: [(u32, u32); 3] = [(90, 10), (50, 50), (0, 100)];
+const CONTROL_XDS: &str = "127.0.0.1:15010";
+const CONTROL_ADMIN: &str = "127.0.0.1:15014";
 
 /// The embedded canary config with the v1/v2 weights replaced.
 pub fn canary_config(v1: u32, v2: u32) -> String {
@@ -90,10 +93,15 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
     std::fs::create_dir_all(&dir)?;
     let _cleanup = Cleanup(dir.clone());
     write_config(&dir, STEPS[0].0, STEPS[0].1)?;
+    // The control service watches the directory; the gateway gets its
+    // config from it over xDS, as in a cluster.
+    let control =
+        crate::control::ControlArgs::new(dir.clone(), CONTROL_XDS.parse()?, CONTROL_ADMIN.parse()?);
+    crate::control::start(&control).await?;
     let args = ProxyArgs {
         mode: Mode::Gateway,
-        config: Some(dir.clone()),
-        xds: None,
+        config: None,
+        xds: Some(CONTROL_XDS.into()),
         node_id: None,
         xds_sotw: false,
         labels: None,
@@ -111,6 +119,7 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
     let ready_by = Instant::now() + Duration::from_secs(5);
     while proxy.listening_on().is_empty() {
         if Instant::now() > ready_by {
+            // e.g. another program holds the gateway port: the NACK says so.
             anyhow::bail!("the gateway did not come up: see the log above");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -122,6 +131,9 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
     println!(
         "            metrics http://127.0.0.1:15000/stats/prometheus  config {}",
         dir.display()
+    );
+    println!(
+        "            control service xDS {CONTROL_XDS}; bosun status --control {CONTROL_ADMIN}"
     );
 
     let stats = Arc::new(Mutex::new(Stats::default()));

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::model::{
-    Config, DestinationRule, EndpointSlice, Gateway, Origin, Service, ServiceEntry, Sourced,
-    TypeHeader, VirtualService, WorkloadEntry,
+    Config, DestinationRule, EndpointSlice, Gateway, Origin, Service, ServiceEntry, Sidecar,
+    Sourced, TypeHeader, VirtualService, WorkloadEntry,
 };
 
 /// A config error that names what to fix: file, line, column, resource, field.
@@ -254,6 +254,7 @@ fn parse_document(
         ("Gateway", true) => push!(gateways, Gateway),
         ("ServiceEntry", true) => push!(service_entries, ServiceEntry),
         ("WorkloadEntry", true) => push!(workload_entries, WorkloadEntry),
+        ("Sidecar", true) => push!(sidecars, Sidecar),
         ("Service", _) if header.api_version == "v1" => push!(services, Service),
         ("EndpointSlice", _) if header.api_version == "discovery.k8s.io/v1" => {
             push!(endpoint_slices, EndpointSlice)
@@ -263,8 +264,8 @@ fn parse_document(
                 "kind",
                 format!(
                     "Bosun does not support {} {} (supported: networking.istio.io/v1 \
-                     VirtualService, DestinationRule, Gateway, ServiceEntry, WorkloadEntry; \
-                     v1 Service; discovery.k8s.io/v1 EndpointSlice)",
+                     VirtualService, DestinationRule, Gateway, ServiceEntry, WorkloadEntry, \
+                     Sidecar; v1 Service; discovery.k8s.io/v1 EndpointSlice)",
                     header.api_version, header.kind
                 ),
             ));

@@ -415,6 +415,25 @@ pub struct WorkloadEntrySpec {
     pub service_account: Option<String>,
 }
 
+// ---------------------------------------------------------------- Sidecar
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarSpec {
+    #[serde(default)]
+    pub workload_selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub egress: Vec<EgressListener>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressListener {
+    /// `namespace/dnsName`: namespace `*`, `.` (the Sidecar's) or a name;
+    /// dnsName `*`, `*.suffix` or a host.
+    pub hosts: Vec<String>,
+}
+
 // ---------------------------------------------------------------- core v1 Service
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -540,6 +559,7 @@ pub type Gateway = Object<GatewaySpec>;
 pub type ServiceEntry = Object<ServiceEntrySpec>;
 pub type WorkloadEntry = Object<WorkloadEntrySpec>;
 pub type Service = Object<ServiceSpec>;
+pub type Sidecar = Object<SidecarSpec>;
 
 /// Every resource read from one source, typed.
 #[derive(Debug, Clone, Default)]
@@ -551,6 +571,7 @@ pub struct Config {
     pub workload_entries: Vec<Sourced<WorkloadEntry>>,
     pub services: Vec<Sourced<Service>>,
     pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
+    pub sidecars: Vec<Sourced<Sidecar>>,
 }
 
 impl Config {
@@ -568,6 +589,7 @@ impl Config {
         self.services.extend(other.services.iter().cloned());
         self.endpoint_slices
             .extend(other.endpoint_slices.iter().cloned());
+        self.sidecars.extend(other.sidecars.iter().cloned());
     }
 }
 

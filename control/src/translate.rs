@@ -127,6 +127,8 @@ struct Svc {
     host: String,
     name: String,
     namespace: String,
+    /// ServiceEntry `exportTo`; empty: every namespace.
+    export_to: Vec<String>,
     ports: Vec<SvcPort>,
     endpoints: Vec<Ep>,
     origin: Origin,
@@ -252,6 +254,7 @@ fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
             host: format!("{}.{}.svc.cluster.local", obj.metadata.name, ns),
             name: obj.metadata.name.clone(),
             namespace: ns,
+            export_to: vec![],
             ports,
             endpoints,
             origin: s.origin.clone(),
@@ -317,6 +320,7 @@ fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
                 host: h.clone(),
                 name: h.split('.').next().unwrap_or(h).to_string(),
                 namespace: ns.clone(),
+                export_to: obj.spec.export_to.clone(),
                 ports: ports.clone(),
                 endpoints: endpoints.clone(),
                 origin: s.origin.clone(),
@@ -965,8 +969,14 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
     let mut vhosts = Vec::new();
     let mut tcp_ports: BTreeMap<u32, String> = BTreeMap::new();
     let mut covered = BTreeSet::new();
+    let scope = EgressScope::for_proxy(ctx.cfg, &p);
     for si in 0..ctx.reg.services.len() {
         let svc = ctx.reg.services[si].clone();
+        if !scope.admits(&svc.namespace, &svc.host)
+            || !exported(&svc.export_to, &svc.namespace, &p.namespace)
+        {
+            continue;
+        }
         let http_ports: Vec<&SvcPort> = svc.ports.iter().filter(|p| p.protocol.is_http()).collect();
         for sp in &svc.ports {
             let vs_idx = vs_for_host.get(&svc.host).copied();
@@ -1143,6 +1153,76 @@ fn route_all_to(name: &str, cluster: String) -> pb::Route {
         })),
         request_headers: None,
         response_headers: None,
+    }
+}
+
+/// `exportTo`: empty or `*` is every namespace, `.` the resource's own.
+fn exported(export_to: &[String], resource_ns: &str, proxy_ns: &str) -> bool {
+    export_to.is_empty()
+        || export_to
+            .iter()
+            .any(|e| e == "*" || (e == "." && resource_ns == proxy_ns) || e == proxy_ns)
+}
+
+/// What a sidecar may reach, from Istio's `Sidecar` resource: the one in
+/// the proxy's namespace whose `workloadSelector` matches it, else the
+/// namespace's selector-less one, else the mesh-wide one in `istio-system`.
+/// Without any, everything.
+struct EgressScope {
+    /// (namespace pattern, host pattern); None: no Sidecar applies.
+    hosts: Option<Vec<(String, String)>>,
+}
+
+impl EgressScope {
+    fn for_proxy(cfg: &Config, p: &ProxyParams) -> EgressScope {
+        fn in_ns<'a>(
+            cfg: &'a Config,
+            ns: &'a str,
+        ) -> impl Iterator<Item = &'a Sourced<model::Sidecar>> {
+            cfg.sidecars
+                .iter()
+                .filter(move |s| s.value.namespace() == ns)
+        }
+        let selected = in_ns(cfg, &p.namespace)
+            .find(|s| {
+                s.value
+                    .spec
+                    .workload_selector
+                    .as_ref()
+                    .is_some_and(|w| labels_match(&w.labels, &p.labels))
+            })
+            .or_else(|| in_ns(cfg, &p.namespace).find(|s| s.value.spec.workload_selector.is_none()))
+            .or_else(|| {
+                in_ns(cfg, "istio-system").find(|s| s.value.spec.workload_selector.is_none())
+            });
+        let hosts = selected.map(|s| {
+            let own = s.value.namespace().to_string();
+            s.value
+                .spec
+                .egress
+                .iter()
+                .flat_map(|e| e.hosts.iter())
+                .map(|h| {
+                    let (ns, host) = h.split_once('/').unwrap_or(("*", h.as_str()));
+                    let ns = if ns == "." {
+                        own.clone()
+                    } else {
+                        ns.to_string()
+                    };
+                    (ns, host.to_string())
+                })
+                .collect()
+        });
+        EgressScope { hosts }
+    }
+
+    fn admits(&self, ns: &str, host: &str) -> bool {
+        let Some(hosts) = &self.hosts else {
+            return true;
+        };
+        hosts
+            .iter()
+            .any(|(n, h)| n != "~" && (n == "*" || n == ns) && host_matches(h, host))
     }
 }
 
@@ -1469,6 +1549,61 @@ spec:
         let err = translate(&cfg, &gw_params()).expect_err("110");
         assert!(err.0[0].message.contains("sum to 110"), "{}", err.0[0]);
         assert_eq!(err.0[0].field, "spec.http[0].route");
+    }
+
+    #[test]
+    fn sidecar_egress_and_export_to_scope_what_a_proxy_receives() {
+        let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: b}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: private, namespace: c}
+spec:
+  hosts: [private.c.internal]
+  exportTo: ["."]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: a}
+spec:
+  egress:
+  - hosts: ["./*"]
+"#;
+        let cfg = load_sources(&[("s.yaml".into(), y.into())]).expect("parses");
+        assert_eq!(cfg.sidecars.len(), 1, "{:?}", cfg.sidecars);
+        let hosts = |ns: &str| -> Vec<String> {
+            let p = ProxyParams {
+                namespace: ns.into(),
+                ..Default::default()
+            };
+            let out = translate(&cfg, &p).expect("valid");
+            out.clusters
+                .iter()
+                .map(|c| c.service_host.clone())
+                .collect()
+        };
+        // Namespace a's Sidecar: only its own namespace.
+        assert_eq!(hosts("a"), vec!["web.a.svc.cluster.local".to_string()]);
+        // Namespace b: no Sidecar, but c's private entry is not exported to it.
+        assert_eq!(
+            hosts("b"),
+            vec![
+                "db.b.svc.cluster.local".to_string(),
+                "web.a.svc.cluster.local".to_string()
+            ]
+        );
+        assert!(hosts("c").contains(&"private.c.internal".to_string()));
     }
 
     #[test]

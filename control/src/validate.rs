@@ -32,7 +32,8 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
         service_entries,
         workload_entries,
         services,
-        endpoint_slices
+        endpoint_slices,
+        sidecars
     );
 
     for vs in &cfg.virtual_services {

@@ -22,11 +22,15 @@ use tokio::sync::watch;
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControlArgs {
     /// A directory (or file) of Istio and Kubernetes YAML; watched.
-    #[arg(long, conflicts_with = "etcd", required_unless_present = "etcd")]
+    #[arg(long, conflicts_with_all = ["etcd", "kubernetes"], required_unless_present_any = ["etcd", "kubernetes"])]
     config_dir: Option<PathBuf>,
     /// An etcd (v3, `http://host:port`) holding one resource per key under --etcd-prefix; watched.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kubernetes")]
     etcd: Option<String>,
+    /// Watch the Kubernetes API (in-cluster service account, or KUBECONFIG) for Istio
+    /// networking resources, Services and EndpointSlices.
+    #[arg(long)]
+    kubernetes: bool,
     /// Keys are <prefix>/<kind>/<namespace>/<name>; values are YAML or JSON documents.
     #[arg(long, default_value = "/bosun")]
     etcd_prefix: String,
@@ -61,6 +65,7 @@ impl ControlArgs {
         ControlArgs {
             config_dir: Some(config_dir),
             etcd: None,
+            kubernetes: false,
             etcd_prefix: "/bosun".into(),
             xds_addr,
             admin_address,
@@ -87,7 +92,10 @@ pub async fn start(args: &ControlArgs) -> anyhow::Result<()> {
             let prefix = format!("{}/", args.etcd_prefix.trim_end_matches('/'));
             bosun_control::etcd::watch(endpoint, prefix)
         }
-        (None, None) => anyhow::bail!("give --config-dir DIR or --etcd URL"),
+        (None, None) if args.kubernetes => bosun_control::kubernetes::watch()
+            .await
+            .map_err(anyhow::Error::msg)?,
+        (None, None) => anyhow::bail!("give --config-dir DIR, --etcd URL or --kubernetes"),
     };
     let c = counters.clone();
     tokio::spawn(async move {

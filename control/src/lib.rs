@@ -5,6 +5,8 @@
 //! [`xds`] serves the translated resources to proxies over Envoy's ADS.
 
 pub mod etcd;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod load;
 pub mod model;
 pub mod source;

@@ -453,6 +453,12 @@ pub struct ServiceSpec {
     pub ip_families: Vec<String>,
     #[serde(default)]
     pub ip_family_policy: Option<String>,
+    /// Server-defaulted; only `None` (affinity is node mode's, not yet here).
+    #[serde(default)]
+    pub session_affinity: Option<String>,
+    /// Server-defaulted; only `Cluster`.
+    #[serde(default)]
+    pub internal_traffic_policy: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -187,6 +187,33 @@ fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
     for s in &cfg.services {
         let obj = &s.value;
         let ns = obj.namespace().to_string();
+        if obj
+            .spec
+            .session_affinity
+            .as_deref()
+            .is_some_and(|a| a != "None")
+        {
+            errors.push(ConfigError::at(
+                &s.origin,
+                obj.id(),
+                "spec.sessionAffinity",
+                "only None is supported by Bosun yet (ClientIP affinity comes with node mode)"
+                    .into(),
+            ));
+        }
+        if obj
+            .spec
+            .internal_traffic_policy
+            .as_deref()
+            .is_some_and(|a| a != "Cluster")
+        {
+            errors.push(ConfigError::at(
+                &s.origin,
+                obj.id(),
+                "spec.internalTrafficPolicy",
+                "only Cluster is supported by Bosun yet".into(),
+            ));
+        }
         let mut ports = Vec::new();
         for (i, p) in obj.spec.ports.iter().enumerate() {
             if p.protocol.as_deref().is_some_and(|x| x != "TCP") {

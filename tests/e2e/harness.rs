@@ -424,18 +424,25 @@ impl Control {
     /// Starts a control service on `dir` (its YAML is watched).
     pub async fn start(dir: &std::path::Path, xds: Option<SocketAddr>) -> Control {
         let d = dir.to_str().expect("utf8").to_string();
-        Control::start_with(&["--config-dir", &d], dir, xds).await
+        Control::start_with(&["--config-dir", &d], dir, xds, &[]).await
+    }
+
+    /// Starts a control service on the Kubernetes API named by `kubeconfig`.
+    pub async fn start_kubernetes(kubeconfig: &std::path::Path, logs: &std::path::Path) -> Control {
+        let k = kubeconfig.to_str().expect("utf8");
+        Control::start_with(&["--kubernetes"], logs, None, &[("KUBECONFIG", k)]).await
     }
 
     /// Starts a control service reading etcd at `url`, keys under `prefix`.
     pub async fn start_etcd(url: &str, prefix: &str, logs: &std::path::Path) -> Control {
-        Control::start_with(&["--etcd", url, "--etcd-prefix", prefix], logs, None).await
+        Control::start_with(&["--etcd", url, "--etcd-prefix", prefix], logs, None, &[]).await
     }
 
     async fn start_with(
         source: &[&str],
         dir: &std::path::Path,
         xds: Option<SocketAddr>,
+        env: &[(&str, &str)],
     ) -> Control {
         let xds =
             xds.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().expect("addr"));
@@ -445,6 +452,7 @@ impl Control {
         let child = Command::new(env!("CARGO_BIN_EXE_bosun"))
             .arg("control")
             .args(source)
+            .envs(env.iter().copied())
             .args([
                 "--xds-addr",
                 &xds.to_string(),

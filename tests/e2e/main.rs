@@ -5,6 +5,7 @@
 mod balancing;
 mod config;
 mod harness;
+mod kube;
 mod protocols;
 mod routing;
 mod xds;

@@ -1,0 +1,205 @@
+//! The Kubernetes source against a stand-in API server: no real cluster can
+//! run here, so a small HTTP server answers kube-rs's list and watch calls
+//! with responses shaped like a real API server's (recorded objects with
+//! their managedFields, uids and server-defaulted fields).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use crate::harness::*;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+struct StandIn {
+    addr: SocketAddr,
+    /// (collection path, watch event line) to every open watch.
+    events: broadcast::Sender<(String, String)>,
+}
+
+fn meta(name: &str, ns: &str, rv: &str) -> Value {
+    json!({
+        "name": name, "namespace": ns, "uid": format!("uid-{name}"), "resourceVersion": rv,
+        "generation": 1, "creationTimestamp": "2026-11-22T07:00:00Z",
+        "managedFields": [{"manager": "kubectl", "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": {}}]
+    })
+}
+
+/// Serves `lists` (collection path → items); watches stream what `events` carries.
+async fn stand_in(lists: HashMap<String, Vec<Value>>) -> StandIn {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (events, _) = broadcast::channel::<(String, String)>(64);
+    let lists = Arc::new(Mutex::new(lists));
+    let ev = events.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = l.accept().await {
+            let (lists, ev) = (lists.clone(), ev.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let (lists, ev) = (lists.clone(), ev.clone());
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let watch = req.uri().query().is_some_and(|q| {
+                                q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1")
+                            });
+                            let body: Body = if watch {
+                                let rx = ev.subscribe();
+                                let s = futures_util::stream::unfold(
+                                    (rx, path),
+                                    |(mut rx, path)| async move {
+                                        loop {
+                                            match rx.recv().await {
+                                                Ok((p, line)) if p == path => {
+                                                    let frame = Frame::data(Bytes::from(format!(
+                                                        "{line}\n"
+                                                    )));
+                                                    return Some((
+                                                        Ok::<_, Infallible>(frame),
+                                                        (rx, path),
+                                                    ));
+                                                }
+                                                Ok(_)
+                                                | Err(broadcast::error::RecvError::Lagged(_)) => {
+                                                    continue;
+                                                }
+                                                Err(_) => return None,
+                                            }
+                                        }
+                                    },
+                                );
+                                StreamBody::new(s).boxed()
+                            } else {
+                                let items = lists.lock().expect("lock").get(&path).cloned();
+                                match items {
+                                Some(items) => Full::new(Bytes::from(
+                                    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "100"}, "items": items})
+                                        .to_string(),
+                                ))
+                                .boxed(),
+                                None => {
+                                    let mut r = http::Response::new(Full::new(Bytes::from_static(b"{\"kind\":\"Status\",\"code\":404}")).boxed());
+                                    *r.status_mut() = http::StatusCode::NOT_FOUND;
+                                    return Ok::<_, Infallible>(r);
+                                }
+                            }
+                            };
+                            let mut r = http::Response::new(body);
+                            r.headers_mut().insert(
+                                "content-type",
+                                http::HeaderValue::from_static("application/json"),
+                            );
+                            Ok::<_, Infallible>(r)
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    StandIn { addr, events }
+}
+
+fn slice(port: u16, rv: &str) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": "web-abcde", "namespace": "shop", "uid": "uid-slice", "resourceVersion": rv,
+            "generateName": "web-", "labels": {"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "uid-web", "controller": true, "blockOwnerDeletion": true}]
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                        "nodeName": "node-1", "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-1", "uid": "uid-pod"}}],
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kubernetes_source_lists_watches_and_pushes_to_proxies() {
+    let (v1, v2) = (backend("v1").await, backend("v2").await);
+    let port = free_port();
+    let mut lists: HashMap<String, Vec<Value>> = HashMap::new();
+    for (group, version, _, plural) in bosun_control::kubernetes::KINDS {
+        let path = if group.is_empty() {
+            format!("/api/{version}/{plural}")
+        } else {
+            format!("/apis/{group}/{version}/{plural}")
+        };
+        lists.insert(path, vec![]);
+    }
+    lists.insert(
+        "/apis/networking.istio.io/v1/gateways".into(),
+        vec![json!({"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": meta("gw", "shop", "10"),
+            "spec": {"selector": {"istio": "ingressgateway"}, "servers": [{"port": {"number": port, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}]}})],
+    );
+    lists.insert(
+        "/apis/networking.istio.io/v1/virtualservices".into(),
+        vec![json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": meta("web", "shop", "11"),
+            "spec": {"hosts": ["*"], "gateways": ["gw"], "http": [{"route": [{"destination": {"host": "web"}}]}]}})],
+    );
+    // Built-in kinds come in lists without apiVersion/kind, with server defaults.
+    lists.insert(
+        "/api/v1/services".into(),
+        vec![json!({"metadata": meta("web", "shop", "12"),
+            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}], "selector": {"app": "web"},
+                     "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "type": "ClusterIP", "sessionAffinity": "None",
+                     "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack", "internalTrafficPolicy": "Cluster"},
+            "status": {"loadBalancer": {}}})],
+    );
+    lists.insert(
+        "/apis/discovery.k8s.io/v1/endpointslices".into(),
+        vec![slice(v1.addr.port(), "13")],
+    );
+    let api = stand_in(lists).await;
+
+    let dir = TempDir::new("kube");
+    let kubeconfig = dir.0.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster: {{server: \"http://{}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: standin, user: u}}\ncurrent-context: c\n",
+            api.addr
+        ),
+    )
+    .expect("kubeconfig");
+    let control = Control::start_kubernetes(&kubeconfig, &dir.0.join("control")).await;
+    let proxy = Bosun::with_xds(
+        control.xds,
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.6",
+            "--node-id",
+            "gw-kube",
+        ],
+    );
+    proxy.wait_ready().await;
+    let c = client();
+    let url = format!("http://127.0.0.6:{port}/");
+    assert_eq!(get(&c, &url, "shop.example").await.backend(), "v1");
+
+    // A watch event moves the endpoint: the proxy follows.
+    let event = json!({"type": "MODIFIED", "object": slice(v2.addr.port(), "14")}).to_string();
+    let path = "/apis/discovery.k8s.io/v1/endpointslices".to_string();
+    eventually("the watch event reaches the proxy", || {
+        let _ = api.events.send((path.clone(), event.clone()));
+        let (c, url) = (c.clone(), url.clone());
+        async move { get(&c, &url, "shop.example").await.backend() == "v2" }
+    })
+    .await;
+}

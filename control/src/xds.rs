@@ -245,7 +245,11 @@ pub struct Ads {
     pub registry: Arc<Registry>,
     translations: Arc<tokio::sync::Mutex<TranslateCache>>,
     diffs: Arc<Mutex<DiffCache>>,
+    full_pushes: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many first (full) pushes may be in flight at once.
+const MAX_FULL_PUSHES: usize = 64;
 
 impl Ads {
     pub fn new(config: watch::Receiver<Option<Arc<Config>>>) -> Ads {
@@ -254,6 +258,7 @@ impl Ads {
             registry: Arc::new(Registry::default()),
             translations: Arc::default(),
             diffs: Arc::default(),
+            full_pushes: Arc::new(tokio::sync::Semaphore::new(MAX_FULL_PUSHES)),
         }
     }
 
@@ -518,6 +523,18 @@ impl Ads {
         let node = first.node.clone().unwrap_or_default();
         let params = params_from_node(&node).map_err(Status::invalid_argument)?;
         let (id, _dereg) = self.register(&node, "delta");
+        // A first push is the big message: at most MAX_FULL_PUSHES streams
+        // have one in flight (until the client ACKs it, or 10 s), so memory
+        // does not grow with the number of proxies connecting at once.
+        let mut permit = Some(
+            self.full_pushes
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Status::unavailable("shutting down"))?,
+        );
+        let permit_deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut first_acks = 0usize;
         let mut cfg_rx = self.config.clone();
         let mut current = self.current(id, &mut cfg_rx, &params).await;
         let mut last_good = current.clone();
@@ -538,6 +555,10 @@ impl Ads {
                         current = self.current(id, &mut cfg_rx, &params).await;
                         None
                     }
+                    _ = tokio::time::sleep_until(permit_deadline), if permit.is_some() => {
+                        permit = None;
+                        None
+                    }
                 },
             };
             if current.is_some() {
@@ -556,6 +577,12 @@ impl Ads {
                     if !req.response_nonce.is_empty() {
                         if req.response_nonce != entry.nonce {
                             continue;
+                        }
+                        if permit.is_some() {
+                            first_acks += 1;
+                            if first_acks >= type_url::ALL.len() {
+                                permit = None;
+                            }
                         }
                         if let Some(err) = &req.error_detail {
                             let text = nack_text(err);

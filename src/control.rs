@@ -100,12 +100,16 @@ pub async fn start(args: &ControlArgs) -> anyhow::Result<()> {
     let c = counters.clone();
     tokio::spawn(async move {
         while let Some(reading) = readings.recv().await {
+            let t = std::time::Instant::now();
             let checked =
                 reading.and_then(|cfg| bosun_control::translate::check(&cfg).map(|()| cfg));
             match checked {
                 Ok(cfg) => {
                     c.applied.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!("config accepted; pushing to proxies");
+                    tracing::info!(
+                        check_ms = t.elapsed().as_millis() as u64,
+                        "config accepted; pushing to proxies"
+                    );
                     tx.send_replace(Some(Arc::new(cfg)));
                 }
                 Err(errors) => {

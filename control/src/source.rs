@@ -68,6 +68,7 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
             // File reads block: keep them off the event loop, which may be
             // the proxy's only thread (`--workers 1`).
             let p = path.clone();
+            let t = std::time::Instant::now();
             let read = tokio::task::spawn_blocking(move || read_all(&p))
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
@@ -78,7 +79,15 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
                         None
                     } else {
                         last = Some(d);
-                        Some(cache.load(&sources))
+                        let read_ms = t.elapsed().as_millis() as u64;
+                        let r = cache.load(&sources);
+                        tracing::debug!(
+                            read_ms,
+                            parse_ms = t.elapsed().as_millis() as u64 - read_ms,
+                            files = sources.len(),
+                            "config read"
+                        );
+                        Some(r)
                     }
                 }
                 Err(e) => {

@@ -305,9 +305,14 @@ impl Ads {
         if let Some(r) = cache.by_params.get(&key) {
             return r.clone();
         }
+        let t = std::time::Instant::now();
         let r = translate(cfg, params)
             .map(|c| Arc::new(split(&c)))
             .map_err(|e| e.to_string());
+        tracing::debug!(
+            translate_ms = t.elapsed().as_millis() as u64,
+            "translated for a kind of proxy"
+        );
         cache.by_params.insert(key, r.clone());
         r
     }

@@ -130,8 +130,35 @@ async fn connect(
     Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
-/// Applies `staged` if every type has reached `version`; returns the
-/// outcome to ACK (None) or NACK (Some(error)).
+/// Once every type has reached `version` (all four responses pending at
+/// it), applies the staged resources: keeps them on success, drops them on
+/// failure. None: not complete yet; Some(None): ACK; Some(Some(e)): NACK.
+fn settle(
+    proxy: &Proxy,
+    applied: &mut Applied,
+    staged: &mut BTreeMap<String, TypeState>,
+    pending: &BTreeMap<String, (String, String)>,
+    version: &str,
+) -> Option<Option<String>> {
+    let complete = type_url::ALL
+        .iter()
+        .all(|t| pending.get(*t).is_some_and(|(_, v)| v == version));
+    if !complete {
+        return None;
+    }
+    let error = try_apply(proxy, staged, version);
+    match &error {
+        None => applied.by_type = staged.clone(),
+        Some(e) => {
+            tracing::error!(%version, error = %e, "NACK: config refused, keeping the last good config");
+            *staged = applied.by_type.clone();
+        }
+    }
+    Some(error)
+}
+
+/// Applies a complete set unless it is already the running version; the
+/// error, if it is refused.
 fn try_apply(proxy: &Proxy, staged: &BTreeMap<String, TypeState>, version: &str) -> Option<String> {
     if proxy.version() == version {
         return None;
@@ -189,22 +216,19 @@ async fn delta_session(
         for name in &resp.removed_resources {
             entry.remove(name);
         }
-        let version = resp.system_version_info.clone();
-        pending.insert(resp.type_url.clone(), (resp.nonce.clone(), version.clone()));
-        let complete = type_url::ALL
-            .iter()
-            .all(|t| pending.get(*t).is_some_and(|(_, v)| *v == version));
-        if !complete {
+        pending.insert(
+            resp.type_url.clone(),
+            (resp.nonce.clone(), resp.system_version_info.clone()),
+        );
+        let Some(error) = settle(
+            proxy,
+            applied,
+            &mut staged,
+            &pending,
+            &resp.system_version_info,
+        ) else {
             continue;
-        }
-        let error = try_apply(proxy, &staged, &version);
-        match &error {
-            None => applied.by_type = staged.clone(),
-            Some(e) => {
-                tracing::error!(version = %version, error = %e, "NACK: config refused, keeping the last good config");
-                staged = applied.by_type.clone();
-            }
-        }
+        };
         for (t, (nonce, _)) in std::mem::take(&mut pending) {
             let msg = DeltaDiscoveryRequest {
                 node: None,
@@ -259,22 +283,13 @@ async fn sotw_session(
             m.insert(name, (resp.version_info.clone(), any.clone()));
         }
         staged.insert(resp.type_url.clone(), m);
-        let version = resp.version_info.clone();
-        pending.insert(resp.type_url.clone(), (resp.nonce.clone(), version.clone()));
-        let complete = type_url::ALL
-            .iter()
-            .all(|t| pending.get(*t).is_some_and(|(_, v)| *v == version));
-        if !complete {
+        pending.insert(
+            resp.type_url.clone(),
+            (resp.nonce.clone(), resp.version_info.clone()),
+        );
+        let Some(error) = settle(proxy, applied, &mut staged, &pending, &resp.version_info) else {
             continue;
-        }
-        let error = try_apply(proxy, &staged, &version);
-        match &error {
-            None => applied.by_type = staged.clone(),
-            Some(e) => {
-                tracing::error!(version = %version, error = %e, "NACK: config refused, keeping the last good config");
-                staged = applied.by_type.clone();
-            }
-        }
+        };
         let acked = proxy.version();
         for (t, (nonce, _)) in std::mem::take(&mut pending) {
             let msg = DiscoveryRequest {

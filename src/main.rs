@@ -84,9 +84,9 @@ pub struct ProxyArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy from a config file or directory.
+    /// Run the proxy (sidecar or gateway), configured from files (--config) or a control service (--xds).
     Proxy(Box<ProxyArgs>),
-    /// A live canary on loopback: two backends, a gateway, weights shifted 90/10 → 50/50 → 0/100.
+    /// A live canary on loopback: backends, a control service and a gateway; weights shifted 90/10 → 50/50 → 0/100.
     Demo {
         /// Seconds of traffic per weight step.
         #[arg(long, default_value_t = 5)]

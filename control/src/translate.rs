@@ -412,6 +412,13 @@ pub fn translate(cfg: &Config, params: &ProxyParams) -> Result<pb::ProxyConfig, 
     let reg = build_registry(cfg, &mut errors);
     let mut drs = HashMap::new();
     for d in &cfg.destination_rules {
+        if !exported(
+            &d.value.spec.export_to,
+            d.value.namespace(),
+            &params.namespace,
+        ) {
+            continue;
+        }
         let host = resolve_host(&d.value.spec.host, d.value.namespace(), &reg.by_host);
         if let Some(prev) = drs.insert(host.clone(), d) {
             errors.push(ConfigError::at(
@@ -985,7 +992,9 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
     // Which VirtualService (mesh-bound) owns each host: first wins, as in Istio.
     let mut vs_for_host: BTreeMap<String, usize> = BTreeMap::new();
     for (i, vs) in ctx.cfg.virtual_services.iter().enumerate() {
-        if !Ctx::vs_gateways(&vs.value).iter().any(|g| g == "mesh") {
+        if !Ctx::vs_gateways(&vs.value).iter().any(|g| g == "mesh")
+            || !exported(&vs.value.spec.export_to, vs.value.namespace(), &p.namespace)
+        {
             continue;
         }
         for h in &vs.value.spec.hosts {
@@ -1631,6 +1640,49 @@ spec:
             ]
         );
         assert!(hosts("c").contains(&"private.c.internal".to_string()));
+    }
+
+    #[test]
+    fn export_to_dot_keeps_routing_and_policies_in_their_namespace() {
+        let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: b}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: b}
+spec:
+  host: api
+  exportTo: ["."]
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: b}
+spec:
+  hosts: [api]
+  exportTo: ["."]
+  http:
+  - route: [{destination: {host: api}}]
+    headers: {request: {set: {x-from-b-vs: "1"}}}
+"#;
+        let cfg = load_sources(&[("e.yaml".into(), y.into())]).expect("parses");
+        let view = |ns: &str| {
+            let p = ProxyParams {
+                namespace: ns.into(),
+                ..Default::default()
+            };
+            let out = translate(&cfg, &p).expect("valid");
+            let lb = out.clusters[0].lb_policy;
+            let vs_applied = out.route_configurations[0].virtual_hosts[0].routes[0]
+                .request_headers
+                .is_some();
+            (lb, vs_applied)
+        };
+        assert_eq!(view("b"), (pb::LbPolicy::Random as i32, true));
+        assert_eq!(view("a"), (pb::LbPolicy::RoundRobin as i32, false));
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct ControlArgs {
     #[arg(long, conflicts_with = "kubernetes")]
     etcd: Option<String>,
     /// Watch the Kubernetes API (in-cluster service account, or KUBECONFIG) for Istio
-    /// networking resources, Services and EndpointSlices.
+    /// networking resources, Services, EndpointSlices and Pods.
     #[arg(long)]
     kubernetes: bool,
     /// Keys are <prefix>/<kind>/<namespace>/<name>; values are YAML or JSON documents.

@@ -1,5 +1,6 @@
 //! The Kubernetes source: kube-rs watchers (list, then watch, with
-//! backoff) on Istio's networking CRDs, Services and EndpointSlices.
+//! backoff) on Istio's networking CRDs, Services, EndpointSlices and Pods
+//! (for their labels).
 //!
 //! Every object is turned back into the document a user would have
 //! written (`apiVersion`, `kind`, `metadata`, `spec`) and read by the same
@@ -19,7 +20,7 @@ use crate::load::ParseCache;
 use crate::source::Reading;
 
 /// (group, version, kind, plural) of everything Bosun reads.
-pub const KINDS: [(&str, &str, &str, &str); 8] = [
+pub const KINDS: [(&str, &str, &str, &str); 9] = [
     (
         "networking.istio.io",
         "v1",
@@ -47,6 +48,7 @@ pub const KINDS: [(&str, &str, &str, &str); 8] = [
     ),
     ("networking.istio.io", "v1", "Sidecar", "sidecars"),
     ("", "v1", "Service", "services"),
+    ("", "v1", "Pod", "pods"),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
 ];
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::model::{
-    Config, DestinationRule, EndpointSlice, Gateway, Origin, Service, ServiceEntry, Sidecar,
+    Config, DestinationRule, EndpointSlice, Gateway, Origin, Pod, Service, ServiceEntry, Sidecar,
     Sourced, TypeHeader, VirtualService, WorkloadEntry,
 };
 
@@ -256,6 +256,7 @@ fn parse_document(
         ("WorkloadEntry", true) => push!(workload_entries, WorkloadEntry),
         ("Sidecar", true) => push!(sidecars, Sidecar),
         ("Service", _) if header.api_version == "v1" => push!(services, Service),
+        ("Pod", _) if header.api_version == "v1" => push!(pods, Pod),
         ("EndpointSlice", _) if header.api_version == "discovery.k8s.io/v1" => {
             push!(endpoint_slices, EndpointSlice)
         }
@@ -265,7 +266,7 @@ fn parse_document(
                 format!(
                     "Bosun does not support {} {} (supported: networking.istio.io/v1 \
                      VirtualService, DestinationRule, Gateway, ServiceEntry, WorkloadEntry, \
-                     Sidecar; v1 Service; discovery.k8s.io/v1 EndpointSlice)",
+                     Sidecar; v1 Service, Pod (labels only); discovery.k8s.io/v1 EndpointSlice)",
                     header.api_version, header.kind
                 ),
             ));

@@ -510,8 +510,33 @@ pub struct SliceEndpoint {
     pub node_name: Option<String>,
     #[serde(default)]
     pub zone: Option<String>,
+    /// The Pod behind the endpoint: its labels select subsets.
     #[serde(default)]
-    pub target_ref: Option<serde::de::IgnoredAny>,
+    pub target_ref: Option<ObjectReference>,
+}
+
+/// A reference to another object; bookkeeping fields (uid,
+/// resourceVersion) are accepted and unused.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectReference {
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A Pod, read only for its labels (what EndpointSlice endpoints point to).
+/// Its spec and status are not configuration and are not checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: Metadata,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -578,6 +603,7 @@ pub struct Config {
     pub services: Vec<Sourced<Service>>,
     pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
     pub sidecars: Vec<Sourced<Sidecar>>,
+    pub pods: Vec<Sourced<Pod>>,
 }
 
 impl Config {
@@ -596,6 +622,7 @@ impl Config {
         self.endpoint_slices
             .extend(other.endpoint_slices.iter().cloned());
         self.sidecars.extend(other.sidecars.iter().cloned());
+        self.pods.extend(other.pods.iter().cloned());
     }
 }
 

@@ -183,6 +183,19 @@ struct Registry {
 }
 
 fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
+    let pods: HashMap<(String, String), &model::Pod> = cfg
+        .pods
+        .iter()
+        .map(|p| {
+            let ns = p
+                .value
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            ((ns, p.value.metadata.name.clone()), &p.value)
+        })
+        .collect();
     let mut services = Vec::new();
     for s in &cfg.services {
         let obj = &s.value;
@@ -258,12 +271,24 @@ fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
                 if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                     continue;
                 }
+                // Subsets select on the labels of the Pod behind the endpoint.
+                let pod = e
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| {
+                        let pns = r.namespace.as_deref().unwrap_or(&ns);
+                        pods.get(&(pns.to_string(), r.name.clone().unwrap_or_default()))
+                    });
                 for a in &e.addresses {
                     endpoints.push(Ep {
                         address: a.clone(),
                         named_ports: named_ports.clone(),
-                        labels: Labels::new(),
-                        workload: e.hostname.clone().unwrap_or_default(),
+                        labels: pod.map(|p| p.metadata.labels.clone()).unwrap_or_default(),
+                        workload: pod
+                            .map(|p| p.metadata.name.clone())
+                            .or_else(|| e.hostname.clone())
+                            .unwrap_or_default(),
                         namespace: ns.clone(),
                     });
                 }
@@ -1683,6 +1708,66 @@ spec:
         };
         assert_eq!(view("b"), (pb::LbPolicy::Random as i32, true));
         assert_eq!(view("a"), (pb::LbPolicy::RoundRobin as i32, false));
+    }
+
+    #[test]
+    fn endpoint_slice_endpoints_take_their_pods_labels_for_subsets() {
+        let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-x, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 9080}]
+endpoints:
+- addresses: [10.0.0.1]
+  targetRef: {kind: Pod, name: reviews-v1-abc, namespace: shop, uid: u1}
+- addresses: [10.0.0.2]
+  targetRef: {kind: Pod, name: reviews-v2-def, namespace: shop, uid: u2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1-abc, namespace: shop, labels: {app: reviews, version: v1}}
+spec: {containers: [{name: app, image: reviews:1}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2-def, namespace: shop, labels: {app: reviews, version: v2}}
+spec: {containers: [{name: app, image: reviews:2}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets: [{name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews, subset: v2}}]}]
+"#;
+        let cfg = load_sources(&[("p.yaml".into(), y.into())]).expect("parses");
+        let p = ProxyParams {
+            namespace: "shop".into(),
+            ..Default::default()
+        };
+        let out = translate(&cfg, &p).expect("valid");
+        let v2 = out
+            .load_assignments
+            .iter()
+            .find(|a| a.cluster == "outbound|9080|v2|reviews.shop.svc.cluster.local")
+            .expect("v2 subset");
+        let addrs: Vec<&str> = v2.endpoints.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(addrs, vec!["10.0.0.2"]);
+        assert_eq!(v2.endpoints[0].workload, "reviews-v2-def");
     }
 
     #[test]

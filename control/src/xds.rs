@@ -379,6 +379,24 @@ impl Ads {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Runs one ADS stream in its own task; responses go out through `tx`, and
+/// an error ends the stream with its status.
+fn serve_stream<T, F, Fut>(run: F) -> BoxStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Status>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    let fut = run(tx.clone());
+    tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
 fn nack_text(s: &bosun_xds_proto::rpc::Status) -> String {
     format!("code {}: {}", s.code, s.message)
 }
@@ -393,14 +411,10 @@ impl AggregatedDiscoveryService for Ads {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = this.sotw(&mut inbound, &tx).await {
-                let _ = tx.send(Err(e)).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(serve_stream(move |tx| async move {
+            this.sotw(&mut inbound, &tx).await
+        })))
     }
 
     async fn delta_aggregated_resources(
@@ -408,14 +422,10 @@ impl AggregatedDiscoveryService for Ads {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = this.delta(&mut inbound, &tx).await {
-                let _ = tx.send(Err(e)).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(serve_stream(move |tx| async move {
+            this.delta(&mut inbound, &tx).await
+        })))
     }
 }
 

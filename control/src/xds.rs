@@ -266,6 +266,19 @@ impl Ads {
         AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(64 * 1024 * 1024)
     }
 
+    /// A new stream: who the proxy is (from the Node of its first request),
+    /// what it is to receive, and its entry in `bosun status`.
+    fn begin(
+        &self,
+        node: Option<Node>,
+        stream: &str,
+    ) -> Result<(Node, ProxyParams, u64, Deregister), Status> {
+        let node = node.unwrap_or_default();
+        let params = params_from_node(&node).map_err(Status::invalid_argument)?;
+        let (id, dereg) = self.register(&node, stream);
+        Ok((node, params, id, dereg))
+    }
+
     fn register(&self, node: &Node, stream: &str) -> (u64, Deregister) {
         let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
         let mut m = self
@@ -457,9 +470,7 @@ impl Ads {
         let Some(first) = inbound.message().await? else {
             return Ok(());
         };
-        let node = first.node.clone().unwrap_or_default();
-        let params = params_from_node(&node).map_err(Status::invalid_argument)?;
-        let (id, _dereg) = self.register(&node, "sotw");
+        let (node, params, id, _dereg) = self.begin(first.node.clone(), "sotw")?;
         let mut cfg_rx = self.config.clone();
         let mut current = self.current(id, &mut cfg_rx, &params).await;
         let mut types: BTreeMap<String, SotwType> = BTreeMap::new();
@@ -535,9 +546,7 @@ impl Ads {
         let Some(first) = inbound.message().await? else {
             return Ok(());
         };
-        let node = first.node.clone().unwrap_or_default();
-        let params = params_from_node(&node).map_err(Status::invalid_argument)?;
-        let (id, _dereg) = self.register(&node, "delta");
+        let (node, params, id, _dereg) = self.begin(first.node.clone(), "delta")?;
         // A first push is the big message: at most MAX_FULL_PUSHES streams
         // have one in flight (until the client ACKs it, or 10 s), so memory
         // does not grow with the number of proxies connecting at once.

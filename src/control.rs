@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bosun_control::model::Config;
+use bosun_control::translate::Prepared;
 use bosun_control::xds::{Ads, Registry};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -76,7 +76,7 @@ impl ControlArgs {
 /// Binds the xDS and admin listeners and starts the source; returns once
 /// they listen, with everything running in the background.
 pub async fn start(args: &ControlArgs) -> anyhow::Result<()> {
-    let (tx, rx) = watch::channel::<Option<Arc<Config>>>(None);
+    let (tx, rx) = watch::channel::<Option<Arc<Prepared>>>(None);
     let ads = Ads::new(rx.clone());
     let registry = ads.registry.clone();
     let counters = Arc::new(Counters::default());
@@ -101,8 +101,10 @@ pub async fn start(args: &ControlArgs) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while let Some(reading) = readings.recv().await {
             let t = std::time::Instant::now();
-            let checked =
-                reading.and_then(|cfg| bosun_control::translate::check(&cfg).map(|()| cfg));
+            let checked = reading.and_then(|cfg| {
+                let prepared = Prepared::new(cfg);
+                prepared.check().map(|()| prepared)
+            });
             match checked {
                 Ok(cfg) => {
                     c.applied.fetch_add(1, Ordering::Relaxed);
@@ -147,7 +149,7 @@ async fn serve_admin(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     counters: Arc<Counters>,
-    config: watch::Receiver<Option<Arc<Config>>>,
+    config: watch::Receiver<Option<Arc<Prepared>>>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {

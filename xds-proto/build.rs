@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
         .btree_map(".")
+        .extern_path(".google.protobuf.Any", "crate::Any")
         .type_attribute(".bosun.config", "#[derive(serde::Serialize)]")
         .compile_fds(fds)?;
     Ok(())

@@ -29,11 +29,16 @@ fn digest(sources: &[(String, String)]) -> u64 {
     h.finish()
 }
 
+/// How long after a file event the directory is read: long enough to take
+/// an editor's write-and-rename or a `cp` of several files as one change,
+/// short enough not to dominate propagation (Istio waits 100 ms).
+pub const DEBOUNCE: Duration = Duration::from_millis(10);
+
 /// One reading of the source: parsed, or refused with every error.
 pub type Reading = Result<Config, ConfigErrors>;
 
 /// Watches `path` and sends a [`Reading`] each time its content changes
-/// (the first reading is sent at once). Changes are debounced by 50 ms.
+/// (the first reading is sent at once). Changes are debounced by [`DEBOUNCE`].
 pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
     let (tx, rx) = mpsc::channel(4);
     let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
@@ -102,7 +107,7 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
             }
             tokio::select! {
                 _ = wake_rx.recv() => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(DEBOUNCE).await;
                     while wake_rx.try_recv().is_ok() {}
                 }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -424,7 +424,7 @@ fn cluster_name(port: u32, subset: &str, host: &str) -> String {
 struct Ctx<'a> {
     cfg: &'a Config,
     params: &'a ProxyParams,
-    reg: Registry,
+    reg: &'a Registry,
     drs: HashMap<String, &'a Sourced<DestinationRule>>,
     errors: Vec<ConfigError>,
     clusters: BTreeMap<String, pb::Cluster>,
@@ -433,8 +433,65 @@ struct Ctx<'a> {
 
 /// Translates a whole config for one proxy. All errors are returned together.
 pub fn translate(cfg: &Config, params: &ProxyParams) -> Result<pb::ProxyConfig, ConfigErrors> {
+    let mut out = translate_unversioned(cfg, params)?;
+    let version = fnv64(&bosun_xds_proto::prost::Message::encode_to_vec(&out));
+    out.version = format!("{version:016x}");
+    Ok(out)
+}
+
+/// [`translate`] without the version: for callers that version the
+/// resources themselves (the ADS server hashes each one) or only check.
+pub fn translate_unversioned(
+    cfg: &Config,
+    params: &ProxyParams,
+) -> Result<pb::ProxyConfig, ConfigErrors> {
+    let (reg, errors) = prepare(cfg);
+    translate_with(cfg, &reg, errors, params)
+}
+
+fn prepare(cfg: &Config) -> (Registry, Vec<ConfigError>) {
     let mut errors = crate::validate::validate(cfg);
     let reg = build_registry(cfg, &mut errors);
+    (reg, errors)
+}
+
+/// A config with what every translation of it shares, computed once: its
+/// validation and its service registry (services, endpoints, labels). The
+/// control service prepares each accepted config once and translates it
+/// for every kind of proxy from here.
+pub struct Prepared {
+    pub config: Config,
+    reg: Registry,
+    errors: Vec<ConfigError>,
+}
+
+impl Prepared {
+    pub fn new(config: Config) -> Prepared {
+        let (reg, errors) = prepare(&config);
+        Prepared {
+            config,
+            reg,
+            errors,
+        }
+    }
+
+    /// [`translate_unversioned`] of this config.
+    pub fn translate(&self, params: &ProxyParams) -> Result<pb::ProxyConfig, ConfigErrors> {
+        translate_with(&self.config, &self.reg, self.errors.clone(), params)
+    }
+
+    /// [`check`] of this config.
+    pub fn check(&self) -> Result<(), ConfigErrors> {
+        check_with(&self.config, |params| self.translate(params))
+    }
+}
+
+fn translate_with(
+    cfg: &Config,
+    reg: &Registry,
+    mut errors: Vec<ConfigError>,
+    params: &ProxyParams,
+) -> Result<pb::ProxyConfig, ConfigErrors> {
     let mut drs = HashMap::new();
     for d in &cfg.destination_rules {
         if !exported(
@@ -476,8 +533,6 @@ pub fn translate(cfg: &Config, params: &ProxyParams) -> Result<pb::ProxyConfig, 
     }
     out.clusters = ctx.clusters.into_values().collect();
     out.load_assignments = ctx.assignments.into_values().collect();
-    let version = fnv64(&bosun_xds_proto::prost::Message::encode_to_vec(&out));
-    out.version = format!("{version:016x}");
     Ok(out)
 }
 
@@ -887,6 +942,16 @@ fn apply_lb(c: &mut pb::Cluster, lb: &LoadBalancerSettings) -> Result<(), String
 /// sidecar and for a gateway selected by every Gateway's selector, so each
 /// route, server and destination is checked once. Errors are deduplicated.
 pub fn check(cfg: &Config) -> Result<(), ConfigErrors> {
+    let (reg, errors) = prepare(cfg);
+    check_with(cfg, |params| {
+        translate_with(cfg, &reg, errors.clone(), params)
+    })
+}
+
+fn check_with(
+    cfg: &Config,
+    translate: impl Fn(&ProxyParams) -> Result<pb::ProxyConfig, ConfigErrors>,
+) -> Result<(), ConfigErrors> {
     let mut errors: Vec<ConfigError> = Vec::new();
     for mode in [ProxyMode::Sidecar, ProxyMode::Gateway] {
         let mut params = ProxyParams {
@@ -896,7 +961,7 @@ pub fn check(cfg: &Config) -> Result<(), ConfigErrors> {
         for g in &cfg.gateways {
             params.labels.extend(g.value.spec.selector.clone());
         }
-        if let Err(e) = translate(cfg, &params) {
+        if let Err(e) = translate(&params) {
             for err in e.0 {
                 if !errors.contains(&err) {
                     errors.push(err);
@@ -1031,8 +1096,8 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
     let mut tcp_ports: BTreeMap<u32, String> = BTreeMap::new();
     let mut covered = BTreeSet::new();
     let scope = EgressScope::for_proxy(ctx.cfg, &p);
-    for si in 0..ctx.reg.services.len() {
-        let svc = ctx.reg.services[si].clone();
+    let reg = ctx.reg;
+    for (si, svc) in reg.services.iter().enumerate() {
         if !scope.admits(&svc.namespace, &svc.host)
             || !exported(&svc.export_to, &svc.namespace, &p.namespace)
         {
@@ -1088,7 +1153,7 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                 continue;
             }
             let mut domains = vec![format!("{}:{}", svc.host, sp.number)];
-            let short = short_names(&svc);
+            let short = short_names(svc);
             for s in &short {
                 domains.push(format!("{s}:{}", sp.number));
             }

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bosun_xds_proto::Any;
 use bosun_xds_proto::config as pb;
 use bosun_xds_proto::core::Node;
 use bosun_xds_proto::discovery::aggregated_discovery_service_server::{
@@ -23,15 +24,15 @@ use bosun_xds_proto::discovery::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use bosun_xds_proto::prost::Message;
-use bosun_xds_proto::prost_types::{Any, Struct, value::Kind};
+use bosun_xds_proto::prost_types::{Struct, value::Kind};
 use bosun_xds_proto::type_url;
 use futures_util::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::model::{Config, Labels};
-use crate::translate::{ProxyMode, ProxyParams, translate};
+use crate::model::Labels;
+use crate::translate::{Prepared, ProxyMode, ProxyParams};
 
 /// One named, versioned resource of one type.
 #[derive(Clone, Debug)]
@@ -62,7 +63,7 @@ fn named<M: Message>(type_url: &str, m: &M) -> Named {
         version: fnv(&value),
         any: Any {
             type_url: type_url.to_string(),
-            value,
+            value: value.into(),
         },
     }
 }
@@ -98,8 +99,21 @@ pub fn split(cfg: &pb::ProxyConfig) -> Resources {
             named(type_url::CLUSTER_LOAD_ASSIGNMENT, a),
         );
     }
+    // The version is a hash of every resource's (type, name, version):
+    // deterministic, so replicas agree, and no second encoding of the whole.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (t, m) in &by_type {
+        for (name, n) in m {
+            for part in [t.as_bytes(), name.as_bytes(), n.version.as_bytes()] {
+                for b in part.iter().chain([0u8].iter()) {
+                    h ^= u64::from(*b);
+                    h = h.wrapping_mul(0x0000_0100_0000_01b3);
+                }
+            }
+        }
+    }
     Resources {
-        version: cfg.version.clone(),
+        version: format!("{h:016x}"),
         by_type,
     }
 }
@@ -225,7 +239,7 @@ impl Drop for Deregister {
 /// streams hold the same `Arc`, not copies.
 #[derive(Default)]
 struct TranslateCache {
-    config: Option<Arc<Config>>,
+    config: Option<Arc<Prepared>>,
     by_params: HashMap<String, Result<Arc<Resources>, String>>,
 }
 
@@ -241,7 +255,7 @@ type DiffCache = HashMap<(String, String, &'static str), Arc<TypeDiff>>;
 /// The ADS service, fed by a watch of the last good config.
 #[derive(Clone)]
 pub struct Ads {
-    config: watch::Receiver<Option<Arc<Config>>>,
+    config: watch::Receiver<Option<Arc<Prepared>>>,
     pub registry: Arc<Registry>,
     translations: Arc<tokio::sync::Mutex<TranslateCache>>,
     diffs: Arc<Mutex<DiffCache>>,
@@ -252,7 +266,7 @@ pub struct Ads {
 const MAX_FULL_PUSHES: usize = 64;
 
 impl Ads {
-    pub fn new(config: watch::Receiver<Option<Arc<Config>>>) -> Ads {
+    pub fn new(config: watch::Receiver<Option<Arc<Prepared>>>) -> Ads {
         Ads {
             config,
             registry: Arc::new(Registry::default()),
@@ -303,7 +317,7 @@ impl Ads {
     /// The proxy's resources for the current config, or why there are none.
     async fn resources_for(
         &self,
-        config: &Option<Arc<Config>>,
+        config: &Option<Arc<Prepared>>,
         params: &ProxyParams,
     ) -> Result<Arc<Resources>, String> {
         let Some(cfg) = config else {
@@ -319,7 +333,8 @@ impl Ads {
             return r.clone();
         }
         let t = std::time::Instant::now();
-        let r = translate(cfg, params)
+        let r = cfg
+            .translate(params)
             .map(|c| Arc::new(split(&c)))
             .map_err(|e| e.to_string());
         tracing::debug!(
@@ -333,7 +348,7 @@ impl Ads {
     async fn current(
         &self,
         id: u64,
-        cfg_rx: &mut watch::Receiver<Option<Arc<Config>>>,
+        cfg_rx: &mut watch::Receiver<Option<Arc<Prepared>>>,
         params: &ProxyParams,
     ) -> Option<Arc<Resources>> {
         let cfg = cfg_rx.borrow_and_update().clone();

@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bosun_xds_proto::Any;
 use bosun_xds_proto::config as pb;
 use bosun_xds_proto::core::Node;
 use bosun_xds_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use bosun_xds_proto::discovery::{DeltaDiscoveryRequest, DiscoveryRequest};
 use bosun_xds_proto::prost::Message;
-use bosun_xds_proto::prost_types::Any;
 use bosun_xds_proto::rpc::Status as RpcStatus;
 use bosun_xds_proto::type_url;
 use rand::RngExt;
@@ -42,7 +42,7 @@ struct Applied {
 }
 
 fn decode<M: Message + Default>(any: &Any) -> Result<M, String> {
-    M::decode(any.value.as_slice()).map_err(|e| format!("{}: cannot decode: {e}", any.type_url))
+    M::decode(any.value.as_ref()).map_err(|e| format!("{}: cannot decode: {e}", any.type_url))
 }
 
 /// Builds one ProxyConfig from the resources of every type.

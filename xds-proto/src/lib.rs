@@ -47,6 +47,17 @@ pub use envoy::service::discovery::v3 as discovery;
 pub use google::rpc;
 
 pub use prost;
+
+/// `google.protobuf.Any`, with its payload in [`bytes::Bytes`]: a resource
+/// encoded once is shared by every stream that sends it instead of being
+/// copied into each response.
+#[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
+pub struct Any {
+    #[prost(string, tag = "1")]
+    pub type_url: String,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: bytes::Bytes,
+}
 pub use prost_types;
 
 /// Type URLs of Bosun's resources, one per kind, as Envoy users know them.

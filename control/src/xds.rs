@@ -333,12 +333,14 @@ impl Ads {
             return r.clone();
         }
         let t = std::time::Instant::now();
-        let r = cfg
-            .translate(params)
+        let translated = cfg.translate(params);
+        let translate_ms = t.elapsed().as_millis() as u64;
+        let r = translated
             .map(|c| Arc::new(split(&c)))
             .map_err(|e| e.to_string());
         tracing::debug!(
-            translate_ms = t.elapsed().as_millis() as u64,
+            translate_ms,
+            split_ms = t.elapsed().as_millis() as u64 - translate_ms,
             "translated for a kind of proxy"
         );
         cache.by_params.insert(key, r.clone());

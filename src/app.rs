@@ -15,12 +15,13 @@ pub fn params(args: &ProxyArgs) -> anyhow::Result<ProxyParams> {
     let labels = match (&args.labels, args.mode) {
         (Some(l), _) => parse_labels(l)?,
         (None, Mode::Gateway) => parse_labels("istio=ingressgateway")?,
-        (None, Mode::Sidecar) => Default::default(),
+        (None, Mode::Sidecar | Mode::Node) => Default::default(),
     };
     Ok(ProxyParams {
         mode: match args.mode {
             Mode::Sidecar => ProxyMode::Sidecar,
             Mode::Gateway => ProxyMode::Gateway,
+            Mode::Node => anyhow::bail!("node mode does not run the HTTP proxy"),
         },
         namespace: args.namespace.clone(),
         labels,
@@ -161,6 +162,54 @@ fn node(args: &ProxyArgs, params: &ProxyParams) -> bosun_xds_proto::core::Node {
         ),
         client_features: vec![],
     }
+}
+
+/// `bosun proxy --mode node`: kube-proxy's job, until Ctrl-C or SIGTERM;
+/// the rules are removed on the way out.
+pub async fn run_node(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    let backend = match args.backend {
+        crate::NodeBackend::Nftables => bosun_node::Backend::Nftables,
+        crate::NodeBackend::Iptables => bosun_node::Backend::Iptables,
+    };
+    if args.cleanup {
+        bosun_node::Syncer::cleanup(backend)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        println!("node rules removed ({backend:?})");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.xds.is_some() {
+        anyhow::bail!("node mode reads --config; node mode over --xds is not implemented yet");
+    }
+    let Some(config) = args.config.clone() else {
+        anyhow::bail!("node mode needs --config PATH");
+    };
+    let node_name = match &args.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+    };
+    let opts = bosun_node::NodeOptions {
+        config,
+        node_name,
+        backend,
+        cluster_cidr: args.cluster_cidr.clone(),
+        healthz_address: args.healthz_address,
+        metrics_address: args.metrics_address,
+    };
+    let stop = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+    };
+    bosun_node::run(opts, stop)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {

@@ -60,6 +60,33 @@ async fn backend(version: &'static str, addr: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `bosun echo`: a backend for tests that answers "NAME CLIENT-IP\n", so
+/// a test sees which endpoint served it and what source address it saw.
+pub async fn echo(
+    listen: std::net::SocketAddr,
+    name: String,
+) -> anyhow::Result<std::process::ExitCode> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("echo on {listen}: {e}"))?;
+    let name: &'static str = Box::leak(name.into_boxed_str());
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |_req| async move {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                    format!("{name} {}\n", peer.ip()),
+                ))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
 #[derive(Default)]
 struct Stats {
     v1: u64,
@@ -114,6 +141,12 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
         gateway_address: "127.0.0.1".into(),
         access_log: false,
         workers: None,
+        node_name: None,
+        backend: crate::NodeBackend::Nftables,
+        cluster_cidr: None,
+        cleanup: false,
+        healthz_address: "127.0.0.1:10256".parse()?,
+        metrics_address: "127.0.0.1:10249".parse()?,
     };
     let proxy = crate::app::start_proxy(&args).await?;
     let ready_by = Instant::now() + Duration::from_secs(5);

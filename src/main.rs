@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "bosun",
     version,
-    about = "Bosun service mesh: sidecar and gateway proxy driven by Istio config"
+    about = "Bosun service mesh: sidecar, gateway and node (kube-proxy) modes driven by Istio and Kubernetes config"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,15 +28,26 @@ enum Mode {
     Sidecar,
     /// Ingress gateway: listens on the ports of the Gateway resources selecting --labels.
     Gateway,
+    /// In place of kube-proxy: Services and EndpointSlices programmed into nftables (table
+    /// `ip bosun`) or iptables (chains BOSUN-*). Needs root (CAP_NET_ADMIN).
+    Node,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum NodeBackend {
+    /// One verdict map per address kind, partial syncs (kube-proxy's nftables mode).
+    Nftables,
+    /// iptables-restore of Bosun's chains, for hosts without nftables.
+    Iptables,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProxyArgs {
-    /// sidecar or gateway.
+    /// sidecar, gateway or node.
     #[arg(long, value_enum, default_value = "sidecar")]
     mode: Mode,
     /// A YAML file or a directory of YAML files (Istio and Kubernetes resources); watched.
-    #[arg(long, conflicts_with = "xds", required_unless_present = "xds")]
+    #[arg(long, conflicts_with = "xds", required_unless_present_any = ["xds", "cleanup"])]
     config: Option<PathBuf>,
     /// Control service xDS address(es), host:port[,host:port...]: config over ADS instead of
     /// files; on failure the proxy moves to the next replica.
@@ -80,11 +91,31 @@ pub struct ProxyArgs {
     /// Worker threads (default: one per core). 1 = a single-threaded event loop.
     #[arg(long)]
     workers: Option<usize>,
+    /// Node mode: this node's name; endpoints whose nodeName matches are local
+    /// (externalTrafficPolicy/internalTrafficPolicy Local). Default: the hostname.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Node mode: how rules reach the kernel.
+    #[arg(long, value_enum, default_value = "nftables")]
+    backend: NodeBackend,
+    /// Node mode: the pod CIDR; cluster-IP traffic from outside it is masqueraded.
+    #[arg(long)]
+    cluster_cidr: Option<String>,
+    /// Node mode: remove every rule node mode programmed (with --backend) and exit.
+    #[arg(long)]
+    cleanup: bool,
+    /// Node mode: kube-proxy's health check, /healthz.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_address: SocketAddr,
+    /// Node mode: Prometheus metrics, /metrics (kubeproxy_* names).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_address: SocketAddr,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy (sidecar or gateway), configured from files (--config) or a control service (--xds).
+    /// Run the proxy (sidecar or gateway), configured from files (--config) or a control service
+    /// (--xds); or node mode (--mode node), programming Services into the kernel in place of kube-proxy.
     Proxy(Box<ProxyArgs>),
     /// A live canary on loopback: backends, a control service and a gateway; weights shifted 90/10 → 50/50 → 0/100.
     Demo {
@@ -105,6 +136,14 @@ enum Command {
     },
     /// Check a config file or directory offline; exit non-zero on any error.
     Validate { path: PathBuf },
+    /// A test backend: answers every HTTP request with "NAME CLIENT-IP".
+    #[command(hide = true)]
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        name: String,
+    },
 }
 
 fn parse_labels(s: &str) -> anyhow::Result<bosun_control::model::Labels> {
@@ -144,6 +183,9 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match cli.command {
+        Command::Proxy(args) if matches!(args.mode, Mode::Node) => runtime(Some(1))
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(app::run_node(*args))),
         Command::Proxy(args) => runtime(args.workers)
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(app::run_proxy(*args))),
@@ -154,6 +196,9 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(demo::run(step_seconds, connections))),
         Command::Validate { path } => app::validate(&path),
+        Command::Echo { listen, name } => runtime(Some(1))
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(demo::echo(listen, name))),
         Command::Control(args) => runtime(None)
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(control::run(args))),

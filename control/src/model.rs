@@ -453,12 +453,39 @@ pub struct ServiceSpec {
     pub ip_families: Vec<String>,
     #[serde(default)]
     pub ip_family_policy: Option<String>,
-    /// Server-defaulted; only `None` (affinity is node mode's, not yet here).
+    /// `None` or `ClientIP` (node mode; sidecars and gateways refuse ClientIP).
     #[serde(default)]
     pub session_affinity: Option<String>,
-    /// Server-defaulted; only `Cluster`.
+    #[serde(default)]
+    pub session_affinity_config: Option<SessionAffinityConfig>,
+    /// `Cluster` or `Local` (node mode; sidecars and gateways refuse Local).
     #[serde(default)]
     pub internal_traffic_policy: Option<String>,
+    /// `Cluster` or `Local`: for NodePort, external and load-balancer IPs.
+    #[serde(default)]
+    pub external_traffic_policy: Option<String>,
+    #[serde(default, rename = "externalIPs")]
+    pub external_ips: Vec<String>,
+    /// The load balancer's address, as `spec.loadBalancerIP` (Bosun reads no
+    /// Service status).
+    #[serde(default, rename = "loadBalancerIP")]
+    pub load_balancer_ip: Option<String>,
+    #[serde(default)]
+    pub load_balancer_source_ranges: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionAffinityConfig {
+    #[serde(default, rename = "clientIP")]
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientIpConfig {
+    #[serde(default)]
+    pub timeout_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -473,6 +500,9 @@ pub struct ServicePort {
     pub protocol: Option<String>,
     #[serde(default)]
     pub app_protocol: Option<String>,
+    /// Node mode: the port every node listens on for this service.
+    #[serde(default)]
+    pub node_port: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -210,7 +210,7 @@ fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
                 &s.origin,
                 obj.id(),
                 "spec.sessionAffinity",
-                "only None is supported by Bosun yet (ClientIP affinity comes with node mode)"
+                "ClientIP affinity is implemented by node mode (`bosun proxy --mode node`), not by sidecars and gateways yet"
                     .into(),
             ));
         }
@@ -224,7 +224,7 @@ fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
                 &s.origin,
                 obj.id(),
                 "spec.internalTrafficPolicy",
-                "only Cluster is supported by Bosun yet".into(),
+                "Local is implemented by node mode (`bosun proxy --mode node`), not by sidecars and gateways yet".into(),
             ));
         }
         let mut ports = Vec::new();

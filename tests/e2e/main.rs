@@ -6,6 +6,7 @@ mod balancing;
 mod config;
 mod harness;
 mod kube;
+mod node;
 mod protocols;
 mod routing;
 mod xds;

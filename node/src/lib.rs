@@ -1,0 +1,136 @@
+//! Node mode: Bosun in place of kube-proxy. Services and EndpointSlices
+//! (and DestinationRule subset splits) become nftables rules in table
+//! `ip bosun`, or iptables chains `BOSUN-*`, updated as the config changes.
+
+pub mod iptables;
+pub mod nft;
+pub mod services;
+pub mod sync;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+
+pub use sync::{Backend, Metrics, Syncer};
+
+/// How node mode runs.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub config: PathBuf,
+    pub node_name: String,
+    pub backend: Backend,
+    pub cluster_cidr: Option<String>,
+    /// kube-proxy's health check: `/healthz` (and `/livez`).
+    pub healthz_address: SocketAddr,
+    /// Prometheus metrics: `/metrics`.
+    pub metrics_address: SocketAddr,
+}
+
+/// Serves `/healthz` like kube-proxy: 200 with the last sync time once
+/// rules were programmed, 503 before.
+async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, node: String) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (metrics, node) = (metrics.clone(), node.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (metrics, node) = (metrics.clone(), node.clone());
+                    async move {
+                        let now = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or(Duration::ZERO)
+                            .as_secs_f64();
+                        let (status, body) = match req.uri().path() {
+                            "/healthz" | "/livez" => match metrics.last_sync() {
+                                Some(t) => (
+                                    200,
+                                    format!(
+                                        "{{\"lastUpdated\": {t:.3}, \"currentTime\": {now:.3}, \"nodeName\": \"{node}\", \"nodeEligible\": true}}\n"
+                                    ),
+                                ),
+                                None => (
+                                    503,
+                                    format!(
+                                        "{{\"lastUpdated\": null, \"currentTime\": {now:.3}, \"nodeName\": \"{node}\"}}\n"
+                                    ),
+                                ),
+                            },
+                            "/metrics" => (200, metrics.render()),
+                            _ => (404, "node mode: /healthz /livez /metrics\n".to_string()),
+                        };
+                        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+                        *resp.status_mut() =
+                            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+                        Ok::<_, Infallible>(resp)
+                    }
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Runs node mode until `stop` resolves, then removes its rules.
+pub async fn run(
+    opts: NodeOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let mut syncer = Syncer::new(
+        opts.backend,
+        nft::Options {
+            cluster_cidr: opts.cluster_cidr.clone(),
+        },
+    );
+    for addr in [opts.healthz_address, opts.metrics_address] {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("listener {addr}: {e}"))?;
+        tokio::spawn(serve(l, syncer.metrics.clone(), opts.node_name.clone()));
+    }
+    let mut readings = bosun_control::source::watch(opts.config.clone());
+    let mut current: Option<services::ServiceMap> = None;
+    let mut changed_at = Instant::now();
+    let mut retry = false;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            r = readings.recv() => {
+                let Some(reading) = r else { break };
+                changed_at = Instant::now();
+                match reading.and_then(|cfg| services::service_map(&cfg, &opts.node_name)) {
+                    Ok(map) => current = Some(map),
+                    Err(errors) => {
+                        for e in &errors.0 {
+                            tracing::error!("config refused, the rules in place stay: {e}");
+                        }
+                        continue;
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+        }
+        if let Some(map) = &current {
+            match syncer.sync(map, changed_at).await {
+                Ok(_) => retry = false,
+                Err(e) => {
+                    tracing::error!(error = %e, "sync failed; a full resync follows in 1 s");
+                    retry = true;
+                }
+            }
+        }
+    }
+    tracing::info!("removing node rules");
+    Syncer::cleanup(opts.backend).await
+}

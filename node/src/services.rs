@@ -1,0 +1,496 @@
+//! What node mode programs, read from Services, EndpointSlices, Pods,
+//! DestinationRules and VirtualServices: one [`ServicePort`] per
+//! (service, port, protocol), with the endpoints a connection may go to.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+
+use bosun_control::load::{ConfigError, ConfigErrors};
+use bosun_control::model::{self, Config, IntOrString, Labels};
+
+/// A transport protocol a Service port can carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Sctp => "sctp",
+        }
+    }
+}
+
+/// One endpoint a connection to the service port may be sent to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// On this node (`nodeName` equals `--node-name`).
+    pub local: bool,
+    /// Relative share of new connections (all equal unless a
+    /// VirtualService splits the service across DestinationRule subsets).
+    pub weight: u32,
+}
+
+/// One port of one Service, as node mode programs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// `namespace/name/protocol/port-name-or-number`: unique, readable, and
+    /// the suffix of this service port's chains.
+    pub id: String,
+    pub proto: Proto,
+    pub port: u16,
+    pub cluster_ips: Vec<Ipv4Addr>,
+    /// `externalIPs` and `loadBalancerIP`: reached like the cluster IP but
+    /// following `externalTrafficPolicy`.
+    pub external_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `loadBalancerSourceRanges` (CIDRs), for load-balancer IPs only.
+    pub source_ranges: Vec<String>,
+    pub node_port: Option<u16>,
+    /// `sessionAffinity: ClientIP`: seconds a client sticks to its endpoint.
+    pub affinity_timeout: Option<u32>,
+    pub external_local: bool,
+    pub internal_local: bool,
+    /// Sorted; Ready endpoints, or Serving+Terminating ones when none is
+    /// ready (as kube-proxy does).
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ServicePort {
+    /// Endpoints for traffic under a `Local` policy.
+    pub fn local_endpoints(&self) -> Vec<Endpoint> {
+        self.endpoints.iter().filter(|e| e.local).cloned().collect()
+    }
+    /// Endpoints for cluster (internal) traffic.
+    pub fn cluster_endpoints(&self) -> Vec<Endpoint> {
+        if self.internal_local {
+            self.local_endpoints()
+        } else {
+            self.endpoints.clone()
+        }
+    }
+    /// Endpoints for external traffic (NodePort, external and LB IPs).
+    pub fn external_endpoints(&self) -> Vec<Endpoint> {
+        if self.external_local {
+            self.local_endpoints()
+        } else {
+            self.endpoints.clone()
+        }
+    }
+    /// Whether external traffic reaches this service port at all.
+    pub fn has_external(&self) -> bool {
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+}
+
+/// Everything node mode programs, by [`ServicePort::id`].
+pub type ServiceMap = BTreeMap<String, ServicePort>;
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+fn ipv4(
+    s: &str,
+    origin: &model::Origin,
+    id: &str,
+    field: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Ipv4Addr> {
+    match s.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => Some(a),
+        Ok(std::net::IpAddr::V6(_)) => {
+            errors.push(ConfigError::at(
+                origin,
+                id.to_string(),
+                field,
+                format!("{s}: IPv6 services are not implemented by node mode yet"),
+            ));
+            None
+        }
+        Err(_) => {
+            errors.push(ConfigError::at(
+                origin,
+                id.to_string(),
+                field,
+                format!("{s:?} is not an IP address"),
+            ));
+            None
+        }
+    }
+}
+
+fn port_u16(
+    p: u32,
+    origin: &model::Origin,
+    id: &str,
+    field: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<u16> {
+    match u16::try_from(p) {
+        Ok(v) if v > 0 => Some(v),
+        _ => {
+            errors.push(ConfigError::at(
+                origin,
+                id.to_string(),
+                field,
+                format!("{p} is not a port (1-65535)"),
+            ));
+            None
+        }
+    }
+}
+
+/// Per-endpoint weights from a VirtualService that splits `host` across
+/// DestinationRule subsets: (subset labels, weight) pairs, or `None` when
+/// the service is not split.
+fn subset_split(cfg: &Config, svc_ns: &str, svc_name: &str) -> Option<Vec<(Labels, u32)>> {
+    let fqdn = format!("{svc_name}.{svc_ns}.svc.cluster.local");
+    let names_host = |h: &str, ns: &str| {
+        h == fqdn || (ns == svc_ns && h == svc_name) || h == format!("{svc_name}.{svc_ns}")
+    };
+    let vs = cfg.virtual_services.iter().find(|vs| {
+        vs.value.spec.gateways.is_empty()
+            && vs
+                .value
+                .spec
+                .hosts
+                .iter()
+                .any(|h| names_host(h, vs.value.namespace()))
+    })?;
+    let dests: Vec<(&model::Destination, u32)> = if let Some(r) = vs.value.spec.tcp.first() {
+        r.route
+            .iter()
+            .map(|d| (&d.destination, d.weight.unwrap_or(0).max(0) as u32))
+            .collect()
+    } else if let Some(r) = vs.value.spec.http.first() {
+        r.route
+            .iter()
+            .map(|d| (&d.destination, d.weight.unwrap_or(0).max(0) as u32))
+            .collect()
+    } else {
+        return None;
+    };
+    if dests.iter().all(|(d, _)| d.subset.is_none()) {
+        return None;
+    }
+    let dr = cfg
+        .destination_rules
+        .iter()
+        .find(|d| names_host(&d.value.spec.host, d.value.namespace()))?;
+    let single = dests.len() == 1;
+    Some(
+        dests
+            .iter()
+            .filter_map(|(d, w)| {
+                let subset = d.subset.as_deref()?;
+                let s = dr.value.spec.subsets.iter().find(|s| s.name == subset)?;
+                Some((s.labels.clone(), if single { 100 } else { *w }))
+            })
+            .collect(),
+    )
+}
+
+/// Reads the service ports node `node_name` programs. Every problem is
+/// reported with its file, resource and field; nothing is half-read.
+pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut out = ServiceMap::new();
+    let pods: HashMap<(&str, &str), &Labels> = cfg
+        .pods
+        .iter()
+        .map(|p| {
+            (
+                (
+                    p.value.metadata.namespace.as_deref().unwrap_or("default"),
+                    p.value.metadata.name.as_str(),
+                ),
+                &p.value.metadata.labels,
+            )
+        })
+        .collect();
+    for s in &cfg.services {
+        let obj = &s.value;
+        let spec = &obj.spec;
+        let (ns, name, id) = (obj.namespace(), obj.metadata.name.as_str(), obj.id());
+        let origin = &s.origin;
+        let mut cluster_ips = Vec::new();
+        let mut ips: Vec<&String> = spec.cluster_ips.iter().collect();
+        if ips.is_empty() {
+            ips.extend(spec.cluster_ip.iter());
+        }
+        for ip in ips {
+            if ip == "None" || ip.is_empty() {
+                continue; // headless: nothing to program
+            }
+            if let Some(a) = ipv4(ip, origin, &id, "spec.clusterIPs", &mut errors) {
+                cluster_ips.push(a);
+            }
+        }
+        let external_ips: Vec<Ipv4Addr> = spec
+            .external_ips
+            .iter()
+            .filter_map(|ip| ipv4(ip, origin, &id, "spec.externalIPs", &mut errors))
+            .collect();
+        let load_balancer_ips: Vec<Ipv4Addr> = spec
+            .load_balancer_ip
+            .iter()
+            .filter_map(|ip| ipv4(ip, origin, &id, "spec.loadBalancerIP", &mut errors))
+            .collect();
+        for r in &spec.load_balancer_source_ranges {
+            if parse_cidr(r).is_none() {
+                errors.push(ConfigError::at(
+                    origin,
+                    id.clone(),
+                    "spec.loadBalancerSourceRanges",
+                    format!("{r:?} is not an IPv4 CIDR"),
+                ));
+            }
+        }
+        let affinity_timeout = match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => Some(
+                spec.session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT),
+            ),
+            Some(other) => {
+                errors.push(ConfigError::at(
+                    origin,
+                    id.clone(),
+                    "spec.sessionAffinity",
+                    format!("{other:?}: want None or ClientIP"),
+                ));
+                None
+            }
+        };
+        if let Some(t) = affinity_timeout
+            && !(1..=86_400).contains(&t)
+        {
+            errors.push(ConfigError::at(
+                origin,
+                id.clone(),
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                format!("{t}: want 1 to 86400"),
+            ));
+        }
+        let policy =
+            |v: &Option<String>, field: &str, errors: &mut Vec<ConfigError>| match v.as_deref() {
+                None | Some("Cluster") => false,
+                Some("Local") => true,
+                Some(other) => {
+                    errors.push(ConfigError::at(
+                        origin,
+                        id.clone(),
+                        field,
+                        format!("{other:?}: want Cluster or Local"),
+                    ));
+                    false
+                }
+            };
+        let external_local = policy(
+            &spec.external_traffic_policy,
+            "spec.externalTrafficPolicy",
+            &mut errors,
+        );
+        let internal_local = policy(
+            &spec.internal_traffic_policy,
+            "spec.internalTrafficPolicy",
+            &mut errors,
+        );
+        let split = subset_split(cfg, ns, name);
+        for (i, p) in spec.ports.iter().enumerate() {
+            let field = |f: &str| format!("spec.ports[{i}].{f}");
+            let proto = match p.protocol.as_deref() {
+                None | Some("TCP") => Proto::Tcp,
+                Some("UDP") => Proto::Udp,
+                Some("SCTP") => Proto::Sctp,
+                Some(other) => {
+                    errors.push(ConfigError::at(
+                        origin,
+                        id.clone(),
+                        &field("protocol"),
+                        format!("{other:?}: want TCP, UDP or SCTP"),
+                    ));
+                    continue;
+                }
+            };
+            let Some(port) = port_u16(p.port, origin, &id, &field("port"), &mut errors) else {
+                continue;
+            };
+            let node_port = match p.node_port {
+                Some(np) => match port_u16(np, origin, &id, &field("nodePort"), &mut errors) {
+                    Some(v) => Some(v),
+                    None => continue,
+                },
+                None => None,
+            };
+            let port_name = p.name.clone().unwrap_or_default();
+            // Endpoints: every slice of this service, the port of the same name.
+            let mut ready = Vec::new();
+            let mut fallback = Vec::new();
+            for sl in &cfg.endpoint_slices {
+                let slice = &sl.value;
+                if slice.namespace() != ns
+                    || slice
+                        .metadata
+                        .labels
+                        .get("kubernetes.io/service-name")
+                        .map(String::as_str)
+                        != Some(name)
+                {
+                    continue;
+                }
+                if slice.address_type != "IPv4" {
+                    continue; // IPv6 slices belong to the ip6 family, not implemented yet
+                }
+                let Some(sp) = slice
+                    .ports
+                    .iter()
+                    .find(|sp| sp.name.clone().unwrap_or_default() == port_name)
+                else {
+                    continue;
+                };
+                let target = match (sp.port, &p.target_port) {
+                    (Some(v), _) => v,
+                    (None, Some(IntOrString::Int(v))) => *v,
+                    (None, _) => p.port,
+                };
+                let Some(target) =
+                    port_u16(target, &sl.origin, &slice.id(), "ports.port", &mut errors)
+                else {
+                    continue;
+                };
+                for (ei, e) in slice.endpoints.iter().enumerate() {
+                    let c = e.conditions.clone().unwrap_or_default();
+                    let is_ready = c.ready.unwrap_or(true);
+                    let serving = c.serving.unwrap_or(is_ready);
+                    let terminating = c.terminating.unwrap_or(false);
+                    let labels = e.target_ref.as_ref().and_then(|r| {
+                        let pns = r.namespace.as_deref().unwrap_or(ns);
+                        pods.get(&(pns, r.name.as_deref().unwrap_or("")))
+                    });
+                    for a in &e.addresses {
+                        let Some(ip) = ipv4(
+                            a,
+                            &sl.origin,
+                            &slice.id(),
+                            &format!("endpoints[{ei}].addresses"),
+                            &mut errors,
+                        ) else {
+                            continue;
+                        };
+                        let weight = match &split {
+                            None => Some(1),
+                            Some(subsets) => subsets
+                                .iter()
+                                .find(|(sel, _)| {
+                                    labels.is_some_and(|l| {
+                                        sel.iter().all(|(k, v)| l.get(k) == Some(v))
+                                    })
+                                })
+                                .map(|(_, w)| *w),
+                        };
+                        let Some(weight) = weight.filter(|w| *w > 0) else {
+                            continue; // in no subset the split sends to
+                        };
+                        let ep = Endpoint {
+                            ip,
+                            port: target,
+                            local: e.node_name.as_deref() == Some(node_name),
+                            weight,
+                        };
+                        if is_ready {
+                            ready.push(ep);
+                        } else if serving && terminating {
+                            fallback.push(ep);
+                        }
+                    }
+                }
+            }
+            let mut endpoints = if ready.is_empty() { fallback } else { ready };
+            // A split gives each subset its weight, shared by its endpoints.
+            if split.is_some() {
+                let mut per_weight: BTreeMap<u32, u32> = BTreeMap::new();
+                for e in &endpoints {
+                    *per_weight.entry(e.weight).or_default() += 1;
+                }
+                let lcm = per_weight
+                    .values()
+                    .fold(1u64, |acc, n| lcm(acc, u64::from(*n)));
+                for e in &mut endpoints {
+                    let n = u64::from(per_weight[&e.weight]);
+                    e.weight = u32::try_from(u64::from(e.weight) * lcm / n).unwrap_or(u32::MAX);
+                }
+                let g = endpoints
+                    .iter()
+                    .fold(0u64, |acc, e| gcd(acc, u64::from(e.weight)));
+                if g > 1 {
+                    for e in &mut endpoints {
+                        e.weight = (u64::from(e.weight) / g) as u32;
+                    }
+                }
+            }
+            endpoints.sort();
+            endpoints.dedup();
+            let key = if port_name.is_empty() {
+                port.to_string()
+            } else {
+                port_name.clone()
+            };
+            let sp_id = format!("{ns}/{name}/{}/{key}", proto.as_str());
+            out.insert(
+                sp_id.clone(),
+                ServicePort {
+                    id: sp_id,
+                    proto,
+                    port,
+                    cluster_ips: cluster_ips.clone(),
+                    external_ips: external_ips.clone(),
+                    load_balancer_ips: load_balancer_ips.clone(),
+                    source_ranges: spec.load_balancer_source_ranges.clone(),
+                    node_port,
+                    affinity_timeout,
+                    external_local,
+                    internal_local,
+                    endpoints,
+                },
+            );
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// `a.b.c.d/n` (a bare address is a /32).
+pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, n) = s.split_once('/').unwrap_or((s, "32"));
+    let n: u8 = n.parse().ok()?;
+    (n <= 32).then_some(())?;
+    Some((a.parse().ok()?, n))
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+fn lcm(a: u64, b: u64) -> u64 {
+    if a == 0 || b == 0 {
+        a.max(b)
+    } else {
+        a / gcd(a, b) * b
+    }
+}

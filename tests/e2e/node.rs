@@ -1,0 +1,445 @@
+//! Node mode in network namespaces: a client, a node and three backend
+//! "pods", joined by veth pairs, with no route out. `bosun proxy --mode
+//! node` runs in the node namespace and programs real nftables (or
+//! iptables) rules there; curl in the client namespace is the client.
+//! Everything is torn down on drop, also when a test fails.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Namespaces, processes and a config directory, removed on drop.
+struct Topo {
+    node: String,
+    client: String,
+    all: Vec<String>,
+    procs: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            // SIGTERM first: node mode removes its rules on the way out.
+            let _ = Command::new("kill").arg(p.id().to_string()).status();
+        }
+        let by = Instant::now() + Duration::from_secs(3);
+        for p in &mut self.procs {
+            while Instant::now() < by && matches!(p.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        for n in &self.all {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const NODE_IP: &str = "10.0.0.1";
+const CLIENT_IP: &str = "10.0.0.2";
+
+impl Topo {
+    /// client (10.0.0.2) — node (10.0.0.1, 10.1.k.1) — backend k (10.1.k.2:8080).
+    fn new(backends: usize) -> Topo {
+        let tag = format!(
+            "bsn{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let node = format!("{tag}-node");
+        let client = format!("{tag}-cl");
+        let dir = std::env::temp_dir().join(format!("{tag}-cfg"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let mut t = Topo {
+            node: node.clone(),
+            client: client.clone(),
+            all: vec![],
+            procs: vec![],
+            dir,
+        };
+        for n in [&node, &client] {
+            ip(&["netns", "add", n]);
+            t.all.push(n.clone());
+            ip(&["-n", n, "link", "set", "lo", "up"]);
+        }
+        ip(&[
+            "-n", &client, "link", "add", "eth0", "type", "veth", "peer", "name", "c0", "netns",
+            &node,
+        ]);
+        ip(&[
+            "-n",
+            &client,
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &client, "link", "set", "eth0", "up"]);
+        ip(&["-n", &client, "route", "add", "default", "via", NODE_IP]);
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "c0",
+        ]);
+        ip(&["-n", &node, "link", "set", "c0", "up"]);
+        let sysctl = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])
+            .status()
+            .expect("sysctl");
+        assert!(sysctl.success());
+        for k in 1..=backends {
+            let b = format!("{tag}-b{k}");
+            ip(&["netns", "add", &b]);
+            t.all.push(b.clone());
+            ip(&["-n", &b, "link", "set", "lo", "up"]);
+            let peer = format!("b{k}");
+            ip(&[
+                "-n", &b, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns",
+                &node,
+            ]);
+            ip(&[
+                "-n",
+                &b,
+                "addr",
+                "add",
+                &format!("10.1.{k}.2/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &b, "link", "set", "eth0", "up"]);
+            ip(&[
+                "-n",
+                &b,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.1.{k}.1"),
+            ]);
+            ip(&[
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("10.1.{k}.1/24"),
+                "dev",
+                &peer,
+            ]);
+            ip(&["-n", &node, "link", "set", &peer, "up"]);
+            let child = Command::new("ip")
+                .args(["netns", "exec", &b, env!("CARGO_BIN_EXE_bosun"), "echo"])
+                .args(["--listen", "0.0.0.0:8080", "--name", &format!("b{k}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start echo backend");
+            t.procs.push(child);
+        }
+        t
+    }
+
+    fn write(&self, yaml: &str) {
+        crate::harness::write_dir(&self.dir, yaml);
+    }
+
+    fn start_node(&mut self, backend: &str) {
+        let log = std::fs::File::create(self.dir.with_extension("log")).expect("log");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.node,
+                env!("CARGO_BIN_EXE_bosun"),
+                "proxy",
+            ])
+            .args([
+                "--mode",
+                "node",
+                "--node-name",
+                "node-a",
+                "--backend",
+                backend,
+            ])
+            .args(["--cluster-cidr", "10.1.0.0/16"])
+            .arg("--config")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start node mode");
+        self.procs.push(child);
+        let by = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.node,
+                    "curl",
+                    "-sf",
+                    "http://127.0.0.1:10256/healthz",
+                ])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < by,
+                "node mode did not sync: {}",
+                std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `n` requests from the client, each on a new connection: (body lines, curl's exit code).
+    fn curl(&self, url: &str, n: usize) -> (Vec<String>, i32) {
+        let target = if n > 1 {
+            format!("{url}?[1-{n}]")
+        } else {
+            url.to_string()
+        };
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.client,
+                "curl",
+                "-s",
+                "--max-time",
+                "20",
+            ])
+            .args(["--connect-timeout", "3", "-H", "Connection: close", &target])
+            .output()
+            .expect("curl");
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        (lines, out.status.code().unwrap_or(-1))
+    }
+
+    /// How many of `n` requests each backend served.
+    fn spread(&self, url: &str, n: usize) -> BTreeMap<String, usize> {
+        let (lines, _) = self.curl(url, n);
+        let mut m = BTreeMap::new();
+        for l in lines {
+            let name = l.split_whitespace().next().unwrap_or("").to_string();
+            *m.entry(name).or_default() += 1;
+        }
+        m
+    }
+
+    /// Waits until `f` holds (rules follow a config change asynchronously).
+    fn until(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let by = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < by, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn endpoint(k: usize, node: &str, ready: bool) -> String {
+    format!(
+        "  - addresses: [10.1.{k}.2]\n    conditions: {{ready: {ready}}}\n    nodeName: {node}\n    targetRef: {{kind: Pod, name: b{k}, namespace: shop}}\n"
+    )
+}
+
+fn service(name: &str, ip: &str, extra: &str, eps: &str) -> String {
+    let eps = if eps.is_empty() { "  []\n" } else { eps };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  clusterIP: {ip}\n{extra}---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{eps}---\n"
+    )
+}
+
+const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: b1, namespace: shop, labels: {app: web, version: v1}}\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {name: b2, namespace: shop, labels: {app: web, version: v2}}\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {name: b3, namespace: shop, labels: {app: web, version: v2}}\n---\n";
+
+fn config(web_eps: &str) -> String {
+    let all = format!(
+        "{}{}{}",
+        endpoint(1, "node-a", true),
+        endpoint(2, "node-a", true),
+        endpoint(3, "node-b", true)
+    );
+    let mut y = String::from(PODS);
+    y += &service(
+        "web",
+        "10.96.0.10",
+        "  type: NodePort\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\n",
+        web_eps,
+    );
+    y += &service(
+        "local",
+        "10.96.0.11",
+        "  type: NodePort\n  externalTrafficPolicy: Local\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081}]\n",
+        &all,
+    );
+    y += "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: shop}\nspec:\n  clusterIP: 10.96.0.12\n  ports: [{name: http, port: 80}]\n---\n";
+    y += &service(
+        "sticky",
+        "10.96.0.13",
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+        &all,
+    );
+    y += &service(
+        "canary",
+        "10.96.0.14",
+        "  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+        &format!(
+            "{}{}",
+            endpoint(1, "node-a", true),
+            endpoint(2, "node-a", true)
+        ),
+    );
+    y += "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: canary, namespace: shop}\nspec:\n  host: canary.shop.svc.cluster.local\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n---\n";
+    y += "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: canary, namespace: shop}\nspec:\n  hosts: [canary.shop.svc.cluster.local]\n  tcp:\n  - route:\n    - {destination: {host: canary.shop.svc.cluster.local, subset: v1}, weight: 80}\n    - {destination: {host: canary.shop.svc.cluster.local, subset: v2}, weight: 20}\n";
+    y
+}
+
+fn suite(backend: &str) {
+    let mut t = Topo::new(3);
+    let all = format!(
+        "{}{}{}",
+        endpoint(1, "node-a", true),
+        endpoint(2, "node-a", true),
+        endpoint(3, "node-b", true)
+    );
+    t.write(&config(&all));
+    t.start_node(backend);
+
+    // ClusterIP spreads over the three backends.
+    let m = t.spread("http://10.96.0.10/", 300);
+    assert_eq!(m.values().sum::<usize>(), 300, "{m:?}");
+    for b in ["b1", "b2", "b3"] {
+        assert!(m.get(b).copied().unwrap_or(0) >= 50, "{backend}: {m:?}");
+    }
+
+    // NodePort, externalTrafficPolicy Cluster: served, source masqueraded.
+    let (lines, code) = t.curl(&format!("http://{NODE_IP}:30080/"), 30);
+    assert_eq!(code, 0, "{backend}: NodePort");
+    assert_eq!(lines.len(), 30);
+    assert!(
+        lines.iter().all(|l| !l.ends_with(CLIENT_IP)),
+        "{backend}: ETP Cluster should masquerade: {lines:?}"
+    );
+    // externalTrafficPolicy Local: only this node's endpoints, client address kept.
+    let (lines, code) = t.curl(&format!("http://{NODE_IP}:30081/"), 60);
+    assert_eq!(code, 0);
+    assert_eq!(lines.len(), 60);
+    for l in &lines {
+        assert!(
+            l.ends_with(CLIENT_IP),
+            "{backend}: ETP Local keeps the source: {l}"
+        );
+        assert!(
+            !l.starts_with("b3"),
+            "{backend}: b3 is on another node: {l}"
+        );
+    }
+
+    // No endpoints: refused at once, not a timeout.
+    let t0 = Instant::now();
+    let (_, code) = t.curl("http://10.96.0.12/", 1);
+    assert_eq!(code, 7, "{backend}: want connection refused (curl exit 7)");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+
+    // Session affinity sticks, then expires (timeoutSeconds: 1).
+    let m = t.spread("http://10.96.0.13/", 30);
+    assert_eq!(m.len(), 1, "{backend}: affinity should stick: {m:?}");
+    let first = m.keys().next().cloned().unwrap_or_default();
+    let mut moved = false;
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(2200));
+        let m = t.spread("http://10.96.0.13/", 3);
+        assert_eq!(
+            m.len(),
+            1,
+            "{backend}: still sticky within the timeout: {m:?}"
+        );
+        if !m.contains_key(&first) {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "{backend}: affinity never expired");
+
+    // L4 weights from a DestinationRule subset split: 80/20.
+    let m = t.spread("http://10.96.0.14/", 2000);
+    let total = m.values().sum::<usize>();
+    assert_eq!(total, 2000, "{m:?}");
+    let v1 = m.get("b1").copied().unwrap_or(0) as f64 / total as f64 * 100.0;
+    assert!(
+        (v1 - 80.0).abs() <= 3.0,
+        "{backend}: want 80/20 ±3, got {m:?}"
+    );
+
+    // An endpoint removed, then one not ready: no more traffic to them.
+    t.write(&config(&format!(
+        "{}{}",
+        endpoint(1, "node-a", true),
+        endpoint(2, "node-a", true)
+    )));
+    t.until("b3 removed", || {
+        !t.spread("http://10.96.0.10/", 60).contains_key("b3")
+    });
+    t.write(&config(&format!(
+        "{}{}",
+        endpoint(1, "node-a", true),
+        endpoint(2, "node-a", false)
+    )));
+    t.until("b2 not ready", || {
+        let m = t.spread("http://10.96.0.10/", 60);
+        m.len() == 1 && m.contains_key("b1")
+    });
+    // And all endpoints gone: refused.
+    t.write(&config(""));
+    t.until("no endpoints refuse", || {
+        t.curl("http://10.96.0.10/", 1).1 == 7
+    });
+}
+
+#[test]
+fn node_mode_nftables() {
+    suite("nftables");
+}
+
+#[test]
+fn node_mode_iptables() {
+    suite("iptables");
+}

@@ -259,7 +259,7 @@ impl Syncer {
     }
 
     async fn sync_nft(&mut self, services: &ServiceMap) -> Result<bool, String> {
-        let new = nft::render(services, &self.opts);
+        let new = nft::render(services, &self.opts, self.nft_last.as_ref());
         let (text, full) = match &self.nft_last {
             Some(old) => match nft::diff_text(old, &new) {
                 Some(t) => (t, false),

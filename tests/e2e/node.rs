@@ -223,6 +223,44 @@ impl Topo {
         }
     }
 
+    /// Runs a command in the node namespace: (success, stdout + stderr).
+    fn node_cmd(&self, cmd: &[&str]) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.node])
+            .args(cmd)
+            .output()
+            .expect("run in node namespace");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// Whether no Bosun rule is left in the node namespace (either backend).
+    fn rules_gone(&self) -> bool {
+        let (nft_table, _) = self.node_cmd(&["nft", "list", "table", "ip", "bosun"]);
+        let (_, saved) = self.node_cmd(&["iptables-save"]);
+        !nft_table && !saved.contains("BOSUN")
+    }
+
+    /// SIGTERM to node mode (the last process started) and wait for it.
+    fn stop_node(&mut self) {
+        let Some(mut p) = self.procs.pop() else {
+            return;
+        };
+        let _ = Command::new("kill").arg(p.id().to_string()).status();
+        let by = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < by && matches!(p.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+
     /// `n` requests from the client, each on a new connection: (body lines, curl's exit code).
     fn curl(&self, url: &str, n: usize) -> (Vec<String>, i32) {
         let target = if n > 1 {
@@ -432,6 +470,45 @@ fn suite(backend: &str) {
     t.until("no endpoints refuse", || {
         t.curl("http://10.96.0.10/", 1).1 == 7
     });
+
+    if backend == "nftables" {
+        // Rules changed behind node mode's back: the next partial sync
+        // fails, and a full resync puts everything back.
+        assert!(t.node_cmd(&["nft", "delete", "table", "ip", "bosun"]).0);
+        t.write(&config(&format!(
+            "{}{}",
+            endpoint(1, "node-a", true),
+            endpoint(3, "node-b", true)
+        )));
+        t.until("full resync after a failed partial one", || {
+            let m = t.spread("http://10.96.0.10/", 30);
+            m.len() == 2 && m.contains_key("b1") && m.contains_key("b3")
+        });
+    }
+
+    // SIGTERM: node mode removes what it programmed.
+    t.stop_node();
+    assert!(t.rules_gone(), "{backend}: rules left after exit");
+    // --cleanup removes rules a killed node left behind.
+    t.start_node(backend);
+    assert!(!t.rules_gone());
+    if let Some(mut p) = t.procs.pop() {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    assert!(!t.rules_gone(), "{backend}: SIGKILL leaves the rules");
+    let bin = env!("CARGO_BIN_EXE_bosun");
+    let (ok, out) = t.node_cmd(&[
+        bin,
+        "proxy",
+        "--mode",
+        "node",
+        "--cleanup",
+        "--backend",
+        backend,
+    ]);
+    assert!(ok, "{out}");
+    assert!(t.rules_gone(), "{backend}: rules left after --cleanup");
 }
 
 #[test]

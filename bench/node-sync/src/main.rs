@@ -1,0 +1,153 @@
+//! `node-sync`: how long node mode takes to program S services (10
+//! endpoints each) into the kernel, in full and for one endpoint change,
+//! with the nftables and the iptables backend. Run it as root inside a
+//! network namespace of its own (`bench/node-sync.sh` does):
+//!
+//!   node-sync SERVICES[,SERVICES...] [CHANGES] [nftables,iptables]  → a Markdown table
+//!   node-sync --program SERVICES BACKEND          → program and exit, rules kept
+//!
+//! Services are 10.96.x.y:80 → 10.1.x.y:8080 ×10, built in memory (the YAML
+//! reading is not what is measured).
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use bosun_node::services::{Endpoint, Proto, ServiceMap, ServicePort};
+use bosun_node::{Backend, Syncer};
+
+fn services(n: usize) -> ServiceMap {
+    let mut m = ServiceMap::new();
+    for i in 0..n {
+        let (a, b) = ((i / 250) as u8, (i % 250) as u8 + 1);
+        let id = format!("bench/svc-{i}/tcp/http");
+        m.insert(
+            id.clone(),
+            ServicePort {
+                id,
+                proto: Proto::Tcp,
+                port: 80,
+                cluster_ips: vec![Ipv4Addr::new(10, 96, a, b)],
+                external_ips: vec![],
+                load_balancer_ips: vec![],
+                source_ranges: vec![],
+                node_port: None,
+                affinity_timeout: None,
+                external_local: false,
+                internal_local: false,
+                endpoints: (0..10)
+                    .map(|e| Endpoint {
+                        ip: Ipv4Addr::new(10, 100 + e, a, b),
+                        port: 8080,
+                        local: true,
+                        weight: 1,
+                    })
+                    .collect(),
+            },
+        );
+    }
+    m
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+async fn measure(n: usize, backend: Backend, changes: usize) -> Result<(f64, f64, f64), String> {
+    Syncer::cleanup(backend).await?;
+    let mut map = services(n);
+    let mut s = Syncer::new(backend, Default::default());
+    let t = Instant::now();
+    s.sync(&map, Instant::now()).await?;
+    let full = t.elapsed().as_secs_f64();
+    let mut one = Vec::new();
+    for c in 0..changes {
+        // One endpoint of one service moves to another port.
+        let key = format!("bench/svc-{}/tcp/http", (c * 7919) % n);
+        if let Some(sp) = map.get_mut(&key) {
+            sp.endpoints[0].port = 9000 + c as u16;
+        }
+        let t = Instant::now();
+        s.sync(&map, Instant::now()).await?;
+        one.push(t.elapsed().as_secs_f64());
+    }
+    let one_med = median(&mut one);
+    let one_max = one.iter().copied().fold(0.0, f64::max);
+    Syncer::cleanup(backend).await?;
+    Ok((full, one_med, one_max))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--dump") {
+        // The nft text of a full sync and of one endpoint change, with the
+        // time spent rendering and diffing (no kernel involved).
+        let n: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(10);
+        let mut map = services(n);
+        let opts = Default::default();
+        let t = Instant::now();
+        let a = bosun_node::nft::render(&map, &opts, None);
+        let full = bosun_node::nft::full_text(&a);
+        let t_full = t.elapsed();
+        if let Some(sp) = map.get_mut("bench/svc-0/tcp/http") {
+            sp.endpoints[0].port = 9000;
+        }
+        let t = Instant::now();
+        let b = bosun_node::nft::render(&map, &opts, Some(&a));
+        let diff = bosun_node::nft::diff_text(&a, &b).unwrap_or_default();
+        let t_diff = t.elapsed();
+        let _ = std::fs::write("/tmp/node-sync-full.nft", &full);
+        let _ = std::fs::write("/tmp/node-sync-diff.nft", &diff);
+        eprintln!(
+            "render+full {t_full:?} ({} bytes), render+diff {t_diff:?} ({} bytes)",
+            full.len(),
+            diff.len()
+        );
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("--program") {
+        let n: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(10);
+        let backend = match args.get(3).map(String::as_str) {
+            Some("iptables") => Backend::Iptables,
+            _ => Backend::Nftables,
+        };
+        let mut s = Syncer::new(backend, Default::default());
+        let _ = Syncer::cleanup(backend).await;
+        if let Err(e) = s.sync(&services(n), Instant::now()).await {
+            eprintln!("node-sync: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let sizes: Vec<usize> = args
+        .get(1)
+        .map(|s| s.split(',').filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1000, 10_000, 30_000]);
+    let changes: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(5);
+    let backends: Vec<(&str, Backend)> = [
+        ("nftables", Backend::Nftables),
+        ("iptables", Backend::Iptables),
+    ]
+    .into_iter()
+    .filter(|(name, _)| args.get(3).is_none_or(|b| b.split(',').any(|x| x == *name)))
+    .collect();
+    println!(
+        "| services × 10 endpoints | backend | full sync | one endpoint change (median / max of {changes}) |"
+    );
+    println!("|---:|---|---:|---:|");
+    for n in sizes {
+        for &(name, backend) in &backends {
+            match measure(n, backend, changes).await {
+                Ok((full, med, max)) => println!(
+                    "| {n} | {name} | {:.3} s | {:.1} ms / {:.1} ms |",
+                    full,
+                    med * 1000.0,
+                    max * 1000.0
+                ),
+                Err(e) => println!("| {n} | {name} | failed: {e} | |"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test Bosun has. Installs the outside clients the tests
-# use when they are missing: curl, h2load (nghttp2-client), etcd (etcd-server), and Python's
+# use when they are missing: curl, h2load (nghttp2-client), etcd (etcd-server),
+# nftables, iptables and iproute2 (node mode, in network namespaces), and Python's
 # grpcio + xds-protos for the xDS conformance test.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -9,6 +10,10 @@ missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
 command -v etcd >/dev/null || missing+=(etcd-server)
+# Node mode's tests program real rules in network namespaces (as root).
+command -v nft >/dev/null || missing+=(nftables)
+command -v iptables-restore >/dev/null || missing+=(iptables)
+command -v ip >/dev/null || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}"
     sudo=""

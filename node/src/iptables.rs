@@ -75,7 +75,9 @@ fn select(sp: &ServicePort, eps: &[Endpoint], chain_name: &str, r: &mut Rendered
     let sep = |e: &Endpoint| chain("SEP", &format!("{}|{}:{}", sp.id, e.ip, e.port));
     for e in eps {
         let c = sep(e);
-        r.nat_chains.insert(c.clone());
+        if !r.nat_chains.insert(c.clone()) {
+            continue; // already filled (the endpoint is also in the other policy's chain)
+        }
         r.nat_rules
             .push(format!("-A {c} -s {}/32 -j BOSUN-MARK-MASQ", e.ip));
         let recent = if sp.affinity_timeout.is_some() {

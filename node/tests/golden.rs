@@ -1,0 +1,164 @@
+//! Golden tests: a fixture of Services and EndpointSlices → the nftables
+//! and iptables text node mode generates, compared with the checked-in
+//! files (`UPDATE_GOLDEN=1` rewrites them), and checked by the kernel with
+//! `nft -c` and `iptables-restore --test` in a network namespace of its
+//! own when this runs as root with those tools (as CI does).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use bosun_control::load::ParseCache;
+use bosun_node::services::service_map;
+use bosun_node::{iptables, nft};
+
+fn golden(name: &str, got: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, got).expect("write golden");
+        return;
+    }
+    let want = std::fs::read_to_string(&path).expect("read golden (UPDATE_GOLDEN=1 writes it)");
+    if want != got {
+        for (i, (w, g)) in want.lines().zip(got.lines()).enumerate() {
+            assert_eq!(w, g, "{name}: line {} differs", i + 1);
+        }
+        assert_eq!(
+            want.lines().count(),
+            got.lines().count(),
+            "{name}: line count"
+        );
+    }
+}
+
+fn fixture() -> bosun_node::services::ServiceMap {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/services.yaml");
+    let text = std::fs::read_to_string(&path).expect("fixture");
+    let cfg = ParseCache::default()
+        .load(&[(path.display().to_string(), text)])
+        .expect("fixture parses");
+    service_map(&cfg, "node-a").expect("fixture is valid")
+}
+
+/// Runs `cmd` with `input` on stdin inside a fresh network namespace;
+/// `None` when that cannot be done here (not root, tool missing).
+fn in_netns(cmd: &[&str], input: &str) -> Option<Result<(), String>> {
+    let have = |c: &str| {
+        Command::new(c)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if !have("ip") || !have(cmd[0]) {
+        return None;
+    }
+    let ns = format!("bsn-golden-{}-{}", std::process::id(), cmd[0]);
+    if !Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .ok()?
+        .success()
+    {
+        return None;
+    }
+    let run = || -> Result<(), String> {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(cmd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        child
+            .stdin
+            .take()
+            .ok_or("stdin")?
+            .write_all(input.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    let r = run();
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    Some(r)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+#[test]
+fn nftables_ruleset_matches_golden_and_the_kernel_accepts_it() {
+    let services = fixture();
+    let text = nft::full_text(&nft::render(
+        &services,
+        &nft::Options {
+            cluster_cidr: Some("10.1.0.0/16".into()),
+        },
+        None,
+    ));
+    golden("services.nft", &text);
+    if is_root() {
+        match in_netns(&["nft", "-c", "-f", "-"], &text) {
+            Some(r) => r.expect("nft -c refused the generated ruleset"),
+            None => eprintln!("nft or ip missing: kernel check skipped"),
+        }
+    }
+}
+
+#[test]
+fn iptables_rules_match_golden_and_the_kernel_accepts_them() {
+    let services = fixture();
+    let text = iptables::restore_text(
+        &iptables::render(
+            &services,
+            &nft::Options {
+                cluster_cidr: Some("10.1.0.0/16".into()),
+            },
+        ),
+        None,
+    );
+    golden("services.iptables", &text);
+    if is_root() {
+        match in_netns(&["iptables-restore", "--test", "--noflush"], &text) {
+            Some(r) => r.expect("iptables-restore --test refused the generated rules"),
+            None => eprintln!("iptables-restore or ip missing: kernel check skipped"),
+        }
+    }
+}
+
+#[test]
+fn a_change_to_one_service_touches_only_its_pieces() {
+    let mut services = fixture();
+    let opts = nft::Options::default();
+    let before = nft::render(&services, &opts, None);
+    let Some(web) = services.get_mut("shop/web/tcp/http") else {
+        panic!("fixture has shop/web/tcp/http");
+    };
+    web.endpoints.retain(|e| e.ip.to_string() != "10.1.2.2");
+    let after = nft::render(&services, &opts, Some(&before));
+    let diff = nft::diff_text(&before, &after).expect("a change");
+    golden("web-endpoint-removed.nft", &diff);
+    // Unchanged services keep their rendered piece (not rendered again).
+    for (id, piece) in &after.pieces {
+        if id != "shop/web/tcp/http" {
+            assert!(
+                std::sync::Arc::ptr_eq(piece, &before.pieces[id]),
+                "{id} re-rendered"
+            );
+        }
+    }
+    assert!(nft::diff_text(&after, &nft::render(&services, &opts, Some(&after))).is_none());
+}

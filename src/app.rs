@@ -170,6 +170,7 @@ pub async fn run_node(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let backend = match args.backend {
         crate::NodeBackend::Nftables => bosun_node::Backend::Nftables,
         crate::NodeBackend::Iptables => bosun_node::Backend::Iptables,
+        crate::NodeBackend::Userspace => bosun_node::Backend::Userspace,
     };
     if args.cleanup {
         bosun_node::Syncer::cleanup(backend)

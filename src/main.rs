@@ -39,6 +39,8 @@ enum NodeBackend {
     Nftables,
     /// iptables-restore of Bosun's chains, for hosts without nftables.
     Iptables,
+    /// An in-process TCP proxy on each service address (local routes on lo); the last resort.
+    Userspace,
 }
 
 #[derive(clap::Args, Debug, Clone)]

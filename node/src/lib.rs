@@ -6,6 +6,7 @@ pub mod iptables;
 pub mod nft;
 pub mod services;
 pub mod sync;
+pub mod userspace;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -132,5 +133,5 @@ pub async fn run(
         }
     }
     tracing::info!("removing node rules");
-    Syncer::cleanup(opts.backend).await
+    syncer.shutdown().await
 }

@@ -14,6 +14,8 @@ use crate::{iptables, nft};
 pub enum Backend {
     Nftables,
     Iptables,
+    /// An in-process L4 proxy (see [`crate::userspace`]).
+    Userspace,
 }
 
 /// A Prometheus histogram (cumulative buckets on output).
@@ -197,6 +199,7 @@ pub struct Syncer {
     pub metrics: std::sync::Arc<Metrics>,
     nft_last: Option<nft::Rendered>,
     ipt_last: Option<iptables::Rendered>,
+    userspace: Option<crate::userspace::Userspace>,
 }
 
 impl Syncer {
@@ -207,6 +210,7 @@ impl Syncer {
             metrics: Default::default(),
             nft_last: None,
             ipt_last: None,
+            userspace: None,
         }
     }
 
@@ -222,6 +226,14 @@ impl Syncer {
         let result = match self.backend {
             Backend::Nftables => self.sync_nft(services).await,
             Backend::Iptables => self.sync_iptables(services).await,
+            Backend::Userspace => {
+                let first = self.userspace.is_none();
+                self.userspace
+                    .get_or_insert_with(Default::default)
+                    .apply(services)
+                    .await
+                    .map(|()| first)
+            }
         };
         let took = t.elapsed().as_secs_f64();
         let programming = changed_at.elapsed().as_secs_f64();
@@ -308,9 +320,19 @@ impl Syncer {
         }
     }
 
+    /// Stops what this syncer runs (the userspace proxy) and removes
+    /// everything node mode programmed with its backend.
+    pub async fn shutdown(&mut self) -> Result<(), String> {
+        if let Some(u) = &mut self.userspace {
+            u.shutdown().await;
+        }
+        Syncer::cleanup(self.backend).await
+    }
+
     /// Removes everything node mode programmed with this backend.
     pub async fn cleanup(backend: Backend) -> Result<(), String> {
         match backend {
+            Backend::Userspace => crate::userspace::cleanup().await,
             Backend::Nftables => run_with_stdin("nft", &["-f", "-"], &nft::cleanup_text()).await,
             Backend::Iptables => {
                 for (table, builtin, rule) in iptables::JUMPS {

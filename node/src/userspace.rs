@@ -1,0 +1,315 @@
+//! The userspace backend, for hosts with neither nftables nor iptables: an
+//! in-process L4 proxy, like kube-proxy's old userspace mode. Every service
+//! address (cluster, external and load-balancer IPs) gets a `local` route
+//! on `lo` (`ip route … proto 249`, removed on exit) and a listener bound
+//! to it; NodePorts listen on every address. A connection goes to an
+//! endpoint chosen by weight, or the client's last endpoint under
+//! `sessionAffinity: ClientIP`, and bytes are copied both ways.
+//!
+//! Limits, inherent to proxying: the endpoint sees the node's address, not
+//! the client's (so `externalTrafficPolicy: Local` only restricts the
+//! choice to local endpoints), and only TCP is carried.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::services::{Endpoint, Proto, ServiceMap};
+
+/// The `ip route` protocol number marking Bosun's local routes.
+pub const ROUTE_PROTO: &str = "249";
+
+/// Where connections to one listening address go.
+#[derive(Clone, Debug, PartialEq)]
+struct Target {
+    endpoints: Vec<Endpoint>,
+    affinity: Option<Duration>,
+    /// Rejected source ranges apply (load-balancer IPs).
+    source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+#[derive(Default)]
+struct Affinity {
+    by_client: HashMap<(SocketAddr, IpAddr), (Endpoint, Instant)>,
+}
+
+/// The running proxy: listeners by address, their targets, and the routes
+/// it added.
+#[derive(Default)]
+pub struct Userspace {
+    targets: Arc<Mutex<HashMap<SocketAddr, Target>>>,
+    listeners: BTreeMap<SocketAddr, JoinHandle<()>>,
+    routes: BTreeSet<Ipv4Addr>,
+    affinity: Arc<Mutex<Affinity>>,
+}
+
+fn in_range(ip: IpAddr, ranges: &[(Ipv4Addr, u8)]) -> bool {
+    let IpAddr::V4(ip) = ip else { return false };
+    ranges.iter().any(|(net, len)| {
+        let mask = if *len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(*len))
+        };
+        u32::from(ip) & mask == u32::from(*net) & mask
+    })
+}
+
+fn pick(eps: &[Endpoint], skip: &BTreeSet<(Ipv4Addr, u16)>) -> Option<Endpoint> {
+    let left: Vec<&Endpoint> = eps
+        .iter()
+        .filter(|e| !skip.contains(&(e.ip, e.port)))
+        .collect();
+    let total: u64 = left.iter().map(|e| u64::from(e.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut n = rand_below(total);
+    for e in left {
+        let w = u64::from(e.weight);
+        if n < w {
+            return Some(e.clone());
+        }
+        n -= w;
+    }
+    None
+}
+
+fn rand_below(n: u64) -> u64 {
+    use rand::RngExt;
+    rand::rng().random_range(0..n)
+}
+
+async fn run_cmd(args: &[&str]) -> Result<(), String> {
+    let out = tokio::process::Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    // The service IP's local route may come a moment later.
+    s.set_freebind_v4(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+impl Userspace {
+    /// Makes listeners, routes and targets match `services`.
+    pub async fn apply(&mut self, services: &ServiceMap) -> Result<(), String> {
+        let mut want: HashMap<SocketAddr, Target> = HashMap::new();
+        let mut ips = BTreeSet::new();
+        for sp in services.values() {
+            if sp.proto != Proto::Tcp {
+                tracing::warn!(service = %sp.id, "the userspace backend carries TCP only; skipped");
+                continue;
+            }
+            let affinity = sp
+                .affinity_timeout
+                .map(|t| Duration::from_secs(u64::from(t)));
+            let cluster = sp.cluster_endpoints();
+            let external = sp.external_endpoints();
+            let ranges: Vec<(Ipv4Addr, u8)> = sp
+                .source_ranges
+                .iter()
+                .filter_map(|r| crate::services::parse_cidr(r))
+                .collect();
+            for ip in &sp.cluster_ips {
+                ips.insert(*ip);
+                if !cluster.is_empty() {
+                    want.insert(
+                        SocketAddr::new((*ip).into(), sp.port),
+                        Target {
+                            endpoints: cluster.clone(),
+                            affinity,
+                            source_ranges: vec![],
+                        },
+                    );
+                }
+            }
+            if external.is_empty() {
+                continue;
+            }
+            for ip in &sp.external_ips {
+                ips.insert(*ip);
+                want.insert(
+                    SocketAddr::new((*ip).into(), sp.port),
+                    Target {
+                        endpoints: external.clone(),
+                        affinity,
+                        source_ranges: vec![],
+                    },
+                );
+            }
+            for ip in &sp.load_balancer_ips {
+                ips.insert(*ip);
+                want.insert(
+                    SocketAddr::new((*ip).into(), sp.port),
+                    Target {
+                        endpoints: external.clone(),
+                        affinity,
+                        source_ranges: ranges.clone(),
+                    },
+                );
+            }
+            if let Some(np) = sp.node_port {
+                want.insert(
+                    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), np),
+                    Target {
+                        endpoints: external.clone(),
+                        affinity,
+                        source_ranges: vec![],
+                    },
+                );
+            }
+        }
+        for ip in ips.difference(&self.routes.clone()) {
+            let dst = format!("{ip}/32");
+            run_cmd(&[
+                "route",
+                "replace",
+                "local",
+                &dst,
+                "dev",
+                "lo",
+                "table",
+                "local",
+                "proto",
+                ROUTE_PROTO,
+            ])
+            .await?;
+            self.routes.insert(*ip);
+        }
+        // Listeners: close what is gone (a service without endpoints has
+        // none, so connections are refused at once), open what is new.
+        let gone: Vec<SocketAddr> = self
+            .listeners
+            .keys()
+            .filter(|a| !want.contains_key(a))
+            .copied()
+            .collect();
+        for a in gone {
+            if let Some(h) = self.listeners.remove(&a) {
+                h.abort();
+            }
+        }
+        *self.targets.lock().unwrap_or_else(|p| p.into_inner()) = want.clone();
+        for addr in want.keys() {
+            if self.listeners.contains_key(addr) {
+                continue;
+            }
+            let listener = bind(*addr).map_err(|e| format!("userspace listener {addr}: {e}"))?;
+            let (targets, affinity) = (self.targets.clone(), self.affinity.clone());
+            let addr = *addr;
+            self.listeners.insert(
+                addr,
+                tokio::spawn(async move {
+                    loop {
+                        let Ok((client, peer)) = listener.accept().await else {
+                            continue;
+                        };
+                        let target = targets
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&addr)
+                            .cloned();
+                        let Some(target) = target else { continue };
+                        tokio::spawn(forward(client, peer, addr, target, affinity.clone()));
+                    }
+                }),
+            );
+        }
+        let stale: Vec<Ipv4Addr> = self.routes.difference(&ips).copied().collect();
+        for ip in stale {
+            let dst = format!("{ip}/32");
+            let _ = run_cmd(&["route", "del", "local", &dst, "dev", "lo", "table", "local"]).await;
+            self.routes.remove(&ip);
+        }
+        Ok(())
+    }
+
+    /// Closes every listener and removes every route this proxy added.
+    pub async fn shutdown(&mut self) {
+        for (_, h) in std::mem::take(&mut self.listeners) {
+            h.abort();
+        }
+        for ip in std::mem::take(&mut self.routes) {
+            let dst = format!("{ip}/32");
+            let _ = run_cmd(&["route", "del", "local", &dst, "dev", "lo", "table", "local"]).await;
+        }
+    }
+}
+
+/// Removes Bosun's local routes left by a userspace backend that was killed.
+pub async fn cleanup() -> Result<(), String> {
+    run_cmd(&["route", "flush", "table", "local", "proto", ROUTE_PROTO]).await
+}
+
+async fn forward(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddr,
+    target: Target,
+    affinity: Arc<Mutex<Affinity>>,
+) {
+    if !target.source_ranges.is_empty() && !in_range(peer.ip(), &target.source_ranges) {
+        return; // loadBalancerSourceRanges: closed
+    }
+    let key = (addr, peer.ip());
+    let sticky = target.affinity.and_then(|ttl| {
+        let mut a = affinity.lock().unwrap_or_else(|p| p.into_inner());
+        match a.by_client.get(&key) {
+            Some((ep, at)) if at.elapsed() < ttl && target.endpoints.contains(ep) => {
+                Some(ep.clone())
+            }
+            Some(_) => {
+                a.by_client.remove(&key);
+                None
+            }
+            None => None,
+        }
+    });
+    let mut tried = BTreeSet::new();
+    let mut next = sticky;
+    loop {
+        let Some(ep) = next.take().or_else(|| pick(&target.endpoints, &tried)) else {
+            return; // every endpoint refused: the client sees the close
+        };
+        tried.insert((ep.ip, ep.port));
+        let conn = tokio::time::timeout(
+            Duration::from_secs(3),
+            TcpStream::connect(SocketAddr::new(ep.ip.into(), ep.port)),
+        )
+        .await;
+        let Ok(Ok(mut upstream)) = conn else {
+            continue;
+        };
+        if target.affinity.is_some() {
+            affinity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .by_client
+                .insert(key, (ep, Instant::now()));
+        }
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        return;
+    }
+}

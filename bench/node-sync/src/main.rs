@@ -16,6 +16,12 @@ use bosun_node::services::{Endpoint, Proto, ServiceMap, ServicePort};
 use bosun_node::{Backend, Syncer};
 
 fn services(n: usize) -> ServiceMap {
+    // NODE_SYNC_ENDPOINT=ip:port sends every service to one real backend
+    // (for the first-packet latency run).
+    let real: Option<(Ipv4Addr, u16)> = std::env::var("NODE_SYNC_ENDPOINT").ok().and_then(|v| {
+        let a: std::net::SocketAddrV4 = v.parse().ok()?;
+        Some((*a.ip(), a.port()))
+    });
     let mut m = ServiceMap::new();
     for i in 0..n {
         let (a, b) = ((i / 250) as u8, (i % 250) as u8 + 1);
@@ -36,8 +42,8 @@ fn services(n: usize) -> ServiceMap {
                 internal_local: false,
                 endpoints: (0..10)
                     .map(|e| Endpoint {
-                        ip: Ipv4Addr::new(10, 100 + e, a, b),
-                        port: 8080,
+                        ip: real.map_or(Ipv4Addr::new(10, 100 + e, a, b), |r| r.0),
+                        port: real.map_or(8080, |r| r.1),
                         local: true,
                         weight: 1,
                     })
@@ -113,7 +119,8 @@ async fn main() {
             _ => Backend::Nftables,
         };
         let mut s = Syncer::new(backend, Default::default());
-        let _ = Syncer::cleanup(backend).await;
+        let _ = Syncer::cleanup(Backend::Nftables).await;
+        let _ = Syncer::cleanup(Backend::Iptables).await;
         if let Err(e) = s.sync(&services(n), Instant::now()).await {
             eprintln!("node-sync: {e}");
             std::process::exit(1);

@@ -117,6 +117,7 @@ fn node(args: &ProxyArgs, params: &ProxyParams) -> bosun_xds_proto::core::Node {
     let mode = match params.mode {
         ProxyMode::Sidecar => "sidecar",
         ProxyMode::Gateway => "gateway",
+        ProxyMode::Node => "node",
     };
     fields.insert(meta::MODE.to_string(), string(mode));
     fields.insert(meta::NAMESPACE.to_string(), string(&params.namespace));
@@ -179,20 +180,26 @@ pub async fn run_node(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         println!("node rules removed ({backend:?})");
         return Ok(ExitCode::SUCCESS);
     }
-    if args.xds.is_some() {
-        anyhow::bail!("node mode reads --config; node mode over --xds is not implemented yet");
-    }
-    let Some(config) = args.config.clone() else {
-        anyhow::bail!("node mode needs --config PATH");
-    };
     let node_name = match &args.node_name {
         Some(n) => n.clone(),
         None => std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default(),
     };
+    let source = match (&args.config, &args.xds) {
+        (Some(path), _) => bosun_node::Source::Config(path.clone()),
+        (None, Some(xds)) => bosun_node::Source::Xds(bosun_node::xds::XdsOptions {
+            addresses: xds.split(',').map(|a| a.trim().to_string()).collect(),
+            node_id: args
+                .node_id
+                .clone()
+                .unwrap_or_else(|| format!("node~{node_name}")),
+            node_name: node_name.clone(),
+        }),
+        (None, None) => anyhow::bail!("node mode needs --config PATH or --xds ADDR"),
+    };
     let opts = bosun_node::NodeOptions {
-        config,
+        source,
         node_name,
         backend,
         cluster_cidr: args.cluster_cidr.clone(),

@@ -9,6 +9,7 @@ pub mod etcd;
 pub mod kubernetes;
 pub mod load;
 pub mod model;
+pub mod node_services;
 pub mod source;
 pub mod translate;
 pub mod validate;

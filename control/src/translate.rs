@@ -35,6 +35,8 @@ pub struct ProxyParams {
 pub enum ProxyMode {
     Sidecar,
     Gateway,
+    /// Node mode: receives `NodeService` resources, not a proxy config.
+    Node,
 }
 
 impl Default for ProxyParams {
@@ -527,6 +529,7 @@ fn translate_with(
     match params.mode {
         ProxyMode::Sidecar => sidecar(&mut ctx, &mut out),
         ProxyMode::Gateway => gateway(&mut ctx, &mut out),
+        ProxyMode::Node => {} // see node_services
     }
     if !ctx.errors.is_empty() {
         return Err(ConfigErrors(ctx.errors));

@@ -99,8 +99,12 @@ pub fn split(cfg: &pb::ProxyConfig) -> Resources {
             named(type_url::CLUSTER_LOAD_ASSIGNMENT, a),
         );
     }
-    // The version is a hash of every resource's (type, name, version):
-    // deterministic, so replicas agree, and no second encoding of the whole.
+    versioned(by_type)
+}
+
+/// Resources with their version: a hash of every resource's (type, name,
+/// version), deterministic, so replicas agree, and no second encoding.
+fn versioned(by_type: BTreeMap<&'static str, BTreeMap<String, Named>>) -> Resources {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (t, m) in &by_type {
         for (name, n) in m {
@@ -115,6 +119,30 @@ pub fn split(cfg: &pb::ProxyConfig) -> Resources {
     Resources {
         version: format!("{h:016x}"),
         by_type,
+    }
+}
+
+/// What a node (node mode) receives: one `NodeService` per service port.
+fn node_resources(cfg: &crate::model::Config) -> Result<Arc<Resources>, String> {
+    let map = crate::node_services::service_map(cfg, "").map_err(|e| e.to_string())?;
+    let mut m = BTreeMap::new();
+    for (id, sp) in &map {
+        m.insert(
+            id.clone(),
+            named(type_url::NODE_SERVICE, &crate::node_services::to_proto(sp)),
+        );
+    }
+    let mut by_type = BTreeMap::new();
+    by_type.insert(type_url::NODE_SERVICE, m);
+    Ok(Arc::new(versioned(by_type)))
+}
+
+/// The types a proxy of this mode subscribes to, in push order.
+pub fn types_for(mode: ProxyMode) -> &'static [&'static str] {
+    const NODE: [&str; 1] = [type_url::NODE_SERVICE];
+    match mode {
+        ProxyMode::Node => &NODE,
+        ProxyMode::Sidecar | ProxyMode::Gateway => &type_url::ALL,
     }
 }
 
@@ -147,9 +175,10 @@ pub fn params_from_node(node: &Node) -> Result<ProxyParams, String> {
         p.mode = match m.as_str() {
             "sidecar" => ProxyMode::Sidecar,
             "gateway" => ProxyMode::Gateway,
+            "node" => ProxyMode::Node,
             other => {
                 return Err(format!(
-                    "node metadata MODE {other:?}: want sidecar or gateway"
+                    "node metadata MODE {other:?}: want sidecar, gateway or node"
                 ));
             }
         };
@@ -331,6 +360,11 @@ impl Ads {
         }
         if let Some(r) = cache.by_params.get(&key) {
             return r.clone();
+        }
+        if params.mode == ProxyMode::Node {
+            let r = node_resources(&cfg.config);
+            cache.by_params.insert(key, r.clone());
+            return r;
         }
         let t = std::time::Instant::now();
         let translated = cfg.translate(params);
@@ -540,7 +574,7 @@ impl Ads {
                     }
                 }
                 None => {
-                    for t in type_url::ALL {
+                    for &t in types_for(params.mode) {
                         if let Some(entry) = types.get_mut(t)
                             && entry.sent_version != res.version
                         {
@@ -607,7 +641,11 @@ impl Ads {
             }
             match req {
                 Some(req) => {
-                    let Some(t) = type_url::ALL.iter().copied().find(|t| *t == req.type_url) else {
+                    let Some(t) = types_for(params.mode)
+                        .iter()
+                        .copied()
+                        .find(|t| *t == req.type_url)
+                    else {
                         return Err(Status::invalid_argument(format!(
                             "unknown type {}",
                             req.type_url
@@ -621,7 +659,7 @@ impl Ads {
                         }
                         if permit.is_some() {
                             first_acks += 1;
-                            if first_acks >= type_url::ALL.len() {
+                            if first_acks >= types_for(params.mode).len() {
                                 permit = None;
                             }
                         }
@@ -678,7 +716,7 @@ impl Ads {
                         continue; // the config changed, not this proxy's part of it
                     }
                     pushed.clone_from(&res.version);
-                    for t in type_url::ALL {
+                    for &t in types_for(params.mode) {
                         if let Some(entry) = types.get_mut(t) {
                             let resp = self.delta_response(res, t, entry, &mut nonce, &[]);
                             if tx.send(Ok(resp)).await.is_err() {

@@ -4,9 +4,10 @@
 
 pub mod iptables;
 pub mod nft;
-pub mod services;
+pub use bosun_control::node_services as services;
 pub mod sync;
 pub mod userspace;
+pub mod xds;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,13 +18,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
 
 pub use sync::{Backend, Metrics, Syncer};
 
 /// How node mode runs.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
-    pub config: PathBuf,
+    /// Where Services come from: a watched YAML path, or a control service.
+    pub source: Source,
     pub node_name: String,
     pub backend: Backend,
     pub cluster_cidr: Option<String>,
@@ -31,6 +34,49 @@ pub struct NodeOptions {
     pub healthz_address: SocketAddr,
     /// Prometheus metrics: `/metrics`.
     pub metrics_address: SocketAddr,
+}
+
+/// Where node mode reads Services and EndpointSlices.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A YAML file or directory, watched.
+    Config(PathBuf),
+    /// `NodeService` resources over ADS from `bosun control`.
+    Xds(xds::XdsOptions),
+}
+
+/// Service maps from the source, or the errors that refused a reading.
+fn service_maps(
+    source: Source,
+    node_name: String,
+) -> mpsc::Receiver<Result<services::ServiceMap, Vec<String>>> {
+    let (tx, rx) = mpsc::channel(4);
+    match source {
+        Source::Config(path) => {
+            let mut readings = bosun_control::source::watch(path);
+            tokio::spawn(async move {
+                while let Some(reading) = readings.recv().await {
+                    let r = reading
+                        .and_then(|cfg| services::service_map(&cfg, &node_name))
+                        .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect());
+                    if tx.send(r).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Source::Xds(opts) => {
+            let mut maps = xds::watch(opts);
+            tokio::spawn(async move {
+                while let Some(map) = maps.recv().await {
+                    if tx.send(Ok(map)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    rx
 }
 
 /// Serves `/healthz` like kube-proxy: 200 with the last sync time once
@@ -99,7 +145,7 @@ pub async fn run(
             .map_err(|e| format!("listener {addr}: {e}"))?;
         tokio::spawn(serve(l, syncer.metrics.clone(), opts.node_name.clone()));
     }
-    let mut readings = bosun_control::source::watch(opts.config.clone());
+    let mut readings = service_maps(opts.source.clone(), opts.node_name.clone());
     let mut current: Option<services::ServiceMap> = None;
     let mut changed_at = Instant::now();
     let mut retry = false;
@@ -110,10 +156,10 @@ pub async fn run(
             r = readings.recv() => {
                 let Some(reading) = r else { break };
                 changed_at = Instant::now();
-                match reading.and_then(|cfg| services::service_map(&cfg, &opts.node_name)) {
+                match reading {
                     Ok(map) => current = Some(map),
                     Err(errors) => {
-                        for e in &errors.0 {
+                        for e in &errors {
                             tracing::error!("config refused, the rules in place stay: {e}");
                         }
                         continue;

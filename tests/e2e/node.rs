@@ -172,6 +172,36 @@ impl Topo {
     }
 
     fn start_node(&mut self, backend: &str) {
+        let dir = self.dir.display().to_string();
+        self.start_node_with(backend, &["--config", &dir]);
+    }
+
+    /// A control service in the node namespace, on the config directory.
+    fn start_control(&mut self) {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.node,
+                env!("CARGO_BIN_EXE_bosun"),
+                "control",
+            ])
+            .arg("--config-dir")
+            .arg(&self.dir)
+            .args([
+                "--xds-addr",
+                "127.0.0.1:15010",
+                "--admin-address",
+                "127.0.0.1:15014",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start control");
+        self.procs.push(child);
+    }
+
+    fn start_node_with(&mut self, backend: &str, source: &[&str]) {
         let log = std::fs::File::create(self.dir.with_extension("log")).expect("log");
         let child = Command::new("ip")
             .args([
@@ -190,8 +220,7 @@ impl Topo {
                 backend,
             ])
             .args(["--cluster-cidr", "10.1.0.0/16"])
-            .arg("--config")
-            .arg(&self.dir)
+            .args(source)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -526,4 +555,46 @@ fn node_mode_iptables() {
 #[test]
 fn node_mode_userspace() {
     suite("userspace");
+}
+
+/// Node mode fed by the control service over ADS (NodeService resources):
+/// the same rules, and a change to the control's config reaches the kernel.
+#[test]
+fn node_mode_over_xds() {
+    let mut t = Topo::new(3);
+    let eps = |ks: &[usize]| -> String {
+        ks.iter()
+            .map(|k| endpoint(*k, if *k == 3 { "node-b" } else { "node-a" }, true))
+            .collect()
+    };
+    let yaml = |ks: &[usize]| {
+        format!(
+            "{PODS}{}",
+            service(
+                "web",
+                "10.96.0.10",
+                "  type: NodePort\n  externalTrafficPolicy: Local\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\n",
+                &eps(ks),
+            )
+        )
+    };
+    t.write(&yaml(&[1, 2, 3]));
+    t.start_control();
+    t.start_node_with("nftables", &["--xds", "127.0.0.1:15010"]);
+    let m = t.spread("http://10.96.0.10/", 150);
+    assert_eq!(m.len(), 3, "{m:?}");
+    // Which endpoints are local is decided by the node: b3 is on node-b.
+    let (lines, code) = t.curl(&format!("http://{NODE_IP}:30080/"), 40);
+    assert_eq!(code, 0);
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.starts_with("b3") && l.ends_with(CLIENT_IP)),
+        "{lines:?}"
+    );
+    t.write(&yaml(&[2]));
+    t.until("the control's change reaches the rules", || {
+        let m = t.spread("http://10.96.0.10/", 30);
+        m.len() == 1 && m.contains_key("b2")
+    });
 }

@@ -67,6 +67,8 @@ pub mod type_url {
     pub const CLUSTER: &str = "type.googleapis.com/bosun.config.v1.Cluster";
     pub const CLUSTER_LOAD_ASSIGNMENT: &str =
         "type.googleapis.com/bosun.config.v1.ClusterLoadAssignment";
+    /// Node mode's one type (Services and endpoints, for nodes only).
+    pub const NODE_SERVICE: &str = "type.googleapis.com/bosun.config.v1.NodeService";
     /// The order a control plane pushes them in: what is referenced first.
     pub const ALL: [&str; 4] = [
         CLUSTER,

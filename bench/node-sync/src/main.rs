@@ -45,6 +45,7 @@ fn services(n: usize) -> ServiceMap {
                         ip: real.map_or(Ipv4Addr::new(10, 100 + e, a, b), |r| r.0),
                         port: real.map_or(8080, |r| r.1),
                         local: true,
+                        node: String::new(),
                         weight: 1,
                     })
                     .collect(),

@@ -5,8 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use bosun_control::load::{ConfigError, ConfigErrors};
-use bosun_control::model::{self, Config, IntOrString, Labels};
+use crate::load::{ConfigError, ConfigErrors};
+use crate::model::{self, Config, IntOrString, Labels};
+use bosun_xds_proto::config as pb;
 
 /// A transport protocol a Service port can carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -33,6 +34,8 @@ pub struct Endpoint {
     pub port: u16,
     /// On this node (`nodeName` equals `--node-name`).
     pub local: bool,
+    /// The endpoint's `nodeName` (empty when not set).
+    pub node: String,
     /// Relative share of new connections (all equal unless a
     /// VirtualService splits the service across DestinationRule subsets).
     pub weight: u32,
@@ -408,6 +411,7 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
                             ip,
                             port: target,
                             local: e.node_name.as_deref() == Some(node_name),
+                            node: e.node_name.clone().unwrap_or_default(),
                             weight,
                         };
                         if is_ready {
@@ -493,4 +497,81 @@ fn lcm(a: u64, b: u64) -> u64 {
     } else {
         a / gcd(a, b) * b
     }
+}
+
+/// Node mode over xDS: a service port as a `bosun.config.v1.NodeService`.
+pub fn to_proto(sp: &ServicePort) -> pb::NodeService {
+    pb::NodeService {
+        id: sp.id.clone(),
+        protocol: sp.proto.as_str().to_string(),
+        port: u32::from(sp.port),
+        cluster_ips: sp.cluster_ips.iter().map(|i| i.to_string()).collect(),
+        external_ips: sp.external_ips.iter().map(|i| i.to_string()).collect(),
+        load_balancer_ips: sp.load_balancer_ips.iter().map(|i| i.to_string()).collect(),
+        source_ranges: sp.source_ranges.clone(),
+        node_port: sp.node_port.map(u32::from).unwrap_or(0),
+        affinity_timeout_seconds: sp.affinity_timeout.unwrap_or(0),
+        external_local: sp.external_local,
+        internal_local: sp.internal_local,
+        endpoints: sp
+            .endpoints
+            .iter()
+            .map(|e| pb::NodeEndpoint {
+                address: e.ip.to_string(),
+                port: u32::from(e.port),
+                node_name: e.node.clone(),
+                weight: e.weight,
+            })
+            .collect(),
+    }
+}
+
+/// The inverse of [`to_proto`], for node `node_name`: which endpoints are
+/// local is decided here, by each node.
+pub fn from_proto(m: &pb::NodeService, node_name: &str) -> Result<ServicePort, String> {
+    let ip = |s: &String| -> Result<Ipv4Addr, String> {
+        s.parse()
+            .map_err(|_| format!("{}: bad IPv4 address {s:?}", m.id))
+    };
+    let port = |p: u32| -> Result<u16, String> {
+        u16::try_from(p).map_err(|_| format!("{}: bad port {p}", m.id))
+    };
+    let proto = match m.protocol.as_str() {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        "sctp" => Proto::Sctp,
+        other => return Err(format!("{}: unknown protocol {other:?}", m.id)),
+    };
+    let mut endpoints = Vec::new();
+    for e in &m.endpoints {
+        endpoints.push(Endpoint {
+            ip: ip(&e.address)?,
+            port: port(e.port)?,
+            local: !e.node_name.is_empty() && e.node_name == node_name,
+            node: e.node_name.clone(),
+            weight: e.weight.max(1),
+        });
+    }
+    Ok(ServicePort {
+        id: m.id.clone(),
+        proto,
+        port: port(m.port)?,
+        cluster_ips: m.cluster_ips.iter().map(ip).collect::<Result<_, _>>()?,
+        external_ips: m.external_ips.iter().map(ip).collect::<Result<_, _>>()?,
+        load_balancer_ips: m
+            .load_balancer_ips
+            .iter()
+            .map(ip)
+            .collect::<Result<_, _>>()?,
+        source_ranges: m.source_ranges.clone(),
+        node_port: if m.node_port == 0 {
+            None
+        } else {
+            Some(port(m.node_port)?)
+        },
+        affinity_timeout: (m.affinity_timeout_seconds > 0).then_some(m.affinity_timeout_seconds),
+        external_local: m.external_local,
+        internal_local: m.internal_local,
+        endpoints,
+    })
 }

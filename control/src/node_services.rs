@@ -3,7 +3,7 @@
 //! (service, port, protocol), with the endpoints a connection may go to.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::load::{ConfigError, ConfigErrors};
 use crate::model::{self, Config, IntOrString, Labels};
@@ -30,7 +30,7 @@ impl Proto {
 /// One endpoint a connection to the service port may be sent to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     /// On this node (`nodeName` equals `--node-name`).
     pub local: bool,
@@ -49,11 +49,11 @@ pub struct ServicePort {
     pub id: String,
     pub proto: Proto,
     pub port: u16,
-    pub cluster_ips: Vec<Ipv4Addr>,
+    pub cluster_ips: Vec<IpAddr>,
     /// `externalIPs` and `loadBalancerIP`: reached like the cluster IP but
     /// following `externalTrafficPolicy`.
-    pub external_ips: Vec<Ipv4Addr>,
-    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
+    pub load_balancer_ips: Vec<IpAddr>,
     /// `loadBalancerSourceRanges` (CIDRs), for load-balancer IPs only.
     pub source_ranges: Vec<String>,
     pub node_port: Option<u16>,
@@ -95,30 +95,105 @@ impl ServicePort {
     }
 }
 
+/// An address family: node mode writes one table (or iptables flavour) per family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Family {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+    /// The nftables family and address expression prefix: `ip` or `ip6`.
+    pub fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+    /// The nftables address type.
+    pub fn addr_type(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        }
+    }
+    /// The loopback network, never a NodePort destination.
+    pub fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
+    /// A host prefix length.
+    pub fn host_bits(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+    /// `addr:port`, bracketed for IPv6.
+    pub fn addr_port(ip: &IpAddr, port: u16) -> String {
+        std::net::SocketAddr::new(*ip, port).to_string()
+    }
+}
+
+impl ServicePort {
+    /// This service port restricted to one family (a dual-stack Service is
+    /// programmed once per family); `None` when it has no address in it.
+    pub fn for_family(&self, f: Family) -> Option<ServicePort> {
+        let keep = |v: &[IpAddr]| -> Vec<IpAddr> {
+            v.iter().filter(|ip| Family::of(ip) == f).copied().collect()
+        };
+        let sp = ServicePort {
+            id: self.id.clone(),
+            proto: self.proto,
+            port: self.port,
+            cluster_ips: keep(&self.cluster_ips),
+            external_ips: keep(&self.external_ips),
+            load_balancer_ips: keep(&self.load_balancer_ips),
+            source_ranges: self
+                .source_ranges
+                .iter()
+                .filter(|r| parse_cidr(r).is_some_and(|(a, _)| Family::of(&a) == f))
+                .cloned()
+                .collect(),
+            node_port: self.node_port,
+            affinity_timeout: self.affinity_timeout,
+            external_local: self.external_local,
+            internal_local: self.internal_local,
+            endpoints: self
+                .endpoints
+                .iter()
+                .filter(|e| Family::of(&e.ip) == f)
+                .cloned()
+                .collect(),
+        };
+        let any = !sp.cluster_ips.is_empty()
+            || !sp.external_ips.is_empty()
+            || !sp.load_balancer_ips.is_empty();
+        any.then_some(sp)
+    }
+}
+
 /// Everything node mode programs, by [`ServicePort::id`].
 pub type ServiceMap = BTreeMap<String, ServicePort>;
 
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
-fn ipv4(
+fn parse_ip(
     s: &str,
     origin: &model::Origin,
     id: &str,
     field: &str,
     errors: &mut Vec<ConfigError>,
-) -> Option<Ipv4Addr> {
-    match s.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(a)) => Some(a),
-        Ok(std::net::IpAddr::V6(_)) => {
-            errors.push(ConfigError::at(
-                origin,
-                id.to_string(),
-                field,
-                format!("{s}: IPv6 services are not implemented by node mode yet"),
-            ));
-            None
-        }
+) -> Option<IpAddr> {
+    match s.parse::<IpAddr>() {
+        Ok(a) => Some(a),
         Err(_) => {
             errors.push(ConfigError::at(
                 origin,
@@ -234,19 +309,19 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
             if ip == "None" || ip.is_empty() {
                 continue; // headless: nothing to program
             }
-            if let Some(a) = ipv4(ip, origin, &id, "spec.clusterIPs", &mut errors) {
+            if let Some(a) = parse_ip(ip, origin, &id, "spec.clusterIPs", &mut errors) {
                 cluster_ips.push(a);
             }
         }
-        let external_ips: Vec<Ipv4Addr> = spec
+        let external_ips: Vec<IpAddr> = spec
             .external_ips
             .iter()
-            .filter_map(|ip| ipv4(ip, origin, &id, "spec.externalIPs", &mut errors))
+            .filter_map(|ip| parse_ip(ip, origin, &id, "spec.externalIPs", &mut errors))
             .collect();
-        let load_balancer_ips: Vec<Ipv4Addr> = spec
+        let load_balancer_ips: Vec<IpAddr> = spec
             .load_balancer_ip
             .iter()
-            .filter_map(|ip| ipv4(ip, origin, &id, "spec.loadBalancerIP", &mut errors))
+            .filter_map(|ip| parse_ip(ip, origin, &id, "spec.loadBalancerIP", &mut errors))
             .collect();
         for r in &spec.load_balancer_source_ranges {
             if parse_cidr(r).is_none() {
@@ -254,7 +329,7 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
                     origin,
                     id.clone(),
                     "spec.loadBalancerSourceRanges",
-                    format!("{r:?} is not an IPv4 CIDR"),
+                    format!("{r:?} is not a CIDR"),
                 ));
             }
         }
@@ -354,8 +429,8 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
                 {
                     continue;
                 }
-                if slice.address_type != "IPv4" {
-                    continue; // IPv6 slices belong to the ip6 family, not implemented yet
+                if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+                    continue; // FQDN slices: nothing to program
                 }
                 let Some(sp) = slice
                     .ports
@@ -384,7 +459,7 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
                         pods.get(&(pns, r.name.as_deref().unwrap_or("")))
                     });
                     for a in &e.addresses {
-                        let Some(ip) = ipv4(
+                        let Some(ip) = parse_ip(
                             a,
                             &sl.origin,
                             &slice.id(),
@@ -479,12 +554,19 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
     }
 }
 
-/// `a.b.c.d/n` (a bare address is a /32).
-pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
-    let (a, n) = s.split_once('/').unwrap_or((s, "32"));
-    let n: u8 = n.parse().ok()?;
-    (n <= 32).then_some(())?;
-    Some((a.parse().ok()?, n))
+/// `a.b.c.d/n` or `v6::/n` (a bare address is a host prefix).
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (a, n) = match s.split_once('/') {
+        Some((a, n)) => (a, Some(n)),
+        None => (s, None),
+    };
+    let a: IpAddr = a.parse().ok()?;
+    let max = if a.is_ipv4() { 32 } else { 128 };
+    let n: u8 = match n {
+        Some(n) => n.parse().ok()?,
+        None => max,
+    };
+    (n <= max).then_some((a, n))
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -529,7 +611,7 @@ pub fn to_proto(sp: &ServicePort) -> pb::NodeService {
 /// The inverse of [`to_proto`], for node `node_name`: which endpoints are
 /// local is decided here, by each node.
 pub fn from_proto(m: &pb::NodeService, node_name: &str) -> Result<ServicePort, String> {
-    let ip = |s: &String| -> Result<Ipv4Addr, String> {
+    let ip = |s: &String| -> Result<IpAddr, String> {
         s.parse()
             .map_err(|_| format!("{}: bad IPv4 address {s:?}", m.id))
     };

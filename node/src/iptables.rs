@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use std::fmt::Write;
 
 use crate::nft::Options;
-use crate::services::{Endpoint, ServiceMap, ServicePort};
+use crate::services::{Endpoint, Family, ServiceMap, ServicePort};
+use std::net::IpAddr;
 
 /// Bosun's chains that builtin chains jump to: (table, builtin, rule).
 pub const JUMPS: &[(&str, &str, &str)] = &[
@@ -59,14 +60,16 @@ fn chain(prefix: &str, id: &str) -> String {
 /// The two tables' `iptables-restore` input, and the chains it declares.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Rendered {
+    pub family: Family,
     pub nat_chains: BTreeSet<String>,
     pub filter_chains: BTreeSet<String>,
     pub nat_rules: Vec<String>,
     pub filter_rules: Vec<String>,
 }
 
-fn match_dst(ip: &std::net::Ipv4Addr, proto: &str, port: u16) -> String {
-    format!("-d {ip}/32 -p {proto} -m {proto} --dport {port}")
+fn match_dst(ip: &IpAddr, proto: &str, port: u16) -> String {
+    let bits = Family::of(ip).host_bits();
+    format!("-d {ip}/{bits} -p {proto} -m {proto} --dport {port}")
 }
 
 /// Rules in `chain_name` choosing one of `eps` (non-empty).
@@ -78,16 +81,19 @@ fn select(sp: &ServicePort, eps: &[Endpoint], chain_name: &str, r: &mut Rendered
         if !r.nat_chains.insert(c.clone()) {
             continue; // already filled (the endpoint is also in the other policy's chain)
         }
-        r.nat_rules
-            .push(format!("-A {c} -s {}/32 -j BOSUN-MARK-MASQ", e.ip));
+        r.nat_rules.push(format!(
+            "-A {c} -s {}/{} -j BOSUN-MARK-MASQ",
+            e.ip,
+            Family::of(&e.ip).host_bits()
+        ));
         let recent = if sp.affinity_timeout.is_some() {
             format!("-m recent --name {c} --set --rsource ")
         } else {
             String::new()
         };
         r.nat_rules.push(format!(
-            "-A {c} -p {proto} {recent}-m {proto} -j DNAT --to-destination {}:{}",
-            e.ip, e.port
+            "-A {c} -p {proto} {recent}-m {proto} -j DNAT --to-destination {}",
+            Family::addr_port(&e.ip, e.port)
         ));
     }
     if let Some(t) = sp.affinity_timeout {
@@ -113,7 +119,7 @@ fn select(sp: &ServicePort, eps: &[Endpoint], chain_name: &str, r: &mut Rendered
     }
 }
 
-fn render_service(sp: &ServicePort, opts: &Options, r: &mut Rendered) {
+fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Rendered) {
     let proto = sp.proto.as_str();
     let all = &sp.endpoints;
     let local = sp.local_endpoints();
@@ -122,7 +128,7 @@ fn render_service(sp: &ServicePort, opts: &Options, r: &mut Rendered) {
     let ext = chain("EXT", &sp.id);
     if !all.is_empty() {
         r.nat_chains.insert(svc.clone());
-        if let Some(cidr) = &opts.cluster_cidr {
+        if let Some(cidr) = opts.cidr(f) {
             for ip in &sp.cluster_ips {
                 r.nat_rules.push(format!(
                     "-A {svc} {} ! -s {cidr} -j BOSUN-MARK-MASQ",
@@ -198,7 +204,8 @@ fn render_service(sp: &ServicePort, opts: &Options, r: &mut Rendered) {
         r.filter_chains.insert(fw.clone());
         for ip in &sp.load_balancer_ips {
             r.filter_rules.push(format!(
-                "-A BOSUN-FILTER -p {proto} -m conntrack --ctorigdst {ip}/32 --ctorigdstport {} -j {fw}",
+                "-A BOSUN-FILTER -p {proto} -m conntrack --ctorigdst {ip}/{} --ctorigdstport {} -j {fw}",
+                f.host_bits(),
                 sp.port
             ));
         }
@@ -209,11 +216,17 @@ fn render_service(sp: &ServicePort, opts: &Options, r: &mut Rendered) {
     }
 }
 
-/// Renders every service port.
-pub fn render(services: &ServiceMap, opts: &Options) -> Rendered {
-    let mut r = Rendered::default();
+/// Renders every service port of family `f` (for `iptables-restore` or
+/// `ip6tables-restore`).
+pub fn render(f: Family, services: &ServiceMap, opts: &Options) -> Rendered {
+    let mut r = Rendered {
+        family: f,
+        ..Default::default()
+    };
     for sp in services.values() {
-        render_service(sp, opts, &mut r);
+        if let Some(sp) = sp.for_family(f) {
+            render_service(f, &sp, opts, &mut r);
+        }
     }
     r
 }
@@ -247,9 +260,10 @@ pub fn restore_text(r: &Rendered, previous: Option<&Rendered>) -> String {
     for rule in &r.filter_rules {
         let _ = writeln!(out, "{rule}");
     }
-    out.push_str(
-        "-A BOSUN-FILTER -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j BOSUN-NODEPORTS\n",
-    );
+    out.push_str(&format!(
+        "-A BOSUN-FILTER -m addrtype --dst-type LOCAL ! -d {} -j BOSUN-NODEPORTS\n",
+        r.family.loopback()
+    ));
     for c in &stale_filter {
         let _ = writeln!(out, "-X {c}");
     }
@@ -278,9 +292,10 @@ pub fn restore_text(r: &Rendered, previous: Option<&Rendered>) -> String {
     for rule in &r.nat_rules {
         let _ = writeln!(out, "{rule}");
     }
-    out.push_str(
-        "-A BOSUN-SERVICES -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j BOSUN-NODEPORTS\n",
-    );
+    out.push_str(&format!(
+        "-A BOSUN-SERVICES -m addrtype --dst-type LOCAL ! -d {} -j BOSUN-NODEPORTS\n",
+        r.family.loopback()
+    ));
     for c in &stale_nat {
         let _ = writeln!(out, "-X {c}");
     }

@@ -1,5 +1,5 @@
-//! The nftables backend: what kube-proxy's nftables mode programs, in table
-//! `ip bosun`, as `nft -f` text.
+//! The nftables backend: what kube-proxy's nftables mode programs, in tables
+//! `ip bosun` and `ip6 bosun` (one per address family), as `nft -f` text.
 //!
 //! Dispatch is one verdict map keyed on `address . protocol . port`
 //! (`service-ips`) and one on `protocol . port` for NodePorts
@@ -15,18 +15,30 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::services::{Endpoint, ServiceMap, ServicePort};
+use crate::services::{Endpoint, Family, ServiceMap, ServicePort};
 
 pub const TABLE: &str = "bosun";
 
 /// Node-wide settings that shape the rules.
 #[derive(Clone, Debug, Default)]
 pub struct Options {
-    /// Pod CIDR: cluster-IP traffic from outside it is masqueraded.
+    /// Pod CIDRs (comma-separated, one per family): cluster-IP traffic from
+    /// outside it is masqueraded.
     pub cluster_cidr: Option<String>,
+}
+
+impl Options {
+    /// The cluster CIDR of family `f`, if given.
+    pub fn cidr(&self, f: Family) -> Option<&str> {
+        self.cluster_cidr
+            .as_deref()?
+            .split(',')
+            .map(str::trim)
+            .find(|c| crate::services::parse_cidr(c).is_some_and(|(a, _)| Family::of(&a) == f))
+    }
 }
 
 /// One service port's part of the table, by name: what a sync adds,
@@ -40,7 +52,7 @@ pub struct Piece {
     /// (map, key) → verdict.
     pub elements: BTreeMap<(&'static str, String), String>,
     /// Endpoint IPs: `ip . ip` elements of the shared `hairpin` set.
-    pub hairpin: BTreeSet<Ipv4Addr>,
+    pub hairpin: BTreeSet<IpAddr>,
 }
 
 /// The whole table: each service port's piece (kept with the service port
@@ -48,41 +60,48 @@ pub struct Piece {
 /// how many pieces want each hairpin element.
 #[derive(Clone, Debug, Default)]
 pub struct Rendered {
+    pub family: Family,
     pub pieces: BTreeMap<String, Arc<(ServicePort, Piece)>>,
-    pub hairpin: HashMap<Ipv4Addr, usize>,
+    pub hairpin: HashMap<IpAddr, usize>,
 }
 
-const MAPS: &str = "\
-  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }
-  map service-nodeports { type inet_proto . inet_service : verdict; }
-  map no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict; }
-  map no-endpoint-nodeports { type inet_proto . inet_service : verdict; }
-  map firewall-ips { type ipv4_addr . inet_proto . inet_service : verdict; }
-  set hairpin { type ipv4_addr . ipv4_addr; }
-";
+/// The table's fixed part: maps, sets and chains every sync keeps.
+fn base(f: Family) -> String {
+    let (ip, a, lo) = (f.nft(), f.addr_type(), f.loopback());
+    format!(
+        "  map service-ips {{ type {a} . inet_proto . inet_service : verdict; }}
+  map service-nodeports {{ type inet_proto . inet_service : verdict; }}
+  map no-endpoint-services {{ type {a} . inet_proto . inet_service : verdict; }}
+  map no-endpoint-nodeports {{ type inet_proto . inet_service : verdict; }}
+  map firewall-ips {{ type {a} . inet_proto . inet_service : verdict; }}
+  set hairpin {{ type {a} . {a}; }}
+  chain filter-prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; ct state new jump firewall-check; }}
+  chain filter-input {{ type filter hook input priority -110; policy accept; ct state new jump endpoints-check; }}
+  chain filter-forward {{ type filter hook forward priority -110; policy accept; ct state new jump endpoints-check; }}
+  chain filter-output {{ type filter hook output priority -110; policy accept; ct state new jump firewall-check; ct state new jump endpoints-check; }}
+  chain firewall-check {{ {ip} daddr . meta l4proto . th dport vmap @firewall-ips; }}
+  chain endpoints-check {{ {ip} daddr . meta l4proto . th dport vmap @no-endpoint-services; fib daddr type local {ip} daddr != {lo} meta l4proto . th dport vmap @no-endpoint-nodeports; }}
+  chain nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept; jump services; }}
+  chain nat-output {{ type nat hook output priority -100; policy accept; jump services; }}
+  chain nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump masquerading; }}
+  chain services {{ {ip} daddr . meta l4proto . th dport vmap @service-ips; fib daddr type local {ip} daddr != {lo} meta l4proto . th dport vmap @service-nodeports; }}
+  chain mark-for-masquerade {{ meta mark set meta mark or 0x4000; }}
+  chain masquerading {{ ct status dnat {ip} saddr . {ip} daddr @hairpin masquerade; meta mark & 0x4000 == 0 return; meta mark set meta mark xor 0x4000; masquerade fully-random; }}
+  chain reject-chain {{ reject; }}
+"
+    )
+}
 
-const BASE_CHAINS: &str = "\
-  chain filter-prerouting { type filter hook prerouting priority dstnat - 10; policy accept; ct state new jump firewall-check; }
-  chain filter-input { type filter hook input priority -110; policy accept; ct state new jump endpoints-check; }
-  chain filter-forward { type filter hook forward priority -110; policy accept; ct state new jump endpoints-check; }
-  chain filter-output { type filter hook output priority -110; policy accept; ct state new jump firewall-check; ct state new jump endpoints-check; }
-  chain firewall-check { ip daddr . meta l4proto . th dport vmap @firewall-ips; }
-  chain endpoints-check { ip daddr . meta l4proto . th dport vmap @no-endpoint-services; fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @no-endpoint-nodeports; }
-  chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services; }
-  chain nat-output { type nat hook output priority -100; policy accept; jump services; }
-  chain nat-postrouting { type nat hook postrouting priority srcnat; policy accept; jump masquerading; }
-  chain services { ip daddr . meta l4proto . th dport vmap @service-ips; fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports; }
-  chain mark-for-masquerade { meta mark set meta mark or 0x4000; }
-  chain masquerading { ct status dnat ip saddr . ip daddr @hairpin masquerade; meta mark & 0x4000 == 0 return; meta mark set meta mark xor 0x4000; masquerade fully-random; }
-  chain reject-chain { reject; }
-";
-
+/// An endpoint in a chain or set name (no `:`, which names cannot hold).
 fn ep_key(e: &Endpoint) -> String {
-    format!("{}_{}", e.ip, e.port)
+    format!("{}_{}", e.ip, e.port).replace(':', ".")
 }
 
 fn dnat(proto: &str, e: &Endpoint) -> String {
-    format!("meta l4proto {proto} dnat to {}:{}", e.ip, e.port)
+    format!(
+        "meta l4proto {proto} dnat to {}",
+        Family::addr_port(&e.ip, e.port)
+    )
 }
 
 /// Rules that pick one of `eps` (non-empty) for a new connection, by
@@ -91,8 +110,8 @@ fn dnat(proto: &str, e: &Endpoint) -> String {
 /// rather than an anonymous `numgen` map per service: the kernel names
 /// anonymous sets by scanning every set of the table, which makes a full
 /// sync quadratic in the number of services (41 s instead of ~3 s at 10k).
-fn select(sp: &ServicePort, eps: &[Endpoint], r: &mut Piece) -> Vec<String> {
-    let proto = sp.proto.as_str();
+fn select(f: Family, sp: &ServicePort, eps: &[Endpoint], r: &mut Piece) -> Vec<String> {
+    let (proto, ip) = (sp.proto.as_str(), f.nft());
     let mut rules = Vec::new();
     let mut left: u64 = eps.iter().map(|e| u64::from(e.weight)).sum();
     let mut pick = |rules: &mut Vec<String>, e: &Endpoint, action: String, last: bool| {
@@ -110,13 +129,19 @@ fn select(sp: &ServicePort, eps: &[Endpoint], r: &mut Piece) -> Vec<String> {
         for e in eps {
             r.sets.insert(
                 set(e),
-                format!("type ipv4_addr; flags dynamic,timeout; timeout {timeout}s;"),
+                format!(
+                    "type {}; flags dynamic,timeout; timeout {timeout}s;",
+                    f.addr_type()
+                ),
             );
             r.chains.insert(
                 ep_chain(e),
-                vec![format!("update @{} {{ ip saddr }}", set(e)), dnat(proto, e)],
+                vec![
+                    format!("update @{} {{ {ip} saddr }}", set(e)),
+                    dnat(proto, e),
+                ],
             );
-            rules.push(format!("ip saddr @{} goto {}", set(e), ep_chain(e)));
+            rules.push(format!("{ip} saddr @{} goto {}", set(e), ep_chain(e)));
         }
         for (i, e) in eps.iter().enumerate() {
             pick(
@@ -134,8 +159,8 @@ fn select(sp: &ServicePort, eps: &[Endpoint], r: &mut Piece) -> Vec<String> {
     rules
 }
 
-fn render_service(sp: &ServicePort, opts: &Options, r: &mut Piece) {
-    let proto = sp.proto.as_str();
+fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece) {
+    let (proto, ipf) = (sp.proto.as_str(), f.nft());
     let all = &sp.endpoints;
     let local = sp.local_endpoints();
     let svc_chain = format!("svc-{}", sp.id);
@@ -143,16 +168,14 @@ fn render_service(sp: &ServicePort, opts: &Options, r: &mut Piece) {
     let ext_chain = format!("ext-{}", sp.id);
     if !all.is_empty() {
         let mut rules = Vec::new();
-        if let Some(cidr) = &opts.cluster_cidr
-            && !sp.cluster_ips.is_empty()
-        {
+        if let Some(cidr) = opts.cidr(f) {
             for ip in &sp.cluster_ips {
                 rules.push(format!(
-                    "ip daddr {ip} ip saddr != {cidr} jump mark-for-masquerade"
+                    "{ipf} daddr {ip} {ipf} saddr != {cidr} jump mark-for-masquerade"
                 ));
             }
         }
-        rules.extend(select(sp, all, r));
+        rules.extend(select(f, sp, all, r));
         r.chains.insert(svc_chain.clone(), rules);
         for e in all {
             r.hairpin.insert(e.ip);
@@ -161,7 +184,7 @@ fn render_service(sp: &ServicePort, opts: &Options, r: &mut Piece) {
     let needs_local =
         (sp.internal_local || (sp.external_local && sp.has_external())) && !local.is_empty();
     if needs_local {
-        let rules = select(sp, &local, r);
+        let rules = select(f, sp, &local, r);
         r.chains.insert(local_chain.clone(), rules);
     }
     // What a connection to each address of this service port does.
@@ -221,7 +244,7 @@ fn render_service(sp: &ServicePort, opts: &Options, r: &mut Piece) {
         let mut rules: Vec<String> = sp
             .source_ranges
             .iter()
-            .map(|range| format!("ip saddr {range} return"))
+            .map(|range| format!("{ipf} saddr {range} return"))
             .collect();
         rules.push("drop".into());
         r.chains.insert(fw.clone(), rules);
@@ -236,12 +259,18 @@ fn render_service(sp: &ServicePort, opts: &Options, r: &mut Piece) {
 
 /// Renders every service port; pieces of `prev` whose service port did not
 /// change are reused as they are.
-pub fn render(services: &ServiceMap, opts: &Options, prev: Option<&Rendered>) -> Rendered {
+pub fn render(
+    f: Family,
+    services: &ServiceMap,
+    opts: &Options,
+    prev: Option<&Rendered>,
+) -> Rendered {
     let mut r = Rendered {
+        family: f,
         pieces: BTreeMap::new(),
         hairpin: prev.map(|p| p.hairpin.clone()).unwrap_or_default(),
     };
-    let forget = |hairpin: &mut HashMap<Ipv4Addr, usize>, piece: &Piece| {
+    let forget = |hairpin: &mut HashMap<IpAddr, usize>, piece: &Piece| {
         for h in &piece.hairpin {
             if let Some(n) = hairpin.get_mut(h) {
                 *n -= 1;
@@ -253,24 +282,34 @@ pub fn render(services: &ServiceMap, opts: &Options, prev: Option<&Rendered>) ->
     };
     for (id, sp) in services {
         let old = prev.and_then(|p| p.pieces.get(id));
+        // Single-family services (the usual case) compare without a copy.
+        if let Some(old) = old
+            && old.0 == *sp
+        {
+            r.pieces.insert(id.clone(), old.clone());
+            continue;
+        }
+        let Some(sp) = sp.for_family(f) else {
+            continue;
+        };
         if let Some(old) = old {
-            if old.0 == *sp {
+            if old.0 == sp {
                 r.pieces.insert(id.clone(), old.clone());
                 continue;
             }
-            forget(&mut r.hairpin, &old.1);
         }
         let mut piece = Piece::default();
-        render_service(sp, opts, &mut piece);
+        render_service(f, &sp, opts, &mut piece);
         for h in &piece.hairpin {
             *r.hairpin.entry(*h).or_default() += 1;
         }
-        r.pieces.insert(id.clone(), Arc::new((sp.clone(), piece)));
+        r.pieces.insert(id.clone(), Arc::new((sp, piece)));
     }
     if let Some(prev) = prev {
         for (id, old) in &prev.pieces {
-            if !services.contains_key(id) {
-                forget(&mut r.hairpin, &old.1);
+            match r.pieces.get(id) {
+                Some(now) if Arc::ptr_eq(now, old) => {}
+                _ => forget(&mut r.hairpin, &old.1),
             }
         }
     }
@@ -280,6 +319,7 @@ pub fn render(services: &ServiceMap, opts: &Options, prev: Option<&Rendered>) ->
 /// Appends `add element` (or `delete element`) commands, one per map.
 fn elements<'a>(
     out: &mut String,
+    f: Family,
     verb: &str,
     items: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
 ) {
@@ -297,7 +337,8 @@ fn elements<'a>(
         for chunk in es.chunks(4096) {
             let _ = writeln!(
                 out,
-                "{verb} element ip {TABLE} {map} {{ {} }}",
+                "{verb} element {} {TABLE} {map} {{ {} }}",
+                f.nft(),
                 chunk.join(", ")
             );
         }
@@ -307,12 +348,15 @@ fn elements<'a>(
 /// A whole-table transaction: the table is replaced atomically (dynamic
 /// affinity entries are lost, as in kube-proxy's full resync).
 pub fn full_text(r: &Rendered) -> String {
+    let f = r.family;
+    let fam = f.nft();
     let mut out = String::with_capacity(256 + r.pieces.len() * 1200);
-    let _ = writeln!(out, "add table ip {TABLE}");
-    let _ = writeln!(out, "delete table ip {TABLE}");
+    let _ = writeln!(out, "add table {fam} {TABLE}");
+    let _ = writeln!(out, "delete table {fam} {TABLE}");
     let _ = writeln!(
         out,
-        "table ip {TABLE} {{\n  comment \"Bosun node mode: Service load balancing\";\n{MAPS}{BASE_CHAINS}"
+        "table {fam} {TABLE} {{\n  comment \"Bosun node mode: Service load balancing\";\n{}",
+        base(f)
     );
     for p in r.pieces.values() {
         for (name, body) in &p.1.sets {
@@ -338,6 +382,7 @@ pub fn full_text(r: &Rendered) -> String {
     hairpin.sort();
     elements(
         &mut out,
+        f,
         "add",
         r.pieces
             .values()
@@ -385,7 +430,7 @@ pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
         }
     }
     // Only endpoints of changed pieces can have come or gone.
-    let mut touched: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
     for (o, n) in &changed {
         touched.extend(o.hairpin.symmetric_difference(&n.hairpin));
     }
@@ -402,19 +447,21 @@ pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
     if changed.is_empty() && hairpin_del.is_empty() && hairpin_add.is_empty() {
         return None;
     }
+    let f = new.family;
+    let fam = f.nft();
     let mut out = String::new();
     // New sets, then new chains (so rules may refer to them).
     for (o, n) in &changed {
         for (name, body) in &n.sets {
             if !o.sets.contains_key(name) {
-                let _ = writeln!(out, "add set ip {TABLE} {name} {{ {body} }}");
+                let _ = writeln!(out, "add set {fam} {TABLE} {name} {{ {body} }}");
             }
         }
     }
     for (o, n) in &changed {
         for name in n.chains.keys() {
             if !o.chains.contains_key(name) {
-                let _ = writeln!(out, "add chain ip {TABLE} {name}");
+                let _ = writeln!(out, "add chain {fam} {TABLE} {name}");
             }
         }
     }
@@ -423,17 +470,18 @@ pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
             match o.chains.get(name) {
                 Some(r) if r == rules => continue,
                 Some(_) => {
-                    let _ = writeln!(out, "flush chain ip {TABLE} {name}");
+                    let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
                 }
                 None => {}
             }
             for rule in rules {
-                let _ = writeln!(out, "add rule ip {TABLE} {name} {rule}");
+                let _ = writeln!(out, "add rule {fam} {TABLE} {name} {rule}");
             }
         }
     }
     elements(
         &mut out,
+        f,
         "delete",
         changed
             .iter()
@@ -447,6 +495,7 @@ pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
     );
     elements(
         &mut out,
+        f,
         "add",
         changed
             .iter()
@@ -464,15 +513,15 @@ pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
         .flat_map(|(o, n)| o.chains.keys().filter(|c| !n.chains.contains_key(*c)))
         .collect();
     for name in &stale {
-        let _ = writeln!(out, "flush chain ip {TABLE} {name}");
+        let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
     }
     for name in &stale {
-        let _ = writeln!(out, "delete chain ip {TABLE} {name}");
+        let _ = writeln!(out, "delete chain {fam} {TABLE} {name}");
     }
     for (o, n) in &changed {
         for name in o.sets.keys() {
             if !n.sets.contains_key(name) {
-                let _ = writeln!(out, "delete set ip {TABLE} {name}");
+                let _ = writeln!(out, "delete set {fam} {TABLE} {name}");
             }
         }
     }
@@ -481,5 +530,7 @@ pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
 
 /// Removes everything node mode programmed.
 pub fn cleanup_text() -> String {
-    format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+    format!(
+        "add table ip {TABLE}\ndelete table ip {TABLE}\nadd table ip6 {TABLE}\ndelete table ip6 {TABLE}\n"
+    )
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::AsyncWriteExt;
 
-use crate::services::ServiceMap;
+use crate::services::{Family, ServiceMap};
 use crate::{iptables, nft};
 
 /// How rules reach the kernel.
@@ -197,8 +197,9 @@ pub struct Syncer {
     backend: Backend,
     opts: nft::Options,
     pub metrics: std::sync::Arc<Metrics>,
-    nft_last: Option<nft::Rendered>,
-    ipt_last: Option<iptables::Rendered>,
+    /// What the kernel holds, per family (ip, ip6).
+    nft_last: Option<[nft::Rendered; 2]>,
+    ipt_last: Option<[iptables::Rendered; 2]>,
     userspace: Option<crate::userspace::Userspace>,
 }
 
@@ -271,13 +272,25 @@ impl Syncer {
     }
 
     async fn sync_nft(&mut self, services: &ServiceMap) -> Result<bool, String> {
-        let new = nft::render(services, &self.opts, self.nft_last.as_ref());
+        // Both tables, ip and ip6, in one transaction.
+        let new = [Family::V4, Family::V6].map(|f| {
+            let prev = self.nft_last.as_ref().map(|l| &l[f as usize]);
+            nft::render(f, services, &self.opts, prev)
+        });
         let (text, full) = match &self.nft_last {
-            Some(old) => match nft::diff_text(old, &new) {
-                Some(t) => (t, false),
-                None => return Ok(false),
-            },
-            None => (nft::full_text(&new), true),
+            Some(old) => {
+                let parts: Vec<String> = old
+                    .iter()
+                    .zip(&new)
+                    .filter_map(|(o, n)| nft::diff_text(o, n))
+                    .collect();
+                if parts.is_empty() {
+                    self.nft_last = Some(new);
+                    return Ok(false);
+                }
+                (parts.concat(), false)
+            }
+            None => (new.iter().map(nft::full_text).collect::<String>(), true),
         };
         match run_with_stdin("nft", &["-f", "-"], &text).await {
             Ok(()) => {
@@ -293,31 +306,39 @@ impl Syncer {
     }
 
     async fn sync_iptables(&mut self, services: &ServiceMap) -> Result<bool, String> {
-        let new = iptables::render(services, &self.opts);
+        let new = [Family::V4, Family::V6].map(|f| iptables::render(f, services, &self.opts));
         if self.ipt_last.as_ref() == Some(&new) {
             return Ok(false);
         }
-        let text = iptables::restore_text(&new, self.ipt_last.as_ref());
-        match run_with_stdin("iptables-restore", &["--noflush", "-w"], &text).await {
-            Ok(()) => {
+        for (i, r) in new.iter().enumerate() {
+            let prev = self.ipt_last.as_ref().map(|l| &l[i]);
+            if prev == Some(r) {
+                continue;
+            }
+            let (restore, bin) = ipt_tools(r.family);
+            let text = iptables::restore_text(r, prev);
+            let applied = async {
+                run_with_stdin(restore, &["--noflush", "-w"], &text).await?;
                 for (table, builtin, rule) in iptables::JUMPS {
                     let args: Vec<&str> = rule.split(' ').collect();
                     let mut check = vec!["-w", "-t", table, "-C", builtin];
                     check.extend(&args);
-                    if run("iptables", &check).await.is_err() {
+                    if run(bin, &check).await.is_err() {
                         let mut insert = vec!["-w", "-t", table, "-I", builtin, "1"];
                         insert.extend(&args);
-                        run("iptables", &insert).await?;
+                        run(bin, &insert).await?;
                     }
                 }
-                self.ipt_last = Some(new);
-                Ok(true)
+                Ok::<(), String>(())
             }
-            Err(e) => {
+            .await;
+            if let Err(e) = applied {
                 self.ipt_last = None;
-                Err(e)
+                return Err(e);
             }
         }
+        self.ipt_last = Some(new);
+        Ok(true)
     }
 
     /// Stops what this syncer runs (the userspace proxy) and removes
@@ -335,37 +356,48 @@ impl Syncer {
             Backend::Userspace => crate::userspace::cleanup().await,
             Backend::Nftables => run_with_stdin("nft", &["-f", "-"], &nft::cleanup_text()).await,
             Backend::Iptables => {
-                for (table, builtin, rule) in iptables::JUMPS {
-                    let args: Vec<&str> = rule.split(' ').collect();
-                    let mut del = vec!["-w", "-t", table, "-D", builtin];
-                    del.extend(&args);
-                    while run("iptables", &del).await.is_ok() {}
-                }
-                let mut chains: [BTreeSet<String>; 2] = Default::default();
-                for (i, table) in ["nat", "filter"].iter().enumerate() {
-                    let saved = run("iptables-save", &["-t", table])
-                        .await
-                        .unwrap_or_default();
-                    for line in saved.lines() {
-                        if let Some(rest) = line.strip_prefix(":BOSUN-")
-                            && let Some(name) = rest.split_whitespace().next()
-                        {
-                            chains[i].insert(format!("BOSUN-{name}"));
+                for f in [Family::V4, Family::V6] {
+                    let (restore, bin) = ipt_tools(f);
+                    for (table, builtin, rule) in iptables::JUMPS {
+                        let args: Vec<&str> = rule.split(' ').collect();
+                        let mut del = vec!["-w", "-t", table, "-D", builtin];
+                        del.extend(&args);
+                        while run(bin, &del).await.is_ok() {}
+                    }
+                    let save = format!("{bin}-save");
+                    let mut chains: [BTreeSet<String>; 2] = Default::default();
+                    for (i, table) in ["nat", "filter"].iter().enumerate() {
+                        let saved = run(&save, &["-t", table]).await.unwrap_or_default();
+                        for line in saved.lines() {
+                            if let Some(rest) = line.strip_prefix(":BOSUN-")
+                                && let Some(name) = rest.split_whitespace().next()
+                            {
+                                chains[i].insert(format!("BOSUN-{name}"));
+                            }
                         }
                     }
+                    let nat: Vec<String> = chains[0].iter().cloned().collect();
+                    let filter: Vec<String> = chains[1].iter().cloned().collect();
+                    if nat.is_empty() && filter.is_empty() {
+                        continue;
+                    }
+                    run_with_stdin(
+                        restore,
+                        &["--noflush", "-w"],
+                        &iptables::cleanup_text(&nat, &filter),
+                    )
+                    .await?;
                 }
-                let nat: Vec<String> = chains[0].iter().cloned().collect();
-                let filter: Vec<String> = chains[1].iter().cloned().collect();
-                if nat.is_empty() && filter.is_empty() {
-                    return Ok(());
-                }
-                run_with_stdin(
-                    "iptables-restore",
-                    &["--noflush", "-w"],
-                    &iptables::cleanup_text(&nat, &filter),
-                )
-                .await
+                Ok(())
             }
         }
+    }
+}
+
+/// (`*-restore`, the rule tool) for a family.
+fn ipt_tools(f: Family) -> (&'static str, &'static str) {
+    match f {
+        Family::V4 => ("iptables-restore", "iptables"),
+        Family::V6 => ("ip6tables-restore", "ip6tables"),
     }
 }

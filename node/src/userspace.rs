@@ -11,14 +11,14 @@
 //! choice to local endpoints), and only TCP is carried.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::services::{Endpoint, Proto, ServiceMap};
+use crate::services::{Endpoint, Family, Proto, ServiceMap};
 
 /// The `ip route` protocol number marking Bosun's local routes.
 pub const ROUTE_PROTO: &str = "249";
@@ -29,7 +29,7 @@ struct Target {
     endpoints: Vec<Endpoint>,
     affinity: Option<Duration>,
     /// Rejected source ranges apply (load-balancer IPs).
-    source_ranges: Vec<(Ipv4Addr, u8)>,
+    source_ranges: Vec<(IpAddr, u8)>,
 }
 
 #[derive(Default)]
@@ -43,23 +43,34 @@ struct Affinity {
 pub struct Userspace {
     targets: Arc<Mutex<HashMap<SocketAddr, Target>>>,
     listeners: BTreeMap<SocketAddr, JoinHandle<()>>,
-    routes: BTreeSet<Ipv4Addr>,
+    routes: BTreeSet<IpAddr>,
     affinity: Arc<Mutex<Affinity>>,
 }
 
-fn in_range(ip: IpAddr, ranges: &[(Ipv4Addr, u8)]) -> bool {
-    let IpAddr::V4(ip) = ip else { return false };
+fn in_range(ip: IpAddr, ranges: &[(IpAddr, u8)]) -> bool {
+    // An IPv4 client on a dual-stack listener shows as ::ffff:a.b.c.d.
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let bits = |a: IpAddr| -> (u128, u32) {
+        match a {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) => (u128::from(a), 128),
+        }
+    };
     ranges.iter().any(|(net, len)| {
-        let mask = if *len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(*len))
-        };
-        u32::from(ip) & mask == u32::from(*net) & mask
+        let ((a, w), (n, wn)) = (bits(ip), bits(*net));
+        if w != wn {
+            return false;
+        }
+        let len = u32::from(*len).min(w);
+        let shift = w - len;
+        len == 0 || (a >> shift) == (n >> shift)
     })
 }
 
-fn pick(eps: &[Endpoint], skip: &BTreeSet<(Ipv4Addr, u16)>) -> Option<Endpoint> {
+fn pick(eps: &[Endpoint], skip: &BTreeSet<(IpAddr, u16)>) -> Option<Endpoint> {
     let left: Vec<&Endpoint> = eps
         .iter()
         .filter(|e| !skip.contains(&(e.ip, e.port)))
@@ -102,10 +113,20 @@ async fn run_cmd(args: &[&str]) -> Result<(), String> {
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     s.set_reuse_address(true)?;
     // The service IP's local route may come a moment later.
-    s.set_freebind_v4(true)?;
+    if addr.is_ipv4() {
+        s.set_freebind_v4(true)?;
+    } else {
+        s.set_freebind_v6(true)?;
+        // [::]:nodePort takes IPv4 clients too.
+        s.set_only_v6(false)?;
+    }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
@@ -127,7 +148,7 @@ impl Userspace {
                 .map(|t| Duration::from_secs(u64::from(t)));
             let cluster = sp.cluster_endpoints();
             let external = sp.external_endpoints();
-            let ranges: Vec<(Ipv4Addr, u8)> = sp
+            let ranges: Vec<(IpAddr, u8)> = sp
                 .source_ranges
                 .iter()
                 .filter_map(|r| crate::services::parse_cidr(r))
@@ -171,8 +192,9 @@ impl Userspace {
                 );
             }
             if let Some(np) = sp.node_port {
+                // One dual-stack listener per NodePort, for both families.
                 want.insert(
-                    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), np),
+                    SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), np),
                     Target {
                         endpoints: external.clone(),
                         affinity,
@@ -182,8 +204,9 @@ impl Userspace {
             }
         }
         for ip in ips.difference(&self.routes.clone()) {
-            let dst = format!("{ip}/32");
+            let dst = format!("{ip}/{}", Family::of(ip).host_bits());
             run_cmd(&[
+                family_flag(ip),
                 "route",
                 "replace",
                 "local",
@@ -237,10 +260,21 @@ impl Userspace {
                 }),
             );
         }
-        let stale: Vec<Ipv4Addr> = self.routes.difference(&ips).copied().collect();
+        let stale: Vec<IpAddr> = self.routes.difference(&ips).copied().collect();
         for ip in stale {
-            let dst = format!("{ip}/32");
-            let _ = run_cmd(&["route", "del", "local", &dst, "dev", "lo", "table", "local"]).await;
+            let dst = format!("{ip}/{}", Family::of(&ip).host_bits());
+            let _ = run_cmd(&[
+                family_flag(&ip),
+                "route",
+                "del",
+                "local",
+                &dst,
+                "dev",
+                "lo",
+                "table",
+                "local",
+            ])
+            .await;
             self.routes.remove(&ip);
         }
         Ok(())
@@ -252,15 +286,49 @@ impl Userspace {
             h.abort();
         }
         for ip in std::mem::take(&mut self.routes) {
-            let dst = format!("{ip}/32");
-            let _ = run_cmd(&["route", "del", "local", &dst, "dev", "lo", "table", "local"]).await;
+            let dst = format!("{ip}/{}", Family::of(&ip).host_bits());
+            let _ = run_cmd(&[
+                family_flag(&ip),
+                "route",
+                "del",
+                "local",
+                &dst,
+                "dev",
+                "lo",
+                "table",
+                "local",
+            ])
+            .await;
         }
     }
 }
 
 /// Removes Bosun's local routes left by a userspace backend that was killed.
 pub async fn cleanup() -> Result<(), String> {
-    run_cmd(&["route", "flush", "table", "local", "proto", ROUTE_PROTO]).await
+    run_cmd(&[
+        "-4",
+        "route",
+        "flush",
+        "table",
+        "local",
+        "proto",
+        ROUTE_PROTO,
+    ])
+    .await?;
+    run_cmd(&[
+        "-6",
+        "route",
+        "flush",
+        "table",
+        "local",
+        "proto",
+        ROUTE_PROTO,
+    ])
+    .await
+}
+
+fn family_flag(ip: &IpAddr) -> &'static str {
+    if ip.is_ipv4() { "-4" } else { "-6" }
 }
 
 async fn forward(

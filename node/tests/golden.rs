@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use bosun_control::load::ParseCache;
-use bosun_node::services::service_map;
+use bosun_node::services::{Family, service_map};
 use bosun_node::{iptables, nft};
 
 fn golden(name: &str, got: &str) {
@@ -99,16 +99,19 @@ fn is_root() -> bool {
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
+fn opts() -> nft::Options {
+    nft::Options {
+        cluster_cidr: Some("10.1.0.0/16,fd00:1::/48".into()),
+    }
+}
+
 #[test]
 fn nftables_ruleset_matches_golden_and_the_kernel_accepts_it() {
     let services = fixture();
-    let text = nft::full_text(&nft::render(
-        &services,
-        &nft::Options {
-            cluster_cidr: Some("10.1.0.0/16".into()),
-        },
-        None,
-    ));
+    let text: String = [Family::V4, Family::V6]
+        .iter()
+        .map(|f| nft::full_text(&nft::render(*f, &services, &opts(), None)))
+        .collect();
     golden("services.nft", &text);
     if is_root() {
         match in_netns(&["nft", "-c", "-f", "-"], &text) {
@@ -121,20 +124,17 @@ fn nftables_ruleset_matches_golden_and_the_kernel_accepts_it() {
 #[test]
 fn iptables_rules_match_golden_and_the_kernel_accepts_them() {
     let services = fixture();
-    let text = iptables::restore_text(
-        &iptables::render(
-            &services,
-            &nft::Options {
-                cluster_cidr: Some("10.1.0.0/16".into()),
-            },
-        ),
-        None,
-    );
-    golden("services.iptables", &text);
-    if is_root() {
-        match in_netns(&["iptables-restore", "--test", "--noflush"], &text) {
-            Some(r) => r.expect("iptables-restore --test refused the generated rules"),
-            None => eprintln!("iptables-restore or ip missing: kernel check skipped"),
+    for (f, name, restore) in [
+        (Family::V4, "services.iptables", "iptables-restore"),
+        (Family::V6, "services.ip6tables", "ip6tables-restore"),
+    ] {
+        let text = iptables::restore_text(&iptables::render(f, &services, &opts()), None);
+        golden(name, &text);
+        if is_root() {
+            match in_netns(&[restore, "--test", "--noflush"], &text) {
+                Some(r) => r.expect("the kernel refused the generated rules"),
+                None => eprintln!("{restore} or ip missing: kernel check skipped"),
+            }
         }
     }
 }
@@ -143,12 +143,12 @@ fn iptables_rules_match_golden_and_the_kernel_accepts_them() {
 fn a_change_to_one_service_touches_only_its_pieces() {
     let mut services = fixture();
     let opts = nft::Options::default();
-    let before = nft::render(&services, &opts, None);
+    let before = nft::render(Family::V4, &services, &opts, None);
     let Some(web) = services.get_mut("shop/web/tcp/http") else {
         panic!("fixture has shop/web/tcp/http");
     };
     web.endpoints.retain(|e| e.ip.to_string() != "10.1.2.2");
-    let after = nft::render(&services, &opts, Some(&before));
+    let after = nft::render(Family::V4, &services, &opts, Some(&before));
     let diff = nft::diff_text(&before, &after).expect("a change");
     golden("web-endpoint-removed.nft", &diff);
     // Unchanged services keep their rendered piece (not rendered again).
@@ -160,5 +160,11 @@ fn a_change_to_one_service_touches_only_its_pieces() {
             );
         }
     }
-    assert!(nft::diff_text(&after, &nft::render(&services, &opts, Some(&after))).is_none());
+    assert!(
+        nft::diff_text(
+            &after,
+            &nft::render(Family::V4, &services, &opts, Some(&after))
+        )
+        .is_none()
+    );
 }

@@ -54,6 +54,8 @@ impl Drop for Topo {
 
 const NODE_IP: &str = "10.0.0.1";
 const CLIENT_IP: &str = "10.0.0.2";
+const NODE_IP6: &str = "fd00::1";
+const CLIENT_IP6: &str = "fd00::2";
 
 impl Topo {
     /// client (10.0.0.2) — node (10.0.0.1, 10.1.k.1) — backend k (10.1.k.2:8080).
@@ -94,6 +96,20 @@ impl Topo {
         ]);
         ip(&["-n", &client, "link", "set", "eth0", "up"]);
         ip(&["-n", &client, "route", "add", "default", "via", NODE_IP]);
+        // IPv6 beside IPv4 (nodad: usable at once).
+        ip(&[
+            "-n",
+            &client,
+            "addr",
+            "add",
+            &format!("{CLIENT_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ip(&[
+            "-n", &client, "-6", "route", "add", "default", "via", NODE_IP6,
+        ]);
         ip(&[
             "-n",
             &node,
@@ -104,6 +120,16 @@ impl Topo {
             "c0",
         ]);
         ip(&["-n", &node, "link", "set", "c0", "up"]);
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_IP6}/64"),
+            "dev",
+            "c0",
+            "nodad",
+        ]);
         let sysctl = Command::new("ip")
             .args([
                 "netns",
@@ -112,6 +138,7 @@ impl Topo {
                 "sysctl",
                 "-qw",
                 "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
             ])
             .status()
             .expect("sysctl");
@@ -139,6 +166,36 @@ impl Topo {
             ip(&[
                 "-n",
                 &b,
+                "addr",
+                "add",
+                &format!("fd00:1:{k}::2/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            ip(&[
+                "-n",
+                &b,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:1:{k}::1"),
+            ]);
+            ip(&[
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("fd00:1:{k}::1/64"),
+                "dev",
+                &peer,
+                "nodad",
+            ]);
+            ip(&[
+                "-n",
+                &b,
                 "route",
                 "add",
                 "default",
@@ -157,7 +214,7 @@ impl Topo {
             ip(&["-n", &node, "link", "set", &peer, "up"]);
             let child = Command::new("ip")
                 .args(["netns", "exec", &b, env!("CARGO_BIN_EXE_bosun"), "echo"])
-                .args(["--listen", "0.0.0.0:8080", "--name", &format!("b{k}")])
+                .args(["--listen", "[::]:8080", "--name", &format!("b{k}")])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -219,7 +276,11 @@ impl Topo {
                 "--backend",
                 backend,
             ])
-            .args(["--cluster-cidr", "10.1.0.0/16"])
+            .args(if source.contains(&"--cluster-cidr") {
+                &[][..]
+            } else {
+                &["--cluster-cidr", "10.1.0.0/16"][..]
+            })
             .args(source)
             .stdout(Stdio::null())
             .stderr(log)
@@ -273,8 +334,14 @@ impl Topo {
     fn rules_gone(&self) -> bool {
         let (nft_table, _) = self.node_cmd(&["nft", "list", "table", "ip", "bosun"]);
         let (_, saved) = self.node_cmd(&["iptables-save"]);
+        let (_, saved6) = self.node_cmd(&["ip6tables-save"]);
+        let (nft6, _) = self.node_cmd(&["nft", "list", "table", "ip6", "bosun"]);
         let (_, routes) = self.node_cmd(&["ip", "route", "show", "table", "local", "proto", "249"]);
-        !nft_table && !saved.contains("BOSUN") && routes.trim().is_empty()
+        !nft_table
+            && !nft6
+            && !saved.contains("BOSUN")
+            && !saved6.contains("BOSUN")
+            && routes.trim().is_empty()
     }
 
     /// SIGTERM to node mode (the last process started) and wait for it.
@@ -597,4 +664,65 @@ fn node_mode_over_xds() {
         let m = t.spread("http://10.96.0.10/", 30);
         m.len() == 1 && m.contains_key("b2")
     });
+}
+
+/// A dual-stack Service: programmed in both families (`ip bosun` and `ip6
+/// bosun`, or iptables and ip6tables), each with its own endpoints.
+#[test]
+fn node_mode_dual_stack() {
+    for backend in ["nftables", "iptables"] {
+        let mut t = Topo::new(3);
+        let slice = |family: &str, ks: &[usize]| -> String {
+            let eps: String = ks
+                .iter()
+                .map(|k| {
+                    let a = if family == "IPv4" {
+                        format!("10.1.{k}.2")
+                    } else {
+                        format!("\"fd00:1:{k}::2\"")
+                    };
+                    format!("  - addresses: [{a}]\n    nodeName: node-a\n")
+                })
+                .collect();
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dual-{family}, namespace: shop, labels: {{kubernetes.io/service-name: dual}}}}\naddressType: {family}\nports: [{{name: http, port: 8080}}]\nendpoints:\n{eps}---\n"
+            )
+        };
+        t.write(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: dual, namespace: shop}}\nspec:\n  type: NodePort\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ipFamilies: [IPv4, IPv6]\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]\n---\n{}{}",
+            slice("IPv4", &[1, 2]),
+            slice("IPv6", &[2, 3])
+        ));
+        t.start_node_with(
+            backend,
+            &[
+                "--config",
+                &t.dir.display().to_string(),
+                "--cluster-cidr",
+                "10.1.0.0/16,fd00:1::/48",
+            ],
+        );
+        let v4 = t.spread("http://10.96.0.10/", 100);
+        assert_eq!(
+            v4.keys().collect::<Vec<_>>(),
+            ["b1", "b2"],
+            "{backend} v4: {v4:?}"
+        );
+        let v6 = t.spread("http://[fd00:96::10]/", 100);
+        assert_eq!(
+            v6.keys().collect::<Vec<_>>(),
+            ["b2", "b3"],
+            "{backend} v6: {v6:?}"
+        );
+        // NodePort on the node's IPv6 address, masqueraded (ETP Cluster).
+        let (lines, code) = t.curl(&format!("http://[{NODE_IP6}]:30080/"), 20);
+        assert_eq!(code, 0, "{backend}");
+        assert_eq!(lines.len(), 20);
+        assert!(
+            lines.iter().all(|l| !l.ends_with(CLIENT_IP6)),
+            "{backend}: {lines:?}"
+        );
+        t.stop_node();
+        assert!(t.rules_gone(), "{backend}: rules left");
+    }
 }

@@ -32,7 +32,7 @@ fn services(n: usize) -> ServiceMap {
                 id,
                 proto: Proto::Tcp,
                 port: 80,
-                cluster_ips: vec![Ipv4Addr::new(10, 96, a, b)],
+                cluster_ips: vec![Ipv4Addr::new(10, 96, a, b).into()],
                 external_ips: vec![],
                 load_balancer_ips: vec![],
                 source_ranges: vec![],
@@ -42,7 +42,9 @@ fn services(n: usize) -> ServiceMap {
                 internal_local: false,
                 endpoints: (0..10)
                     .map(|e| Endpoint {
-                        ip: real.map_or(Ipv4Addr::new(10, 100 + e, a, b), |r| r.0),
+                        ip: real
+                            .map_or(Ipv4Addr::new(10, 100 + e, a, b), |r| r.0)
+                            .into(),
                         port: real.map_or(8080, |r| r.1),
                         local: true,
                         node: String::new(),
@@ -94,14 +96,14 @@ async fn main() {
         let mut map = services(n);
         let opts = Default::default();
         let t = Instant::now();
-        let a = bosun_node::nft::render(&map, &opts, None);
+        let a = bosun_node::nft::render(bosun_node::services::Family::V4, &map, &opts, None);
         let full = bosun_node::nft::full_text(&a);
         let t_full = t.elapsed();
         if let Some(sp) = map.get_mut("bench/svc-0/tcp/http") {
             sp.endpoints[0].port = 9000;
         }
         let t = Instant::now();
-        let b = bosun_node::nft::render(&map, &opts, Some(&a));
+        let b = bosun_node::nft::render(bosun_node::services::Family::V4, &map, &opts, Some(&a));
         let diff = bosun_node::nft::diff_text(&a, &b).unwrap_or_default();
         let t_diff = t.elapsed();
         let _ = std::fs::write("/tmp/node-sync-full.nft", &full);

@@ -292,11 +292,11 @@ pub fn render(
         let Some(sp) = sp.for_family(f) else {
             continue;
         };
-        if let Some(old) = old {
-            if old.0 == sp {
-                r.pieces.insert(id.clone(), old.clone());
-                continue;
-            }
+        if let Some(old) = old
+            && old.0 == sp
+        {
+            r.pieces.insert(id.clone(), old.clone());
+            continue;
         }
         let mut piece = Piece::default();
         render_service(f, &sp, opts, &mut piece);

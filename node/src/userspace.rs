@@ -157,7 +157,7 @@ impl Userspace {
                 ips.insert(*ip);
                 if !cluster.is_empty() {
                     want.insert(
-                        SocketAddr::new((*ip).into(), sp.port),
+                        SocketAddr::new(*ip, sp.port),
                         Target {
                             endpoints: cluster.clone(),
                             affinity,
@@ -172,7 +172,7 @@ impl Userspace {
             for ip in &sp.external_ips {
                 ips.insert(*ip);
                 want.insert(
-                    SocketAddr::new((*ip).into(), sp.port),
+                    SocketAddr::new(*ip, sp.port),
                     Target {
                         endpoints: external.clone(),
                         affinity,
@@ -183,7 +183,7 @@ impl Userspace {
             for ip in &sp.load_balancer_ips {
                 ips.insert(*ip);
                 want.insert(
-                    SocketAddr::new((*ip).into(), sp.port),
+                    SocketAddr::new(*ip, sp.port),
                     Target {
                         endpoints: external.clone(),
                         affinity,
@@ -364,7 +364,7 @@ async fn forward(
         tried.insert((ep.ip, ep.port));
         let conn = tokio::time::timeout(
             Duration::from_secs(3),
-            TcpStream::connect(SocketAddr::new(ep.ip.into(), ep.port)),
+            TcpStream::connect(SocketAddr::new(ep.ip, ep.port)),
         )
         .await;
         let Ok(Ok(mut upstream)) = conn else {

@@ -396,37 +396,29 @@ pub fn full_text(r: &Rendered) -> String {
     out
 }
 
+/// Elements of `a` that `b` lacks or maps elsewhere: (map, key, value).
+fn only_in<'p>(a: &'p Piece, b: &'p Piece) -> impl Iterator<Item = (&'p str, &'p str, &'p str)> {
+    a.elements
+        .iter()
+        .filter(move |(k, v)| b.elements.get(*k) != Some(*v))
+        .map(|((m, k), v)| (*m, k.as_str(), v.as_str()))
+}
+
 /// The transaction that turns `old` into `new`, touching only the service
 /// ports that changed; `None` when nothing did.
 pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
-    let empty = Arc::new((
-        ServicePort {
-            id: String::new(),
-            proto: crate::services::Proto::Tcp,
-            port: 0,
-            cluster_ips: vec![],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            source_ranges: vec![],
-            node_port: None,
-            affinity_timeout: None,
-            external_local: false,
-            internal_local: false,
-            endpoints: vec![],
-        },
-        Piece::default(),
-    ));
+    let empty = Piece::default();
     let mut changed: Vec<(&Piece, &Piece)> = Vec::new();
     for (id, n) in &new.pieces {
         match old.pieces.get(id) {
             Some(o) if Arc::ptr_eq(o, n) || o.1 == n.1 => {}
             Some(o) => changed.push((&o.1, &n.1)),
-            None => changed.push((&empty.1, &n.1)),
+            None => changed.push((&empty, &n.1)),
         }
     }
     for (id, o) in &old.pieces {
         if !new.pieces.contains_key(id) {
-            changed.push((&o.1, &empty.1));
+            changed.push((&o.1, &empty));
         }
     }
     // Only endpoints of changed pieces can have come or gone.
@@ -485,12 +477,7 @@ pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
         "delete",
         changed
             .iter()
-            .flat_map(|(o, n)| {
-                o.elements
-                    .iter()
-                    .filter(|(k, v)| n.elements.get(*k) != Some(*v))
-                    .map(|((m, k), v)| (*m, k.as_str(), v.as_str()))
-            })
+            .flat_map(|(o, n)| only_in(o, n))
             .chain(hairpin_del.iter().map(|h| ("hairpin", h.as_str(), ""))),
     );
     elements(
@@ -499,12 +486,7 @@ pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
         "add",
         changed
             .iter()
-            .flat_map(|(o, n)| {
-                n.elements
-                    .iter()
-                    .filter(|(k, v)| o.elements.get(*k) != Some(*v))
-                    .map(|((m, k), v)| (*m, k.as_str(), v.as_str()))
-            })
+            .flat_map(|(o, n)| only_in(n, o))
             .chain(hairpin_add.iter().map(|h| ("hairpin", h.as_str(), ""))),
     );
     // Stale chains: emptied first (they may refer to each other), then gone.

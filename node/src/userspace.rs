@@ -204,21 +204,7 @@ impl Userspace {
             }
         }
         for ip in ips.difference(&self.routes.clone()) {
-            let dst = format!("{ip}/{}", Family::of(ip).host_bits());
-            run_cmd(&[
-                family_flag(ip),
-                "route",
-                "replace",
-                "local",
-                &dst,
-                "dev",
-                "lo",
-                "table",
-                "local",
-                "proto",
-                ROUTE_PROTO,
-            ])
-            .await?;
+            local_route("replace", ip).await?;
             self.routes.insert(*ip);
         }
         // Listeners: close what is gone (a service without endpoints has
@@ -262,19 +248,7 @@ impl Userspace {
         }
         let stale: Vec<IpAddr> = self.routes.difference(&ips).copied().collect();
         for ip in stale {
-            let dst = format!("{ip}/{}", Family::of(&ip).host_bits());
-            let _ = run_cmd(&[
-                family_flag(&ip),
-                "route",
-                "del",
-                "local",
-                &dst,
-                "dev",
-                "lo",
-                "table",
-                "local",
-            ])
-            .await;
+            let _ = local_route("del", &ip).await;
             self.routes.remove(&ip);
         }
         Ok(())
@@ -286,19 +260,7 @@ impl Userspace {
             h.abort();
         }
         for ip in std::mem::take(&mut self.routes) {
-            let dst = format!("{ip}/{}", Family::of(&ip).host_bits());
-            let _ = run_cmd(&[
-                family_flag(&ip),
-                "route",
-                "del",
-                "local",
-                &dst,
-                "dev",
-                "lo",
-                "table",
-                "local",
-            ])
-            .await;
+            let _ = local_route("del", &ip).await;
         }
     }
 }
@@ -327,8 +289,26 @@ pub async fn cleanup() -> Result<(), String> {
     .await
 }
 
-fn family_flag(ip: &IpAddr) -> &'static str {
-    if ip.is_ipv4() { "-4" } else { "-6" }
+/// `ip route VERB local IP/host dev lo table local proto 249`.
+async fn local_route(verb: &str, ip: &IpAddr) -> Result<(), String> {
+    let (flag, dst) = match Family::of(ip) {
+        Family::V4 => ("-4", format!("{ip}/32")),
+        Family::V6 => ("-6", format!("{ip}/128")),
+    };
+    run_cmd(&[
+        flag,
+        "route",
+        verb,
+        "local",
+        &dst,
+        "dev",
+        "lo",
+        "table",
+        "local",
+        "proto",
+        ROUTE_PROTO,
+    ])
+    .await
 }
 
 async fn forward(

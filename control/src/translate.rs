@@ -135,6 +135,8 @@ struct Svc {
     endpoints: Vec<Ep>,
     origin: Origin,
     id: String,
+    /// A Service's `sessionAffinity: ClientIP`.
+    client_ip_affinity: bool,
 }
 
 impl Svc {
@@ -202,20 +204,21 @@ fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
     for s in &cfg.services {
         let obj = &s.value;
         let ns = obj.namespace().to_string();
-        if obj
-            .spec
-            .session_affinity
-            .as_deref()
-            .is_some_and(|a| a != "None")
-        {
-            errors.push(ConfigError::at(
-                &s.origin,
-                obj.id(),
-                "spec.sessionAffinity",
-                "ClientIP affinity is implemented by node mode (`bosun proxy --mode node`), not by sidecars and gateways yet"
-                    .into(),
-            ));
-        }
+        // ClientIP affinity: consistent hashing on the source address, as
+        // Istio does (a DestinationRule's loadBalancer takes precedence).
+        let client_ip_affinity = match obj.spec.session_affinity.as_deref() {
+            None | Some("None") => false,
+            Some("ClientIP") => true,
+            Some(other) => {
+                errors.push(ConfigError::at(
+                    &s.origin,
+                    obj.id(),
+                    "spec.sessionAffinity",
+                    format!("{other:?}: want None or ClientIP"),
+                ));
+                false
+            }
+        };
         if obj
             .spec
             .internal_traffic_policy
@@ -313,6 +316,7 @@ fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
             endpoints,
             origin: s.origin.clone(),
             id: obj.id(),
+            client_ip_affinity,
         });
     }
     for s in &cfg.service_entries {
@@ -379,6 +383,7 @@ fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
                 endpoints: endpoints.clone(),
                 origin: s.origin.clone(),
                 id: obj.id(),
+                client_ip_affinity: false,
             });
         }
     }
@@ -603,6 +608,11 @@ impl Ctx<'_> {
         };
         if let Some(lb) = self.lb_settings(&svc.host, subset, port) {
             apply_lb(&mut cluster, &lb)?;
+        } else if svc.client_ip_affinity {
+            cluster.lb_policy = pb::LbPolicy::RingHash as i32;
+            cluster.hash_policy = Some(pb::HashPolicy {
+                key: Some(pb::hash_policy::Key::SourceIp(true)),
+            });
         }
         let endpoints = svc
             .endpoints
@@ -1836,6 +1846,42 @@ spec:
         let addrs: Vec<&str> = v2.endpoints.iter().map(|e| e.address.as_str()).collect();
         assert_eq!(addrs, vec!["10.0.0.2"]);
         assert_eq!(v2.endpoints[0].workload, "reviews-v2-def");
+    }
+
+    #[test]
+    fn client_ip_affinity_hashes_on_the_source_address_unless_a_destination_rule_decides() {
+        let svc = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 60}}}}\n  ports: [{{name: http, port: 80}}]\n---\n"
+            )
+        };
+        let y = format!(
+            "{}{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: b, namespace: shop}}\nspec: {{host: b, trafficPolicy: {{loadBalancer: {{simple: LEAST_REQUEST}}}}}}\n",
+            svc("a"),
+            svc("b")
+        );
+        let cfg = load_sources(&[("p.yaml".into(), y)]).expect("parses");
+        let out = translate(&cfg, &ProxyParams::default()).expect("valid");
+        let cluster = |host: &str| {
+            out.clusters
+                .iter()
+                .find(|c| c.service_host == host)
+                .cloned()
+                .expect("cluster")
+        };
+        let a = cluster("a.shop.svc.cluster.local");
+        assert_eq!(a.lb_policy, pb::LbPolicy::RingHash as i32);
+        assert_eq!(
+            a.hash_policy.and_then(|h| h.key),
+            Some(pb::hash_policy::Key::SourceIp(true))
+        );
+        let b = cluster("b.shop.svc.cluster.local");
+        assert_eq!(b.lb_policy, pb::LbPolicy::LeastRequest as i32);
+        // Anything else is refused with the field named.
+        let bad = svc("c").replace("ClientIP\n", "Sticky\n");
+        let cfg = load_sources(&[("p.yaml".into(), bad)]).expect("parses");
+        let err = translate(&cfg, &ProxyParams::default()).expect_err("refused");
+        assert!(err.to_string().contains("spec.sessionAffinity"), "{err}");
     }
 
     #[test]

@@ -433,6 +433,20 @@ fn config(web_eps: &str) -> String {
         endpoint(3, "node-b", true)
     );
     let mut y = String::from(PODS);
+    // Load balancers: one admitting the client's range, one not.
+    for (name, ip, lb, range) in [
+        ("lb-ok", "10.96.0.15", "203.0.113.7", "10.0.0.0/24"),
+        ("lb-deny", "10.96.0.16", "203.0.113.8", "10.9.0.0/24"),
+    ] {
+        y += &service(
+            name,
+            ip,
+            &format!(
+                "  type: LoadBalancer\n  loadBalancerIP: {lb}\n  loadBalancerSourceRanges: [{range}]\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
+            ),
+            &endpoint(1, "node-a", true),
+        );
+    }
     y += &service(
         "web",
         "10.96.0.10",
@@ -534,6 +548,32 @@ fn suite(backend: &str) {
         }
     }
     assert!(moved, "{backend}: affinity never expired");
+
+    // loadBalancerSourceRanges: the client's range passes, another drops
+    // (the userspace backend closes the connection instead).
+    let (lines, code) = t.curl("http://203.0.113.7/", 3);
+    assert_eq!((code, lines.len()), (0, 3), "{backend}: admitted range");
+    let (lines, code) = t.curl("http://203.0.113.8/", 1);
+    assert!(
+        code != 0 && lines.is_empty(),
+        "{backend}: other ranges are dropped: {code} {lines:?}"
+    );
+
+    // kube-proxy's metrics.
+    let (ok, metrics) = t.node_cmd(&["curl", "-sf", "http://127.0.0.1:10249/metrics"]);
+    assert!(ok, "{backend}: metrics");
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_network_programming_duration_seconds_count",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+    ] {
+        let n: f64 = metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0.0);
+        assert!(n >= 1.0, "{backend}: {name} = {n}\n{metrics}");
+    }
 
     // L4 weights from a DestinationRule subset split: 80/20.
     let m = t.spread("http://10.96.0.14/", 2000);

@@ -34,6 +34,7 @@ struct Target {
 
 #[derive(Default)]
 struct Affinity {
+    /// (service address, client) → (endpoint, when the stickiness ends).
     by_client: HashMap<(SocketAddr, IpAddr), (Endpoint, Instant)>,
 }
 
@@ -322,10 +323,10 @@ async fn forward(
         return; // loadBalancerSourceRanges: closed
     }
     let key = (addr, peer.ip());
-    let sticky = target.affinity.and_then(|ttl| {
+    let sticky = target.affinity.and_then(|_| {
         let mut a = affinity.lock().unwrap_or_else(|p| p.into_inner());
         match a.by_client.get(&key) {
-            Some((ep, at)) if at.elapsed() < ttl && target.endpoints.contains(ep) => {
+            Some((ep, until)) if Instant::now() < *until && target.endpoints.contains(ep) => {
                 Some(ep.clone())
             }
             Some(_) => {
@@ -350,12 +351,14 @@ async fn forward(
         let Ok(Ok(mut upstream)) = conn else {
             continue;
         };
-        if target.affinity.is_some() {
-            affinity
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .by_client
-                .insert(key, (ep, Instant::now()));
+        if let Some(ttl) = target.affinity {
+            let mut a = affinity.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            // Forget expired clients now and then, so the table stays bounded.
+            if a.by_client.len() >= 4096 && a.by_client.len().is_power_of_two() {
+                a.by_client.retain(|_, (_, until)| *until > now);
+            }
+            a.by_client.insert(key, (ep, now + ttl));
         }
         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         return;

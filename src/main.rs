@@ -28,8 +28,9 @@ enum Mode {
     Sidecar,
     /// Ingress gateway: listens on the ports of the Gateway resources selecting --labels.
     Gateway,
-    /// In place of kube-proxy: Services and EndpointSlices programmed into nftables (table
-    /// `ip bosun`) or iptables (chains BOSUN-*). Needs root (CAP_NET_ADMIN).
+    /// In place of kube-proxy: Services and EndpointSlices programmed into nftables (tables
+    /// `ip bosun`, `ip6 bosun`), iptables (chains BOSUN-*) or a userspace proxy. Needs root
+    /// (CAP_NET_ADMIN).
     Node,
 }
 
@@ -55,7 +56,8 @@ pub struct ProxyArgs {
     /// files; on failure the proxy moves to the next replica.
     #[arg(long)]
     xds: Option<String>,
-    /// The node id announced to the control service (default: <mode>~<workload>~<namespace>).
+    /// The node id announced to the control service (default: <mode>~<workload>~<namespace>;
+    /// node mode: node~<node-name>).
     #[arg(long)]
     node_id: Option<String>,
     /// Use state-of-the-world ADS instead of incremental (delta).
@@ -100,7 +102,8 @@ pub struct ProxyArgs {
     /// Node mode: how rules reach the kernel.
     #[arg(long, value_enum, default_value = "nftables")]
     backend: NodeBackend,
-    /// Node mode: the pod CIDR; cluster-IP traffic from outside it is masqueraded.
+    /// Node mode: the pod CIDR, one per family (v4[,v6]); cluster-IP traffic from outside it
+    /// is masqueraded.
     #[arg(long)]
     cluster_cidr: Option<String>,
     /// Node mode: remove every rule node mode programmed (with --backend) and exit.

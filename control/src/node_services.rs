@@ -613,7 +613,7 @@ pub fn to_proto(sp: &ServicePort) -> pb::NodeService {
 pub fn from_proto(m: &pb::NodeService, node_name: &str) -> Result<ServicePort, String> {
     let ip = |s: &String| -> Result<IpAddr, String> {
         s.parse()
-            .map_err(|_| format!("{}: bad IPv4 address {s:?}", m.id))
+            .map_err(|_| format!("{}: bad IP address {s:?}", m.id))
     };
     let port = |p: u32| -> Result<u16, String> {
         u16::try_from(p).map_err(|_| format!("{}: bad port {p}", m.id))

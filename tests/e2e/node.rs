@@ -499,6 +499,22 @@ fn suite(backend: &str) {
         assert!(m.get(b).copied().unwrap_or(0) >= 50, "{backend}: {m:?}");
     }
 
+    // A bad config is refused with file, resource and field named, and the
+    // rules in place keep serving.
+    t.write(&config(&all).replace("sessionAffinity: ClientIP", "sessionAffinity: Sticky"));
+    t.until("the refusal is logged", || {
+        std::fs::read_to_string(t.dir.with_extension("log"))
+            .unwrap_or_default()
+            .contains("Service/shop/sticky: spec.sessionAffinity")
+    });
+    let m = t.spread("http://10.96.0.13/", 10);
+    assert_eq!(
+        m.values().sum::<usize>(),
+        10,
+        "{backend}: old rules serve: {m:?}"
+    );
+    t.write(&config(&all));
+
     // NodePort, externalTrafficPolicy Cluster: served, source masqueraded.
     let (lines, code) = t.curl(&format!("http://{NODE_IP}:30080/"), 30);
     assert_eq!(code, 0, "{backend}: NodePort");

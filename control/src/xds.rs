@@ -3,10 +3,12 @@
 //!
 //! Each stream identifies its proxy by the `Node` of its first request; the
 //! node's metadata (MODE, NAMESPACE, LABELS, addresses) picks what the proxy
-//! receives. Every push sends all four types in dependency order (clusters,
+//! receives. A push sends its types in dependency order (clusters,
 //! endpoints, listeners, routes), each stamped with the same global version,
-//! so a proxy applies a consistent set: in delta mode a type that did not
-//! change is sent as an empty response carrying only the version.
+//! so a proxy applies a consistent set. State of the world sends all four;
+//! delta sends only the types that changed, and the last response of the
+//! push has a nonce ending in [`PUSH_END`], which tells a Bosun proxy the
+//! set is complete (to any other client a nonce is opaque).
 //! Versions are content hashes: two replicas fed the same config agree.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -25,7 +27,7 @@ use bosun_xds_proto::discovery::{
 };
 use bosun_xds_proto::prost::Message;
 use bosun_xds_proto::prost_types::{Struct, value::Kind};
-use bosun_xds_proto::type_url;
+use bosun_xds_proto::{PUSH_END, type_url};
 use futures_util::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -716,12 +718,28 @@ impl Ads {
                         continue; // the config changed, not this proxy's part of it
                     }
                     pushed.clone_from(&res.version);
+                    // Only the types that changed, in dependency order.
+                    let mut push = Vec::new();
                     for &t in types_for(params.mode) {
                         if let Some(entry) = types.get_mut(t) {
                             let resp = self.delta_response(res, t, entry, &mut nonce, &[]);
-                            if tx.send(Ok(resp)).await.is_err() {
-                                return Ok(());
+                            if !resp.resources.is_empty() || !resp.removed_resources.is_empty() {
+                                push.push(resp);
                             }
+                        }
+                    }
+                    // The last response of a push says so: its nonce ends in
+                    // PUSH_END. A Bosun proxy applies its set then; to other
+                    // clients a nonce is opaque.
+                    if let Some(last) = push.last_mut() {
+                        last.nonce.push(PUSH_END);
+                        if let Some(entry) = types.get_mut(&last.type_url) {
+                            entry.nonce.clone_from(&last.nonce);
+                        }
+                    }
+                    for resp in push {
+                        if tx.send(Ok(resp)).await.is_err() {
+                            return Ok(());
                         }
                     }
                 }

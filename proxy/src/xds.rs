@@ -16,7 +16,7 @@ use bosun_xds_proto::discovery::aggregated_discovery_service_client::AggregatedD
 use bosun_xds_proto::discovery::{DeltaDiscoveryRequest, DiscoveryRequest};
 use bosun_xds_proto::prost::Message;
 use bosun_xds_proto::rpc::Status as RpcStatus;
-use bosun_xds_proto::type_url;
+use bosun_xds_proto::{PUSH_END, type_url};
 use rand::RngExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -139,10 +139,15 @@ fn settle(
     staged: &mut BTreeMap<String, TypeState>,
     pending: &BTreeMap<String, (String, String)>,
     version: &str,
+    push_end: bool,
 ) -> Option<Option<String>> {
+    // Complete: every type arrived at this version (a first push, and state
+    // of the world), or the control service marked the end of a delta push
+    // that carried only the types that changed.
     let complete = type_url::ALL
         .iter()
-        .all(|t| pending.get(*t).is_some_and(|(_, v)| v == version));
+        .all(|t| pending.get(*t).is_some_and(|(_, v)| v == version))
+        || (push_end && type_url::ALL.iter().all(|t| staged.contains_key(*t)));
     if !complete {
         return None;
     }
@@ -226,6 +231,7 @@ async fn delta_session(
             &mut staged,
             &pending,
             &resp.system_version_info,
+            resp.nonce.ends_with(PUSH_END),
         ) else {
             continue;
         };
@@ -287,7 +293,14 @@ async fn sotw_session(
             resp.type_url.clone(),
             (resp.nonce.clone(), resp.version_info.clone()),
         );
-        let Some(error) = settle(proxy, applied, &mut staged, &pending, &resp.version_info) else {
+        let Some(error) = settle(
+            proxy,
+            applied,
+            &mut staged,
+            &pending,
+            &resp.version_info,
+            false,
+        ) else {
             continue;
         };
         let acked = proxy.version();

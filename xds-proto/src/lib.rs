@@ -60,6 +60,11 @@ pub struct Any {
 }
 pub use prost_types;
 
+/// Ends the nonce of the last response of a delta push from `bosun
+/// control`, which sends only the types that changed: a Bosun proxy applies
+/// its consistent set then. To other clients a nonce is opaque.
+pub const PUSH_END: char = '!';
+
 /// Type URLs of Bosun's resources, one per kind, as Envoy users know them.
 pub mod type_url {
     pub const LISTENER: &str = "type.googleapis.com/bosun.config.v1.Listener";

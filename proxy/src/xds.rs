@@ -130,9 +130,10 @@ async fn connect(
     Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
-/// Once every type has reached `version` (all four responses pending at
-/// it), applies the staged resources: keeps them on success, drops them on
-/// failure. None: not complete yet; Some(None): ACK; Some(Some(e)): NACK.
+/// Once the set is complete (every type has reached `version`, or the
+/// server marked the end of a delta push with [`PUSH_END`]), applies the
+/// staged resources: keeps them on success, drops them on failure.
+/// None: not complete yet; Some(None): ACK; Some(Some(e)): NACK.
 fn settle(
     proxy: &Proxy,
     applied: &mut Applied,

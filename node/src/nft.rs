@@ -196,15 +196,22 @@ fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece) {
             (false, false, _) => (true, format!("goto {svc_chain}")),
         }
     };
-    let (ok, v) = verdict(sp.internal_local);
-    for ip in &sp.cluster_ips {
+    // `addr . proto . port` → verdict, in the dispatch map or, without
+    // endpoints to go to, in the one the filter hooks check.
+    let address = |r: &mut Piece, ip: &IpAddr, ok: bool, v: &str| {
         let map = if ok {
             "service-ips"
         } else {
             "no-endpoint-services"
         };
-        r.elements
-            .insert((map, format!("{ip} . {proto} . {}", sp.port)), v.clone());
+        r.elements.insert(
+            (map, format!("{ip} . {proto} . {}", sp.port)),
+            v.to_string(),
+        );
+    };
+    let (ok, v) = verdict(sp.internal_local);
+    for ip in &sp.cluster_ips {
+        address(r, ip, ok, &v);
     }
     if sp.has_external() {
         let (ok, v) = verdict(sp.external_local);
@@ -222,13 +229,7 @@ fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece) {
             v
         };
         for ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
-            let map = if ok {
-                "service-ips"
-            } else {
-                "no-endpoint-services"
-            };
-            r.elements
-                .insert((map, format!("{ip} . {proto} . {}", sp.port)), v.clone());
+            address(r, ip, ok, &v);
         }
         if let Some(np) = sp.node_port {
             let map = if ok {

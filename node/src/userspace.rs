@@ -154,43 +154,31 @@ impl Userspace {
                 .iter()
                 .filter_map(|r| crate::services::parse_cidr(r))
                 .collect();
+            let mut listen =
+                |ip: &IpAddr, endpoints: &[Endpoint], source_ranges: &[(IpAddr, u8)]| {
+                    ips.insert(*ip);
+                    if !endpoints.is_empty() {
+                        want.insert(
+                            SocketAddr::new(*ip, sp.port),
+                            Target {
+                                endpoints: endpoints.to_vec(),
+                                affinity,
+                                source_ranges: source_ranges.to_vec(),
+                            },
+                        );
+                    }
+                };
             for ip in &sp.cluster_ips {
-                ips.insert(*ip);
-                if !cluster.is_empty() {
-                    want.insert(
-                        SocketAddr::new(*ip, sp.port),
-                        Target {
-                            endpoints: cluster.clone(),
-                            affinity,
-                            source_ranges: vec![],
-                        },
-                    );
-                }
+                listen(ip, &cluster, &[]);
             }
             if external.is_empty() {
                 continue;
             }
             for ip in &sp.external_ips {
-                ips.insert(*ip);
-                want.insert(
-                    SocketAddr::new(*ip, sp.port),
-                    Target {
-                        endpoints: external.clone(),
-                        affinity,
-                        source_ranges: vec![],
-                    },
-                );
+                listen(ip, &external, &[]);
             }
             for ip in &sp.load_balancer_ips {
-                ips.insert(*ip);
-                want.insert(
-                    SocketAddr::new(*ip, sp.port),
-                    Target {
-                        endpoints: external.clone(),
-                        affinity,
-                        source_ranges: ranges.clone(),
-                    },
-                );
+                listen(ip, &external, &ranges);
             }
             if let Some(np) = sp.node_port {
                 // One dual-stack listener per NodePort, for both families.

@@ -99,10 +99,16 @@ pub async fn start(args: &ControlArgs) -> anyhow::Result<()> {
     };
     let c = counters.clone();
     tokio::spawn(async move {
+        // The last accepted config: a reading that differs from it only in
+        // endpoints is prepared from it (Istio's incremental EDS push).
+        let mut last: Option<Arc<Prepared>> = None;
         while let Some(reading) = readings.recv().await {
             let t = std::time::Instant::now();
             let checked = reading.and_then(|cfg| {
-                let prepared = Prepared::new(cfg);
+                let prepared = match &last {
+                    Some(prev) => Prepared::update(prev, cfg),
+                    None => Prepared::new(cfg),
+                };
                 prepared.check().map(|()| prepared)
             });
             match checked {
@@ -110,9 +116,12 @@ pub async fn start(args: &ControlArgs) -> anyhow::Result<()> {
                     c.applied.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
                         check_ms = t.elapsed().as_millis() as u64,
+                        endpoints_only = cfg.endpoint_update().is_some(),
                         "config accepted; pushing to proxies"
                     );
-                    tx.send_replace(Some(Arc::new(cfg)));
+                    let cfg = Arc::new(cfg);
+                    last = Some(cfg.clone());
+                    tx.send_replace(Some(cfg));
                 }
                 Err(errors) => {
                     c.rejected.fetch_add(1, Ordering::Relaxed);

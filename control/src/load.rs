@@ -125,7 +125,7 @@ pub fn load_sources(sources: &[(String, String)]) -> Result<Config, ConfigErrors
 }
 
 /// One file's resources, or its errors.
-fn parse_file(file: &str, text: &str) -> (Config, Vec<ConfigError>) {
+pub fn parse_file(file: &str, text: &str) -> (Config, Vec<ConfigError>) {
     let mut config = Config::default();
     let mut errors = Vec::new();
     for (first_line, doc) in split_documents(text) {
@@ -137,7 +137,7 @@ fn parse_file(file: &str, text: &str) -> (Config, Vec<ConfigError>) {
 }
 
 /// One file parsed: its resources and its errors.
-type Parsed = Arc<(Config, Vec<ConfigError>)>;
+pub type Parsed = Arc<(Config, Vec<ConfigError>)>;
 
 /// Parsed files by name and content hash: a watched source re-parses only
 /// the files that changed (YAML parsing is most of the cost of a reload).
@@ -238,7 +238,10 @@ fn parse_document(
     macro_rules! push {
         ($field:ident, $ty:ty) => {{
             let value: $ty = parse_typed(file, first_line, doc, &resource)?;
-            config.$field.push(Sourced { origin, value });
+            config.$field.push(Sourced {
+                origin,
+                value: Arc::new(value),
+            });
         }};
     }
     let istio_networking = group == "networking.istio.io"

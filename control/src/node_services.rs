@@ -295,6 +295,17 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
             )
         })
         .collect();
+    // Slices by (namespace, service name): one pass, not one per service port.
+    let mut slices: HashMap<(&str, &str), Vec<&model::Sourced<model::EndpointSlice>>> =
+        HashMap::new();
+    for sl in &cfg.endpoint_slices {
+        if let Some(svc) = sl.value.metadata.labels.get("kubernetes.io/service-name") {
+            slices
+                .entry((sl.value.namespace(), svc.as_str()))
+                .or_default()
+                .push(sl);
+        }
+    }
     for s in &cfg.services {
         let obj = &s.value;
         let spec = &obj.spec;
@@ -417,18 +428,8 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
             // Endpoints: every slice of this service, the port of the same name.
             let mut ready = Vec::new();
             let mut fallback = Vec::new();
-            for sl in &cfg.endpoint_slices {
+            for sl in slices.get(&(ns, name)).map_or(&[][..], Vec::as_slice) {
                 let slice = &sl.value;
-                if slice.namespace() != ns
-                    || slice
-                        .metadata
-                        .labels
-                        .get("kubernetes.io/service-name")
-                        .map(String::as_str)
-                        != Some(name)
-                {
-                    continue;
-                }
                 if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
                     continue; // FQDN slices: nothing to program
                 }

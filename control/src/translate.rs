@@ -6,7 +6,8 @@
 //! traffic policies are merged (subset > port level > top level). The proxy
 //! receives only what it must evaluate per request.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use bosun_xds_proto::config as pb;
 
@@ -181,211 +182,265 @@ fn resolve_host(host: &str, namespace: &str, known: &HashMap<String, usize>) -> 
     }
 }
 
+/// The services of a config by host: Services and ServiceEntries with their
+/// endpoints. Shared (`Arc`) so that a config differing only in some
+/// endpoints rebuilds those services and shares the rest.
+#[derive(Clone)]
 struct Registry {
-    services: Vec<Svc>,
-    by_host: HashMap<String, usize>,
+    services: Vec<Arc<Svc>>,
+    by_host: Arc<HashMap<String, usize>>,
+}
+
+/// What building a service's endpoints looks up, indexed once per config.
+struct Index<'a> {
+    pods: HashMap<(String, String), &'a model::Pod>,
+    slices: HashMap<(&'a str, &'a str), Vec<&'a model::EndpointSlice>>,
+    workloads: HashMap<&'a str, Vec<&'a model::WorkloadEntry>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(cfg: &'a Config) -> Index<'a> {
+        let pods: HashMap<(String, String), &'a model::Pod> = cfg
+            .pods
+            .iter()
+            .map(|p| {
+                let ns = p
+                    .value
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into());
+                ((ns, p.value.metadata.name.clone()), &*p.value)
+            })
+            .collect();
+        // Slices by (namespace, service name) and workload entries by namespace:
+        // one pass over each instead of one per Service.
+        let mut slices: HashMap<(&'a str, &'a str), Vec<&'a model::EndpointSlice>> = HashMap::new();
+        for sl in &cfg.endpoint_slices {
+            if let Some(svc) = sl.value.metadata.labels.get("kubernetes.io/service-name") {
+                slices
+                    .entry((sl.value.namespace(), svc.as_str()))
+                    .or_default()
+                    .push(&sl.value);
+            }
+        }
+        let mut workloads: HashMap<&'a str, Vec<&'a model::WorkloadEntry>> = HashMap::new();
+        for we in &cfg.workload_entries {
+            workloads
+                .entry(we.value.namespace())
+                .or_default()
+                .push(&we.value);
+        }
+        Index {
+            pods,
+            slices,
+            workloads,
+        }
+    }
+}
+
+/// A Kubernetes Service with its endpoints (EndpointSlices, and
+/// WorkloadEntries its selector matches).
+fn service_svc(s: &Sourced<model::Service>, ix: &Index, errors: &mut Vec<ConfigError>) -> Svc {
+    let obj = &s.value;
+    let ns = obj.namespace().to_string();
+    // ClientIP affinity: consistent hashing on the source address, as
+    // Istio does (a DestinationRule's loadBalancer takes precedence).
+    let client_ip_affinity = match obj.spec.session_affinity.as_deref() {
+        None | Some("None") => false,
+        Some("ClientIP") => true,
+        Some(other) => {
+            errors.push(ConfigError::at(
+                &s.origin,
+                obj.id(),
+                "spec.sessionAffinity",
+                format!("{other:?}: want None or ClientIP"),
+            ));
+            false
+        }
+    };
+    if obj
+        .spec
+        .internal_traffic_policy
+        .as_deref()
+        .is_some_and(|a| a != "Cluster")
+    {
+        errors.push(ConfigError::at(
+            &s.origin,
+            obj.id(),
+            "spec.internalTrafficPolicy",
+            "Local is implemented by node mode (`bosun proxy --mode node`), not by sidecars and gateways yet".into(),
+        ));
+    }
+    let mut ports = Vec::new();
+    for (i, p) in obj.spec.ports.iter().enumerate() {
+        if p.protocol.as_deref().is_some_and(|x| x != "TCP") {
+            errors.push(ConfigError::at(
+                &s.origin,
+                obj.id(),
+                &format!("spec.ports[{i}].protocol"),
+                "only TCP service ports are supported by Bosun yet".into(),
+            ));
+            continue;
+        }
+        match select_protocol(p.app_protocol.as_deref(), p.name.as_deref()) {
+            Ok(protocol) => ports.push(SvcPort {
+                number: p.port,
+                name: p.name.clone().unwrap_or_default(),
+                protocol,
+                target: p.target_port.clone(),
+            }),
+            Err(m) => errors.push(ConfigError::at(
+                &s.origin,
+                obj.id(),
+                &format!("spec.ports[{i}].appProtocol"),
+                m,
+            )),
+        }
+    }
+    let mut endpoints = Vec::new();
+    let own = ix
+        .slices
+        .get(&(ns.as_str(), obj.metadata.name.as_str()))
+        .map_or(&[][..], Vec::as_slice);
+    for sl in own {
+        let named_ports: BTreeMap<String, u32> = sl
+            .ports
+            .iter()
+            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port?)))
+            .collect();
+        for e in &sl.endpoints {
+            // Ready endpoints only; Bosun has no health checks of its own yet.
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            // Subsets select on the labels of the Pod behind the endpoint.
+            let pod = e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    let pns = r.namespace.as_deref().unwrap_or(&ns);
+                    ix.pods
+                        .get(&(pns.to_string(), r.name.clone().unwrap_or_default()))
+                });
+            for a in &e.addresses {
+                endpoints.push(Ep {
+                    address: a.clone(),
+                    named_ports: named_ports.clone(),
+                    labels: pod.map(|p| p.metadata.labels.clone()).unwrap_or_default(),
+                    workload: pod
+                        .map(|p| p.metadata.name.clone())
+                        .or_else(|| e.hostname.clone())
+                        .unwrap_or_default(),
+                    namespace: ns.clone(),
+                });
+            }
+        }
+    }
+    if !obj.spec.selector.is_empty() {
+        for w in ix.workloads.get(ns.as_str()).map_or(&[][..], Vec::as_slice) {
+            if labels_match(&obj.spec.selector, &w.spec.labels) {
+                endpoints.push(ep_from_workload(&w.spec, &w.metadata.name, w.namespace()));
+            }
+        }
+    }
+    Svc {
+        host: format!("{}.{}.svc.cluster.local", obj.metadata.name, ns),
+        name: obj.metadata.name.clone(),
+        namespace: ns,
+        export_to: vec![],
+        ports,
+        endpoints,
+        origin: s.origin.clone(),
+        id: obj.id(),
+        client_ip_affinity,
+    }
+}
+
+/// A ServiceEntry: one service per host.
+fn service_entry_svcs(
+    s: &Sourced<model::ServiceEntry>,
+    ix: &Index,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<Svc> {
+    let obj = &s.value;
+    let ns = obj.namespace().to_string();
+    match obj.spec.resolution.as_deref().unwrap_or("NONE") {
+        "STATIC" => {}
+        other => {
+            errors.push(ConfigError::at(
+                &s.origin,
+                obj.id(),
+                "spec.resolution",
+                format!("resolution {other} is not supported by Bosun yet (use STATIC)"),
+            ));
+            return Vec::new();
+        }
+    }
+    if !obj.spec.addresses.is_empty() {
+        errors.push(ConfigError::at(
+            &s.origin,
+            obj.id(),
+            "spec.addresses",
+            "not supported by Bosun yet (needs transparent capture)".into(),
+        ));
+    }
+    let mut ports = Vec::new();
+    for (i, p) in obj.spec.ports.iter().enumerate() {
+        match select_protocol(p.protocol.as_deref(), p.name.as_deref()) {
+            Ok(protocol) => ports.push(SvcPort {
+                number: p.number,
+                name: p.name.clone().unwrap_or_default(),
+                protocol,
+                target: p.target_port.map(model::IntOrString::Int),
+            }),
+            Err(m) => errors.push(ConfigError::at(
+                &s.origin,
+                obj.id(),
+                &format!("spec.ports[{i}].protocol"),
+                m,
+            )),
+        }
+    }
+    let mut endpoints: Vec<Ep> = obj
+        .spec
+        .endpoints
+        .iter()
+        .map(|e| ep_from_workload(e, &obj.metadata.name, &ns))
+        .collect();
+    if let Some(sel) = &obj.spec.workload_selector {
+        for w in ix.workloads.get(ns.as_str()).map_or(&[][..], Vec::as_slice) {
+            if labels_match(&sel.labels, &w.spec.labels) {
+                endpoints.push(ep_from_workload(&w.spec, &w.metadata.name, &ns));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for h in &obj.spec.hosts {
+        out.push(Svc {
+            host: h.clone(),
+            name: h.split('.').next().unwrap_or(h).to_string(),
+            namespace: ns.clone(),
+            export_to: obj.spec.export_to.clone(),
+            ports: ports.clone(),
+            endpoints: endpoints.clone(),
+            origin: s.origin.clone(),
+            id: obj.id(),
+            client_ip_affinity: false,
+        });
+    }
+    out
 }
 
 fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
-    let pods: HashMap<(String, String), &model::Pod> = cfg
-        .pods
-        .iter()
-        .map(|p| {
-            let ns = p
-                .value
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            ((ns, p.value.metadata.name.clone()), &p.value)
-        })
-        .collect();
+    let ix = Index::new(cfg);
     let mut services = Vec::new();
     for s in &cfg.services {
-        let obj = &s.value;
-        let ns = obj.namespace().to_string();
-        // ClientIP affinity: consistent hashing on the source address, as
-        // Istio does (a DestinationRule's loadBalancer takes precedence).
-        let client_ip_affinity = match obj.spec.session_affinity.as_deref() {
-            None | Some("None") => false,
-            Some("ClientIP") => true,
-            Some(other) => {
-                errors.push(ConfigError::at(
-                    &s.origin,
-                    obj.id(),
-                    "spec.sessionAffinity",
-                    format!("{other:?}: want None or ClientIP"),
-                ));
-                false
-            }
-        };
-        if obj
-            .spec
-            .internal_traffic_policy
-            .as_deref()
-            .is_some_and(|a| a != "Cluster")
-        {
-            errors.push(ConfigError::at(
-                &s.origin,
-                obj.id(),
-                "spec.internalTrafficPolicy",
-                "Local is implemented by node mode (`bosun proxy --mode node`), not by sidecars and gateways yet".into(),
-            ));
-        }
-        let mut ports = Vec::new();
-        for (i, p) in obj.spec.ports.iter().enumerate() {
-            if p.protocol.as_deref().is_some_and(|x| x != "TCP") {
-                errors.push(ConfigError::at(
-                    &s.origin,
-                    obj.id(),
-                    &format!("spec.ports[{i}].protocol"),
-                    "only TCP service ports are supported by Bosun yet".into(),
-                ));
-                continue;
-            }
-            match select_protocol(p.app_protocol.as_deref(), p.name.as_deref()) {
-                Ok(protocol) => ports.push(SvcPort {
-                    number: p.port,
-                    name: p.name.clone().unwrap_or_default(),
-                    protocol,
-                    target: p.target_port.clone(),
-                }),
-                Err(m) => errors.push(ConfigError::at(
-                    &s.origin,
-                    obj.id(),
-                    &format!("spec.ports[{i}].appProtocol"),
-                    m,
-                )),
-            }
-        }
-        let mut endpoints = Vec::new();
-        for slice in &cfg.endpoint_slices {
-            let sl = &slice.value;
-            if sl.namespace() != ns
-                || sl.metadata.labels.get("kubernetes.io/service-name") != Some(&obj.metadata.name)
-            {
-                continue;
-            }
-            let named_ports: BTreeMap<String, u32> = sl
-                .ports
-                .iter()
-                .filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port?)))
-                .collect();
-            for e in &sl.endpoints {
-                // Ready endpoints only; Bosun has no health checks of its own yet.
-                if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                    continue;
-                }
-                // Subsets select on the labels of the Pod behind the endpoint.
-                let pod = e
-                    .target_ref
-                    .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| {
-                        let pns = r.namespace.as_deref().unwrap_or(&ns);
-                        pods.get(&(pns.to_string(), r.name.clone().unwrap_or_default()))
-                    });
-                for a in &e.addresses {
-                    endpoints.push(Ep {
-                        address: a.clone(),
-                        named_ports: named_ports.clone(),
-                        labels: pod.map(|p| p.metadata.labels.clone()).unwrap_or_default(),
-                        workload: pod
-                            .map(|p| p.metadata.name.clone())
-                            .or_else(|| e.hostname.clone())
-                            .unwrap_or_default(),
-                        namespace: ns.clone(),
-                    });
-                }
-            }
-        }
-        if !obj.spec.selector.is_empty() {
-            for we in &cfg.workload_entries {
-                let w = &we.value;
-                if w.namespace() == ns && labels_match(&obj.spec.selector, &w.spec.labels) {
-                    endpoints.push(ep_from_workload(&w.spec, &w.metadata.name, w.namespace()));
-                }
-            }
-        }
-        services.push(Svc {
-            host: format!("{}.{}.svc.cluster.local", obj.metadata.name, ns),
-            name: obj.metadata.name.clone(),
-            namespace: ns,
-            export_to: vec![],
-            ports,
-            endpoints,
-            origin: s.origin.clone(),
-            id: obj.id(),
-            client_ip_affinity,
-        });
+        services.push(Arc::new(service_svc(s, &ix, errors)));
     }
     for s in &cfg.service_entries {
-        let obj = &s.value;
-        let ns = obj.namespace().to_string();
-        match obj.spec.resolution.as_deref().unwrap_or("NONE") {
-            "STATIC" => {}
-            other => {
-                errors.push(ConfigError::at(
-                    &s.origin,
-                    obj.id(),
-                    "spec.resolution",
-                    format!("resolution {other} is not supported by Bosun yet (use STATIC)"),
-                ));
-                continue;
-            }
-        }
-        if !obj.spec.addresses.is_empty() {
-            errors.push(ConfigError::at(
-                &s.origin,
-                obj.id(),
-                "spec.addresses",
-                "not supported by Bosun yet (needs transparent capture)".into(),
-            ));
-        }
-        let mut ports = Vec::new();
-        for (i, p) in obj.spec.ports.iter().enumerate() {
-            match select_protocol(p.protocol.as_deref(), p.name.as_deref()) {
-                Ok(protocol) => ports.push(SvcPort {
-                    number: p.number,
-                    name: p.name.clone().unwrap_or_default(),
-                    protocol,
-                    target: p.target_port.map(model::IntOrString::Int),
-                }),
-                Err(m) => errors.push(ConfigError::at(
-                    &s.origin,
-                    obj.id(),
-                    &format!("spec.ports[{i}].protocol"),
-                    m,
-                )),
-            }
-        }
-        let mut endpoints: Vec<Ep> = obj
-            .spec
-            .endpoints
-            .iter()
-            .map(|e| ep_from_workload(e, &obj.metadata.name, &ns))
-            .collect();
-        if let Some(sel) = &obj.spec.workload_selector {
-            for we in &cfg.workload_entries {
-                let w = &we.value;
-                if w.namespace() == ns && labels_match(&sel.labels, &w.spec.labels) {
-                    endpoints.push(ep_from_workload(&w.spec, &w.metadata.name, &ns));
-                }
-            }
-        }
-        for h in &obj.spec.hosts {
-            services.push(Svc {
-                host: h.clone(),
-                name: h.split('.').next().unwrap_or(h).to_string(),
-                namespace: ns.clone(),
-                export_to: obj.spec.export_to.clone(),
-                ports: ports.clone(),
-                endpoints: endpoints.clone(),
-                origin: s.origin.clone(),
-                id: obj.id(),
-                client_ip_affinity: false,
-            });
-        }
+        services.extend(service_entry_svcs(s, &ix, errors).into_iter().map(Arc::new));
     }
     let mut by_host = HashMap::new();
     for (i, s) in services.iter().enumerate() {
@@ -401,7 +456,10 @@ fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Registry {
             ));
         }
     }
-    Registry { services, by_host }
+    Registry {
+        services,
+        by_host: Arc::new(by_host),
+    }
 }
 
 fn ep_from_workload(w: &model::WorkloadEntrySpec, name: &str, ns: &str) -> Ep {
@@ -470,7 +528,92 @@ pub struct Prepared {
     pub config: Config,
     reg: Registry,
     errors: Vec<ConfigError>,
+    id: u64,
+    endpoint_update: Option<EndpointUpdate>,
 }
+
+/// How a config differs from the one it was prepared from, when all that
+/// changed is endpoints: which config, and whose endpoints. Only the
+/// `ClusterLoadAssignment`s of those hosts' clusters differ between the
+/// two configs' translations, for every proxy (Istio's incremental EDS push).
+#[derive(Clone, Debug)]
+pub struct EndpointUpdate {
+    /// [`Prepared::id`] of the config this one was prepared from.
+    pub base: u64,
+    /// The hosts whose endpoints changed.
+    pub hosts: HashSet<String>,
+}
+
+/// A resource whose endpoints changed: a ServiceEntry (its index) or the
+/// Service an EndpointSlice belongs to (namespace, name).
+enum EndpointsOf {
+    Entry(usize),
+    Service(String, String),
+}
+
+/// The endpoint changes from `old` to `new`, or None when anything else
+/// changed too (then the whole config is prepared and checked again).
+/// Resources are compared by value: one that only moved in its file (its
+/// origin, which errors cite) is the same resource, and since an endpoint
+/// update of a valid config cannot make errors outside the services it
+/// rebuilds, no error can cite the old place.
+fn endpoint_changes(old: &Config, new: &Config) -> Option<Vec<EndpointsOf>> {
+    fn unchanged<T: PartialEq>(x: &Sourced<T>, y: &Sourced<T>) -> bool {
+        Arc::ptr_eq(&x.value, &y.value) || x.value == y.value
+    }
+    fn same<T: PartialEq>(a: &[Sourced<T>], b: &[Sourced<T>]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| unchanged(x, y))
+    }
+    if !(same(&old.virtual_services, &new.virtual_services)
+        && same(&old.destination_rules, &new.destination_rules)
+        && same(&old.gateways, &new.gateways)
+        && same(&old.workload_entries, &new.workload_entries)
+        && same(&old.services, &new.services)
+        && same(&old.sidecars, &new.sidecars)
+        && same(&old.pods, &new.pods)
+        && old.service_entries.len() == new.service_entries.len()
+        && old.endpoint_slices.len() == new.endpoint_slices.len())
+    {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (i, (a, b)) in old
+        .service_entries
+        .iter()
+        .zip(&new.service_entries)
+        .enumerate()
+    {
+        if unchanged(a, b) {
+            continue;
+        }
+        let without_endpoints = |s: &model::ServiceEntrySpec| model::ServiceEntrySpec {
+            endpoints: Vec::new(),
+            ..s.clone()
+        };
+        if a.value.metadata != b.value.metadata
+            || without_endpoints(&a.value.spec) != without_endpoints(&b.value.spec)
+        {
+            return None;
+        }
+        out.push(EndpointsOf::Entry(i));
+    }
+    for (a, b) in old.endpoint_slices.iter().zip(&new.endpoint_slices) {
+        if unchanged(a, b) {
+            continue;
+        }
+        for sl in [&a.value, &b.value] {
+            if let Some(svc) = sl.metadata.labels.get("kubernetes.io/service-name") {
+                out.push(EndpointsOf::Service(
+                    sl.namespace().to_string(),
+                    svc.clone(),
+                ));
+            }
+        }
+    }
+    Some(out)
+}
+
+static PREPARED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Prepared {
     pub fn new(config: Config) -> Prepared {
@@ -479,7 +622,71 @@ impl Prepared {
             config,
             reg,
             errors,
+            id: PREPARED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            endpoint_update: None,
         }
+    }
+
+    /// `config` prepared after `prev`: when the two differ only in some
+    /// services' endpoints, only those services are built again and the
+    /// result carries an [`EndpointUpdate`]; otherwise as [`Prepared::new`].
+    pub fn update(prev: &Prepared, config: Config) -> Prepared {
+        if prev.errors.is_empty()
+            && let Some(changed) = endpoint_changes(&prev.config, &config)
+        {
+            let ix = Index::new(&config);
+            let mut reg = prev.reg.clone();
+            let mut errors = Vec::new();
+            let mut hosts = HashSet::new();
+            let mut complete = true;
+            for c in &changed {
+                let svcs = match c {
+                    EndpointsOf::Entry(i) => {
+                        service_entry_svcs(&config.service_entries[*i], &ix, &mut errors)
+                    }
+                    EndpointsOf::Service(ns, name) => config
+                        .services
+                        .iter()
+                        .filter(|s| s.value.namespace() == ns && &s.value.metadata.name == name)
+                        .map(|s| service_svc(s, &ix, &mut errors))
+                        .collect(),
+                };
+                for svc in svcs {
+                    match reg.by_host.get(&svc.host) {
+                        Some(&i) => {
+                            hosts.insert(svc.host.clone());
+                            reg.services[i] = Arc::new(svc);
+                        }
+                        None => complete = false,
+                    }
+                }
+            }
+            drop(ix);
+            if complete {
+                return Prepared {
+                    config,
+                    reg,
+                    errors,
+                    id: PREPARED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    endpoint_update: Some(EndpointUpdate {
+                        base: prev.id,
+                        hosts,
+                    }),
+                };
+            }
+        }
+        Prepared::new(config)
+    }
+
+    /// Unique among the configs this process prepared.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Set when this config was prepared from another one that differs
+    /// from it only in endpoints.
+    pub fn endpoint_update(&self) -> Option<&EndpointUpdate> {
+        self.endpoint_update.as_ref()
     }
 
     /// [`translate_unversioned`] of this config.
@@ -487,9 +694,90 @@ impl Prepared {
         translate_with(&self.config, &self.reg, self.errors.clone(), params)
     }
 
-    /// [`check`] of this config.
+    /// [`check`] of this config. An endpoint update of a checked config
+    /// needs only its rebuilt services checked: endpoints reach nothing
+    /// but `ClusterLoadAssignment`s, whose translation cannot fail.
     pub fn check(&self) -> Result<(), ConfigErrors> {
+        if self.endpoint_update.is_some() {
+            return if self.errors.is_empty() {
+                Ok(())
+            } else {
+                Err(ConfigErrors(self.errors.clone()))
+            };
+        }
         check_with(&self.config, |params| self.translate(params))
+    }
+
+    /// The `ClusterLoadAssignment` of outbound cluster `name` for a proxy of
+    /// `params`, as [`Prepared::translate`] makes it; None when `name` is not
+    /// an outbound cluster of a known host and port.
+    pub fn assignment(
+        &self,
+        params: &ProxyParams,
+        name: &str,
+    ) -> Option<pb::ClusterLoadAssignment> {
+        let mut parts = name.splitn(4, '|');
+        if parts.next()? != "outbound" {
+            return None;
+        }
+        let port: u32 = parts.next()?.parse().ok()?;
+        let subset = parts.next()?;
+        let host = parts.next()?;
+        let svc = &self.reg.services[*self.reg.by_host.get(host)?];
+        let sp = svc.port(port)?;
+        let selector = if subset.is_empty() {
+            Labels::new()
+        } else {
+            // The DestinationRule the proxy sees for this host (the last
+            // one, as translation keeps it; several is an error there).
+            let dr = self.config.destination_rules.iter().rev().find(|d| {
+                exported(
+                    &d.value.spec.export_to,
+                    d.value.namespace(),
+                    &params.namespace,
+                ) && resolve_host(&d.value.spec.host, d.value.namespace(), &self.reg.by_host)
+                    == host
+            })?;
+            dr.value
+                .spec
+                .subsets
+                .iter()
+                .find(|s| s.name == subset)?
+                .labels
+                .clone()
+        };
+        Some(load_assignment(name, svc, sp, &selector))
+    }
+}
+
+/// The host of an outbound cluster name (`outbound|port|subset|host`).
+pub fn cluster_host(name: &str) -> Option<&str> {
+    name.strip_prefix("outbound|")?.splitn(3, '|').nth(2)
+}
+
+/// The endpoints of one cluster: the service's endpoints that the subset's
+/// labels select, on the service port's target.
+fn load_assignment(
+    name: &str,
+    svc: &Svc,
+    sp: &SvcPort,
+    selector: &Labels,
+) -> pb::ClusterLoadAssignment {
+    let endpoints = svc
+        .endpoints
+        .iter()
+        .filter(|e| labels_match(selector, &e.labels))
+        .map(|e| pb::Endpoint {
+            address: e.address.clone(),
+            port: svc.endpoint_port(e, sp),
+            labels: e.labels.clone().into_iter().collect(),
+            workload: e.workload.clone(),
+            namespace: e.namespace.clone(),
+        })
+        .collect();
+    pb::ClusterLoadAssignment {
+        cluster: name.to_string(),
+        endpoints,
     }
 }
 
@@ -614,25 +902,8 @@ impl Ctx<'_> {
                 key: Some(pb::hash_policy::Key::SourceIp(true)),
             });
         }
-        let endpoints = svc
-            .endpoints
-            .iter()
-            .filter(|e| labels_match(&selector, &e.labels))
-            .map(|e| pb::Endpoint {
-                address: e.address.clone(),
-                port: svc.endpoint_port(e, &sp),
-                labels: e.labels.clone().into_iter().collect(),
-                workload: e.workload.clone(),
-                namespace: e.namespace.clone(),
-            })
-            .collect();
-        self.assignments.insert(
-            name.clone(),
-            pb::ClusterLoadAssignment {
-                cluster: name.clone(),
-                endpoints,
-            },
-        );
+        self.assignments
+            .insert(name.clone(), load_assignment(&name, svc, &sp, &selector));
         self.clusters.insert(name.clone(), cluster);
         Ok(name)
     }

@@ -43,11 +43,15 @@ pub struct Named {
     pub any: Any,
 }
 
+/// One type's resources by name; shared between versions where they are
+/// the same (an endpoint update shares all but the endpoints).
+pub type TypeMap = Arc<BTreeMap<String, Named>>;
+
 /// A proxy's resources by type URL, then by name, and the global version.
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
     pub version: String,
-    pub by_type: BTreeMap<&'static str, BTreeMap<String, Named>>,
+    pub by_type: BTreeMap<&'static str, TypeMap>,
 }
 
 fn fnv(bytes: &[u8]) -> String {
@@ -101,15 +105,42 @@ pub fn split(cfg: &pb::ProxyConfig) -> Resources {
             named(type_url::CLUSTER_LOAD_ASSIGNMENT, a),
         );
     }
+    versioned(by_type.into_iter().map(|(t, m)| (t, Arc::new(m))).collect())
+}
+
+/// `old` (the resources of a proxy of `params` for the config `cfg` was
+/// prepared from) with the endpoints of `hosts` taken from `cfg`: an
+/// endpoint update touches one type and only those hosts' clusters.
+fn patch(
+    old: &Resources,
+    cfg: &Prepared,
+    params: &ProxyParams,
+    hosts: &HashSet<String>,
+) -> Resources {
+    let mut by_type = old.by_type.clone();
+    if let Some(m) = by_type.get_mut(type_url::CLUSTER_LOAD_ASSIGNMENT) {
+        let mut next = None;
+        for name in m.keys() {
+            if crate::translate::cluster_host(name).is_some_and(|h| hosts.contains(h))
+                && let Some(a) = cfg.assignment(params, name)
+            {
+                next.get_or_insert_with(|| (**m).clone())
+                    .insert(name.clone(), named(type_url::CLUSTER_LOAD_ASSIGNMENT, &a));
+            }
+        }
+        if let Some(n) = next {
+            *m = Arc::new(n);
+        }
+    }
     versioned(by_type)
 }
 
 /// Resources with their version: a hash of every resource's (type, name,
 /// version), deterministic, so replicas agree, and no second encoding.
-fn versioned(by_type: BTreeMap<&'static str, BTreeMap<String, Named>>) -> Resources {
+fn versioned(by_type: BTreeMap<&'static str, TypeMap>) -> Resources {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (t, m) in &by_type {
-        for (name, n) in m {
+        for (name, n) in m.iter() {
             for part in [t.as_bytes(), name.as_bytes(), n.version.as_bytes()] {
                 for b in part.iter().chain([0u8].iter()) {
                     h ^= u64::from(*b);
@@ -135,7 +166,7 @@ fn node_resources(cfg: &crate::model::Config) -> Result<Arc<Resources>, String> 
         );
     }
     let mut by_type = BTreeMap::new();
-    by_type.insert(type_url::NODE_SERVICE, m);
+    by_type.insert(type_url::NODE_SERVICE, Arc::new(m));
     Ok(Arc::new(versioned(by_type)))
 }
 
@@ -272,6 +303,9 @@ impl Drop for Deregister {
 struct TranslateCache {
     config: Option<Arc<Prepared>>,
     by_params: HashMap<String, Result<Arc<Resources>, String>>,
+    /// The translations of the config before, when the current one is an
+    /// endpoint update of it: patched instead of translated again.
+    previous: HashMap<String, Result<Arc<Resources>, String>>,
 }
 
 /// What changed in one type between two versions, computed once and shared.
@@ -357,11 +391,30 @@ impl Ads {
         let key = format!("{params:?}");
         let mut cache = self.translations.lock().await;
         if !cache.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, cfg)) {
+            let from = cache.config.as_ref().map(|c| c.id());
             cache.config = Some(cfg.clone());
-            cache.by_params.clear();
+            cache.previous = if cfg.endpoint_update().map(|u| u.base) == from {
+                std::mem::take(&mut cache.by_params)
+            } else {
+                cache.by_params.clear();
+                HashMap::new()
+            };
         }
         if let Some(r) = cache.by_params.get(&key) {
             return r.clone();
+        }
+        if let (Some(update), Some(Ok(old))) = (cfg.endpoint_update(), cache.previous.get(&key))
+            && params.mode != ProxyMode::Node
+        {
+            let t = std::time::Instant::now();
+            let r = Ok(Arc::new(patch(old, cfg, params, &update.hosts)));
+            tracing::debug!(
+                patch_us = t.elapsed().as_micros() as u64,
+                hosts = update.hosts.len(),
+                "endpoint update for a kind of proxy"
+            );
+            cache.by_params.insert(key, r.clone());
+            return r;
         }
         if params.mode == ProxyMode::Node {
             let r = node_resources(&cfg.config);
@@ -417,11 +470,17 @@ impl Ads {
         {
             return d.clone();
         }
-        let empty = BTreeMap::new();
+        let empty = TypeMap::default();
         let (o, n) = (
             old.by_type.get(t).unwrap_or(&empty),
             new.by_type.get(t).unwrap_or(&empty),
         );
+        if Arc::ptr_eq(o, n) {
+            return Arc::new(TypeDiff {
+                changed: Vec::new(),
+                removed: Vec::new(),
+            });
+        }
         let d = Arc::new(TypeDiff {
             changed: n
                 .iter()
@@ -761,7 +820,7 @@ impl Ads {
     ) -> DeltaDiscoveryResponse {
         *nonce += 1;
         entry.nonce = nonce.to_string();
-        let empty = BTreeMap::new();
+        let empty = TypeMap::default();
         let all = res.by_type.get(t).unwrap_or(&empty);
         let wanted = |name: &str| entry.wildcard || entry.names.contains(name);
         let resource = |name: &str, n: &Named| Resource {
@@ -856,5 +915,164 @@ fn sotw_response(
         type_url: t.to_string(),
         nonce: entry.nonce.clone(),
         control_plane: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::load_sources;
+    use std::collections::BTreeSet;
+
+    const CANARY: &str = include_str!("../../examples/canary/canary.yaml");
+    const SHOP: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-x, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 9080}]
+endpoints:
+- addresses: [10.0.0.1]
+  targetRef: {kind: Pod, name: reviews-v1-abc, namespace: shop}
+- addresses: [10.0.0.2]
+  targetRef: {kind: Pod, name: reviews-v2-def, namespace: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1-abc, namespace: shop, labels: {app: reviews, version: v1}}
+spec: {containers: [{name: app, image: reviews:1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2-def, namespace: shop, labels: {app: reviews, version: v2}}
+spec: {containers: [{name: app, image: reviews:2}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets: [{name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews, subset: v2}}]}]
+"#;
+
+    fn prepared(canary: &str, shop: &str) -> crate::model::Config {
+        load_sources(&[
+            ("canary.yaml".into(), canary.into()),
+            ("shop.yaml".into(), shop.into()),
+        ])
+        .expect("parses")
+    }
+
+    fn versions(r: &Resources) -> BTreeMap<&'static str, BTreeMap<String, String>> {
+        r.by_type
+            .iter()
+            .map(|(t, m)| {
+                let v = m.iter().map(|(n, x)| (n.clone(), x.version.clone()));
+                (*t, v.collect())
+            })
+            .collect()
+    }
+
+    fn every_kind_of_proxy() -> Vec<ProxyParams> {
+        vec![
+            ProxyParams {
+                namespace: "shop".into(),
+                ..Default::default()
+            },
+            ProxyParams {
+                namespace: "demo".into(),
+                ..Default::default()
+            },
+            ProxyParams {
+                mode: ProxyMode::Gateway,
+                labels: [("istio".to_string(), "ingressgateway".to_string())].into(),
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn an_endpoint_update_patches_exactly_what_a_full_translation_gives() {
+        let old = Prepared::new(prepared(CANARY, SHOP));
+        old.check().expect("valid");
+        // ServiceEntry endpoints move and one is added; a slice endpoint moves.
+        let canary = CANARY.replace("18082", "18092").replace(
+            "    labels: {app: reviews, version: v2}\n",
+            "    labels: {app: reviews, version: v2}\n  - address: 127.0.0.2\n    ports: {http: 18083}\n    labels: {app: reviews, version: v2}\n",
+        );
+        let shop = SHOP.replace("10.0.0.2", "10.0.0.3");
+        let new = Prepared::update(&old, prepared(&canary, &shop));
+        new.check().expect("valid");
+        let update = new.endpoint_update().expect("only endpoints changed");
+        assert_eq!(update.base, old.id());
+        let hosts: BTreeSet<&str> = update.hosts.iter().map(String::as_str).collect();
+        assert_eq!(
+            hosts,
+            BTreeSet::from([
+                "reviews.demo.svc.cluster.local",
+                "reviews.shop.svc.cluster.local"
+            ])
+        );
+        for p in every_kind_of_proxy() {
+            let before = split(&old.translate(&p).expect("translates"));
+            let full = split(&new.translate(&p).expect("translates"));
+            let patched = patch(&before, &new, &p, &update.hosts);
+            assert_eq!(versions(&patched), versions(&full), "{p:?}");
+            assert_eq!(patched.version, full.version, "{p:?}");
+            // Something did change for proxies that see these hosts.
+            assert_ne!(before.version, full.version, "{p:?}");
+            // Only endpoints: every other type is the same map, shared.
+            for t in [
+                type_url::LISTENER,
+                type_url::ROUTE_CONFIGURATION,
+                type_url::CLUSTER,
+            ] {
+                assert!(Arc::ptr_eq(&before.by_type[t], &patched.by_type[t]));
+            }
+        }
+    }
+
+    #[test]
+    fn anything_but_endpoints_prepares_and_checks_the_whole_config() {
+        let old = Prepared::new(prepared(CANARY, SHOP));
+        for (what, canary, shop) in [
+            (
+                "a subset's labels",
+                CANARY.to_string(),
+                SHOP.replace("{version: v2}}]", "{version: v3}}]"),
+            ),
+            (
+                "a ServiceEntry port",
+                CANARY.replace(
+                    "number: 8080, name: http, protocol: HTTP}\n  endpoints",
+                    "number: 8081, name: http, protocol: HTTP}\n  endpoints",
+                ),
+                SHOP.to_string(),
+            ),
+            (
+                "a Pod's labels",
+                CANARY.to_string(),
+                SHOP.replace("version: v1}}", "version: v9}}"),
+            ),
+        ] {
+            assert!(canary != CANARY || shop != SHOP, "{what}: fixture");
+            let new = Prepared::update(&old, prepared(&canary, &shop));
+            assert!(new.endpoint_update().is_none(), "{what}");
+        }
+        // The same config again: an update of nothing.
+        let same = Prepared::update(&old, prepared(CANARY, SHOP));
+        assert!(same.endpoint_update().is_some_and(|u| u.hosts.is_empty()));
     }
 }

@@ -30,6 +30,9 @@ pub struct ProxyParams {
     pub inbound: Option<(String, u32, u32)>,
     /// Gateway: address the Gateway server ports bind on.
     pub gateway_address: String,
+    /// Ignore Sidecar egress scoping: the config check translates for a
+    /// proxy that sees every service, so every route is checked.
+    pub unscoped: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +53,7 @@ impl Default for ProxyParams {
             outbound_port: 15001,
             inbound: None,
             gateway_address: "0.0.0.0".into(),
+            unscoped: false,
         }
     }
 }
@@ -1240,6 +1244,7 @@ fn check_with(
     for mode in [ProxyMode::Sidecar, ProxyMode::Gateway] {
         let mut params = ProxyParams {
             mode,
+            unscoped: true,
             ..Default::default()
         };
         for g in &cfg.gateways {
@@ -1585,6 +1590,9 @@ struct EgressScope {
 
 impl EgressScope {
     fn for_proxy(cfg: &Config, p: &ProxyParams) -> EgressScope {
+        if p.unscoped {
+            return EgressScope { hosts: None };
+        }
         fn in_ns<'a>(
             cfg: &'a Config,
             ns: &'a str,
@@ -1606,7 +1614,10 @@ impl EgressScope {
                 in_ns(cfg, "istio-system").find(|s| s.value.spec.workload_selector.is_none())
             });
         let hosts = selected.map(|s| {
-            let own = s.value.namespace().to_string();
+            // `.` is the proxy's own namespace (for a Sidecar in its
+            // namespace, the Sidecar's; for the mesh-wide one, still the
+            // proxy's, as in Istio).
+            let own = p.namespace.clone();
             s.value
                 .spec
                 .egress
@@ -2014,6 +2025,60 @@ spec:
             ]
         );
         assert!(hosts("c").contains(&"private.c.internal".to_string()));
+    }
+
+    #[test]
+    fn a_mesh_wide_sidecar_scopes_each_proxy_to_its_own_namespace_and_the_check_sees_all() {
+        let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: b}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: istio-system}
+spec:
+  egress:
+  - hosts: ["./*", "istio-system/*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: b}
+spec:
+  hosts: [db]
+  http: [{route: [{destination: {host: db, subset: v9}}]}]
+"#;
+        let cfg = load_sources(&[("s.yaml".into(), y.into())]).expect("parses");
+        let fixed = y.replace(", subset: v9", "");
+        let good = load_sources(&[("s.yaml".into(), fixed)]).expect("parses");
+        let hosts = |ns: &str| -> Vec<String> {
+            let p = ProxyParams {
+                namespace: ns.into(),
+                ..Default::default()
+            };
+            let out = translate(&good, &p).expect("valid");
+            out.clusters
+                .iter()
+                .map(|c| c.service_host.clone())
+                .collect()
+        };
+        // `.` in the mesh-wide Sidecar is each proxy's own namespace.
+        assert_eq!(hosts("a"), vec!["web.a.svc.cluster.local".to_string()]);
+        assert_eq!(hosts("b"), vec!["db.b.svc.cluster.local".to_string()]);
+        // The check is not scoped: b's bad route is refused although the
+        // check's proxy (namespace default) would not see db.
+        let err = check(&cfg).expect_err("subset v9 is undefined");
+        assert!(
+            err.0.iter().any(|e| e.resource == "VirtualService/b/db"),
+            "{err}"
+        );
+        check(&good).expect("valid");
     }
 
     #[test]

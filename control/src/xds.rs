@@ -27,7 +27,7 @@ use bosun_xds_proto::discovery::{
 };
 use bosun_xds_proto::prost::Message;
 use bosun_xds_proto::prost_types::{Struct, value::Kind};
-use bosun_xds_proto::{PUSH_END, type_url};
+use bosun_xds_proto::{CHUNK_BYTES, MORE, PUSH_END, type_url};
 use futures_util::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -519,7 +519,39 @@ where
             let _ = tx.send(Err(e)).await;
         }
     });
-    Box::pin(ReceiverStream::new(rx))
+    Box::pin(YieldEach {
+        inner: ReceiverStream::new(rx),
+        yielded: false,
+    })
+}
+
+/// Yields to the runtime after each message: tonic encodes queued messages
+/// into one buffer until it holds 32 KiB, and a stream keeps its encode
+/// buffer at the largest size it reached, so with thousands of streams,
+/// one message (one chunk) per buffer is what bounds the memory.
+struct YieldEach<S> {
+    inner: S,
+    yielded: bool,
+}
+
+impl<S: Stream + Unpin> Stream for YieldEach<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        if !self.yielded {
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        let item = Pin::new(&mut self.inner).poll_next(cx);
+        if item.is_ready() {
+            self.yielded = false;
+        }
+        item
+    }
 }
 
 fn nack_text(s: &bosun_xds_proto::rpc::Status) -> String {
@@ -765,9 +797,10 @@ impl Ads {
                         entry.names.remove(n);
                     }
                     if let Some(res) = &last_good {
-                        let resp = self.delta_response(res, t, entry, &mut nonce, &new_names);
-                        if tx.send(Ok(resp)).await.is_err() {
-                            return Ok(());
+                        for resp in self.delta_response(res, t, entry, &mut nonce, &new_names) {
+                            if tx.send(Ok(resp)).await.is_err() {
+                                return Ok(());
+                            }
                         }
                     }
                 }
@@ -781,10 +814,10 @@ impl Ads {
                     let mut push = Vec::new();
                     for &t in types_for(params.mode) {
                         if let Some(entry) = types.get_mut(t) {
-                            let resp = self.delta_response(res, t, entry, &mut nonce, &[]);
-                            if !resp.resources.is_empty() || !resp.removed_resources.is_empty() {
-                                push.push(resp);
-                            }
+                            let resps = self.delta_response(res, t, entry, &mut nonce, &[]);
+                            push.extend(resps.into_iter().filter(|r| {
+                                !r.resources.is_empty() || !r.removed_resources.is_empty()
+                            }));
                         }
                     }
                     // The last response of a push says so: its nonce ends in
@@ -809,7 +842,9 @@ impl Ads {
     /// What this stream lacks of `res` for type `t`: against what was last
     /// sent (a shared, cached diff), against the versions a resumed client
     /// announced, or everything on a first response; plus `extra` names the
-    /// client just subscribed to.
+    /// client just subscribed to. In chunks of about [`CHUNK_BYTES`]; every
+    /// chunk but the last has a nonce ending in [`MORE`]. At least one
+    /// response, maybe empty.
     fn delta_response(
         &self,
         res: &Arc<Resources>,
@@ -817,9 +852,7 @@ impl Ads {
         entry: &mut DeltaType,
         nonce: &mut u64,
         extra: &[String],
-    ) -> DeltaDiscoveryResponse {
-        *nonce += 1;
-        entry.nonce = nonce.to_string();
+    ) -> Vec<DeltaDiscoveryResponse> {
         let empty = TypeMap::default();
         let all = res.by_type.get(t).unwrap_or(&empty);
         let wanted = |name: &str| entry.wildcard || entry.names.contains(name);
@@ -878,14 +911,46 @@ impl Ads {
             }
         }
         entry.sent = Some(res.clone());
-        DeltaDiscoveryResponse {
-            system_version_info: res.version.clone(),
-            resources,
-            type_url: t.to_string(),
-            nonce: entry.nonce.clone(),
-            removed_resources: removed,
-            control_plane: None,
+        let mut chunks: Vec<Vec<Resource>> = vec![Vec::new()];
+        let mut size = 0;
+        for r in resources {
+            let n =
+                r.name.len() + r.version.len() + r.resource.as_ref().map_or(0, |a| a.value.len());
+            if size + n > CHUNK_BYTES && chunks.last().is_some_and(|c| !c.is_empty()) {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += n;
+            if let Some(c) = chunks.last_mut() {
+                c.push(r);
+            }
         }
+        let last = chunks.len() - 1;
+        let mut removed = Some(removed);
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, resources)| {
+                *nonce += 1;
+                entry.nonce = nonce.to_string();
+                if i < last {
+                    entry.nonce.push(MORE);
+                }
+                DeltaDiscoveryResponse {
+                    system_version_info: res.version.clone(),
+                    resources,
+                    type_url: t.to_string(),
+                    nonce: entry.nonce.clone(),
+                    // Removals go with the last chunk, when the set is whole.
+                    removed_resources: if i == last {
+                        removed.take().unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
+                    control_plane: None,
+                }
+            })
+            .collect()
     }
 }
 

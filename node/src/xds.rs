@@ -14,7 +14,7 @@ use bosun_xds_proto::discovery::aggregated_discovery_service_client::AggregatedD
 use bosun_xds_proto::prost::Message;
 use bosun_xds_proto::prost_types::{Struct, Value, value::Kind};
 use bosun_xds_proto::rpc::Status as RpcStatus;
-use bosun_xds_proto::type_url;
+use bosun_xds_proto::{MORE, type_url};
 use rand::RngExt;
 use tokio::sync::mpsc;
 
@@ -126,6 +126,7 @@ async fn session(
         .map_err(|e| (false, e.to_string()))?
         .into_inner();
     let mut got = false;
+    let mut dirty = false;
     loop {
         let resp = match inbound.message().await {
             Ok(Some(r)) => r,
@@ -174,7 +175,10 @@ async fn session(
                         .zip(held.iter())
                         .any(|(a, b)| a.0 != b.0 || a.1.0 != b.1.0);
                 *held = next;
-                if changed {
+                // A chunked update is programmed once, at its last chunk.
+                dirty |= changed;
+                if dirty && !resp.nonce.ends_with(MORE) {
+                    dirty = false;
                     let map: ServiceMap = held
                         .values()
                         .map(|(_, sp)| (sp.id.clone(), sp.clone()))

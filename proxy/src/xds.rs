@@ -16,7 +16,7 @@ use bosun_xds_proto::discovery::aggregated_discovery_service_client::AggregatedD
 use bosun_xds_proto::discovery::{DeltaDiscoveryRequest, DiscoveryRequest};
 use bosun_xds_proto::prost::Message;
 use bosun_xds_proto::rpc::Status as RpcStatus;
-use bosun_xds_proto::{PUSH_END, type_url};
+use bosun_xds_proto::{MORE, PUSH_END, type_url};
 use rand::RngExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -145,11 +145,15 @@ fn settle(
     // Complete: every type arrived at this version (a first push, and state
     // of the world), or the control service marked the end of a delta push
     // that carried only the types that changed.
+    // Never in the middle of a chunked type (its nonce ends in MORE; the
+    // control service sends types in order, so this matters when the last
+    // type of a push is chunked).
+    let chunking = pending.values().any(|(nonce, _)| nonce.ends_with(MORE));
     let complete = type_url::ALL
         .iter()
         .all(|t| pending.get(*t).is_some_and(|(_, v)| v == version))
         || (push_end && type_url::ALL.iter().all(|t| staged.contains_key(*t)));
-    if !complete {
+    if chunking || !complete {
         return None;
     }
     let error = try_apply(proxy, staged, version);

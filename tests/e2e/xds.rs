@@ -420,3 +420,157 @@ async fn two_control_replicas_on_one_etcd_agree_and_a_proxy_fails_over_without_a
     })
     .await;
 }
+
+fn sidecar_node(id: &str, namespace: &str) -> Node {
+    let mut fields = BTreeMap::new();
+    for (k, v) in [("MODE", "sidecar"), ("NAMESPACE", namespace)] {
+        fields.insert(
+            k.to_string(),
+            Value {
+                kind: Some(Kind::StringValue(v.into())),
+            },
+        );
+    }
+    Node {
+        id: id.into(),
+        metadata: Some(Struct { fields }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_config_goes_out_in_chunks_and_a_proxy_applies_it_whole() {
+    let be = backend("last").await;
+    let other: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let dir = TempDir::new("control");
+    let cfg = dir.0.join("cfg");
+    // 300 services of 5 endpoints: far more than one chunk of each type.
+    let mut y = String::new();
+    for i in 0..300 {
+        let ep = if i == 299 { be.addr } else { other };
+        y.push_str(&service_entry(
+            &format!("svc-{i}"),
+            "x",
+            80,
+            "HTTP",
+            &[(ep, "app=a,version=v1"); 5],
+        ));
+    }
+    write_dir(&cfg, &y);
+    let control = Control::start(&cfg, None).await;
+
+    // A raw delta client sees each type in chunks: every nonce but the last
+    // of a type ends in MORE, all at one version, together the whole set.
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", control.xds))
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    for t in type_url::ALL {
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(sidecar_node("raw", "x")),
+            type_url: t.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+    }
+    let mut stream = client
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut chunks: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    let mut done = std::collections::BTreeSet::new();
+    while done.len() < 4 {
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+            .await
+            .expect("responses within 10 s")
+            .expect("ok")
+            .expect("response");
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("ack");
+        if !r.nonce.ends_with(bosun_xds_proto::MORE) {
+            done.insert(r.type_url.clone());
+        }
+        chunks.entry(r.type_url.clone()).or_default().push(r);
+    }
+    let cla = &chunks[type_url::CLUSTER_LOAD_ASSIGNMENT];
+    assert!(cla.len() > 2, "{} CLA responses", cla.len());
+    let (last, rest) = cla.split_last().expect("chunks");
+    assert!(
+        rest.iter()
+            .all(|r| r.nonce.ends_with(bosun_xds_proto::MORE)),
+        "{:?}",
+        cla.iter().map(|r| &r.nonce).collect::<Vec<_>>()
+    );
+    assert!(!last.nonce.ends_with(bosun_xds_proto::MORE));
+    assert!(
+        cla.iter()
+            .all(|r| r.system_version_info == last.system_version_info)
+    );
+    for r in cla {
+        let bytes: usize = r
+            .resources
+            .iter()
+            .map(|x| {
+                x.resource.as_ref().map_or(0, |a| a.value.len()) + x.name.len() + x.version.len()
+            })
+            .sum();
+        let largest = r
+            .resources
+            .iter()
+            .map(|x| {
+                x.resource.as_ref().map_or(0, |a| a.value.len()) + x.name.len() + x.version.len()
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(
+            bytes <= bosun_xds_proto::CHUNK_BYTES + largest,
+            "{bytes} bytes"
+        );
+    }
+    let names: std::collections::BTreeSet<&str> = cla
+        .iter()
+        .flat_map(|r| r.resources.iter().map(|x| x.name.as_str()))
+        .collect();
+    assert_eq!(names.len(), 300);
+
+    // A Bosun sidecar applies the set once, whole: ready means the last
+    // chunk's service routes, and nothing was refused on the way.
+    let out_port = free_port();
+    let proxy = Bosun::with_xds(
+        control.xds,
+        &[
+            "--mode",
+            "sidecar",
+            "--namespace",
+            "x",
+            "--node-id",
+            "big",
+            "--outbound-address",
+            &format!("127.0.0.1:{out_port}"),
+        ],
+    );
+    proxy.wait_ready().await;
+    let r = get(
+        &crate::harness::client(),
+        &format!("http://127.0.0.1:{out_port}/"),
+        "svc-299.x.svc.cluster.local",
+    )
+    .await;
+    assert_eq!(r.backend(), "last", "{}", r.body);
+    assert!(!proxy.log_text().contains("NACK"), "{}", proxy.log_text());
+    eventually("status shows the proxy synced", || async {
+        control.proxies().await.iter().any(|p| {
+            p["node_id"] == "big"
+                && !p["latest_version"].as_str().unwrap_or("").is_empty()
+                && p["acked_version"] == p["latest_version"]
+        })
+    })
+    .await;
+}

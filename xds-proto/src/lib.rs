@@ -65,6 +65,17 @@ pub use prost_types;
 /// its consistent set then. To other clients a nonce is opaque.
 pub const PUSH_END: char = '!';
 
+/// Ends the nonce of a delta response from `bosun control` that has more
+/// chunks of the same type and version to follow (a large update is sent in
+/// chunks of about [`CHUNK_BYTES`], so that no stream holds a buffer the
+/// size of its whole config): a Bosun proxy applies nothing until the last
+/// chunk. To other clients a nonce is opaque, and each chunk is an ordinary
+/// incremental update.
+pub const MORE: char = '+';
+
+/// About how many bytes of resources one delta response carries.
+pub const CHUNK_BYTES: usize = 16 * 1024;
+
 /// Type URLs of Bosun's resources, one per kind, as Envoy users know them.
 pub mod type_url {
     pub const LISTENER: &str = "type.googleapis.com/bosun.config.v1.Listener";

@@ -1,13 +1,17 @@
 //! `xds-load`: how fast one `bosun control` converges N proxies on S
 //! services, and how fast one endpoint change reaches all of them.
 //!
-//! Usage: xds-load BOSUN_BINARY PROXIES SERVICES
+//! Usage: xds-load BOSUN_BINARY PROXIES SERVICES [NAMESPACES]
 //!
 //! It writes S ServiceEntries (10 endpoints each, one file per service),
+//! spread round-robin over NAMESPACES namespaces (default 1: every proxy
+//! receives every service; with more, a mesh-wide `Sidecar` in
+//! `istio-system` with egress `./*` scopes each proxy to its namespace, as
+//! Istio recommends at scale),
 //! starts `bosun control` on them, opens N delta ADS streams as sidecars
 //! (wildcard on all four types, over N/100 HTTP/2 connections), and reports:
 //! full-push convergence (first request → every stream holds all four
-//! types), one-endpoint-change propagation p50/p99 (file rename → the
+//! types, every chunk), one-endpoint-change propagation p50/p99 (file rename → the
 //! changed ClusterLoadAssignment arrives on each stream), and the control
 //! process's RSS (current and peak) and CPU seconds.
 
@@ -23,7 +27,18 @@ use bosun_xds_proto::prost_types::{Struct, Value, value::Kind};
 use bosun_xds_proto::type_url;
 use tokio::sync::{Barrier, mpsc};
 
-fn service(i: usize, port_base: u16) -> String {
+fn namespace(i: usize, namespaces: usize) -> String {
+    if namespaces <= 1 {
+        "load".into()
+    } else {
+        format!("ns-{}", i % namespaces)
+    }
+}
+
+const MESH_SIDECAR: &str = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: istio-system}\nspec:\n  egress:\n  - hosts: [\"./*\"]\n";
+
+fn service(i: usize, port_base: u16, namespaces: usize) -> String {
+    let ns = namespace(i, namespaces);
     let mut eps = String::new();
     for e in 0..10 {
         eps.push_str(&format!(
@@ -35,7 +50,7 @@ fn service(i: usize, port_base: u16) -> String {
         ));
     }
     format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: svc-{i}, namespace: load}}\nspec:\n  hosts: [svc-{i}.load.svc.cluster.local]\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  endpoints:\n{eps}"
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: svc-{i}, namespace: {ns}}}\nspec:\n  hosts: [svc-{i}.{ns}.svc.cluster.local]\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  endpoints:\n{eps}"
     )
 }
 
@@ -65,7 +80,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-fn sidecar(id: usize) -> Node {
+fn sidecar(id: usize, namespaces: usize) -> Node {
     let mut fields = BTreeMap::new();
     fields.insert(
         "MODE".to_string(),
@@ -76,7 +91,7 @@ fn sidecar(id: usize) -> Node {
     fields.insert(
         "NAMESPACE".to_string(),
         Value {
-            kind: Some(Kind::StringValue("load".into())),
+            kind: Some(Kind::StringValue(namespace(id, namespaces))),
         },
     );
     Node {
@@ -89,16 +104,20 @@ fn sidecar(id: usize) -> Node {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 4 {
-        eprintln!("usage: xds-load BOSUN_BINARY PROXIES SERVICES");
+    if !(4..=5).contains(&args.len()) {
+        eprintln!("usage: xds-load BOSUN_BINARY PROXIES SERVICES [NAMESPACES]");
         std::process::exit(2);
     }
     let (bosun, n, s): (String, usize, usize) =
         (args[1].clone(), args[2].parse()?, args[3].parse()?);
+    let k: usize = args.get(4).map_or(Ok(1), |a| a.parse())?;
     let dir = std::env::temp_dir().join(format!("bosun-xds-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     for i in 0..s {
-        std::fs::write(dir.join(format!("svc-{i:06}.yaml")), service(i, 8080))?;
+        std::fs::write(dir.join(format!("svc-{i:06}.yaml")), service(i, 8080, k))?;
+    }
+    if k > 1 {
+        std::fs::write(dir.join("sidecar.yaml"), MESH_SIDECAR)?;
     }
     let xds = "127.0.0.1:25510";
     let mut control = Command::new(&bosun)
@@ -149,7 +168,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         v
     };
-    let changed_cluster = "outbound|80||svc-0.load.svc.cluster.local".to_string();
+    let changed_cluster = format!("outbound|80||svc-0.{}.svc.cluster.local", namespace(0, k));
+    // The proxies that receive svc-0: all, or those of its namespace.
+    let receivers = if k > 1 { n.div_ceil(k) } else { n };
     let (done_tx, mut done_rx) = mpsc::channel::<(usize, Instant)>(n.max(1));
     let (change_tx, mut change_rx) = mpsc::channel::<Instant>(n.max(1));
     let barrier = Arc::new(Barrier::new(n + 1));
@@ -169,7 +190,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             for t in type_url::ALL {
                 let _ = tx
                     .send(DeltaDiscoveryRequest {
-                        node: Some(sidecar(id)),
+                        node: Some(sidecar(id, k)),
                         type_url: t.into(),
                         ..Default::default()
                     })
@@ -182,11 +203,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 return;
             };
             let mut stream = resp.into_inner();
-            let mut seen = 0;
-            while seen < 4 {
+            // A type is complete at its last chunk (a nonce not ending in MORE).
+            let mut complete = std::collections::HashSet::new();
+            while complete.len() < 4 {
                 let Ok(Some(r)) = stream.message().await else {
                     return;
                 };
+                if !r.nonce.ends_with(bosun_xds_proto::MORE) {
+                    complete.insert(r.type_url.clone());
+                }
                 let _ = tx
                     .send(DeltaDiscoveryRequest {
                         type_url: r.type_url,
@@ -194,7 +219,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         ..Default::default()
                     })
                     .await;
-                seen += 1;
             }
             let _ = done_tx.send((id, Instant::now())).await;
             barrier.wait().await;
@@ -230,11 +254,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // One endpoint change: svc-0's first endpoint moves.
     let tmp = dir.join(".svc-000000.yaml.tmp");
-    std::fs::write(&tmp, service(0, 9090))?;
+    std::fs::write(&tmp, service(0, 9090, k))?;
     let t0 = Instant::now();
     std::fs::rename(&tmp, dir.join("svc-000000.yaml"))?;
     let mut lat = Vec::new();
-    for _ in 0..n {
+    for _ in 0..receivers {
         match tokio::time::timeout(Duration::from_secs(120), change_rx.recv()).await {
             Ok(Some(t)) => lat.push((t - t0).as_secs_f64() * 1000.0),
             _ => break,
@@ -248,11 +272,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = control.wait();
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "| proxies × services | config load | full push (all proxies hold all 4 types) | one endpoint change p50 / p99 | proxies updated | control RSS after push / peak | control CPU |"
+        "| proxies × services (namespaces) | config load | full push (all proxies hold all 4 types) | one endpoint change p50 / p99 | proxies updated | control RSS after push / peak | control CPU |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {n} × {s} | {:.2} s | {:.2} s | {p50:.0} ms / {p99:.0} ms | {got}/{n} | {} MB / {} MB | {cpu:.1} s |",
+        "| {n} × {s} ({k}) | {:.2} s | {:.2} s | {p50:.0} ms / {p99:.0} ms | {got}/{receivers} | {} MB / {} MB | {cpu:.1} s |",
         load_time.as_secs_f64(),
         full_push.as_secs_f64(),
         rss_after_push / 1024,

@@ -35,7 +35,7 @@ pub fn params(args: &ProxyArgs) -> anyhow::Result<ProxyParams> {
             )
         }),
         gateway_address: args.gateway_address.clone(),
-        unscoped: false,
+        check_only: false,
     })
 }
 

@@ -567,7 +567,7 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let mut inbound = request.into_inner();
+        let mut inbound = Requests::new(request.into_inner());
         let this = self.clone();
         Ok(Response::new(serve_stream(move |tx| async move {
             this.sotw(&mut inbound, &tx).await
@@ -578,11 +578,69 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let mut inbound = request.into_inner();
+        let mut inbound = Requests::new(request.into_inner());
         let this = self.clone();
         Ok(Response::new(serve_stream(move |tx| async move {
             this.delta(&mut inbound, &tx).await
         })))
+    }
+}
+
+/// A stream's requests. A handler busy sending a large push (hundreds of
+/// chunks, each ACKed by clients that ACK every response) keeps reading
+/// them while it waits to send, into a backlog: otherwise HTTP/2 flow
+/// control stalls both directions (the client blocks on sending ACKs, so it
+/// stops reading responses, so the handler blocks on sending).
+struct Requests<T> {
+    inbound: Streaming<T>,
+    backlog: std::collections::VecDeque<Result<T, Status>>,
+    ended: bool,
+}
+
+impl<T> Requests<T> {
+    fn new(inbound: Streaming<T>) -> Requests<T> {
+        Requests {
+            inbound,
+            backlog: Default::default(),
+            ended: false,
+        }
+    }
+
+    /// The next request (cancel safe, as `Streaming::message` is).
+    async fn message(&mut self) -> Result<Option<T>, Status> {
+        if let Some(m) = self.backlog.pop_front() {
+            return m.map(Some);
+        }
+        if self.ended {
+            return Ok(None);
+        }
+        self.inbound.message().await
+    }
+
+    /// Sends `item` on `tx`, reading requests while it waits; false once
+    /// the response stream is gone.
+    async fn send<R>(&mut self, tx: &mpsc::Sender<R>, item: R) -> bool {
+        let permit = loop {
+            tokio::select! {
+                biased;
+                p = tx.reserve() => break p,
+                m = self.inbound.message(), if !self.ended => match m {
+                    Ok(Some(r)) => self.backlog.push_back(Ok(r)),
+                    Ok(None) => self.ended = true,
+                    Err(e) => {
+                        self.backlog.push_back(Err(e));
+                        self.ended = true;
+                    }
+                },
+            }
+        };
+        match permit {
+            Ok(p) => {
+                p.send(item);
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -608,7 +666,7 @@ struct DeltaType {
 impl Ads {
     async fn sotw(
         &self,
-        inbound: &mut Streaming<DiscoveryRequest>,
+        inbound: &mut Requests<DiscoveryRequest>,
         tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
     ) -> Result<(), Status> {
         let Some(first) = inbound.message().await? else {
@@ -662,7 +720,7 @@ impl Ads {
                     }
                     entry.names = req.resource_names;
                     let resp = sotw_response(&res, &req.type_url, entry, &mut nonce);
-                    if tx.send(Ok(resp)).await.is_err() {
+                    if !inbound.send(tx, Ok(resp)).await {
                         return Ok(());
                     }
                 }
@@ -672,7 +730,7 @@ impl Ads {
                             && entry.sent_version != res.version
                         {
                             let resp = sotw_response(&res, t, entry, &mut nonce);
-                            if tx.send(Ok(resp)).await.is_err() {
+                            if !inbound.send(tx, Ok(resp)).await {
                                 return Ok(());
                             }
                         }
@@ -684,7 +742,7 @@ impl Ads {
 
     async fn delta(
         &self,
-        inbound: &mut Streaming<DeltaDiscoveryRequest>,
+        inbound: &mut Requests<DeltaDiscoveryRequest>,
         tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     ) -> Result<(), Status> {
         let Some(first) = inbound.message().await? else {
@@ -798,7 +856,7 @@ impl Ads {
                     }
                     if let Some(res) = &last_good {
                         for resp in self.delta_response(res, t, entry, &mut nonce, &new_names) {
-                            if tx.send(Ok(resp)).await.is_err() {
+                            if !inbound.send(tx, Ok(resp)).await {
                                 return Ok(());
                             }
                         }
@@ -830,7 +888,7 @@ impl Ads {
                         }
                     }
                     for resp in push {
-                        if tx.send(Ok(resp)).await.is_err() {
+                        if !inbound.send(tx, Ok(resp)).await {
                             return Ok(());
                         }
                     }

@@ -1836,11 +1836,55 @@ fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::load::load_sources;
 
     const CANARY: &str = include_str!("../../examples/canary/canary.yaml");
+
+    /// A Service with an EndpointSlice, its Pods, and a subset on their labels.
+    pub(crate) const SHOP: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-x, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 9080}]
+endpoints:
+- addresses: [10.0.0.1]
+  targetRef: {kind: Pod, name: reviews-v1-abc, namespace: shop, uid: u1}
+- addresses: [10.0.0.2]
+  targetRef: {kind: Pod, name: reviews-v2-def, namespace: shop, uid: u2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1-abc, namespace: shop, labels: {app: reviews, version: v1}}
+spec: {containers: [{name: app, image: reviews:1}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2-def, namespace: shop, labels: {app: reviews, version: v2}}
+spec: {containers: [{name: app, image: reviews:2}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets: [{name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews, subset: v2}}]}]
+"#;
 
     fn gw_params() -> ProxyParams {
         ProxyParams {
@@ -2026,6 +2070,19 @@ spec:
         assert_eq!(err.0[0].field, "spec.http[0].route");
     }
 
+    /// The service hosts of the clusters a sidecar in `ns` receives.
+    fn cluster_hosts(cfg: &Config, ns: &str) -> Vec<String> {
+        let p = ProxyParams {
+            namespace: ns.into(),
+            ..Default::default()
+        };
+        let out = translate(cfg, &p).expect("valid");
+        out.clusters
+            .iter()
+            .map(|c| c.service_host.clone())
+            .collect()
+    }
+
     #[test]
     fn sidecar_egress_and_export_to_scope_what_a_proxy_receives() {
         let y = r#"
@@ -2057,17 +2114,7 @@ spec:
 "#;
         let cfg = load_sources(&[("s.yaml".into(), y.into())]).expect("parses");
         assert_eq!(cfg.sidecars.len(), 1, "{:?}", cfg.sidecars);
-        let hosts = |ns: &str| -> Vec<String> {
-            let p = ProxyParams {
-                namespace: ns.into(),
-                ..Default::default()
-            };
-            let out = translate(&cfg, &p).expect("valid");
-            out.clusters
-                .iter()
-                .map(|c| c.service_host.clone())
-                .collect()
-        };
+        let hosts = |ns: &str| cluster_hosts(&cfg, ns);
         // Namespace a's Sidecar: only its own namespace.
         assert_eq!(hosts("a"), vec!["web.a.svc.cluster.local".to_string()]);
         // Namespace b: no Sidecar, but c's private entry is not exported to it.
@@ -2111,17 +2158,7 @@ spec:
         let cfg = load_sources(&[("s.yaml".into(), y.into())]).expect("parses");
         let fixed = y.replace(", subset: v9", "");
         let good = load_sources(&[("s.yaml".into(), fixed)]).expect("parses");
-        let hosts = |ns: &str| -> Vec<String> {
-            let p = ProxyParams {
-                namespace: ns.into(),
-                ..Default::default()
-            };
-            let out = translate(&good, &p).expect("valid");
-            out.clusters
-                .iter()
-                .map(|c| c.service_host.clone())
-                .collect()
-        };
+        let hosts = |ns: &str| cluster_hosts(&good, ns);
         // `.` in the mesh-wide Sidecar is each proxy's own namespace.
         assert_eq!(hosts("a"), vec!["web.a.svc.cluster.local".to_string()]);
         assert_eq!(hosts("b"), vec!["db.b.svc.cluster.local".to_string()]);
@@ -2180,48 +2217,7 @@ spec:
 
     #[test]
     fn endpoint_slice_endpoints_take_their_pods_labels_for_subsets() {
-        let y = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: shop}
-spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: reviews-x, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
-addressType: IPv4
-ports: [{name: http, port: 9080}]
-endpoints:
-- addresses: [10.0.0.1]
-  targetRef: {kind: Pod, name: reviews-v1-abc, namespace: shop, uid: u1}
-- addresses: [10.0.0.2]
-  targetRef: {kind: Pod, name: reviews-v2-def, namespace: shop, uid: u2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v1-abc, namespace: shop, labels: {app: reviews, version: v1}}
-spec: {containers: [{name: app, image: reviews:1}]}
-status: {podIP: 10.0.0.1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v2-def, namespace: shop, labels: {app: reviews, version: v2}}
-spec: {containers: [{name: app, image: reviews:2}]}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: shop}
-spec:
-  host: reviews
-  subsets: [{name: v2, labels: {version: v2}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: shop}
-spec:
-  hosts: [reviews]
-  http: [{route: [{destination: {host: reviews, subset: v2}}]}]
-"#;
+        let y = SHOP;
         let cfg = load_sources(&[("p.yaml".into(), y.into())]).expect("parses");
         let p = ProxyParams {
             namespace: "shop".into(),

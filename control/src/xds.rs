@@ -1048,47 +1048,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     const CANARY: &str = include_str!("../../examples/canary/canary.yaml");
-    const SHOP: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: shop}
-spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: reviews-x, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
-addressType: IPv4
-ports: [{name: http, port: 9080}]
-endpoints:
-- addresses: [10.0.0.1]
-  targetRef: {kind: Pod, name: reviews-v1-abc, namespace: shop}
-- addresses: [10.0.0.2]
-  targetRef: {kind: Pod, name: reviews-v2-def, namespace: shop}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v1-abc, namespace: shop, labels: {app: reviews, version: v1}}
-spec: {containers: [{name: app, image: reviews:1}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v2-def, namespace: shop, labels: {app: reviews, version: v2}}
-spec: {containers: [{name: app, image: reviews:2}]}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: shop}
-spec:
-  host: reviews
-  subsets: [{name: v2, labels: {version: v2}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: shop}
-spec:
-  hosts: [reviews]
-  http: [{route: [{destination: {host: reviews, subset: v2}}]}]
-"#;
+    use crate::translate::tests::SHOP;
 
     fn prepared(canary: &str, shop: &str) -> crate::model::Config {
         load_sources(&[

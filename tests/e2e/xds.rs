@@ -214,6 +214,36 @@ fn gateway_node(id: &str) -> Node {
     }
 }
 
+/// A raw delta ADS stream subscribed (wildcard) to every type as `node`:
+/// the request sender (for ACKs) and the responses.
+async fn delta_stream(
+    xds: SocketAddr,
+    node: Node,
+) -> (
+    tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
+    tonic::Streaming<bosun_xds_proto::discovery::DeltaDiscoveryResponse>,
+) {
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    for t in type_url::ALL {
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: t.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+    }
+    let stream = client
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    (tx, stream)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delta_push_of_one_changed_endpoint_carries_only_that_resource() {
     let (a, b) = (backend("a").await, backend("b").await);
@@ -236,24 +266,7 @@ async fn a_delta_push_of_one_changed_endpoint_carries_only_that_resource() {
     };
     write_dir(&cfg, &two(a.addr));
     let control = Control::start(&cfg, None).await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", control.xds))
-        .await
-        .expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    for t in type_url::ALL {
-        tx.send(DeltaDiscoveryRequest {
-            node: Some(gateway_node("raw")),
-            type_url: t.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("send");
-    }
-    let mut stream = client
-        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (tx, mut stream) = delta_stream(control.xds, gateway_node("raw")).await;
     let mut first = BTreeMap::new();
     for _ in 0..4 {
         let r = stream.message().await.expect("ok").expect("response");
@@ -461,24 +474,7 @@ async fn a_large_config_goes_out_in_chunks_and_a_proxy_applies_it_whole() {
 
     // A raw delta client sees each type in chunks: every nonce but the last
     // of a type ends in MORE, all at one version, together the whole set.
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", control.xds))
-        .await
-        .expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    for t in type_url::ALL {
-        tx.send(DeltaDiscoveryRequest {
-            node: Some(sidecar_node("raw", "x")),
-            type_url: t.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("send");
-    }
-    let mut stream = client
-        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (tx, mut stream) = delta_stream(control.xds, sidecar_node("raw", "x")).await;
     let mut chunks: BTreeMap<String, Vec<_>> = BTreeMap::new();
     let mut done = std::collections::BTreeSet::new();
     while done.len() < 4 {

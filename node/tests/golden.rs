@@ -168,3 +168,52 @@ fn a_change_to_one_service_touches_only_its_pieces() {
         .is_none()
     );
 }
+
+#[test]
+fn an_endpoint_replaced_is_an_element_change_only() {
+    let mut services = fixture();
+    let opts = nft::Options::default();
+    let before = nft::render(Family::V4, &services, &opts, None);
+    let Some(web) = services.get_mut("shop/web/tcp/http") else {
+        panic!("fixture has shop/web/tcp/http");
+    };
+    // A pod replaced: same count, a new address.
+    for e in &mut web.endpoints {
+        if e.ip.to_string() == "10.1.2.2" {
+            e.ip = "10.1.2.9".parse().expect("ip");
+        }
+    }
+    let after = nft::render(Family::V4, &services, &opts, Some(&before));
+    let diff = nft::diff_text(&before, &after).expect("a change");
+    golden("web-endpoint-replaced.nft", &diff);
+    // No rule or chain is touched: the kernel does not re-validate the table.
+    for line in diff.lines() {
+        assert!(
+            line.starts_with("add element ") || line.starts_with("delete element "),
+            "{line}"
+        );
+    }
+    // A new service takes a free block; the others keep theirs.
+    let mut more = services.clone();
+    let Some(mut extra) = more.get("shop/web/tcp/http").cloned() else {
+        panic!("fixture has shop/web/tcp/http");
+    };
+    extra.id = "aaa/first/tcp/http".into();
+    more.insert(extra.id.clone(), extra);
+    let grown = nft::render(Family::V4, &more, &opts, Some(&after));
+    let blocks = |r: &nft::Rendered| -> Vec<u32> {
+        let mut v: Vec<u32> = r
+            .pieces
+            .values()
+            .flat_map(|p| p.1.blocks.values().copied())
+            .collect();
+        v.sort();
+        v
+    };
+    let (old, new) = (blocks(&after), blocks(&grown));
+    assert_eq!(new.len(), old.len() + 1);
+    assert!(old.iter().all(|b| new.contains(b)), "{old:?} {new:?}");
+    let mut dedup = new.clone();
+    dedup.dedup();
+    assert_eq!(dedup, new, "no block is shared");
+}

@@ -35,6 +35,9 @@ struct File {
 #[derive(Default)]
 struct Files {
     files: BTreeMap<PathBuf, File>,
+    /// A refresh that failed part way had already changed some files:
+    /// the next one reports a change even if it finds nothing new.
+    dirty: bool,
 }
 
 /// Which files to look at again.
@@ -47,14 +50,22 @@ impl Files {
     /// Looks at the files `scan` names again; true when any config file's
     /// content changed, appeared or went away.
     fn refresh(&mut self, root: &Path, scan: Scan) -> std::io::Result<bool> {
-        let mut changed = false;
+        let mut changed = std::mem::take(&mut self.dirty);
+        let r = self.refresh_into(root, scan, &mut changed);
+        if r.is_err() {
+            self.dirty = changed;
+        }
+        r.map(|()| changed)
+    }
+
+    fn refresh_into(&mut self, root: &Path, scan: Scan, changed: &mut bool) -> std::io::Result<()> {
         let paths: Vec<PathBuf> = match scan {
             Scan::All => {
                 let listed = config_files(root)?;
                 let keep: HashSet<&PathBuf> = listed.iter().collect();
                 let before = self.files.len();
                 self.files.retain(|p, _| keep.contains(p));
-                changed |= self.files.len() != before;
+                *changed |= self.files.len() != before;
                 listed
             }
             Scan::Only(paths) => paths.into_iter().collect(),
@@ -64,11 +75,11 @@ impl Files {
                 Ok(m) if m.is_file() => m,
                 // Gone (or not a file any more): its resources go with it.
                 Ok(_) => {
-                    changed |= self.files.remove(&p).is_some();
+                    *changed |= self.files.remove(&p).is_some();
                     continue;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    changed |= self.files.remove(&p).is_some();
+                    *changed |= self.files.remove(&p).is_some();
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -81,7 +92,15 @@ impl Files {
             if self.files.get(&p).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
-            let text = std::fs::read_to_string(&p)?;
+            let text = match std::fs::read_to_string(&p) {
+                Ok(t) => t,
+                // Gone between the stat and the read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    *changed |= self.files.remove(&p).is_some();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let symlink = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_symlink());
             match self.files.get_mut(&p) {
                 Some(f) if f.text == text => {
@@ -99,11 +118,11 @@ impl Files {
                             symlink,
                         },
                     );
-                    changed = true;
+                    *changed = true;
                 }
             }
         }
-        Ok(changed)
+        Ok(())
     }
 
     /// The whole config: every file's resources (shared, not copied).
@@ -131,10 +150,12 @@ impl Files {
 /// short enough not to dominate propagation (Istio waits 100 ms).
 pub const DEBOUNCE: Duration = Duration::from_millis(10);
 
-/// The backstop rescan of every file: often when there is no inotify, rarely
-/// when there is (a rescan stats every file: ~125 ms at 10,000 files).
+/// The backstop rescan of every file: often when there is no inotify, less
+/// often when there is (a rescan stats every file: ~125 ms at 10,000 files),
+/// for what inotify does not see (a file symlinked from elsewhere changing,
+/// network filesystems).
 const POLL: Duration = Duration::from_secs(1);
-const RESCAN: Duration = Duration::from_secs(30);
+const RESCAN: Duration = Duration::from_secs(10);
 
 /// One reading of the source: parsed, or refused with every error.
 pub type Reading = Result<Config, ConfigErrors>;

@@ -648,6 +648,11 @@ fn endpoint_changes(old: &Config, new: &Config) -> Option<Vec<EndpointsOf>> {
         if unchanged(a, b) {
             continue;
         }
+        // A slice renamed or relabelled (moved to another service) may
+        // clash with another one: the whole check decides.
+        if a.value.metadata != b.value.metadata {
+            return None;
+        }
         for sl in [&a.value, &b.value] {
             if let Some(svc) = sl.metadata.labels.get("kubernetes.io/service-name") {
                 out.push(EndpointsOf::Service(
@@ -1439,6 +1444,16 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
     let mut tcp_ports: BTreeMap<u32, String> = BTreeMap::new();
     let mut covered = BTreeSet::new();
     let scope = EgressScope::for_proxy(ctx.cfg, &p);
+    // The check sees every service, but two TCP services on one port clash
+    // only in a proxy that sees both: it judges that as a proxy of its
+    // namespace would, scoped.
+    let clash_scope = EgressScope::for_proxy(
+        ctx.cfg,
+        &ProxyParams {
+            check_only: false,
+            ..p.clone()
+        },
+    );
     let reg = ctx.reg;
     for (si, svc) in reg.services.iter().enumerate() {
         if !scope.admits(&svc.namespace, &svc.host)
@@ -1446,23 +1461,27 @@ fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
         {
             continue;
         }
+        let may_clash = clash_scope.admits(&svc.namespace, &svc.host);
         let http_ports: Vec<&SvcPort> = svc.ports.iter().filter(|p| p.protocol.is_http()).collect();
         for sp in &svc.ports {
             let vs_idx = vs_for_host.get(&svc.host).copied();
             if !sp.protocol.is_http() {
-                if let Some(prev) = tcp_ports.get(&sp.number) {
-                    ctx.errors.push(ConfigError::at(
-                        &svc.origin,
-                        svc.id.clone(),
-                        "spec.ports",
-                        format!(
-                            "TCP port {} is also used by {prev}: without transparent capture the sidecar binds one local listener per TCP port",
-                            sp.number
-                        ),
-                    ));
-                    continue;
+                // (Outside clash_scope a service is checked for its routes only.)
+                if may_clash {
+                    if let Some(prev) = tcp_ports.get(&sp.number) {
+                        ctx.errors.push(ConfigError::at(
+                            &svc.origin,
+                            svc.id.clone(),
+                            "spec.ports",
+                            format!(
+                                "TCP port {} is also used by {prev}: without transparent capture the sidecar binds one local listener per TCP port",
+                                sp.number
+                            ),
+                        ));
+                        continue;
+                    }
+                    tcp_ports.insert(sp.number, svc.host.clone());
                 }
-                tcp_ports.insert(sp.number, svc.host.clone());
                 let mut tcp_routes = Vec::new();
                 if let Some(i) = vs_idx {
                     let vs = &ctx.cfg.virtual_services[i];
@@ -2170,6 +2189,29 @@ spec:
             "{err}"
         );
         check(&good).expect("valid");
+        // Two TCP services on one port clash only where one proxy sees both:
+        // scoped to their namespaces they do not; without the Sidecar they do.
+        let redis = |ns: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: redis, namespace: {ns}}}\nspec: {{ports: [{{name: tcp, port: 6379}}]}}\n"
+            )
+        };
+        let two = format!(
+            "{}{}{}",
+            y.replace(", subset: v9", ""),
+            redis("a"),
+            redis("b")
+        );
+        let scoped = load_sources(&[("s.yaml".into(), two.clone())]).expect("parses");
+        check(&scoped).expect("each proxy sees one redis");
+        // The same Sidecar in another namespace scopes nobody here.
+        let unscoped_yaml = two.replace(
+            "metadata: {name: default, namespace: istio-system}",
+            "metadata: {name: default, namespace: elsewhere}",
+        );
+        let unscoped = load_sources(&[("s.yaml".into(), unscoped_yaml)]).expect("parses");
+        let err = check(&unscoped).expect_err("a proxy in default sees both");
+        assert!(err.to_string().contains("TCP port 6379"), "{err}");
     }
 
     #[test]

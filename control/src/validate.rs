@@ -110,6 +110,15 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
     for dr in &cfg.destination_rules {
         let mut names = HashMap::new();
         for (i, s) in dr.value.spec.subsets.iter().enumerate() {
+            // Cluster names are `outbound|port|subset|host`.
+            if s.name.is_empty() || s.name.contains('|') {
+                errors.push(ConfigError::at(
+                    &dr.origin,
+                    dr.value.id(),
+                    &format!("spec.subsets[{i}].name"),
+                    format!("{:?}: a subset needs a name without '|'", s.name),
+                ));
+            }
             if names.insert(s.name.clone(), i).is_some() {
                 errors.push(ConfigError::at(
                     &dr.origin,

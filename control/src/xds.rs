@@ -586,6 +586,10 @@ impl AggregatedDiscoveryService for Ads {
     }
 }
 
+/// Requests a stream may queue while its handler waits to send: far more
+/// than a client ACKing every chunk of a push has outstanding.
+const MAX_BACKLOG: usize = 16 * 1024;
+
 /// A stream's requests. A handler busy sending a large push (hundreds of
 /// chunks, each ACKed by clients that ACK every response) keeps reading
 /// them while it waits to send, into a backlog: otherwise HTTP/2 flow
@@ -618,13 +622,14 @@ impl<T> Requests<T> {
     }
 
     /// Sends `item` on `tx`, reading requests while it waits; false once
-    /// the response stream is gone.
+    /// the response stream is gone. Past [`MAX_BACKLOG`] waiting requests it
+    /// stops reading, and HTTP/2 flow control holds the client back again.
     async fn send<R>(&mut self, tx: &mpsc::Sender<R>, item: R) -> bool {
         let permit = loop {
             tokio::select! {
                 biased;
                 p = tx.reserve() => break p,
-                m = self.inbound.message(), if !self.ended => match m {
+                m = self.inbound.message(), if !self.ended && self.backlog.len() < MAX_BACKLOG => match m {
                     Ok(Some(r)) => self.backlog.push_back(Ok(r)),
                     Ok(None) => self.ended = true,
                     Err(e) => {
@@ -805,29 +810,31 @@ impl Ads {
                     let entry = types.entry(req.type_url.clone()).or_default();
                     let mut new_names = Vec::new();
                     if !req.response_nonce.is_empty() {
-                        if req.response_nonce != entry.nonce {
-                            continue;
-                        }
-                        if permit.is_some() {
-                            first_acks += 1;
-                            if first_acks >= types_for(params.mode).len() {
-                                permit = None;
+                        // An answer to an older response (a middle chunk, or
+                        // one a push overtook) says nothing of the current
+                        // state; its subscription changes still count.
+                        if req.response_nonce == entry.nonce {
+                            if permit.is_some() {
+                                first_acks += 1;
+                                if first_acks >= types_for(params.mode).len() {
+                                    permit = None;
+                                }
                             }
-                        }
-                        if let Some(err) = &req.error_detail {
-                            let text = nack_text(err);
-                            tracing::warn!(node = %node.id, type_url = %req.type_url, error = %text, "NACK");
-                            self.registry.update(id, |s| s.last_nack = Some(text));
-                        } else {
-                            let v = entry
-                                .sent
-                                .as_ref()
-                                .map(|r| r.version.clone())
-                                .unwrap_or_default();
-                            self.registry.update(id, |s| {
-                                s.acked_version = v;
-                                s.last_nack = None;
-                            });
+                            if let Some(err) = &req.error_detail {
+                                let text = nack_text(err);
+                                tracing::warn!(node = %node.id, type_url = %req.type_url, error = %text, "NACK");
+                                self.registry.update(id, |s| s.last_nack = Some(text));
+                            } else {
+                                let v = entry
+                                    .sent
+                                    .as_ref()
+                                    .map(|r| r.version.clone())
+                                    .unwrap_or_default();
+                                self.registry.update(id, |s| {
+                                    s.acked_version = v;
+                                    s.last_nack = None;
+                                });
+                            }
                         }
                         if req.resource_names_subscribe.is_empty()
                             && req.resource_names_unsubscribe.is_empty()
@@ -855,7 +862,9 @@ impl Ads {
                         entry.names.remove(n);
                     }
                     if let Some(res) = &last_good {
-                        for resp in self.delta_response(res, t, entry, &mut nonce, &new_names) {
+                        let resps =
+                            self.delta_response(res, t, entry, &mut nonce, &new_names, true);
+                        for resp in resps {
                             if !inbound.send(tx, Ok(resp)).await {
                                 return Ok(());
                             }
@@ -872,10 +881,9 @@ impl Ads {
                     let mut push = Vec::new();
                     for &t in types_for(params.mode) {
                         if let Some(entry) = types.get_mut(t) {
-                            let resps = self.delta_response(res, t, entry, &mut nonce, &[]);
-                            push.extend(resps.into_iter().filter(|r| {
-                                !r.resources.is_empty() || !r.removed_resources.is_empty()
-                            }));
+                            // Nothing for an unchanged type (and no nonce: the
+                            // client's last ACK of it stays the current one).
+                            push.extend(self.delta_response(res, t, entry, &mut nonce, &[], false));
                         }
                     }
                     // The last response of a push says so: its nonce ends in
@@ -901,8 +909,9 @@ impl Ads {
     /// sent (a shared, cached diff), against the versions a resumed client
     /// announced, or everything on a first response; plus `extra` names the
     /// client just subscribed to. In chunks of about [`CHUNK_BYTES`]; every
-    /// chunk but the last has a nonce ending in [`MORE`]. At least one
-    /// response, maybe empty.
+    /// chunk but the last has a nonce ending in [`MORE`]. With `always`, at
+    /// least one response, maybe empty (the answer to a request); without,
+    /// none when there is nothing to send.
     fn delta_response(
         &self,
         res: &Arc<Resources>,
@@ -910,6 +919,7 @@ impl Ads {
         entry: &mut DeltaType,
         nonce: &mut u64,
         extra: &[String],
+        always: bool,
     ) -> Vec<DeltaDiscoveryResponse> {
         let empty = TypeMap::default();
         let all = res.by_type.get(t).unwrap_or(&empty);
@@ -969,6 +979,9 @@ impl Ads {
             }
         }
         entry.sent = Some(res.clone());
+        if !always && resources.is_empty() && removed.is_empty() {
+            return Vec::new();
+        }
         let mut chunks: Vec<Vec<Resource>> = vec![Vec::new()];
         let mut size = 0;
         for r in resources {

@@ -55,7 +55,7 @@ pub fn watch(opts: XdsOptions) -> mpsc::Receiver<ServiceMap> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         // name → (version, service port): what this node holds.
-        let mut held: BTreeMap<String, (String, ServicePort)> = BTreeMap::new();
+        let mut held = Held::new();
         let mut backoff = Duration::from_millis(100);
         let mut next = 0usize;
         loop {
@@ -85,11 +85,14 @@ pub fn watch(opts: XdsOptions) -> mpsc::Receiver<ServiceMap> {
     rx
 }
 
+/// The node's services as received: name → (version, service port).
+type Held = BTreeMap<String, (String, ServicePort)>;
+
 /// One stream. Err((whether a response came, why it ended)).
 async fn session(
     opts: &XdsOptions,
     address: &str,
-    held: &mut BTreeMap<String, (String, ServicePort)>,
+    held: &mut Held,
     out: &mpsc::Sender<ServiceMap>,
 ) -> Result<(), (bool, String)> {
     let uri = if address.contains("://") {
@@ -126,7 +129,10 @@ async fn session(
         .map_err(|e| (false, e.to_string()))?
         .into_inner();
     let mut got = false;
-    let mut dirty = false;
+    // A chunked update (nonces ending in MORE until its last chunk) is
+    // gathered whole, then programmed or, if any chunk was bad, refused
+    // whole with a NACK of its last chunk.
+    let mut gathering: Option<(Held, Option<String>)> = None;
     loop {
         let resp = match inbound.message().await {
             Ok(Some(r)) => r,
@@ -134,9 +140,14 @@ async fn session(
             Err(e) => return Err((got, e.to_string())),
         };
         got = true;
-        let mut next = held.clone();
-        let mut error = None;
-        for r in &resp.resources {
+        let (mut next, mut error) = gathering.take().unwrap_or_else(|| (held.clone(), None));
+        // After a bad chunk the rest of the update is only ACKed, not read.
+        let resources = if error.is_none() {
+            &resp.resources[..]
+        } else {
+            &[]
+        };
+        for r in resources {
             let decoded = r
                 .resource
                 .as_ref()
@@ -156,38 +167,42 @@ async fn session(
                 }
             }
         }
-        let error_detail = match error {
-            Some(message) => {
-                tracing::warn!(error = %message, "NACK: the rules in place stay");
-                Some(RpcStatus {
-                    code: 3,
-                    message,
-                    details: vec![],
-                })
+        if error.is_none() {
+            for name in &resp.removed_resources {
+                next.remove(name);
             }
-            None => {
-                for name in &resp.removed_resources {
-                    next.remove(name);
+        }
+        let error_detail = if resp.nonce.ends_with(MORE) {
+            gathering = Some((next, error));
+            None
+        } else {
+            match error {
+                Some(message) => {
+                    tracing::warn!(error = %message, "NACK: the rules in place stay");
+                    Some(RpcStatus {
+                        code: 3,
+                        message,
+                        details: vec![],
+                    })
                 }
-                let changed = next.len() != held.len()
-                    || next
-                        .iter()
-                        .zip(held.iter())
-                        .any(|(a, b)| a.0 != b.0 || a.1.0 != b.1.0);
-                *held = next;
-                // A chunked update is programmed once, at its last chunk.
-                dirty |= changed;
-                if dirty && !resp.nonce.ends_with(MORE) {
-                    dirty = false;
-                    let map: ServiceMap = held
-                        .values()
-                        .map(|(_, sp)| (sp.id.clone(), sp.clone()))
-                        .collect();
-                    if out.send(map).await.is_err() {
-                        return Ok(());
+                None => {
+                    let changed = next.len() != held.len()
+                        || next
+                            .iter()
+                            .zip(held.iter())
+                            .any(|(a, b)| a.0 != b.0 || a.1.0 != b.1.0);
+                    *held = next;
+                    if changed {
+                        let map: ServiceMap = held
+                            .values()
+                            .map(|(_, sp)| (sp.id.clone(), sp.clone()))
+                            .collect();
+                        if out.send(map).await.is_err() {
+                            return Ok(());
+                        }
                     }
+                    None
                 }
-                None
             }
         };
         let ack = DeltaDiscoveryRequest {

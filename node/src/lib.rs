@@ -3,6 +3,7 @@
 //! `ip bosun`, or iptables chains `BOSUN-*`, updated as the config changes.
 
 pub mod iptables;
+pub mod netlink;
 pub mod nft;
 pub use bosun_control::node_services as services;
 pub mod sync;

@@ -499,21 +499,30 @@ fn only_in<'p>(a: &'p Piece, b: &'p Piece) -> impl Iterator<Item = (&'p str, &'p
         .map(|((m, k), v)| (m.as_str(), k.as_str(), v.as_str()))
 }
 
-/// The transaction that turns `old` into `new`, touching only the service
-/// ports that changed; `None` when nothing did.
-pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
-    let empty = Piece::default();
+/// What differs between two renderings: the pieces that changed (old,
+/// new; an empty piece for one that came or went), and the hairpin
+/// elements to remove and to add.
+struct Changes<'a> {
+    changed: Vec<(&'a Piece, &'a Piece)>,
+    hairpin_del: Vec<IpAddr>,
+    hairpin_add: Vec<IpAddr>,
+}
+
+static EMPTY: std::sync::LazyLock<Piece> = std::sync::LazyLock::new(Piece::default);
+
+fn changes<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Changes<'a>> {
+    let empty: &Piece = &EMPTY;
     let mut changed: Vec<(&Piece, &Piece)> = Vec::new();
     for (id, n) in &new.pieces {
         match old.pieces.get(id) {
             Some(o) if Arc::ptr_eq(o, n) || o.1 == n.1 => {}
             Some(o) => changed.push((&o.1, &n.1)),
-            None => changed.push((&empty, &n.1)),
+            None => changed.push((empty, &n.1)),
         }
     }
     for (id, o) in &old.pieces {
         if !new.pieces.contains_key(id) {
-            changed.push((&o.1, &empty));
+            changed.push((&o.1, empty));
         }
     }
     // Only endpoints of changed pieces can have come or gone.
@@ -521,19 +530,98 @@ pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
     for (o, n) in &changed {
         touched.extend(o.hairpin.symmetric_difference(&n.hairpin));
     }
-    let hairpin_del: Vec<String> = touched
+    let hairpin_del: Vec<IpAddr> = touched
         .iter()
         .filter(|h| old.hairpin.contains_key(*h) && !new.hairpin.contains_key(*h))
-        .map(|ip| format!("{ip} . {ip}"))
+        .copied()
         .collect();
-    let hairpin_add: Vec<String> = touched
+    let hairpin_add: Vec<IpAddr> = touched
         .iter()
         .filter(|h| !old.hairpin.contains_key(*h) && new.hairpin.contains_key(*h))
-        .map(|ip| format!("{ip} . {ip}"))
+        .copied()
         .collect();
     if changed.is_empty() && hairpin_del.is_empty() && hairpin_add.is_empty() {
         return None;
     }
+    Some(Changes {
+        changed,
+        hairpin_del,
+        hairpin_add,
+    })
+}
+
+/// The change from `old` to `new` as set elements only (an endpoint
+/// replaced: slots of the `endpoints-*` maps and hairpin elements), for
+/// [`crate::netlink`]; `None` when rules, chains, sets or verdict maps
+/// change too, or nothing does.
+pub fn diff_elements(old: &Rendered, new: &Rendered) -> Option<Vec<crate::netlink::Element>> {
+    use crate::netlink::{Element, value};
+    let c = changes(old, new)?;
+    let ipv6 = new.family == Family::V6;
+    let element = |set: &str, add: bool, key: Vec<u8>, data: Option<Vec<u8>>| Element {
+        ipv6,
+        table: TABLE.to_string(),
+        set: set.to_string(),
+        add,
+        key,
+        data,
+    };
+    // `SLOT` : `ADDR . PORT` in an endpoints map.
+    let slot = |map: &str, key: &str, v: &str, add: bool| -> Option<Element> {
+        if !map.starts_with("endpoints-") {
+            return None;
+        }
+        let mut k = Vec::new();
+        value::host_u32(key.parse().ok()?, &mut k);
+        let (ip, port) = v.split_once(" . ")?;
+        let mut d = Vec::new();
+        value::addr(&ip.parse().ok()?, &mut d);
+        value::port(port.parse().ok()?, &mut d);
+        Some(element(map, add, k, add.then_some(d)))
+    };
+    let hairpin = |ip: &IpAddr, add: bool| {
+        let mut k = Vec::new();
+        value::addr(ip, &mut k);
+        value::addr(ip, &mut k);
+        element("hairpin", add, k, None)
+    };
+    let mut out = Vec::new();
+    for (o, n) in &c.changed {
+        if o.sets != n.sets || o.chains != n.chains {
+            return None;
+        }
+    }
+    for (o, n) in &c.changed {
+        for (m, k, v) in only_in(o, n) {
+            out.push(slot(m, k, v, false)?);
+        }
+    }
+    out.extend(c.hairpin_del.iter().map(|ip| hairpin(ip, false)));
+    for (o, n) in &c.changed {
+        for (m, k, v) in only_in(n, o) {
+            out.push(slot(m, k, v, true)?);
+        }
+    }
+    out.extend(c.hairpin_add.iter().map(|ip| hairpin(ip, true)));
+    Some(out)
+}
+
+/// The transaction that turns `old` into `new`, touching only the service
+/// ports that changed; `None` when nothing did.
+pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
+    let Changes {
+        changed,
+        hairpin_del,
+        hairpin_add,
+    } = changes(old, new)?;
+    let hairpin_del: Vec<String> = hairpin_del
+        .iter()
+        .map(|ip| format!("{ip} . {ip}"))
+        .collect();
+    let hairpin_add: Vec<String> = hairpin_add
+        .iter()
+        .map(|ip| format!("{ip} . {ip}"))
+        .collect();
     let f = new.family;
     let fam = f.nft();
     let mut out = String::new();

@@ -288,6 +288,33 @@ impl Syncer {
                     self.nft_last = Some(new);
                     return Ok(false);
                 }
+                // Endpoints replaced and nothing else: set elements, sent
+                // over netlink (no `nft` process, no cache fetch).
+                let elements: Option<Vec<Vec<_>>> = old
+                    .iter()
+                    .zip(&new)
+                    .filter(|(o, n)| nft::diff_text(o, n).is_some())
+                    .map(|(o, n)| nft::diff_elements(o, n))
+                    .collect();
+                if let Some(elements) = elements {
+                    let elements = elements.concat();
+                    let n = elements.len();
+                    let sent =
+                        tokio::task::spawn_blocking(move || crate::netlink::apply(&elements)).await;
+                    match sent {
+                        Ok(Ok(())) => {
+                            tracing::info!(elements = n, "endpoints replaced over netlink");
+                            self.nft_last = Some(new);
+                            return Ok(false);
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "netlink element update refused; using nft");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "netlink element update failed; using nft")
+                        }
+                    }
+                }
                 (parts.concat(), false)
             }
             None => (new.iter().map(nft::full_text).collect::<String>(), true),

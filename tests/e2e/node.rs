@@ -610,6 +610,22 @@ fn suite(backend: &str) {
     t.until("b3 removed", || {
         !t.spread("http://10.96.0.10/", 60).contains_key("b3")
     });
+    // An endpoint replaced (as many as before): on nftables only map
+    // elements change, sent over netlink rather than through `nft`.
+    t.write(&config(&format!(
+        "{}{}",
+        endpoint(1, "node-a", true),
+        endpoint(3, "node-b", true)
+    )));
+    t.until("b2 replaced by b3", || {
+        let m = t.spread("http://10.96.0.10/", 60);
+        m.len() == 2 && m.contains_key("b1") && m.contains_key("b3")
+    });
+    if backend == "nftables" {
+        let log = std::fs::read_to_string(t.dir.with_extension("log")).unwrap_or_default();
+        assert!(log.contains("endpoints replaced over netlink"), "{log}");
+        assert!(!log.contains("using nft"), "{log}");
+    }
     t.write(&config(&format!(
         "{}{}",
         endpoint(1, "node-a", true),

@@ -145,6 +145,10 @@ impl ServicePort {
     /// This service port restricted to one family (a dual-stack Service is
     /// programmed once per family); `None` when it has no address in it.
     pub fn for_family(&self, f: Family) -> Option<ServicePort> {
+        let has = |v: &[IpAddr]| v.iter().any(|ip| Family::of(ip) == f);
+        if !(has(&self.cluster_ips) || has(&self.external_ips) || has(&self.load_balancer_ips)) {
+            return None; // (without copying anything: most services have one family)
+        }
         let keep = |v: &[IpAddr]| -> Vec<IpAddr> {
             v.iter().filter(|ip| Family::of(ip) == f).copied().collect()
         };

@@ -180,27 +180,47 @@ pub fn batch(elements: &[Element], first_seq: u32) -> (Vec<u8>, Vec<u32>) {
     (out, acked)
 }
 
-/// Applies `elements` in one transaction: all or nothing.
-pub fn apply(elements: &[Element]) -> Result<(), String> {
-    if elements.is_empty() {
-        return Ok(());
-    }
-    let sock = Socket::new(
-        Domain::from(AF_NETLINK),
-        Type::RAW,
-        Some(Protocol::from(NETLINK_NETFILTER)),
-    )
-    .map_err(|e| format!("netlink socket: {e}"))?;
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+/// A `NETLINK_NETFILTER` socket, kept open between changes (closing one
+/// waits for an RCU grace period: ~5-15 ms, more than the change itself).
+pub struct Conn {
+    sock: Socket,
+    seq: u32,
+}
+
+impl Conn {
+    pub fn open() -> Result<Conn, String> {
+        let sock = Socket::new(
+            Domain::from(AF_NETLINK),
+            Type::RAW,
+            Some(Protocol::from(NETLINK_NETFILTER)),
+        )
         .map_err(|e| format!("netlink socket: {e}"))?;
-    let (bytes, mut waiting) = batch(elements, 1);
-    (&sock)
-        .write_all(&bytes)
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .map_err(|e| format!("netlink socket: {e}"))?;
+        Ok(Conn { sock, seq: 1 })
+    }
+
+    /// Applies `elements` in one transaction: all or nothing. After an
+    /// error the connection should be dropped (replies may be pending).
+    pub fn apply(&mut self, elements: &[Element]) -> Result<(), String> {
+        if elements.is_empty() {
+            return Ok(());
+        }
+        let first = self.seq;
+        self.seq = self.seq.wrapping_add(elements.len() as u32 + 2);
+        exchange(&self.sock, elements, first)
+    }
+}
+
+fn exchange(sock: &Socket, elements: &[Element], first: u32) -> Result<(), String> {
+    let (bytes, mut waiting) = batch(elements, first);
+    let mut sock = sock;
+    sock.write_all(&bytes)
         .map_err(|e| format!("netlink send: {e}"))?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut first_error = None;
     while !waiting.is_empty() {
-        let n = (&sock)
+        let n = sock
             .read(&mut buf)
             .map_err(|e| format!("netlink receive: {e}"))?;
         let mut at = 0;
@@ -211,13 +231,14 @@ pub fn apply(elements: &[Element]) -> Result<(), String> {
             }
             let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
             let seq = u32::from_ne_bytes([buf[at + 8], buf[at + 9], buf[at + 10], buf[at + 11]]);
-            if kind == NLMSG_ERROR && len >= 20 {
+            if kind == NLMSG_ERROR && len >= 20 && waiting.contains(&seq) {
                 let code =
                     i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
                 waiting.retain(|s| *s != seq);
                 if code != 0 && first_error.is_none() {
                     let e = std::io::Error::from_raw_os_error(-code);
-                    first_error = Some(match elements.get(seq.wrapping_sub(2) as usize) {
+                    let i = seq.wrapping_sub(first).wrapping_sub(1) as usize;
+                    first_error = Some(match elements.get(i) {
                         Some(el) => format!(
                             "netlink: {} element of {}: {e}",
                             if el.add { "adding an" } else { "removing an" },

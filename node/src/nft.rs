@@ -81,7 +81,7 @@ pub struct Piece {
 pub struct Rendered {
     pub family: Family,
     pub pieces: BTreeMap<String, Arc<(ServicePort, Piece)>>,
-    pub hairpin: HashMap<IpAddr, usize>,
+    pub hairpin: Arc<HashMap<IpAddr, usize>>,
 }
 
 /// The table's fixed part: maps, sets and chains every sync keeps.
@@ -120,36 +120,42 @@ fn base(f: Family) -> String {
 /// rendering; a new name gets the lowest block no piece of the previous
 /// rendering held (so a block freed in this sync is reused only by a later
 /// one, never in the transaction that empties it).
-struct Blocks {
-    prev: HashMap<String, u32>,
-    taken: BTreeSet<u32>,
+struct Blocks<'a> {
+    prev: Option<&'a Rendered>,
+    /// Every block of `prev`, gathered when a new name first needs one.
+    taken: Option<BTreeSet<u32>>,
     next: u32,
 }
 
-impl Blocks {
-    fn new(prev: Option<&Rendered>) -> Blocks {
-        let prev: HashMap<String, u32> = prev
-            .into_iter()
-            .flat_map(|r| r.pieces.values())
-            .flat_map(|p| p.1.blocks.iter().map(|(k, v)| (k.clone(), *v)))
-            .collect();
-        let taken = prev.values().copied().collect();
+impl<'a> Blocks<'a> {
+    fn new(prev: Option<&'a Rendered>) -> Blocks<'a> {
         Blocks {
             prev,
-            taken,
+            taken: None,
             next: 0,
         }
     }
 
-    fn get(&mut self, name: &str) -> u32 {
-        if let Some(b) = self.prev.get(name) {
+    /// The block of `name`, the piece of service port `id`.
+    fn get(&mut self, id: &str, name: &str) -> u32 {
+        let prev = self.prev;
+        if let Some(b) = prev
+            .and_then(|p| p.pieces.get(id))
+            .and_then(|p| p.1.blocks.get(name))
+        {
             return *b;
         }
-        while self.taken.contains(&self.next) {
+        let taken = self.taken.get_or_insert_with(|| {
+            prev.into_iter()
+                .flat_map(|r| r.pieces.values())
+                .flat_map(|p| p.1.blocks.values().copied())
+                .collect()
+        });
+        while taken.contains(&self.next) {
             self.next += 1;
         }
         let b = self.next;
-        self.taken.insert(b);
+        taken.insert(b);
         b
     }
 }
@@ -185,7 +191,7 @@ fn select(
     if sp.affinity_timeout.is_none() && left <= u64::from(BLOCK) {
         // Slots in a shared map: endpoint changes are element changes.
         let (name, blocks) = block;
-        let b = blocks.get(name);
+        let b = blocks.get(&sp.id, name);
         r.blocks.insert(name.to_string(), b);
         let (base, map) = (b * BLOCK, format!("endpoints-{}", b % SHARDS));
         let mut slot = base;
@@ -359,56 +365,75 @@ pub fn render(
     opts: &Options,
     prev: Option<&Rendered>,
 ) -> Rendered {
-    let mut r = Rendered {
-        family: f,
-        pieces: BTreeMap::new(),
-        hairpin: prev.map(|p| p.hairpin.clone()).unwrap_or_default(),
-    };
-    let forget = |hairpin: &mut HashMap<IpAddr, usize>, piece: &Piece| {
-        for h in &piece.hairpin {
-            if let Some(n) = hairpin.get_mut(h) {
+    let no_pieces = BTreeMap::new();
+    let prev_pieces = prev.map_or(&no_pieces, |p| &p.pieces);
+    // Hairpin counts are shared with `prev` until a piece's endpoint
+    // addresses change (an endpoint's port changing copies nothing).
+    let mut hairpin = prev.map(|p| p.hairpin.clone()).unwrap_or_default();
+    let mut count = |ips: &BTreeSet<IpAddr>, up: bool| {
+        if ips.is_empty() {
+            return;
+        }
+        let h = Arc::make_mut(&mut hairpin);
+        for ip in ips {
+            if up {
+                *h.entry(*ip).or_default() += 1;
+            } else if let Some(n) = h.get_mut(ip) {
                 *n -= 1;
                 if *n == 0 {
-                    hairpin.remove(h);
+                    h.remove(ip);
                 }
             }
         }
     };
     let mut blocks = Blocks::new(prev);
+    let mut pieces = Vec::with_capacity(services.len());
+    // Both maps are sorted by id: walk them side by side.
+    let mut olds = prev_pieces.iter().peekable();
     for (id, sp) in services {
-        let old = prev.and_then(|p| p.pieces.get(id));
+        while let Some((_, gone)) = olds.next_if(|(oid, _)| oid.as_str() < id.as_str()) {
+            count(&gone.1.hairpin, false);
+        }
+        let old = olds.next_if(|(oid, _)| *oid == id).map(|(_, o)| o);
         // Single-family services (the usual case) compare without a copy.
         if let Some(old) = old
             && old.0 == *sp
         {
-            r.pieces.insert(id.clone(), old.clone());
+            pieces.push((id.clone(), old.clone()));
             continue;
         }
         let Some(sp) = sp.for_family(f) else {
+            if let Some(old) = old {
+                count(&old.1.hairpin, false);
+            }
             continue;
         };
         if let Some(old) = old
             && old.0 == sp
         {
-            r.pieces.insert(id.clone(), old.clone());
+            pieces.push((id.clone(), old.clone()));
             continue;
         }
         let mut piece = Piece::default();
         render_service(f, &sp, opts, &mut piece, &mut blocks);
-        for h in &piece.hairpin {
-            *r.hairpin.entry(*h).or_default() += 1;
-        }
-        r.pieces.insert(id.clone(), Arc::new((sp, piece)));
-    }
-    if let Some(prev) = prev {
-        for (id, old) in &prev.pieces {
-            match r.pieces.get(id) {
-                Some(now) if Arc::ptr_eq(now, old) => {}
-                _ => forget(&mut r.hairpin, &old.1),
+        match old {
+            Some(old) => {
+                let (o, n) = (&old.1.hairpin, &piece.hairpin);
+                count(&n.difference(o).copied().collect(), true);
+                count(&o.difference(n).copied().collect(), false);
             }
+            None => count(&piece.hairpin, true),
         }
+        pieces.push((id.clone(), Arc::new((sp, piece))));
     }
-    r
+    for (_, gone) in olds {
+        count(&gone.1.hairpin, false);
+    }
+    Rendered {
+        family: f,
+        pieces: pieces.into_iter().collect(),
+        hairpin,
+    }
 }
 
 /// Appends `add element` (or `delete element`) commands, one per map.
@@ -513,17 +538,20 @@ static EMPTY: std::sync::LazyLock<Piece> = std::sync::LazyLock::new(Piece::defau
 fn changes<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Changes<'a>> {
     let empty: &Piece = &EMPTY;
     let mut changed: Vec<(&Piece, &Piece)> = Vec::new();
+    // Both sorted by id: walk them side by side.
+    let mut olds = old.pieces.iter().peekable();
     for (id, n) in &new.pieces {
-        match old.pieces.get(id) {
-            Some(o) if Arc::ptr_eq(o, n) || o.1 == n.1 => {}
-            Some(o) => changed.push((&o.1, &n.1)),
+        while let Some((_, gone)) = olds.next_if(|(oid, _)| oid.as_str() < id.as_str()) {
+            changed.push((&gone.1, empty));
+        }
+        match olds.next_if(|(oid, _)| *oid == id) {
+            Some((_, o)) if Arc::ptr_eq(o, n) || o.1 == n.1 => {}
+            Some((_, o)) => changed.push((&o.1, &n.1)),
             None => changed.push((empty, &n.1)),
         }
     }
-    for (id, o) in &old.pieces {
-        if !new.pieces.contains_key(id) {
-            changed.push((&o.1, empty));
-        }
+    for (_, gone) in olds {
+        changed.push((&gone.1, empty));
     }
     // Only endpoints of changed pieces can have come or gone.
     let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
@@ -552,11 +580,13 @@ fn changes<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Changes<'a>> {
 
 /// The change from `old` to `new` as set elements only (an endpoint
 /// replaced: slots of the `endpoints-*` maps and hairpin elements), for
-/// [`crate::netlink`]; `None` when rules, chains, sets or verdict maps
-/// change too, or nothing does.
+/// [`crate::netlink`] (empty when nothing changed); `None` when rules,
+/// chains, sets or verdict maps change too.
 pub fn diff_elements(old: &Rendered, new: &Rendered) -> Option<Vec<crate::netlink::Element>> {
     use crate::netlink::{Element, value};
-    let c = changes(old, new)?;
+    let Some(c) = changes(old, new) else {
+        return Some(Vec::new());
+    };
     let ipv6 = new.family == Family::V6;
     let element = |set: &str, add: bool, key: Vec<u8>, data: Option<Vec<u8>>| Element {
         ipv6,

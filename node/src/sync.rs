@@ -201,6 +201,8 @@ pub struct Syncer {
     nft_last: Option<[nft::Rendered; 2]>,
     ipt_last: Option<[iptables::Rendered; 2]>,
     userspace: Option<crate::userspace::Userspace>,
+    /// For element-only changes (nftables), opened on first use.
+    netlink: Option<crate::netlink::Conn>,
 }
 
 impl Syncer {
@@ -210,6 +212,7 @@ impl Syncer {
             opts,
             metrics: Default::default(),
             nft_last: None,
+            netlink: None,
             ipt_last: None,
             userspace: None,
         }
@@ -279,6 +282,41 @@ impl Syncer {
         });
         let (text, full) = match &self.nft_last {
             Some(old) => {
+                // Endpoints replaced and nothing else: set elements, sent
+                // over netlink (no `nft` process, no cache fetch).
+                let elements: Option<Vec<Vec<_>>> = old
+                    .iter()
+                    .zip(&new)
+                    .map(|(o, n)| nft::diff_elements(o, n))
+                    .collect();
+                if elements
+                    .as_ref()
+                    .is_some_and(|e| e.iter().all(Vec::is_empty))
+                {
+                    self.nft_last = Some(new);
+                    return Ok(false);
+                }
+                if let Some(elements) = elements {
+                    let elements = elements.concat();
+                    let n = elements.len();
+                    // Inline: one send and its ACKs, ~1-2 ms in the kernel.
+                    let sent = match self.netlink.take() {
+                        Some(c) => Ok(c),
+                        None => crate::netlink::Conn::open(),
+                    }
+                    .and_then(|mut c| c.apply(&elements).map(|()| c));
+                    match sent {
+                        Ok(c) => {
+                            self.netlink = Some(c);
+                            tracing::info!(elements = n, "endpoints replaced over netlink");
+                            self.nft_last = Some(new);
+                            return Ok(false);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "netlink element update refused; using nft");
+                        }
+                    }
+                }
                 let parts: Vec<String> = old
                     .iter()
                     .zip(&new)
@@ -287,33 +325,6 @@ impl Syncer {
                 if parts.is_empty() {
                     self.nft_last = Some(new);
                     return Ok(false);
-                }
-                // Endpoints replaced and nothing else: set elements, sent
-                // over netlink (no `nft` process, no cache fetch).
-                let elements: Option<Vec<Vec<_>>> = old
-                    .iter()
-                    .zip(&new)
-                    .filter(|(o, n)| nft::diff_text(o, n).is_some())
-                    .map(|(o, n)| nft::diff_elements(o, n))
-                    .collect();
-                if let Some(elements) = elements {
-                    let elements = elements.concat();
-                    let n = elements.len();
-                    let sent =
-                        tokio::task::spawn_blocking(move || crate::netlink::apply(&elements)).await;
-                    match sent {
-                        Ok(Ok(())) => {
-                            tracing::info!(elements = n, "endpoints replaced over netlink");
-                            self.nft_last = Some(new);
-                            return Ok(false);
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "netlink element update refused; using nft");
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "netlink element update failed; using nft")
-                        }
-                    }
                 }
                 (parts.concat(), false)
             }

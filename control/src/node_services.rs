@@ -184,7 +184,7 @@ impl ServicePort {
 }
 
 /// Everything node mode programs, by [`ServicePort::id`].
-pub type ServiceMap = BTreeMap<String, ServicePort>;
+pub type ServiceMap = BTreeMap<String, std::sync::Arc<ServicePort>>;
 
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
@@ -535,7 +535,7 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
             let sp_id = format!("{ns}/{name}/{}/{key}", proto.as_str());
             out.insert(
                 sp_id.clone(),
-                ServicePort {
+                std::sync::Arc::new(ServicePort {
                     id: sp_id,
                     proto,
                     port,
@@ -548,7 +548,7 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
                     external_local,
                     internal_local,
                     endpoints,
-                },
+                }),
             );
         }
     }

@@ -80,7 +80,7 @@ pub struct Piece {
 #[derive(Clone, Debug, Default)]
 pub struct Rendered {
     pub family: Family,
-    pub pieces: BTreeMap<String, Arc<(ServicePort, Piece)>>,
+    pub pieces: BTreeMap<String, Arc<(Arc<ServicePort>, Piece)>>,
     pub hairpin: Arc<HashMap<IpAddr, usize>>,
 }
 
@@ -390,14 +390,17 @@ pub fn render(
     let mut pieces = Vec::with_capacity(services.len());
     // Both maps are sorted by id: walk them side by side.
     let mut olds = prev_pieces.iter().peekable();
-    for (id, sp) in services {
+    for (id, services_sp) in services {
+        let sp = services_sp;
         while let Some((_, gone)) = olds.next_if(|(oid, _)| oid.as_str() < id.as_str()) {
             count(&gone.1.hairpin, false);
         }
         let old = olds.next_if(|(oid, _)| *oid == id).map(|(_, o)| o);
         // Single-family services (the usual case) compare without a copy.
+        // Unchanged (the same Arc, as a source that keeps them passes it,
+        // or equal): the piece is reused, not rendered again.
         if let Some(old) = old
-            && old.0 == *sp
+            && (Arc::ptr_eq(&old.0, sp) || *old.0 == **sp)
         {
             pieces.push((id.clone(), old.clone()));
             continue;
@@ -409,7 +412,7 @@ pub fn render(
             continue;
         };
         if let Some(old) = old
-            && old.0 == sp
+            && *old.0 == sp
         {
             pieces.push((id.clone(), old.clone()));
             continue;
@@ -424,6 +427,12 @@ pub fn render(
             }
             None => count(&piece.hairpin, true),
         }
+        // Single-family: keep the caller's Arc, for `ptr_eq` next time.
+        let sp = if sp == **services_sp {
+            services_sp.clone()
+        } else {
+            Arc::new(sp)
+        };
         pieces.push((id.clone(), Arc::new((sp, piece))));
     }
     for (_, gone) in olds {

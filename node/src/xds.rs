@@ -86,7 +86,7 @@ pub fn watch(opts: XdsOptions) -> mpsc::Receiver<ServiceMap> {
 }
 
 /// The node's services as received: name → (version, service port).
-type Held = BTreeMap<String, (String, ServicePort)>;
+type Held = BTreeMap<String, (String, std::sync::Arc<ServicePort>)>;
 
 /// One stream. Err((whether a response came, why it ended)).
 async fn session(
@@ -159,7 +159,7 @@ async fn session(
                 .and_then(|m| from_proto(&m, &opts.node_name));
             match decoded {
                 Ok(sp) => {
-                    next.insert(r.name.clone(), (r.version.clone(), sp));
+                    next.insert(r.name.clone(), (r.version.clone(), std::sync::Arc::new(sp)));
                 }
                 Err(e) => {
                     error = Some(e);

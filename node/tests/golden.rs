@@ -147,7 +147,9 @@ fn a_change_to_one_service_touches_only_its_pieces() {
     let Some(web) = services.get_mut("shop/web/tcp/http") else {
         panic!("fixture has shop/web/tcp/http");
     };
-    web.endpoints.retain(|e| e.ip.to_string() != "10.1.2.2");
+    std::sync::Arc::make_mut(web)
+        .endpoints
+        .retain(|e| e.ip.to_string() != "10.1.2.2");
     let after = nft::render(Family::V4, &services, &opts, Some(&before));
     let diff = nft::diff_text(&before, &after).expect("a change");
     golden("web-endpoint-removed.nft", &diff);
@@ -178,7 +180,7 @@ fn an_endpoint_replaced_is_an_element_change_only() {
         panic!("fixture has shop/web/tcp/http");
     };
     // A pod replaced: same count, a new address.
-    for e in &mut web.endpoints {
+    for e in &mut std::sync::Arc::make_mut(web).endpoints {
         if e.ip.to_string() == "10.1.2.2" {
             e.ip = "10.1.2.9".parse().expect("ip");
         }
@@ -198,7 +200,7 @@ fn an_endpoint_replaced_is_an_element_change_only() {
     let Some(mut extra) = more.get("shop/web/tcp/http").cloned() else {
         panic!("fixture has shop/web/tcp/http");
     };
-    extra.id = "aaa/first/tcp/http".into();
+    std::sync::Arc::make_mut(&mut extra).id = "aaa/first/tcp/http".into();
     more.insert(extra.id.clone(), extra);
     let grown = nft::render(Family::V4, &more, &opts, Some(&after));
     let blocks = |r: &nft::Rendered| -> Vec<u32> {

@@ -28,7 +28,7 @@ fn services(n: usize) -> ServiceMap {
         let id = format!("bench/svc-{i}/tcp/http");
         m.insert(
             id.clone(),
-            ServicePort {
+            std::sync::Arc::new(ServicePort {
                 id,
                 proto: Proto::Tcp,
                 port: 80,
@@ -51,7 +51,7 @@ fn services(n: usize) -> ServiceMap {
                         weight: 1,
                     })
                     .collect(),
-            },
+            }),
         );
     }
     m
@@ -74,7 +74,7 @@ async fn measure(n: usize, backend: Backend, changes: usize) -> Result<(f64, f64
         // One endpoint of one service moves to another port.
         let key = format!("bench/svc-{}/tcp/http", (c * 7919) % n);
         if let Some(sp) = map.get_mut(&key) {
-            sp.endpoints[0].port = 9000 + c as u16;
+            std::sync::Arc::make_mut(sp).endpoints[0].port = 9000 + c as u16;
         }
         let t = Instant::now();
         s.sync(&map, Instant::now()).await?;
@@ -100,7 +100,7 @@ async fn main() {
         let full = bosun_node::nft::full_text(&a);
         let t_full = t.elapsed();
         if let Some(sp) = map.get_mut("bench/svc-0/tcp/http") {
-            sp.endpoints[0].port = 9000;
+            std::sync::Arc::make_mut(sp).endpoints[0].port = 9000;
         }
         let t = Instant::now();
         let b = bosun_node::nft::render(bosun_node::services::Family::V4, &map, &opts, Some(&a));

@@ -9,10 +9,10 @@
 //! the client in a dynamic timeout set.
 //!
 //! Endpoint choice without affinity is one rule per service port,
-//! `dnat to numgen random mod N offset BASE map @endpoints-K`: each service
-//! port owns a block of slot numbers (BASE…), each endpoint fills as many
-//! slots as its weight, and the slots live in one of [`SHARDS`] shared data
-//! maps. An endpoint that changes (a pod replaced, readiness) is then an
+//! `dnat to numgen random mod N offset BASE map @endpoints-PROTO-K`: each
+//! service port owns a block of slot numbers (BASE…), each endpoint fills
+//! as many slots as its weight, and the slots live in one of [`SHARDS`]
+//! shared data maps of its protocol. An endpoint that changes (a pod replaced, readiness) is then an
 //! element change only: no rule is added, so the kernel does not
 //! re-validate the table's whole jump graph (~60-90 ms at 10k services).
 //! The maps are sharded because the kernel checks a map's elements against
@@ -33,8 +33,13 @@ use crate::services::{Endpoint, Family, ServiceMap, ServicePort};
 
 pub const TABLE: &str = "bosun";
 
-/// How many endpoint maps the slots are spread over.
-pub const SHARDS: u32 = 128;
+/// How many endpoint maps (per protocol) the slots are spread over.
+pub const SHARDS: u32 = 64;
+
+/// The protocols with endpoint maps of their own: a map's data is typed
+/// `ADDR . PROTO dport`, as nft demands of a rule added to an existing
+/// chain (a protocol-neutral `th dport` is refused there).
+const PROTOS: [&str; 3] = ["tcp", "udp", "sctp"];
 
 /// Slots per block: a service port whose endpoints' weights add up to more
 /// falls back to a cascade of `numgen` rules.
@@ -108,9 +113,11 @@ fn base(f: Family) -> String {
   chain masquerading {{ ct status dnat {ip} saddr . {ip} daddr @hairpin masquerade; meta mark & 0x4000 == 0 return; meta mark set meta mark xor 0x4000; masquerade fully-random; }}
   chain reject-chain {{ reject; }}
 {}",
-        (0..SHARDS)
-            .map(|k| format!(
-                "  map endpoints-{k} {{ typeof numgen random mod 1 : {ip} daddr . th dport; }}\n"
+        PROTOS
+            .iter()
+            .flat_map(|p| (0..SHARDS).map(move |k| (p, k)))
+            .map(|(p, k)| format!(
+                "  map endpoints-{p}-{k} {{ typeof numgen random mod 1 : {ip} daddr . {p} dport; }}\n"
             ))
             .collect::<String>()
     )
@@ -193,7 +200,7 @@ fn select(
         let (name, blocks) = block;
         let b = blocks.get(&sp.id, name);
         r.blocks.insert(name.to_string(), b);
-        let (base, map) = (b * BLOCK, format!("endpoints-{}", b % SHARDS));
+        let (base, map) = (b * BLOCK, format!("endpoints-{proto}-{}", b % SHARDS));
         let mut slot = base;
         for e in eps {
             for _ in 0..e.weight {

@@ -153,6 +153,18 @@ fn a_change_to_one_service_touches_only_its_pieces() {
     let after = nft::render(Family::V4, &services, &opts, Some(&before));
     let diff = nft::diff_text(&before, &after).expect("a change");
     golden("web-endpoint-removed.nft", &diff);
+    // The kernel takes the change on top of the full ruleset, in a
+    // transaction of its own (nft then reads the maps back from the kernel).
+    if is_root() {
+        let full = std::env::temp_dir().join(format!("bsn-full-{}.nft", std::process::id()));
+        std::fs::write(&full, nft::full_text(&before)).expect("write");
+        let script = format!("nft -f {} && nft -f -", full.display());
+        let r = in_netns(&["sh", "-c", &script], &diff);
+        let _ = std::fs::remove_file(&full);
+        if let Some(r) = r {
+            r.expect("the kernel refused the partial sync");
+        }
+    }
     // Unchanged services keep their rendered piece (not rendered again).
     for (id, piece) in &after.pieces {
         if id != "shop/web/tcp/http" {

@@ -641,6 +641,11 @@ fn suite(backend: &str) {
         t.curl("http://10.96.0.10/", 1).1 == 7
     });
 
+    // Every sync so far applied as it was (a failed partial sync would have
+    // been hidden by the full resync that follows it).
+    let log = std::fs::read_to_string(t.dir.with_extension("log")).unwrap_or_default();
+    assert!(!log.contains("sync failed"), "{backend}: {log}");
+
     if backend == "nftables" {
         // Rules changed behind node mode's back: the next partial sync
         // fails, and a full resync puts everything back.

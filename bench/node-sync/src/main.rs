@@ -62,7 +62,13 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-async fn measure(n: usize, backend: Backend, changes: usize) -> Result<(f64, f64, f64), String> {
+/// Full sync, then (median, max) of one endpoint replaced (a pod restarted
+/// elsewhere: as many endpoints as before) and of one endpoint removed.
+async fn measure(
+    n: usize,
+    backend: Backend,
+    changes: usize,
+) -> Result<(f64, (f64, f64), (f64, f64)), String> {
     Syncer::cleanup(backend).await?;
     let mut map = services(n);
     let mut s = Syncer::new(backend, Default::default());
@@ -80,10 +86,19 @@ async fn measure(n: usize, backend: Backend, changes: usize) -> Result<(f64, f64
         s.sync(&map, Instant::now()).await?;
         one.push(t.elapsed().as_secs_f64());
     }
-    let one_med = median(&mut one);
-    let one_max = one.iter().copied().fold(0.0, f64::max);
+    let mut removed = Vec::new();
+    for c in 0..changes {
+        let key = format!("bench/svc-{}/tcp/http", (c * 7919 + 1) % n);
+        if let Some(sp) = map.get_mut(&key) {
+            std::sync::Arc::make_mut(sp).endpoints.pop();
+        }
+        let t = Instant::now();
+        s.sync(&map, Instant::now()).await?;
+        removed.push(t.elapsed().as_secs_f64());
+    }
+    let stats = |v: &mut Vec<f64>| (median(v), v.iter().copied().fold(0.0, f64::max));
     Syncer::cleanup(backend).await?;
-    Ok((full, one_med, one_max))
+    Ok((full, stats(&mut one), stats(&mut removed)))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -143,17 +158,19 @@ async fn main() {
     .filter(|(name, _)| args.get(3).is_none_or(|b| b.split(',').any(|x| x == *name)))
     .collect();
     println!(
-        "| services × 10 endpoints | backend | full sync | one endpoint change (median / max of {changes}) |"
+        "| services × 10 endpoints | backend | full sync | one endpoint replaced (median / max of {changes}) | one endpoint removed (median / max) |"
     );
-    println!("|---:|---|---:|---:|");
+    println!("|---:|---|---:|---:|---:|");
     for n in sizes {
         for &(name, backend) in &backends {
             match measure(n, backend, changes).await {
-                Ok((full, med, max)) => println!(
-                    "| {n} | {name} | {:.3} s | {:.1} ms / {:.1} ms |",
+                Ok((full, (med, max), (rmed, rmax))) => println!(
+                    "| {n} | {name} | {:.3} s | {:.1} ms / {:.1} ms | {:.1} ms / {:.1} ms |",
                     full,
                     med * 1000.0,
-                    max * 1000.0
+                    max * 1000.0,
+                    rmed * 1000.0,
+                    rmax * 1000.0
                 ),
                 Err(e) => println!("| {n} | {name} | failed: {e} | |"),
             }

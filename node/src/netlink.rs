@@ -10,8 +10,10 @@
 //! `nft -f`.
 //!
 //! The messages follow `linux/netfilter/nf_tables.h` and
-//! `linux/netfilter/nfnetlink.h`; every message asks for an ACK, and the
-//! batch counts as applied only when every ACK reports success.
+//! `linux/netfilter/nfnetlink.h`. The kernel runs a batch while it is sent
+//! and queues an error reply for any failure (of a message or of the
+//! commit) before the send returns, as `nft` relies on: no reply is
+//! success.
 
 use std::io::{Read, Write};
 use std::net::IpAddr;
@@ -27,7 +29,6 @@ const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 0x2;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -122,9 +123,20 @@ fn message(
     out.extend_from_slice(attrs);
 }
 
-/// The batch for `elements`: begin, one message per element, end. Returns
-/// the bytes and the sequence numbers that will be ACKed.
-pub fn batch(elements: &[Element], first_seq: u32) -> (Vec<u8>, Vec<u32>) {
+/// Elements per message: one message carries many elements of one set.
+const PER_MESSAGE: usize = 256;
+
+/// Larger batches go through `nft -f` (a netlink datagram must fit the
+/// socket's send buffer, ~208 KiB by default).
+const MAX_BATCH: usize = 128 * 1024;
+
+/// The batch for `elements`: begin, then one message per set and kind
+/// (removals and additions in the order they first appear, so a slot's
+/// removal precedes its new value), at most [`PER_MESSAGE`] elements each,
+/// then end. No message asks for an ACK: the kernel runs a batch while it
+/// is sent, and reports every failure (of a message or of the commit) as
+/// an error reply, queued before the send returns (as `nft` relies on).
+pub fn batch(elements: &[Element], first_seq: u32) -> Vec<u8> {
     let mut out = Vec::new();
     let mut seq = first_seq;
     message(
@@ -136,36 +148,48 @@ pub fn batch(elements: &[Element], first_seq: u32) -> (Vec<u8>, Vec<u32>) {
         NFNL_SUBSYS_NFTABLES,
         &[],
     );
-    let mut acked = Vec::new();
+    // (IPv6, table, set, add) → its elements.
+    type Group<'a> = ((bool, &'a str, &'a str, bool), Vec<&'a Element>);
+    let mut groups: Vec<Group> = Vec::new();
     for e in elements {
-        seq += 1;
-        let mut attrs = Vec::new();
-        attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, &cstr(&e.table));
-        attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, &cstr(&e.set));
-        nested(&mut attrs, NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
-            nested(list, NFTA_LIST_ELEM, |el| {
-                nested(el, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, &e.key));
-                if let (true, Some(d)) = (e.add, &e.data) {
-                    nested(el, NFTA_SET_ELEM_DATA, |v| attr(v, NFTA_DATA_VALUE, d));
+        let key = (e.ipv6, e.table.as_str(), e.set.as_str(), e.add);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(e),
+            None => groups.push((key, vec![e])),
+        }
+    }
+    for ((ipv6, table, set, add), members) in &groups {
+        for part in members.chunks(PER_MESSAGE) {
+            seq += 1;
+            let mut attrs = Vec::new();
+            attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+            attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+            nested(&mut attrs, NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
+                for e in part {
+                    nested(list, NFTA_LIST_ELEM, |el| {
+                        nested(el, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, &e.key));
+                        if let (true, Some(d)) = (e.add, &e.data) {
+                            nested(el, NFTA_SET_ELEM_DATA, |v| attr(v, NFTA_DATA_VALUE, d));
+                        }
+                    });
                 }
             });
-        });
-        let (kind, flags) = if e.add {
-            (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK)
-        } else {
-            (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
-        };
-        let family = if e.ipv6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
-        message(
-            &mut out,
-            (NFNL_SUBSYS_NFTABLES << 8) | kind,
-            flags,
-            seq,
-            family,
-            0,
-            &attrs,
-        );
-        acked.push(seq);
+            let (kind, flags) = if *add {
+                (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE)
+            } else {
+                (NFT_MSG_DELSETELEM, NLM_F_REQUEST)
+            };
+            let family = if *ipv6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
+            message(
+                &mut out,
+                (NFNL_SUBSYS_NFTABLES << 8) | kind,
+                flags,
+                seq,
+                family,
+                0,
+                &attrs,
+            );
+        }
     }
     seq += 1;
     message(
@@ -177,11 +201,12 @@ pub fn batch(elements: &[Element], first_seq: u32) -> (Vec<u8>, Vec<u32>) {
         NFNL_SUBSYS_NFTABLES,
         &[],
     );
-    (out, acked)
+    out
 }
 
 /// A `NETLINK_NETFILTER` socket, kept open between changes (closing one
 /// waits for an RCU grace period: ~5-15 ms, more than the change itself).
+/// Non-blocking: nothing here waits on the kernel.
 pub struct Conn {
     sock: Socket,
     seq: u32,
@@ -195,67 +220,58 @@ impl Conn {
             Some(Protocol::from(NETLINK_NETFILTER)),
         )
         .map_err(|e| format!("netlink socket: {e}"))?;
-        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        sock.set_nonblocking(true)
             .map_err(|e| format!("netlink socket: {e}"))?;
         Ok(Conn { sock, seq: 1 })
     }
 
     /// Applies `elements` in one transaction: all or nothing. After an
-    /// error the connection should be dropped (replies may be pending).
+    /// error the connection should be dropped, and the kernel's state is
+    /// unknown (a full resync puts it right).
     pub fn apply(&mut self, elements: &[Element]) -> Result<(), String> {
         if elements.is_empty() {
             return Ok(());
         }
-        let first = self.seq;
-        self.seq = self.seq.wrapping_add(elements.len() as u32 + 2);
-        exchange(&self.sock, elements, first)
-    }
-}
-
-fn exchange(sock: &Socket, elements: &[Element], first: u32) -> Result<(), String> {
-    let (bytes, mut waiting) = batch(elements, first);
-    let mut sock = sock;
-    sock.write_all(&bytes)
-        .map_err(|e| format!("netlink send: {e}"))?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut first_error = None;
-    while !waiting.is_empty() {
-        let n = sock
-            .read(&mut buf)
-            .map_err(|e| format!("netlink receive: {e}"))?;
-        let mut at = 0;
-        while at + 16 <= n {
-            let len = u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
-            if len < 16 || at + len > n {
-                return Err("netlink: malformed reply".into());
-            }
-            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-            let seq = u32::from_ne_bytes([buf[at + 8], buf[at + 9], buf[at + 10], buf[at + 11]]);
-            if kind == NLMSG_ERROR && len >= 20 && waiting.contains(&seq) {
-                let code =
-                    i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
-                waiting.retain(|s| *s != seq);
-                if code != 0 && first_error.is_none() {
-                    let e = std::io::Error::from_raw_os_error(-code);
-                    let i = seq.wrapping_sub(first).wrapping_sub(1) as usize;
-                    first_error = Some(match elements.get(i) {
-                        Some(el) => format!(
-                            "netlink: {} element of {}: {e}",
-                            if el.add { "adding an" } else { "removing an" },
-                            el.set
-                        ),
-                        None => format!("netlink: {e}"),
-                    });
-                    // An error aborts the whole batch: no more ACKs come.
-                    waiting.clear();
-                }
-            }
-            at += (len + 3) & !3;
+        let bytes = batch(elements, self.seq);
+        if bytes.len() > MAX_BATCH {
+            return Err(format!("{} bytes: too large for one batch", bytes.len()));
         }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
+        self.seq = self.seq.wrapping_add(elements.len() as u32 + 2);
+        let mut sock = &self.sock;
+        sock.write_all(&bytes)
+            .map_err(|e| format!("netlink send: {e}"))?;
+        // Whatever the kernel had to say is queued by now: any error reply
+        // (for a message or for the commit) means the batch did not apply.
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match sock.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(format!("netlink receive: {e}")),
+            };
+            let mut at = 0;
+            while at + 16 <= n {
+                let len =
+                    u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+                if len < 16 || at + len > n {
+                    return Err("netlink: malformed reply".into());
+                }
+                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+                if kind == NLMSG_ERROR && len >= 20 {
+                    let code = i32::from_ne_bytes([
+                        buf[at + 16],
+                        buf[at + 17],
+                        buf[at + 18],
+                        buf[at + 19],
+                    ]);
+                    if code != 0 {
+                        let e = std::io::Error::from_raw_os_error(-code);
+                        return Err(format!("netlink: set element update refused: {e}"));
+                    }
+                }
+                at += (len + 3) & !3;
+            }
+        }
     }
 }
 
@@ -273,16 +289,18 @@ mod tests {
             key: vec![10, 96, 0, 1, 0, 80, 0, 0, 0, 0, 0, 0],
             data: None,
         };
-        let (bytes, acked) = batch(&[e], 0);
-        assert_eq!(acked, vec![1]);
-        // begin (20) + delsetelem (64, as nft 1.0.6 sends it) + end (20).
-        assert_eq!(bytes.len(), 20 + 64 + 20);
-        let del = &bytes[20..84];
-        assert_eq!(u32::from_ne_bytes([del[0], del[1], del[2], del[3]]), 64);
+        let bytes = batch(&[e.clone(), e], 0);
+        // begin (20) + delsetelem (64 as nft 1.0.6 sends one element, and
+        // 24 more for the second in the same message) + end (20).
+        assert_eq!(bytes.len(), 20 + 64 + 24 + 20);
+        let del = &bytes[20..108];
+        assert_eq!(u32::from_ne_bytes([del[0], del[1], del[2], del[3]]), 88);
         assert_eq!(u16::from_ne_bytes([del[4], del[5]]), 0x0a0e);
         // table "t", set "eps", then the nested element list.
         assert_eq!(&del[20..26], &[6, 0, 1, 0, b't', 0]);
         assert_eq!(&del[28..36], &[8, 0, 2, 0, b'e', b'p', b's', 0]);
-        assert_eq!(&del[36..40], &[28, 0, 3, 0x80]);
+        assert_eq!(&del[36..40], &[52, 0, 3, 0x80]);
+        assert_eq!(&del[40..44], &[24, 0, 1, 0x80]);
+        assert_eq!(&del[64..68], &[24, 0, 1, 0x80]);
     }
 }

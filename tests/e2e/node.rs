@@ -659,6 +659,20 @@ fn suite(backend: &str) {
             let m = t.spread("http://10.96.0.10/", 30);
             m.len() == 2 && m.contains_key("b1") && m.contains_key("b3")
         });
+        // The same when the failed change is elements only (netlink): the
+        // kernel's refusal is seen, not taken for success.
+        assert!(t.node_cmd(&["nft", "delete", "table", "ip", "bosun"]).0);
+        t.write(&config(&format!(
+            "{}{}",
+            endpoint(1, "node-a", true),
+            endpoint(2, "node-a", true)
+        )));
+        t.until("full resync after a failed netlink update", || {
+            let m = t.spread("http://10.96.0.10/", 30);
+            m.len() == 2 && m.contains_key("b1") && m.contains_key("b2")
+        });
+        let log = std::fs::read_to_string(t.dir.with_extension("log")).unwrap_or_default();
+        assert!(log.contains("netlink element update refused"), "{log}");
     }
 
     // SIGTERM: node mode removes what it programmed.

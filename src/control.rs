@@ -5,7 +5,6 @@
 //! server; an invalid change is refused (logged with file, resource and
 //! field, counted) and proxies keep the last good one.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,8 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bosun_control::translate::Prepared;
 use bosun_control::xds::{Ads, Registry};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use tokio::sync::watch;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -160,53 +158,29 @@ async fn serve_admin(
     counters: Arc<Counters>,
     config: watch::Receiver<Option<Arc<Prepared>>>,
 ) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let (registry, counters, config) = (registry.clone(), counters.clone(), config.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(
-                move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (registry, counters, config) =
-                        (registry.clone(), counters.clone(), config.clone());
-                    async move {
-                        let (status, body) = match req.uri().path() {
-                            "/healthz" => (200, "ok\n".to_string()),
-                            "/ready" if config.borrow().is_some() => (200, "ready\n".to_string()),
-                            "/ready" => (503, "no valid config yet\n".to_string()),
-                            "/debug/proxies" => (
-                                200,
-                                serde_json::to_string_pretty(&registry.snapshot())
-                                    .unwrap_or_default(),
-                            ),
-                            "/metrics" | "/stats/prometheus" => (
-                                200,
-                                format!(
-                                    "# TYPE bosun_control_config_accepted_total counter\nbosun_control_config_accepted_total {}\n# TYPE bosun_control_config_rejected_total counter\nbosun_control_config_rejected_total {}\n# TYPE bosun_control_connected_proxies gauge\nbosun_control_connected_proxies {}\n",
-                                    counters.applied.load(Ordering::Relaxed),
-                                    counters.rejected.load(Ordering::Relaxed),
-                                    registry.snapshot().len()
-                                ),
-                            ),
-                            _ => (
-                                404,
-                                "control admin: /ready /healthz /metrics /debug/proxies\n"
-                                    .to_string(),
-                            ),
-                        };
-                        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
-                        *resp.status_mut() =
-                            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
-                        Ok::<_, Infallible>(resp)
-                    }
-                },
-            );
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    bosun_control::admin::serve(listener, move |path| match path {
+        "/healthz" => (200, "ok\n".to_string()),
+        "/ready" if config.borrow().is_some() => (200, "ready\n".to_string()),
+        "/ready" => (503, "no valid config yet\n".to_string()),
+        "/debug/proxies" => (
+            200,
+            serde_json::to_string_pretty(&registry.snapshot()).unwrap_or_default(),
+        ),
+        "/metrics" | "/stats/prometheus" => (
+            200,
+            format!(
+                "# TYPE bosun_control_config_accepted_total counter\nbosun_control_config_accepted_total {}\n# TYPE bosun_control_config_rejected_total counter\nbosun_control_config_rejected_total {}\n# TYPE bosun_control_connected_proxies gauge\nbosun_control_connected_proxies {}\n",
+                counters.applied.load(Ordering::Relaxed),
+                counters.rejected.load(Ordering::Relaxed),
+                registry.snapshot().len()
+            ),
+        ),
+        _ => (
+            404,
+            "control admin: /ready /healthz /metrics /debug/proxies\n".to_string(),
+        ),
+    })
+    .await
 }
 
 /// `bosun status`: like `istioctl proxy-status`.

@@ -4,6 +4,7 @@
 //! Sources: a watched file or directory ([`source`]) and etcd ([`etcd`]).
 //! [`xds`] serves the translated resources to proxies over Envoy's ADS.
 
+pub mod admin;
 pub mod etcd;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;

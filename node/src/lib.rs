@@ -10,15 +10,11 @@ pub mod sync;
 pub mod userspace;
 pub mod xds;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
 pub use sync::{Backend, Metrics, Syncer};
@@ -83,50 +79,31 @@ fn service_maps(
 /// Serves `/healthz` like kube-proxy: 200 with the last sync time once
 /// rules were programmed, 503 before.
 async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, node: String) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let (metrics, node) = (metrics.clone(), node.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(
-                move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (metrics, node) = (metrics.clone(), node.clone());
-                    async move {
-                        let now = SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .unwrap_or(Duration::ZERO)
-                            .as_secs_f64();
-                        let (status, body) = match req.uri().path() {
-                            "/healthz" | "/livez" => match metrics.last_sync() {
-                                Some(t) => (
-                                    200,
-                                    format!(
-                                        "{{\"lastUpdated\": {t:.3}, \"currentTime\": {now:.3}, \"nodeName\": \"{node}\", \"nodeEligible\": true}}\n"
-                                    ),
-                                ),
-                                None => (
-                                    503,
-                                    format!(
-                                        "{{\"lastUpdated\": null, \"currentTime\": {now:.3}, \"nodeName\": \"{node}\"}}\n"
-                                    ),
-                                ),
-                            },
-                            "/metrics" => (200, metrics.render()),
-                            _ => (404, "node mode: /healthz /livez /metrics\n".to_string()),
-                        };
-                        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
-                        *resp.status_mut() =
-                            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
-                        Ok::<_, Infallible>(resp)
-                    }
-                },
-            );
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    bosun_control::admin::serve(listener, move |path| {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
+        match path {
+            "/healthz" | "/livez" => match metrics.last_sync() {
+                Some(t) => (
+                    200,
+                    format!(
+                        "{{\"lastUpdated\": {t:.3}, \"currentTime\": {now:.3}, \"nodeName\": \"{node}\", \"nodeEligible\": true}}\n"
+                    ),
+                ),
+                None => (
+                    503,
+                    format!(
+                        "{{\"lastUpdated\": null, \"currentTime\": {now:.3}, \"nodeName\": \"{node}\"}}\n"
+                    ),
+                ),
+            },
+            "/metrics" => (200, metrics.render()),
+            _ => (404, "node mode: /healthz /livez /metrics\n".to_string()),
+        }
+    })
+    .await
 }
 
 /// Runs node mode until `stop` resolves, then removes its rules.

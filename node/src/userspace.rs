@@ -256,26 +256,19 @@ impl Userspace {
 
 /// Removes Bosun's local routes left by a userspace backend that was killed.
 pub async fn cleanup() -> Result<(), String> {
-    run_cmd(&[
-        "-4",
-        "route",
-        "flush",
-        "table",
-        "local",
-        "proto",
-        ROUTE_PROTO,
-    ])
-    .await?;
-    run_cmd(&[
-        "-6",
-        "route",
-        "flush",
-        "table",
-        "local",
-        "proto",
-        ROUTE_PROTO,
-    ])
-    .await
+    for family in ["-4", "-6"] {
+        run_cmd(&[
+            family,
+            "route",
+            "flush",
+            "table",
+            "local",
+            "proto",
+            ROUTE_PROTO,
+        ])
+        .await?;
+    }
+    Ok(())
 }
 
 /// `ip route VERB local IP/host dev lo table local proto 249`.

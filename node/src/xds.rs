@@ -14,8 +14,7 @@ use bosun_xds_proto::discovery::aggregated_discovery_service_client::AggregatedD
 use bosun_xds_proto::prost::Message;
 use bosun_xds_proto::prost_types::{Struct, Value, value::Kind};
 use bosun_xds_proto::rpc::Status as RpcStatus;
-use bosun_xds_proto::{MORE, type_url};
-use rand::RngExt;
+use bosun_xds_proto::{MORE, Reconnect, type_url};
 use tokio::sync::mpsc;
 
 use crate::services::{ServiceMap, ServicePort, from_proto};
@@ -56,30 +55,20 @@ pub fn watch(opts: XdsOptions) -> mpsc::Receiver<ServiceMap> {
     tokio::spawn(async move {
         // name → (version, service port): what this node holds.
         let mut held = Held::new();
-        let mut backoff = Duration::from_millis(100);
-        let mut next = 0usize;
+        let mut reconnect = Reconnect::new(opts.addresses.clone());
         loop {
-            let Some(address) = opts
-                .addresses
-                .get(next % opts.addresses.len().max(1))
-                .cloned()
-            else {
+            let Some(address) = reconnect.address() else {
                 tracing::error!("no xDS address");
                 return;
             };
-            next += 1;
-            match session(&opts, &address, &mut held, &tx).await {
+            let got_response = match session(&opts, &address, &mut held, &tx).await {
                 Ok(()) => return, // the receiver is gone: shutting down
                 Err((got_response, e)) => {
-                    if got_response {
-                        backoff = Duration::from_millis(100);
-                    }
                     tracing::warn!(%address, error = %e, "xDS stream ended; the rules in place stay");
+                    got_response
                 }
-            }
-            let wait = rand::rng().random_range(backoff / 2..=backoff);
-            tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            };
+            tokio::time::sleep(reconnect.wait(got_response)).await;
         }
     });
     rx

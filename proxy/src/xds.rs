@@ -16,8 +16,7 @@ use bosun_xds_proto::discovery::aggregated_discovery_service_client::AggregatedD
 use bosun_xds_proto::discovery::{DeltaDiscoveryRequest, DiscoveryRequest};
 use bosun_xds_proto::prost::Message;
 use bosun_xds_proto::rpc::Status as RpcStatus;
-use bosun_xds_proto::{MORE, PUSH_END, type_url};
-use rand::RngExt;
+use bosun_xds_proto::{MORE, PUSH_END, Reconnect, type_url};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -82,34 +81,22 @@ fn nack(message: String) -> Option<RpcStatus> {
 /// Runs forever: connect, subscribe, apply, reconnect.
 pub async fn run(proxy: Arc<Proxy>, opts: XdsOptions) {
     let mut applied = Applied::default();
-    let mut backoff = Duration::from_millis(100);
-    let mut next = 0usize;
+    let mut reconnect = Reconnect::new(opts.addresses.clone());
     loop {
-        let Some(address) = opts
-            .addresses
-            .get(next % opts.addresses.len().max(1))
-            .cloned()
-        else {
+        let Some(address) = reconnect.address() else {
             tracing::error!("no xDS address");
             return;
         };
-        next += 1;
         let got_response = if opts.delta {
             delta_session(&proxy, &opts, &address, &mut applied).await
         } else {
             sotw_session(&proxy, &opts, &address, &mut applied).await
         };
-        match got_response {
-            Ok(true) | Err((true, _)) => backoff = Duration::from_millis(100),
-            _ => {}
-        }
         if let Err((_, e)) = &got_response {
             tracing::warn!(%address, error = %e, "xDS stream ended; serving the last applied config");
         }
-        // Full jitter: a fleet of proxies does not reconnect in lockstep.
-        let wait = rand::rng().random_range(backoff / 2..=backoff);
-        tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        let got = matches!(got_response, Ok(true) | Err((true, _)));
+        tokio::time::sleep(reconnect.wait(got)).await;
     }
 }
 

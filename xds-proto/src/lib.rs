@@ -93,3 +93,47 @@ pub mod type_url {
         ROUTE_CONFIGURATION,
     ];
 }
+
+/// When and where an xDS client reconnects: the control-service addresses
+/// in turn, after an exponential backoff (100 ms doubling to 10 s, each
+/// wait drawn between half and all of it, so a fleet does not reconnect in
+/// lockstep), reset by a stream that got a response.
+pub struct Reconnect {
+    addresses: Vec<String>,
+    next: usize,
+    backoff: std::time::Duration,
+}
+
+impl Reconnect {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+    pub fn new(addresses: Vec<String>) -> Reconnect {
+        Reconnect {
+            addresses,
+            next: 0,
+            backoff: Self::FIRST,
+        }
+    }
+
+    /// The address to try now; None when there is none.
+    pub fn address(&mut self) -> Option<String> {
+        let a = self
+            .addresses
+            .get(self.next % self.addresses.len().max(1))?;
+        self.next += 1;
+        Some(a.clone())
+    }
+
+    /// How long to wait after a stream ended (`got_response`: it worked
+    /// for a while, so start the backoff over).
+    pub fn wait(&mut self, got_response: bool) -> std::time::Duration {
+        use rand::RngExt;
+        if got_response {
+            self.backoff = Self::FIRST;
+        }
+        let wait = rand::rng().random_range(self.backoff / 2..=self.backoff);
+        self.backoff = (self.backoff * 2).min(Self::MAX);
+        wait
+    }
+}

@@ -5,6 +5,7 @@
 pub mod iptables;
 pub mod netlink;
 pub mod nft;
+pub mod rule;
 pub use bosun_control::node_services as services;
 pub mod sync;
 pub mod userspace;

@@ -51,7 +51,15 @@ pub struct Element {
     pub add: bool,
     pub key: Vec<u8>,
     /// The mapped data (maps only, and only when adding).
-    pub data: Option<Vec<u8>>,
+    pub data: Option<Data>,
+}
+
+/// What a map element maps to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    Value(Vec<u8>),
+    /// A verdict: code and, for a jump or goto, the chain.
+    Verdict(i32, Option<String>),
 }
 
 /// Encodings of nft values as the kernel stores them in set keys and data:
@@ -76,6 +84,205 @@ pub mod value {
     /// A host-order 32-bit integer (`numgen`, `mark`).
     pub fn host_u32(v: u32, out: &mut Vec<u8>) {
         out.extend_from_slice(&v.to_ne_bytes());
+    }
+}
+
+/// Rule expressions, encoded as the kernel takes them
+/// (`NFTA_RULE_EXPRESSIONS`). Registers are numbered as `nft` numbers
+/// them: 1-4 the 16-byte ones, 8-23 the 4-byte ones.
+pub mod expr {
+    use super::{attr, cstr, nested};
+    use crate::services::Family;
+
+    pub const NF_DROP: i32 = 0;
+    pub const NFT_JUMP: i32 = -3;
+    pub const NFT_GOTO: i32 = -4;
+    pub const NFT_RETURN: i32 = -5;
+    pub const NFT_CMP_EQ: u32 = 0;
+    pub const NFT_CMP_NEQ: u32 = 1;
+    pub const NFT_CMP_LT: u32 = 2;
+    pub const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+    pub const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+    pub const NFT_META_MARK: u32 = 3;
+    pub const NFT_META_L4PROTO: u32 = 16;
+    pub const NFT_CT_STATE: u32 = 0;
+    pub const NFT_CT_STATUS: u32 = 2;
+
+    /// The register holding the data `bytes` bytes into a concatenation
+    /// that starts in register 1.
+    pub fn reg_after(bytes: u32) -> u32 {
+        let k = bytes.div_ceil(4);
+        if k.is_multiple_of(4) {
+            1 + k / 4
+        } else {
+            8 + k
+        }
+    }
+
+    fn be(v: u32) -> [u8; 4] {
+        v.to_be_bytes()
+    }
+
+    /// A rule's expression list being built.
+    #[derive(Default)]
+    pub struct Exprs {
+        pub(crate) buf: Vec<u8>,
+    }
+
+    impl Exprs {
+        fn expr(&mut self, name: &str, fill: impl FnOnce(&mut Vec<u8>)) {
+            nested(&mut self.buf, super::NFTA_LIST_ELEM, |el| {
+                attr(el, 1, &cstr(name));
+                nested(el, 2, fill);
+            });
+        }
+        fn data(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
+            nested(out, kind, |d| attr(d, super::NFTA_DATA_VALUE, value));
+        }
+        pub fn payload(&mut self, base: u32, offset: u32, len: u32, dreg: u32) {
+            self.expr("payload", |a| {
+                attr(a, 1, &be(dreg));
+                attr(a, 2, &be(base));
+                attr(a, 3, &be(offset));
+                attr(a, 4, &be(len));
+            });
+        }
+        pub fn meta_load(&mut self, key: u32, dreg: u32) {
+            self.expr("meta", |a| {
+                attr(a, 2, &be(key));
+                attr(a, 1, &be(dreg));
+            });
+        }
+        pub fn meta_set(&mut self, key: u32, sreg: u32) {
+            self.expr("meta", |a| {
+                attr(a, 2, &be(key));
+                attr(a, 3, &be(sreg));
+            });
+        }
+        pub fn ct_load(&mut self, key: u32, dreg: u32) {
+            self.expr("ct", |a| {
+                attr(a, 2, &be(key));
+                attr(a, 1, &be(dreg));
+            });
+        }
+        /// `reg = (reg & mask) ^ xor` on register 1's first `mask.len()` bytes.
+        pub fn bitwise(&mut self, reg: u32, mask: &[u8], xor: &[u8]) {
+            self.expr("bitwise", |a| {
+                attr(a, 1, &be(reg));
+                attr(a, 2, &be(reg));
+                attr(a, 3, &be(mask.len() as u32));
+                Self::data(a, 4, mask);
+                Self::data(a, 5, xor);
+            });
+        }
+        /// Compares register 1 with `value`.
+        pub fn cmp(&mut self, op: u32, value: &[u8]) {
+            self.expr("cmp", |a| {
+                attr(a, 1, &be(1));
+                attr(a, 2, &be(op));
+                Self::data(a, 3, value);
+            });
+        }
+        /// Looks register 1 up in `set`; a map writes its data to `dreg`
+        /// (0: the verdict).
+        pub fn lookup(&mut self, set: &str, sreg: u32, dreg: Option<u32>) {
+            self.expr("lookup", |a| {
+                attr(a, 2, &be(sreg));
+                if let Some(d) = dreg {
+                    attr(a, 3, &be(d));
+                }
+                attr(a, 1, &cstr(set));
+            });
+        }
+        pub fn dynset_update(&mut self, set: &str, sreg: u32) {
+            self.expr("dynset", |a| {
+                attr(a, 4, &be(sreg));
+                // NFT_DYNSET_OP_UPDATE
+                attr(a, 3, &be(1));
+                attr(a, 1, &cstr(set));
+            });
+        }
+        pub fn fib_daddr_type(&mut self, dreg: u32) {
+            self.expr("fib", |a| {
+                // NFTA_FIB_F_DADDR, NFT_FIB_RESULT_ADDRTYPE
+                attr(a, 3, &be(2));
+                attr(a, 2, &be(3));
+                attr(a, 1, &be(dreg));
+            });
+        }
+        pub fn numgen(&mut self, modulus: u32, offset: u32, dreg: u32) {
+            self.expr("numgen", |a| {
+                attr(a, 1, &be(dreg));
+                attr(a, 2, &be(modulus));
+                // NFT_NG_RANDOM
+                attr(a, 3, &be(1));
+                attr(a, 4, &be(offset));
+            });
+        }
+        /// Register `reg`'s first 4 bytes to network order.
+        pub fn hton32(&mut self, reg: u32) {
+            self.expr("byteorder", |a| {
+                attr(a, 1, &be(reg));
+                attr(a, 2, &be(reg));
+                attr(a, 3, &be(1));
+                attr(a, 4, &be(4));
+                attr(a, 5, &be(4));
+            });
+        }
+        pub fn immediate_data(&mut self, dreg: u32, value: &[u8]) {
+            self.expr("immediate", |a| {
+                attr(a, 1, &be(dreg));
+                Self::data(a, 2, value);
+            });
+        }
+        pub fn verdict(&mut self, code: i32, chain: Option<&str>) {
+            self.expr("immediate", |a| {
+                attr(a, 1, &be(0));
+                nested(a, 2, |d| super::verdict(d, code, chain));
+            });
+        }
+        pub fn dnat(&mut self, f: Family, addr: u32, proto: u32, flags: Option<u32>) {
+            self.expr("nat", |a| {
+                // NFT_NAT_DNAT
+                attr(a, 1, &be(1));
+                attr(a, 2, &be(u32::from(super::family(f))));
+                attr(a, 3, &be(addr));
+                attr(a, 5, &be(proto));
+                if let Some(fl) = flags {
+                    attr(a, 7, &be(fl));
+                }
+            });
+        }
+        pub fn masq(&mut self, flags: Option<u32>) {
+            self.expr("masq", |a| {
+                if let Some(fl) = flags {
+                    attr(a, 1, &be(fl));
+                }
+            });
+        }
+        pub fn reject(&mut self, kind: u32, code: u8) {
+            self.expr("reject", |a| {
+                attr(a, 1, &be(kind));
+                attr(a, 2, &[code]);
+            });
+        }
+    }
+}
+
+/// `NFTA_DATA_VERDICT`: code and, for a jump or goto, the chain.
+fn verdict(out: &mut Vec<u8>, code: i32, chain: Option<&str>) {
+    nested(out, 2, |v| {
+        attr(v, 1, &code.to_be_bytes());
+        if let Some(c) = chain {
+            attr(v, 2, &cstr(c));
+        }
+    });
+}
+
+fn family(f: crate::services::Family) -> u8 {
+    match f {
+        crate::services::Family::V4 => NFPROTO_IPV4,
+        crate::services::Family::V6 => NFPROTO_IPV6,
     }
 }
 
@@ -126,82 +333,273 @@ fn message(
 /// Elements per message: one message carries many elements of one set.
 const PER_MESSAGE: usize = 256;
 
-/// Larger batches go through `nft -f` (a netlink datagram must fit the
-/// socket's send buffer, ~208 KiB by default).
-const MAX_BATCH: usize = 128 * 1024;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_DELCHAIN: u16 = 5;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DELSET: u16 = 11;
+const NLM_F_APPEND: u16 = 0x800;
 
-/// The batch for `elements`: begin, then one message per set and kind
-/// (removals and additions in the order they first appear, so a slot's
-/// removal precedes its new value), at most [`PER_MESSAGE`] elements each,
-/// then end. No message asks for an ACK: the kernel runs a batch while it
-/// is sent, and reports every failure (of a message or of the commit) as
-/// an error reply, queued before the send returns (as `nft` relies on).
-pub fn batch(elements: &[Element], first_seq: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut seq = first_seq;
-    message(
-        &mut out,
-        NFNL_MSG_BATCH_BEGIN,
-        NLM_F_REQUEST,
-        seq,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-        &[],
-    );
-    // (IPv6, table, set, add) → its elements.
-    type Group<'a> = ((bool, &'a str, &'a str, bool), Vec<&'a Element>);
-    let mut groups: Vec<Group> = Vec::new();
-    for e in elements {
-        let key = (e.ipv6, e.table.as_str(), e.set.as_str(), e.add);
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, v)) => v.push(e),
-            None => groups.push((key, vec![e])),
+/// A base chain's hook.
+#[derive(Clone, Copy, Debug)]
+pub struct Hook {
+    /// `filter` or `nat`.
+    pub kind: &'static str,
+    /// `NF_INET_*`: prerouting 0, input 1, forward 2, output 3, postrouting 4.
+    pub num: u32,
+    pub priority: i32,
+}
+
+/// A set or map declaration, as `NFT_MSG_NEWSET` carries it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SetSpec {
+    pub flags: u32,
+    /// nft's datatype number (concatenations: 6 bits per part).
+    pub key_type: u32,
+    pub key_len: u32,
+    /// (datatype, length) of a map's data; verdicts are `0xffffff00`, 0.
+    pub data: Option<(u32, u32)>,
+    pub timeout_ms: Option<u64>,
+    /// nft's own annotations (byte orders, `typeof` expressions), so
+    /// `nft list` shows the set as if nft had made it.
+    pub udata: Vec<u8>,
+}
+
+/// One nf_tables transaction being built: begin, messages, end. No
+/// message asks for an ACK: the kernel runs a batch while it is sent, and
+/// reports every failure (of a message or of the commit) as an error
+/// reply, queued before the send returns (as `nft` relies on).
+pub struct Batch {
+    buf: Vec<u8>,
+    seq: u32,
+    set_id: u32,
+}
+
+impl Batch {
+    pub fn new(first_seq: u32) -> Batch {
+        let mut buf = Vec::new();
+        message(
+            &mut buf,
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            first_seq,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        Batch {
+            buf,
+            seq: first_seq,
+            set_id: 0,
         }
     }
-    for ((ipv6, table, set, add), members) in &groups {
-        for part in members.chunks(PER_MESSAGE) {
-            seq += 1;
-            let mut attrs = Vec::new();
-            attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
-            attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, &cstr(set));
-            nested(&mut attrs, NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
-                for e in part {
-                    nested(list, NFTA_LIST_ELEM, |el| {
-                        nested(el, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, &e.key));
-                        if let (true, Some(d)) = (e.add, &e.data) {
-                            nested(el, NFTA_SET_ELEM_DATA, |v| attr(v, NFTA_DATA_VALUE, d));
-                        }
-                    });
-                }
+
+    fn msg(&mut self, kind: u16, flags: u16, f: crate::services::Family, attrs: &[u8]) {
+        self.seq = self.seq.wrapping_add(1);
+        message(
+            &mut self.buf,
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NLM_F_REQUEST | flags,
+            self.seq,
+            family(f),
+            0,
+            attrs,
+        );
+    }
+
+    pub fn add_table(&mut self, f: crate::services::Family, name: &str, comment: Option<&str>) {
+        let mut a = Vec::new();
+        attr(&mut a, 1, &cstr(name));
+        attr(&mut a, 2, &0u32.to_be_bytes());
+        if let Some(c) = comment {
+            // NFTNL_UDATA_TABLE_COMMENT
+            let c = cstr(c);
+            let mut u = vec![0, c.len() as u8];
+            u.extend_from_slice(&c);
+            attr(&mut a, 6, &u);
+        }
+        self.msg(NFT_MSG_NEWTABLE, NLM_F_CREATE, f, &a);
+    }
+
+    pub fn del_table(&mut self, f: crate::services::Family, name: &str) {
+        let mut a = Vec::new();
+        attr(&mut a, 1, &cstr(name));
+        self.msg(NFT_MSG_DELTABLE, 0, f, &a);
+    }
+
+    pub fn add_chain(
+        &mut self,
+        f: crate::services::Family,
+        table: &str,
+        name: &str,
+        hook: Option<Hook>,
+    ) {
+        let mut a = Vec::new();
+        attr(&mut a, 1, &cstr(table));
+        attr(&mut a, 3, &cstr(name));
+        if let Some(h) = hook {
+            attr(&mut a, 7, &cstr(h.kind));
+            // policy accept
+            attr(&mut a, 5, &1u32.to_be_bytes());
+            nested(&mut a, 4, |n| {
+                attr(n, 1, &h.num.to_be_bytes());
+                attr(n, 2, &h.priority.to_be_bytes());
             });
-            let (kind, flags) = if *add {
-                (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE)
-            } else {
-                (NFT_MSG_DELSETELEM, NLM_F_REQUEST)
-            };
-            let family = if *ipv6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
-            message(
-                &mut out,
-                (NFNL_SUBSYS_NFTABLES << 8) | kind,
-                flags,
-                seq,
-                family,
-                0,
-                &attrs,
-            );
+        }
+        self.msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE, f, &a);
+    }
+
+    fn table_and(
+        &mut self,
+        kind: u16,
+        f: crate::services::Family,
+        table: &str,
+        what: u16,
+        name: &str,
+    ) {
+        let mut a = Vec::new();
+        attr(&mut a, 1, &cstr(table));
+        attr(&mut a, what, &cstr(name));
+        self.msg(kind, 0, f, &a);
+    }
+
+    /// Removes every rule of a chain.
+    pub fn flush_chain(&mut self, f: crate::services::Family, table: &str, name: &str) {
+        self.table_and(NFT_MSG_DELRULE, f, table, 2, name);
+    }
+
+    pub fn del_chain(&mut self, f: crate::services::Family, table: &str, name: &str) {
+        self.table_and(NFT_MSG_DELCHAIN, f, table, 3, name);
+    }
+
+    pub fn del_set(&mut self, f: crate::services::Family, table: &str, name: &str) {
+        self.table_and(NFT_MSG_DELSET, f, table, 2, name);
+    }
+
+    pub fn add_set(&mut self, f: crate::services::Family, table: &str, name: &str, s: &SetSpec) {
+        let mut a = Vec::new();
+        attr(&mut a, 1, &cstr(table));
+        attr(&mut a, 2, &cstr(name));
+        attr(&mut a, 3, &s.flags.to_be_bytes());
+        attr(&mut a, 4, &s.key_type.to_be_bytes());
+        attr(&mut a, 5, &s.key_len.to_be_bytes());
+        if let Some((t, l)) = s.data {
+            attr(&mut a, 6, &t.to_be_bytes());
+            attr(&mut a, 7, &l.to_be_bytes());
+        }
+        // A set ID is required (rules may refer to a new set by it).
+        self.set_id = self.set_id.wrapping_add(1);
+        attr(&mut a, 10, &self.set_id.to_be_bytes());
+        if let Some(t) = s.timeout_ms {
+            attr(&mut a, 11, &t.to_be_bytes());
+        }
+        if !s.udata.is_empty() {
+            attr(&mut a, 13, &s.udata);
+        }
+        self.msg(NFT_MSG_NEWSET, NLM_F_CREATE, f, &a);
+    }
+
+    /// Appends a rule to a chain.
+    pub fn add_rule(
+        &mut self,
+        f: crate::services::Family,
+        table: &str,
+        chain: &str,
+        exprs: &expr::Exprs,
+    ) {
+        let mut a = Vec::new();
+        attr(&mut a, 1, &cstr(table));
+        attr(&mut a, 2, &cstr(chain));
+        attr(&mut a, 4 | NLA_F_NESTED, &exprs.buf);
+        self.msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, f, &a);
+    }
+
+    /// Element additions and removals: one message per set and kind
+    /// (in the order they first appear, so a slot's removal precedes its
+    /// new value), at most [`PER_MESSAGE`] elements each.
+    pub fn elements(&mut self, elements: &[Element]) {
+        // (IPv6, table, set, add) → its elements.
+        type Group<'a> = ((bool, &'a str, &'a str, bool), Vec<&'a Element>);
+        let mut groups: Vec<Group> = Vec::new();
+        let mut index: std::collections::HashMap<(bool, &str, &str, bool), usize> =
+            std::collections::HashMap::new();
+        for e in elements {
+            let key = (e.ipv6, e.table.as_str(), e.set.as_str(), e.add);
+            match index.get(&key) {
+                Some(&i) => groups[i].1.push(e),
+                None => {
+                    index.insert(key, groups.len());
+                    groups.push((key, vec![e]));
+                }
+            }
+        }
+        for ((ipv6, table, set, add), members) in &groups {
+            for part in members.chunks(PER_MESSAGE) {
+                let mut attrs = Vec::new();
+                attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+                attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+                nested(&mut attrs, NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
+                    for e in part {
+                        nested(list, NFTA_LIST_ELEM, |el| {
+                            nested(el, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, &e.key));
+                            match (e.add, &e.data) {
+                                (true, Some(Data::Value(d))) => {
+                                    nested(el, NFTA_SET_ELEM_DATA, |v| attr(v, NFTA_DATA_VALUE, d))
+                                }
+                                (true, Some(Data::Verdict(code, chain))) => {
+                                    nested(el, NFTA_SET_ELEM_DATA, |v| {
+                                        verdict(v, *code, chain.as_deref())
+                                    })
+                                }
+                                _ => {}
+                            }
+                        });
+                    }
+                });
+                let (kind, flags) = if *add {
+                    (NFT_MSG_NEWSETELEM, NLM_F_CREATE)
+                } else {
+                    (NFT_MSG_DELSETELEM, 0)
+                };
+                let f = if *ipv6 {
+                    crate::services::Family::V6
+                } else {
+                    crate::services::Family::V4
+                };
+                self.msg(kind, flags, f, &attrs);
+            }
         }
     }
-    seq += 1;
-    message(
-        &mut out,
-        NFNL_MSG_BATCH_END,
-        NLM_F_REQUEST,
-        seq,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-        &[],
-    );
-    out
+
+    /// Messages so far (begin and end not counted).
+    pub fn is_empty(&self) -> bool {
+        self.buf.len() <= 20
+    }
+
+    /// The batch, ended; and the next free sequence number.
+    pub fn finish(mut self) -> (Vec<u8>, u32) {
+        self.seq = self.seq.wrapping_add(1);
+        message(
+            &mut self.buf,
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            self.seq,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        (self.buf, self.seq.wrapping_add(1))
+    }
+}
+
+/// The batch for `elements` alone.
+pub fn batch(elements: &[Element], first_seq: u32) -> Vec<u8> {
+    let mut b = Batch::new(first_seq);
+    b.elements(elements);
+    b.finish().0
 }
 
 /// A `NETLINK_NETFILTER` socket, kept open between changes (closing one
@@ -210,6 +608,8 @@ pub fn batch(elements: &[Element], first_seq: u32) -> Vec<u8> {
 pub struct Conn {
     sock: Socket,
     seq: u32,
+    /// What the send buffer was forced to (0: the default).
+    sndbuf: usize,
 }
 
 impl Conn {
@@ -222,7 +622,11 @@ impl Conn {
         .map_err(|e| format!("netlink socket: {e}"))?;
         sock.set_nonblocking(true)
             .map_err(|e| format!("netlink socket: {e}"))?;
-        Ok(Conn { sock, seq: 1 })
+        Ok(Conn {
+            sock,
+            seq: 1,
+            sndbuf: 0,
+        })
     }
 
     /// Applies `elements` in one transaction: all or nothing. After an
@@ -232,14 +636,35 @@ impl Conn {
         if elements.is_empty() {
             return Ok(());
         }
-        let bytes = batch(elements, self.seq);
-        if bytes.len() > MAX_BATCH {
-            return Err(format!("{} bytes: too large for one batch", bytes.len()));
+        let mut b = Batch::new(self.seq);
+        b.elements(elements);
+        self.send(b)
+    }
+
+    /// A transaction to fill and [`Conn::send`].
+    pub fn batch(&self) -> Batch {
+        Batch::new(self.seq)
+    }
+
+    /// Sends a transaction: all or nothing (see [`Conn::apply`]).
+    pub fn send(&mut self, batch: Batch) -> Result<(), String> {
+        let (bytes, next) = batch.finish();
+        self.seq = next;
+        // One datagram must hold the whole batch: grow the send buffer
+        // past `wmem_max` if need be, as nft does (root only).
+        if bytes.len() + 4096 > self.sndbuf {
+            let want = (bytes.len() + 65536).next_power_of_two();
+            use nix::sys::socket::{setsockopt, sockopt};
+            setsockopt(&self.sock, sockopt::SndBufForce, &want)
+                .map_err(|e| format!("netlink send buffer of {want} bytes: {e}"))?;
+            // Room for the error replies too (each quotes its message).
+            setsockopt(&self.sock, sockopt::RcvBufForce, &want)
+                .map_err(|e| format!("netlink receive buffer of {want} bytes: {e}"))?;
+            self.sndbuf = want;
         }
-        self.seq = self.seq.wrapping_add(elements.len() as u32 + 2);
         let mut sock = &self.sock;
         sock.write_all(&bytes)
-            .map_err(|e| format!("netlink send: {e}"))?;
+            .map_err(|e| format!("netlink send ({} bytes): {e}", bytes.len()))?;
         // Whatever the kernel had to say is queued by now: any error reply
         // (for a message or for the commit) means the batch did not apply.
         let mut buf = vec![0u8; 64 * 1024];
@@ -266,7 +691,20 @@ impl Conn {
                     ]);
                     if code != 0 {
                         let e = std::io::Error::from_raw_os_error(-code);
-                        return Err(format!("netlink: set element update refused: {e}"));
+                        // The reply quotes the refused message's header.
+                        let what = if len >= 36 {
+                            let kind = u16::from_ne_bytes([buf[at + 24], buf[at + 25]]) & 0xff;
+                            let seq = u32::from_ne_bytes([
+                                buf[at + 28],
+                                buf[at + 29],
+                                buf[at + 30],
+                                buf[at + 31],
+                            ]);
+                            format!(" (message {seq}, type {kind})")
+                        } else {
+                            String::new()
+                        };
+                        return Err(format!("netlink: nf_tables refused the batch{what}: {e}"));
                     }
                 }
                 at += (len + 3) & !3;

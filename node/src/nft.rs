@@ -29,7 +29,9 @@ use std::fmt::Write;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::services::{Endpoint, Family, ServiceMap, ServicePort};
+use crate::netlink::{Batch, Data, Element, Hook, SetSpec, expr::Exprs, value};
+use crate::rule::{Cidr, DispatchKey, Rule, Stmt, Verdict};
+use crate::services::{Endpoint, Family, Proto, ServiceMap, ServicePort};
 
 pub const TABLE: &str = "bosun";
 
@@ -39,7 +41,7 @@ pub const SHARDS: u32 = 64;
 /// The protocols with endpoint maps of their own: a map's data is typed
 /// `ADDR . PROTO dport`, as nft demands of a rule added to an existing
 /// chain (a protocol-neutral `th dport` is refused there).
-const PROTOS: [&str; 3] = ["tcp", "udp", "sctp"];
+const PROTOS: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Sctp];
 
 /// Slots per block: a service port whose endpoints' weights add up to more
 /// falls back to a cascade of `numgen` rules.
@@ -67,12 +69,12 @@ impl Options {
 /// rewrites or removes when that service port changes.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Piece {
-    /// Set name → its declaration body.
-    pub sets: BTreeMap<String, String>,
+    /// Affinity set name → its timeout (seconds).
+    pub sets: BTreeMap<String, u32>,
     /// Chain name → its rules.
-    pub chains: BTreeMap<String, Vec<String>>,
+    pub chains: BTreeMap<String, Vec<Rule>>,
     /// (map, key) → verdict or data.
-    pub elements: BTreeMap<(String, String), String>,
+    pub elements: BTreeMap<(String, Key), Value>,
     /// Endpoint IPs: `ip . ip` elements of the shared `hairpin` set.
     pub hairpin: BTreeSet<IpAddr>,
     /// Slot blocks this piece owns: name (`ID`, `ID/local`) → block number.
@@ -89,38 +91,365 @@ pub struct Rendered {
     pub hairpin: Arc<HashMap<IpAddr, usize>>,
 }
 
-/// The table's fixed part: maps, sets and chains every sync keeps.
-fn base(f: Family) -> String {
-    let (ip, a, lo) = (f.nft(), f.addr_type(), f.loopback());
-    format!(
-        "  map service-ips {{ type {a} . inet_proto . inet_service : verdict; }}
-  map service-nodeports {{ type inet_proto . inet_service : verdict; }}
-  map no-endpoint-services {{ type {a} . inet_proto . inet_service : verdict; }}
-  map no-endpoint-nodeports {{ type inet_proto . inet_service : verdict; }}
-  map firewall-ips {{ type {a} . inet_proto . inet_service : verdict; }}
-  set hairpin {{ type {a} . {a}; }}
-  chain filter-prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; ct state new jump firewall-check; }}
-  chain filter-input {{ type filter hook input priority -110; policy accept; ct state new jump endpoints-check; }}
-  chain filter-forward {{ type filter hook forward priority -110; policy accept; ct state new jump endpoints-check; }}
-  chain filter-output {{ type filter hook output priority -110; policy accept; ct state new jump firewall-check; ct state new jump endpoints-check; }}
-  chain firewall-check {{ {ip} daddr . meta l4proto . th dport vmap @firewall-ips; }}
-  chain endpoints-check {{ {ip} daddr . meta l4proto . th dport vmap @no-endpoint-services; fib daddr type local {ip} daddr != {lo} meta l4proto . th dport vmap @no-endpoint-nodeports; }}
-  chain nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept; jump services; }}
-  chain nat-output {{ type nat hook output priority -100; policy accept; jump services; }}
-  chain nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump masquerading; }}
-  chain services {{ {ip} daddr . meta l4proto . th dport vmap @service-ips; fib daddr type local {ip} daddr != {lo} meta l4proto . th dport vmap @service-nodeports; }}
-  chain mark-for-masquerade {{ meta mark set meta mark or 0x4000; }}
-  chain masquerading {{ ct status dnat {ip} saddr . {ip} daddr @hairpin masquerade; meta mark & 0x4000 == 0 return; meta mark set meta mark xor 0x4000; masquerade fully-random; }}
-  chain reject-chain {{ reject; }}
-{}",
-        PROTOS
-            .iter()
-            .flat_map(|p| (0..SHARDS).map(move |k| (p, k)))
-            .map(|(p, k)| format!(
-                "  map endpoints-{p}-{k} {{ typeof numgen random mod 1 : {ip} daddr . {p} dport; }}\n"
-            ))
-            .collect::<String>()
+/// A map element's key.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    /// `ADDR . PROTO . PORT`: a service address.
+    Service(IpAddr, Proto, u16),
+    /// `PROTO . PORT`: a NodePort.
+    NodePort(Proto, u16),
+    /// An endpoint slot (`numgen` value).
+    Slot(u32),
+    /// `ADDR . ADDR` (the hairpin set).
+    Pair(IpAddr),
+}
+
+/// What a map element maps to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Value {
+    Verdict(Verdict),
+    /// `ADDR . PORT`
+    Endpoint(IpAddr, u16),
+}
+
+impl Key {
+    fn text(&self) -> String {
+        match self {
+            Key::Service(ip, p, port) => format!("{ip} . {} . {port}", p.as_str()),
+            Key::NodePort(p, port) => format!("{} . {port}", p.as_str()),
+            Key::Slot(n) => n.to_string(),
+            Key::Pair(ip) => format!("{ip} . {ip}"),
+        }
+    }
+    fn bytes(&self) -> Vec<u8> {
+        let mut k = Vec::new();
+        match self {
+            Key::Service(ip, p, port) => {
+                value::addr(ip, &mut k);
+                k.extend_from_slice(&[crate::rule::proto_number(*p), 0, 0, 0]);
+                value::port(*port, &mut k);
+            }
+            Key::NodePort(p, port) => {
+                k.extend_from_slice(&[crate::rule::proto_number(*p), 0, 0, 0]);
+                value::port(*port, &mut k);
+            }
+            Key::Slot(n) => value::host_u32(*n, &mut k),
+            Key::Pair(ip) => {
+                value::addr(ip, &mut k);
+                value::addr(ip, &mut k);
+            }
+        }
+        k
+    }
+}
+
+impl Value {
+    fn text(&self) -> String {
+        match self {
+            Value::Verdict(v) => v.text(),
+            Value::Endpoint(ip, port) => format!("{ip} . {port}"),
+        }
+    }
+    fn data(&self) -> Data {
+        match self {
+            Value::Verdict(v) => {
+                let (code, chain) = v.code();
+                Data::Verdict(code, chain.map(str::to_string))
+            }
+            Value::Endpoint(ip, port) => {
+                let mut d = Vec::new();
+                value::addr(ip, &mut d);
+                value::port(*port, &mut d);
+                Data::Value(d)
+            }
+        }
+    }
+}
+
+/// nft's datatype numbers.
+const TYPE_INTEGER: u32 = 4;
+const TYPE_INET_PROTOCOL: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+const TYPE_VERDICT: u32 = 0xffff_ff00;
+const NFT_SET_MAP: u32 = 0x8;
+const NFT_SET_TIMEOUT: u32 = 0x10;
+const NFT_SET_EVAL: u32 = 0x20;
+
+fn addr_type(f: Family) -> u32 {
+    match f {
+        Family::V4 => 7,
+        Family::V6 => 8,
+    }
+}
+
+fn addr_len(f: Family) -> u32 {
+    match f {
+        Family::V4 => 4,
+        Family::V6 => 16,
+    }
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// The annotations nft 1.0.6 attaches to each kind of set (byte orders,
+/// `typeof` expressions), copied so `nft list` reads our sets as its own.
+mod udata {
+    /// A verdict map keyed on a concatenation.
+    pub const VMAP: &str = "000400000000010400000000030800040d0000000100060400000000";
+    /// `type ADDR . ADDR`
+    pub const PAIR: &str = "000400000000030800040d0000000100";
+    /// `type ADDR; flags dynamic,timeout`
+    pub const ADDR: &str = "000402000000";
+    /// `typeof numgen random mod 1 : ADDR daddr . PROTO dport`, in parts.
+    pub const SLOTS: &str = "000401000000010400000000031a0004170000000112000401000000010401000000020400000000043400040d000000012c0014000407000000010c0004";
+    pub const SLOTS_V4: &str = "0c00000001040c000000";
+    pub const SLOTS_V6: &str = "0d000000010409000000";
+    pub const SLOTS_MID: &str = "0114000407000000010c0004";
+    pub const SLOTS_END: &str = "010402000000060400000000";
+}
+
+/// A map or set of the table's fixed part.
+struct BaseSet {
+    name: String,
+    /// Its declaration body in nft text.
+    text: String,
+    spec: SetSpec,
+}
+
+fn base_sets(f: Family) -> Vec<BaseSet> {
+    let (a, at, al) = (f.addr_type(), addr_type(f), addr_len(f));
+    let service = (at << 12) | (TYPE_INET_PROTOCOL << 6) | TYPE_INET_SERVICE;
+    let nodeport = (TYPE_INET_PROTOCOL << 6) | TYPE_INET_SERVICE;
+    let vmap = |name: &str, key_type: u32, key_len: u32, text: String| BaseSet {
+        name: name.to_string(),
+        text,
+        spec: SetSpec {
+            flags: NFT_SET_MAP,
+            key_type,
+            key_len,
+            data: Some((TYPE_VERDICT, 0)),
+            timeout_ms: None,
+            udata: hex(udata::VMAP),
+        },
+    };
+    let mut sets = vec![
+        vmap(
+            "service-ips",
+            service,
+            al + 8,
+            format!("type {a} . inet_proto . inet_service : verdict;"),
+        ),
+        vmap(
+            "service-nodeports",
+            nodeport,
+            8,
+            "type inet_proto . inet_service : verdict;".into(),
+        ),
+        vmap(
+            "no-endpoint-services",
+            service,
+            al + 8,
+            format!("type {a} . inet_proto . inet_service : verdict;"),
+        ),
+        vmap(
+            "no-endpoint-nodeports",
+            nodeport,
+            8,
+            "type inet_proto . inet_service : verdict;".into(),
+        ),
+        vmap(
+            "firewall-ips",
+            service,
+            al + 8,
+            format!("type {a} . inet_proto . inet_service : verdict;"),
+        ),
+        BaseSet {
+            name: "hairpin".into(),
+            text: format!("type {a} . {a};"),
+            spec: SetSpec {
+                flags: 0,
+                key_type: (at << 6) | at,
+                key_len: 2 * al,
+                data: None,
+                timeout_ms: None,
+                udata: hex(udata::PAIR),
+            },
+        },
+    ];
+    let ip = f.nft();
+    for p in PROTOS {
+        let mut ud = hex(udata::SLOTS);
+        ud.extend(hex(match f {
+            Family::V4 => udata::SLOTS_V4,
+            Family::V6 => udata::SLOTS_V6,
+        }));
+        ud.extend(hex(udata::SLOTS_MID));
+        // nft's protocol description numbers.
+        ud.extend_from_slice(&[
+            match p {
+                Proto::Tcp => 8,
+                Proto::Udp => 6,
+                Proto::Sctp => 10,
+            },
+            0,
+            0,
+            0,
+        ]);
+        ud.extend(hex(udata::SLOTS_END));
+        for k in 0..SHARDS {
+            sets.push(BaseSet {
+                name: format!("endpoints-{}-{k}", p.as_str()),
+                text: format!(
+                    "typeof numgen random mod 1 : {ip} daddr . {} dport;",
+                    p.as_str()
+                ),
+                spec: SetSpec {
+                    flags: NFT_SET_MAP,
+                    key_type: TYPE_INTEGER,
+                    key_len: 4,
+                    data: Some(((at << 6) | TYPE_INET_SERVICE, al + 4)),
+                    timeout_ms: None,
+                    udata: ud.clone(),
+                },
+            });
+        }
+    }
+    sets
+}
+
+/// An affinity set: client addresses, each remembered for `timeout` s.
+fn affinity_set(f: Family, timeout: u32) -> (String, SetSpec) {
+    (
+        format!(
+            "type {}; flags dynamic,timeout; timeout {timeout}s;",
+            f.addr_type()
+        ),
+        SetSpec {
+            flags: NFT_SET_TIMEOUT | NFT_SET_EVAL,
+            key_type: addr_type(f),
+            key_len: addr_len(f),
+            data: None,
+            timeout_ms: Some(u64::from(timeout) * 1000),
+            udata: hex(udata::ADDR),
+        },
     )
+}
+
+const MASQ_BIT: u32 = 0x4000;
+
+/// The table's fixed chains: name, hook, rules.
+fn base_chains(_f: Family) -> Vec<(&'static str, Option<Hook>, Vec<Rule>)> {
+    use Stmt::*;
+    let hook = |kind, num, priority| {
+        Some(Hook {
+            kind,
+            num,
+            priority,
+        })
+    };
+    let jump = |c: &str| Stmt::Verdict(crate::rule::Verdict::Jump(c.into()));
+    let new_jump = |c: &str| Rule::new([CtStateNew, jump(c)]);
+    let nodeports = |m: &str| {
+        Rule::new([
+            FibDaddrLocal,
+            DaddrNotLoopback,
+            Vmap(DispatchKey::ProtoPort, m.into()),
+        ])
+    };
+    vec![
+        (
+            "filter-prerouting",
+            hook("filter", 0, -110),
+            vec![new_jump("firewall-check")],
+        ),
+        (
+            "filter-input",
+            hook("filter", 1, -110),
+            vec![new_jump("endpoints-check")],
+        ),
+        (
+            "filter-forward",
+            hook("filter", 2, -110),
+            vec![new_jump("endpoints-check")],
+        ),
+        (
+            "filter-output",
+            hook("filter", 3, -110),
+            vec![new_jump("firewall-check"), new_jump("endpoints-check")],
+        ),
+        (
+            "firewall-check",
+            None,
+            vec![Rule::new([Vmap(
+                DispatchKey::AddrProtoPort,
+                "firewall-ips".into(),
+            )])],
+        ),
+        (
+            "endpoints-check",
+            None,
+            vec![
+                Rule::new([Vmap(
+                    DispatchKey::AddrProtoPort,
+                    "no-endpoint-services".into(),
+                )]),
+                nodeports("no-endpoint-nodeports"),
+            ],
+        ),
+        (
+            "nat-prerouting",
+            hook("nat", 0, -100),
+            vec![Rule::new([jump("services")])],
+        ),
+        (
+            "nat-output",
+            hook("nat", 3, -100),
+            vec![Rule::new([jump("services")])],
+        ),
+        (
+            "nat-postrouting",
+            hook("nat", 4, 100),
+            vec![Rule::new([jump("masquerading")])],
+        ),
+        (
+            "services",
+            None,
+            vec![
+                Rule::new([Vmap(DispatchKey::AddrProtoPort, "service-ips".into())]),
+                nodeports("service-nodeports"),
+            ],
+        ),
+        (
+            "mark-for-masquerade",
+            None,
+            vec![Rule::new([MarkOr(MASQ_BIT)])],
+        ),
+        (
+            "masquerading",
+            None,
+            vec![
+                Rule::new([
+                    CtStatusDnat,
+                    PairIn("hairpin".into()),
+                    Masquerade {
+                        fully_random: false,
+                    },
+                ]),
+                Rule::new([
+                    MarkClear(MASQ_BIT),
+                    Stmt::Verdict(crate::rule::Verdict::Return),
+                ]),
+                Rule::new([MarkXor(MASQ_BIT)]),
+                Rule::new([Masquerade { fully_random: true }]),
+            ],
+        ),
+        ("reject-chain", None, vec![Rule::new([Reject])]),
+    ]
 }
 
 /// Hands out slot blocks: a name keeps the block it had in the previous
@@ -172,11 +501,8 @@ fn ep_key(e: &Endpoint) -> String {
     format!("{}_{}", e.ip, e.port).replace(':', ".")
 }
 
-fn dnat(proto: &str, e: &Endpoint) -> String {
-    format!(
-        "meta l4proto {proto} dnat to {}",
-        Family::addr_port(&e.ip, e.port)
-    )
+fn dnat(proto: Proto, e: &Endpoint) -> Vec<Stmt> {
+    vec![Stmt::L4Proto(proto), Stmt::Dnat(e.ip, e.port)]
 }
 
 /// Rules that pick one of `eps` (non-empty) for a new connection, by
@@ -186,13 +512,12 @@ fn dnat(proto: &str, e: &Endpoint) -> String {
 /// anonymous sets by scanning every set of the table, which makes a full
 /// sync quadratic in the number of services (41 s instead of ~3 s at 10k).
 fn select(
-    f: Family,
     sp: &ServicePort,
     eps: &[Endpoint],
     r: &mut Piece,
     block: (&str, &mut Blocks),
-) -> Vec<String> {
-    let (proto, ip) = (sp.proto.as_str(), f.nft());
+) -> Vec<Rule> {
+    let proto = sp.proto;
     let mut rules = Vec::new();
     let mut left: u64 = eps.iter().map(|e| u64::from(e.weight)).sum();
     if sp.affinity_timeout.is_none() && left <= u64::from(BLOCK) {
@@ -200,27 +525,40 @@ fn select(
         let (name, blocks) = block;
         let b = blocks.get(&sp.id, name);
         r.blocks.insert(name.to_string(), b);
-        let (base, map) = (b * BLOCK, format!("endpoints-{proto}-{}", b % SHARDS));
+        let (base, map) = (
+            b * BLOCK,
+            format!("endpoints-{}-{}", proto.as_str(), b % SHARDS),
+        );
         let mut slot = base;
         for e in eps {
             for _ in 0..e.weight {
                 r.elements.insert(
-                    (map.clone(), slot.to_string()),
-                    format!("{} . {}", e.ip, e.port),
+                    (map.clone(), Key::Slot(slot)),
+                    Value::Endpoint(e.ip, e.port),
                 );
                 slot += 1;
             }
         }
-        rules.push(format!(
-            "meta l4proto {proto} dnat {ip} to numgen random mod {left} offset {base} map @{map}"
-        ));
+        rules.push(Rule::new([
+            Stmt::L4Proto(proto),
+            Stmt::DnatMap {
+                modulus: left as u32,
+                offset: base,
+                map,
+            },
+        ]));
         return rules;
     }
-    let mut pick = |rules: &mut Vec<String>, e: &Endpoint, action: String, last: bool| {
+    let mut pick = |rules: &mut Vec<Rule>, e: &Endpoint, action: Vec<Stmt>, last: bool| {
         if last {
-            rules.push(action);
+            rules.push(Rule(action));
         } else {
-            rules.push(format!("numgen random mod {left} < {} {action}", e.weight));
+            let mut stmts = vec![Stmt::NumgenLt {
+                modulus: left as u32,
+                lt: e.weight,
+            }];
+            stmts.extend(action);
+            rules.push(Rule(stmts));
         }
         left -= u64::from(e.weight);
     };
@@ -229,27 +567,21 @@ fn select(
         // The timeout is in the name: a new timeout is a new set.
         let set = |e: &Endpoint| format!("aff-{}-{}-{timeout}", sp.id, ep_key(e));
         for e in eps {
-            r.sets.insert(
-                set(e),
-                format!(
-                    "type {}; flags dynamic,timeout; timeout {timeout}s;",
-                    f.addr_type()
-                ),
-            );
+            r.sets.insert(set(e), timeout);
             r.chains.insert(
                 ep_chain(e),
-                vec![
-                    format!("update @{} {{ {ip} saddr }}", set(e)),
-                    dnat(proto, e),
-                ],
+                vec![Rule::new([Stmt::UpdateSaddr(set(e))]), Rule(dnat(proto, e))],
             );
-            rules.push(format!("{ip} saddr @{} goto {}", set(e), ep_chain(e)));
+            rules.push(Rule::new([
+                Stmt::SaddrIn(set(e)),
+                Stmt::Verdict(Verdict::Goto(ep_chain(e))),
+            ]));
         }
         for (i, e) in eps.iter().enumerate() {
             pick(
                 &mut rules,
                 e,
-                format!("goto {}", ep_chain(e)),
+                vec![Stmt::Verdict(Verdict::Goto(ep_chain(e)))],
                 i + 1 == eps.len(),
             );
         }
@@ -262,7 +594,7 @@ fn select(
 }
 
 fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece, blocks: &mut Blocks) {
-    let (proto, ipf) = (sp.proto.as_str(), f.nft());
+    let proto = sp.proto;
     let all = &sp.endpoints;
     let local = sp.local_endpoints();
     let svc_chain = format!("svc-{}", sp.id);
@@ -270,14 +602,19 @@ fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece, bl
     let ext_chain = format!("ext-{}", sp.id);
     if !all.is_empty() {
         let mut rules = Vec::new();
-        if let Some(cidr) = opts.cidr(f) {
+        if let Some(cidr) = opts.cidr(f).and_then(Cidr::parse) {
             for ip in &sp.cluster_ips {
-                rules.push(format!(
-                    "{ipf} daddr {ip} {ipf} saddr != {cidr} jump mark-for-masquerade"
-                ));
+                rules.push(Rule::new([
+                    Stmt::Daddr(*ip),
+                    Stmt::Saddr {
+                        cidr: cidr.clone(),
+                        not: true,
+                    },
+                    Stmt::Verdict(Verdict::Jump("mark-for-masquerade".into())),
+                ]));
             }
         }
-        rules.extend(select(f, sp, all, r, (&sp.id, blocks)));
+        rules.extend(select(sp, all, r, (&sp.id, blocks)));
         r.chains.insert(svc_chain.clone(), rules);
         for e in all {
             r.hairpin.insert(e.ip);
@@ -286,29 +623,29 @@ fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece, bl
     let needs_local =
         (sp.internal_local || (sp.external_local && sp.has_external())) && !local.is_empty();
     if needs_local {
-        let rules = select(f, sp, &local, r, (&format!("{}/local", sp.id), blocks));
+        let rules = select(sp, &local, r, (&format!("{}/local", sp.id), blocks));
         r.chains.insert(local_chain.clone(), rules);
     }
     // What a connection to each address of this service port does.
-    let verdict = |policy_local: bool| -> (bool, String) {
+    let verdict = |policy_local: bool| -> (bool, Verdict) {
         match (policy_local, all.is_empty(), local.is_empty()) {
-            (_, true, _) => (false, "goto reject-chain".into()),
-            (true, false, true) => (false, "drop".into()),
-            (true, false, false) => (true, format!("goto {local_chain}")),
-            (false, false, _) => (true, format!("goto {svc_chain}")),
+            (_, true, _) => (false, Verdict::Goto("reject-chain".into())),
+            (true, false, true) => (false, Verdict::Drop),
+            (true, false, false) => (true, Verdict::Goto(local_chain.clone())),
+            (false, false, _) => (true, Verdict::Goto(svc_chain.clone())),
         }
     };
     // `addr . proto . port` → verdict, in the dispatch map or, without
     // endpoints to go to, in the one the filter hooks check.
-    let address = |r: &mut Piece, ip: &IpAddr, ok: bool, v: &str| {
+    let address = |r: &mut Piece, ip: &IpAddr, ok: bool, v: &Verdict| {
         let map = if ok {
             "service-ips"
         } else {
             "no-endpoint-services"
         };
         r.elements.insert(
-            (map.to_string(), format!("{ip} . {proto} . {}", sp.port)),
-            v.to_string(),
+            (map.to_string(), Key::Service(*ip, proto, sp.port)),
+            Value::Verdict(v.clone()),
         );
     };
     let (ok, v) = verdict(sp.internal_local);
@@ -318,15 +655,17 @@ fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece, bl
     if sp.has_external() {
         let (ok, v) = verdict(sp.external_local);
         let v = if ok {
-            let mut rules = Vec::new();
-            if sp.external_local {
-                rules.push(format!("goto {local_chain}"));
+            let go = |c: &str| Rule::new([Stmt::Verdict(Verdict::Goto(c.to_string()))]);
+            let rules = if sp.external_local {
+                vec![go(&local_chain)]
             } else {
-                rules.push("jump mark-for-masquerade".to_string());
-                rules.push(format!("goto {svc_chain}"));
-            }
+                vec![
+                    Rule::new([Stmt::Verdict(Verdict::Jump("mark-for-masquerade".into()))]),
+                    go(&svc_chain),
+                ]
+            };
             r.chains.insert(ext_chain.clone(), rules);
-            format!("goto {ext_chain}")
+            Verdict::Goto(ext_chain.clone())
         } else {
             v
         };
@@ -339,26 +678,34 @@ fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece, bl
             } else {
                 "no-endpoint-nodeports"
             };
-            r.elements
-                .insert((map.to_string(), format!("{proto} . {np}")), v);
+            r.elements.insert(
+                (map.to_string(), Key::NodePort(proto, np)),
+                Value::Verdict(v),
+            );
         }
     }
     if !sp.source_ranges.is_empty() && !sp.load_balancer_ips.is_empty() {
         let fw = format!("fw-{}", sp.id);
-        let mut rules: Vec<String> = sp
+        let mut rules: Vec<Rule> = sp
             .source_ranges
             .iter()
-            .map(|range| format!("{ipf} saddr {range} return"))
+            .filter_map(|range| Cidr::parse(range))
+            .map(|cidr| {
+                Rule::new([
+                    Stmt::Saddr { cidr, not: false },
+                    Stmt::Verdict(Verdict::Return),
+                ])
+            })
             .collect();
-        rules.push("drop".into());
+        rules.push(Rule::new([Stmt::Verdict(Verdict::Drop)]));
         r.chains.insert(fw.clone(), rules);
         for ip in &sp.load_balancer_ips {
             r.elements.insert(
                 (
                     "firewall-ips".to_string(),
-                    format!("{ip} . {proto} . {}", sp.port),
+                    Key::Service(*ip, proto, sp.port),
                 ),
-                format!("goto {fw}"),
+                Value::Verdict(Verdict::Goto(fw.clone())),
             );
         }
     }
@@ -452,92 +799,108 @@ pub fn render(
     }
 }
 
-/// Appends `add element` (or `delete element`) commands, one per map.
-fn elements<'a>(
-    out: &mut String,
-    f: Family,
-    verb: &str,
-    items: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
-) {
-    let mut by_map: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for (map, key, value) in items {
-        let e = if value.is_empty() || verb == "delete" {
-            key.to_string()
-        } else {
-            format!("{key} : {value}")
-        };
-        by_map.entry(map).or_default().push(e);
-    }
-    for (map, es) in by_map {
-        // Bounded lines: nft reads a huge single line slowly.
-        for chunk in es.chunks(4096) {
-            let _ = writeln!(
-                out,
-                "{verb} element {} {TABLE} {map} {{ {} }}",
-                f.nft(),
-                chunk.join(", ")
-            );
-        }
+const COMMENT: &str = "Bosun node mode: Service load balancing";
+
+/// One element of a map or set: (map, key, value when adding to a map).
+type Elem<'a> = (&'a str, Key, Option<&'a Value>);
+
+/// One step of a transaction, rendered as `nft` text or as netlink.
+enum Op<'a> {
+    /// The table replaced by an empty one (atomically, in the transaction).
+    NewTable,
+    Set {
+        name: String,
+        text: String,
+        spec: SetSpec,
+    },
+    Chain(String, Option<Hook>),
+    Flush(String),
+    Rule(String, Rule),
+    Elements {
+        add: bool,
+        items: Vec<Elem<'a>>,
+    },
+    DelChain(String),
+    DelSet(String),
+}
+
+fn affinity_op(f: Family, name: &str, timeout: u32) -> Op<'static> {
+    let (text, spec) = affinity_set(f, timeout);
+    Op::Set {
+        name: name.to_string(),
+        text,
+        spec,
     }
 }
 
-/// A whole-table transaction: the table is replaced atomically (dynamic
-/// affinity entries are lost, as in kube-proxy's full resync).
-pub fn full_text(r: &Rendered) -> String {
+fn piece_elements(p: &Piece) -> impl Iterator<Item = Elem<'_>> {
+    p.elements
+        .iter()
+        .map(|((m, k), v)| (m.as_str(), k.clone(), Some(v)))
+}
+
+/// The whole-table transaction: the table is replaced atomically
+/// (dynamic affinity entries are lost, as in kube-proxy's full resync).
+fn full_ops(r: &Rendered) -> Vec<Op<'_>> {
     let f = r.family;
-    let fam = f.nft();
-    let mut out = String::with_capacity(256 + r.pieces.len() * 1200);
-    let _ = writeln!(out, "add table {fam} {TABLE}");
-    let _ = writeln!(out, "delete table {fam} {TABLE}");
-    let _ = writeln!(
-        out,
-        "table {fam} {TABLE} {{\n  comment \"Bosun node mode: Service load balancing\";\n{}",
-        base(f)
-    );
+    let mut ops = vec![Op::NewTable];
+    for s in base_sets(f) {
+        ops.push(Op::Set {
+            name: s.name,
+            text: s.text,
+            spec: s.spec,
+        });
+    }
     for p in r.pieces.values() {
-        for (name, body) in &p.1.sets {
-            let _ = writeln!(out, "  set {name} {{ {body} }}");
+        for (name, t) in &p.1.sets {
+            ops.push(affinity_op(f, name, *t));
         }
+    }
+    let base = base_chains(f);
+    for (name, hook, _) in &base {
+        ops.push(Op::Chain(name.to_string(), *hook));
     }
     for p in r.pieces.values() {
         for name in p.1.chains.keys() {
-            let _ = writeln!(out, "  chain {name} {{ }}");
+            ops.push(Op::Chain(name.clone(), None));
+        }
+    }
+    for (name, _, rules) in base {
+        for rule in rules {
+            ops.push(Op::Rule(name.to_string(), rule));
         }
     }
     for p in r.pieces.values() {
         for (name, rules) in &p.1.chains {
-            let _ = writeln!(out, "  chain {name} {{");
             for rule in rules {
-                let _ = writeln!(out, "    {rule}");
+                ops.push(Op::Rule(name.clone(), rule.clone()));
             }
-            let _ = writeln!(out, "  }}");
         }
     }
-    let _ = writeln!(out, "}}");
-    let mut hairpin: Vec<String> = r.hairpin.keys().map(|ip| format!("{ip} . {ip}")).collect();
+    let mut hairpin: Vec<&IpAddr> = r.hairpin.keys().collect();
     hairpin.sort();
-    elements(
-        &mut out,
-        f,
-        "add",
-        r.pieces
+    ops.push(Op::Elements {
+        add: true,
+        items: r
+            .pieces
             .values()
-            .flat_map(|p| {
-                p.1.elements
-                    .iter()
-                    .map(|((m, k), v)| (m.as_str(), k.as_str(), v.as_str()))
-            })
-            .chain(hairpin.iter().map(|h| ("hairpin", h.as_str(), ""))),
-    );
-    out
+            .flat_map(|p| piece_elements(&p.1))
+            .chain(
+                hairpin
+                    .into_iter()
+                    .map(|ip| ("hairpin", Key::Pair(*ip), None)),
+            )
+            .collect(),
+    });
+    ops
 }
 
-/// Elements of `a` that `b` lacks or maps elsewhere: (map, key, value).
-fn only_in<'p>(a: &'p Piece, b: &'p Piece) -> impl Iterator<Item = (&'p str, &'p str, &'p str)> {
+/// Elements of `a` that `b` lacks or maps elsewhere.
+fn only_in<'p>(a: &'p Piece, b: &'p Piece) -> impl Iterator<Item = Elem<'p>> {
     a.elements
         .iter()
         .filter(move |(k, v)| b.elements.get(*k) != Some(*v))
-        .map(|((m, k), v)| (m.as_str(), k.as_str(), v.as_str()))
+        .map(|((m, k), v)| (m.as_str(), k.clone(), Some(v)))
 }
 
 /// What differs between two renderings: the pieces that changed (old,
@@ -594,95 +957,30 @@ fn changes<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Changes<'a>> {
     })
 }
 
-/// The change from `old` to `new` as set elements only (an endpoint
-/// replaced: slots of the `endpoints-*` maps and hairpin elements), for
-/// [`crate::netlink`] (empty when nothing changed); `None` when rules,
-/// chains, sets or verdict maps change too.
-pub fn diff_elements(old: &Rendered, new: &Rendered) -> Option<Vec<crate::netlink::Element>> {
-    use crate::netlink::{Element, value};
-    let Some(c) = changes(old, new) else {
-        return Some(Vec::new());
-    };
-    let ipv6 = new.family == Family::V6;
-    let element = |set: &str, add: bool, key: Vec<u8>, data: Option<Vec<u8>>| Element {
-        ipv6,
-        table: TABLE.to_string(),
-        set: set.to_string(),
-        add,
-        key,
-        data,
-    };
-    // `SLOT` : `ADDR . PORT` in an endpoints map.
-    let slot = |map: &str, key: &str, v: &str, add: bool| -> Option<Element> {
-        if !map.starts_with("endpoints-") {
-            return None;
-        }
-        let mut k = Vec::new();
-        value::host_u32(key.parse().ok()?, &mut k);
-        let (ip, port) = v.split_once(" . ")?;
-        let mut d = Vec::new();
-        value::addr(&ip.parse().ok()?, &mut d);
-        value::port(port.parse().ok()?, &mut d);
-        Some(element(map, add, k, add.then_some(d)))
-    };
-    let hairpin = |ip: &IpAddr, add: bool| {
-        let mut k = Vec::new();
-        value::addr(ip, &mut k);
-        value::addr(ip, &mut k);
-        element("hairpin", add, k, None)
-    };
-    let mut out = Vec::new();
-    for (o, n) in &c.changed {
-        if o.sets != n.sets || o.chains != n.chains {
-            return None;
-        }
-    }
-    for (o, n) in &c.changed {
-        for (m, k, v) in only_in(o, n) {
-            out.push(slot(m, k, v, false)?);
-        }
-    }
-    out.extend(c.hairpin_del.iter().map(|ip| hairpin(ip, false)));
-    for (o, n) in &c.changed {
-        for (m, k, v) in only_in(n, o) {
-            out.push(slot(m, k, v, true)?);
-        }
-    }
-    out.extend(c.hairpin_add.iter().map(|ip| hairpin(ip, true)));
-    Some(out)
-}
-
 /// The transaction that turns `old` into `new`, touching only the service
-/// ports that changed; `None` when nothing did.
-pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
+/// ports that changed; `None` when nothing did. An endpoint replaced is
+/// map elements only: no rule is added, so the kernel does not
+/// re-validate the table.
+fn diff_ops<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Vec<Op<'a>>> {
     let Changes {
         changed,
         hairpin_del,
         hairpin_add,
     } = changes(old, new)?;
-    let hairpin_del: Vec<String> = hairpin_del
-        .iter()
-        .map(|ip| format!("{ip} . {ip}"))
-        .collect();
-    let hairpin_add: Vec<String> = hairpin_add
-        .iter()
-        .map(|ip| format!("{ip} . {ip}"))
-        .collect();
     let f = new.family;
-    let fam = f.nft();
-    let mut out = String::new();
+    let mut ops = Vec::new();
     // New sets, then new chains (so rules may refer to them).
     for (o, n) in &changed {
-        for (name, body) in &n.sets {
+        for (name, t) in &n.sets {
             if !o.sets.contains_key(name) {
-                let _ = writeln!(out, "add set {fam} {TABLE} {name} {{ {body} }}");
+                ops.push(affinity_op(f, name, *t));
             }
         }
     }
     for (o, n) in &changed {
         for name in n.chains.keys() {
             if !o.chains.contains_key(name) {
-                let _ = writeln!(out, "add chain {fam} {TABLE} {name}");
+                ops.push(Op::Chain(name.clone(), None));
             }
         }
     }
@@ -690,53 +988,183 @@ pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
         for (name, rules) in &n.chains {
             match o.chains.get(name) {
                 Some(r) if r == rules => continue,
-                Some(_) => {
-                    let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
-                }
+                Some(_) => ops.push(Op::Flush(name.clone())),
                 None => {}
             }
             for rule in rules {
-                let _ = writeln!(out, "add rule {fam} {TABLE} {name} {rule}");
+                ops.push(Op::Rule(name.clone(), rule.clone()));
             }
         }
     }
-    elements(
-        &mut out,
-        f,
-        "delete",
-        changed
-            .iter()
-            .flat_map(|(o, n)| only_in(o, n))
-            .chain(hairpin_del.iter().map(|h| ("hairpin", h.as_str(), ""))),
-    );
-    elements(
-        &mut out,
-        f,
-        "add",
-        changed
-            .iter()
-            .flat_map(|(o, n)| only_in(n, o))
-            .chain(hairpin_add.iter().map(|h| ("hairpin", h.as_str(), ""))),
-    );
+    let del: Vec<Elem> = changed
+        .iter()
+        .flat_map(|(o, n)| only_in(o, n))
+        .chain(
+            hairpin_del
+                .iter()
+                .map(|ip| ("hairpin", Key::Pair(*ip), None)),
+        )
+        .collect();
+    if !del.is_empty() {
+        ops.push(Op::Elements {
+            add: false,
+            items: del,
+        });
+    }
+    let add: Vec<Elem> = changed
+        .iter()
+        .flat_map(|(o, n)| only_in(n, o))
+        .chain(
+            hairpin_add
+                .iter()
+                .map(|ip| ("hairpin", Key::Pair(*ip), None)),
+        )
+        .collect();
+    if !add.is_empty() {
+        ops.push(Op::Elements {
+            add: true,
+            items: add,
+        });
+    }
     // Stale chains: emptied first (they may refer to each other), then gone.
     let stale: Vec<&String> = changed
         .iter()
         .flat_map(|(o, n)| o.chains.keys().filter(|c| !n.chains.contains_key(*c)))
         .collect();
     for name in &stale {
-        let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
+        ops.push(Op::Flush((*name).clone()));
     }
-    for name in &stale {
-        let _ = writeln!(out, "delete chain {fam} {TABLE} {name}");
+    for name in stale {
+        ops.push(Op::DelChain(name.clone()));
     }
     for (o, n) in &changed {
         for name in o.sets.keys() {
             if !n.sets.contains_key(name) {
-                let _ = writeln!(out, "delete set {fam} {TABLE} {name}");
+                ops.push(Op::DelSet(name.clone()));
             }
         }
     }
-    (!out.is_empty()).then_some(out)
+    (!ops.is_empty()).then_some(ops)
+}
+
+/// `ops` as `nft -f` text.
+fn ops_text(f: Family, ops: &[Op]) -> String {
+    let fam = f.nft();
+    let t = format!("{fam} {TABLE}");
+    let mut out = String::new();
+    for op in ops {
+        let _ = match op {
+            Op::NewTable => writeln!(
+                out,
+                "add table {t}\ndelete table {t}\nadd table {t} {{ comment \"{COMMENT}\"; }}"
+            ),
+            Op::Set { name, text, spec } => {
+                let kind = if spec.data.is_some() { "map" } else { "set" };
+                writeln!(out, "add {kind} {t} {name} {{ {text} }}")
+            }
+            Op::Chain(name, None) => writeln!(out, "add chain {t} {name}"),
+            Op::Chain(name, Some(h)) => {
+                let hook = ["prerouting", "input", "forward", "output", "postrouting"]
+                    .get(h.num as usize)
+                    .copied()
+                    .unwrap_or("prerouting");
+                writeln!(
+                    out,
+                    "add chain {t} {name} {{ type {} hook {hook} priority {}; policy accept; }}",
+                    h.kind, h.priority
+                )
+            }
+            Op::Flush(name) => writeln!(out, "flush chain {t} {name}"),
+            Op::Rule(chain, rule) => writeln!(out, "add rule {t} {chain} {}", rule.text(f)),
+            Op::Elements { add, items } => {
+                let verb = if *add { "add" } else { "delete" };
+                let mut by_map: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+                for (map, key, value) in items {
+                    let e = match value {
+                        Some(v) if *add => format!("{} : {}", key.text(), v.text()),
+                        _ => key.text(),
+                    };
+                    by_map.entry(map).or_default().push(e);
+                }
+                for (map, es) in by_map {
+                    // Bounded lines: nft reads a huge single line slowly.
+                    for chunk in es.chunks(4096) {
+                        let _ =
+                            writeln!(out, "{verb} element {t} {map} {{ {} }}", chunk.join(", "));
+                    }
+                }
+                Ok(())
+            }
+            Op::DelChain(name) => writeln!(out, "delete chain {t} {name}"),
+            Op::DelSet(name) => writeln!(out, "delete set {t} {name}"),
+        };
+    }
+    out
+}
+
+/// `ops` as netlink messages, appended to `b`.
+fn ops_batch(f: Family, ops: &[Op], b: &mut Batch) {
+    for op in ops {
+        match op {
+            Op::NewTable => {
+                b.add_table(f, TABLE, None);
+                b.del_table(f, TABLE);
+                b.add_table(f, TABLE, Some(COMMENT));
+            }
+            Op::Set { name, spec, .. } => b.add_set(f, TABLE, name, spec),
+            Op::Chain(name, hook) => b.add_chain(f, TABLE, name, *hook),
+            Op::Flush(name) => b.flush_chain(f, TABLE, name),
+            Op::Rule(chain, rule) => {
+                let mut e = Exprs::default();
+                rule.encode(f, &mut e);
+                b.add_rule(f, TABLE, chain, &e);
+            }
+            Op::Elements { add, items } => {
+                let elements: Vec<Element> = items
+                    .iter()
+                    .map(|(map, key, value)| Element {
+                        ipv6: f == Family::V6,
+                        table: TABLE.to_string(),
+                        set: map.to_string(),
+                        add: *add,
+                        key: key.bytes(),
+                        data: if *add { value.map(Value::data) } else { None },
+                    })
+                    .collect();
+                b.elements(&elements);
+            }
+            Op::DelChain(name) => b.del_chain(f, TABLE, name),
+            Op::DelSet(name) => b.del_set(f, TABLE, name),
+        }
+    }
+}
+
+/// The whole table as `nft -f` text.
+pub fn full_text(r: &Rendered) -> String {
+    ops_text(r.family, &full_ops(r))
+}
+
+/// The whole table as netlink messages, appended to `b`.
+pub fn full_batch(r: &Rendered, b: &mut Batch) {
+    ops_batch(r.family, &full_ops(r), b);
+}
+
+/// The change from `old` to `new` as `nft -f` text; `None` when nothing
+/// changed.
+pub fn diff_text(old: &Rendered, new: &Rendered) -> Option<String> {
+    Some(ops_text(new.family, &diff_ops(old, new)?))
+}
+
+/// The change from `old` to `new` as netlink messages, appended to `b`;
+/// false when nothing changed.
+pub fn diff_batch(old: &Rendered, new: &Rendered, b: &mut Batch) -> bool {
+    match diff_ops(old, new) {
+        Some(ops) => {
+            ops_batch(new.family, &ops, b);
+            true
+        }
+        None => false,
+    }
 }
 
 /// Removes everything node mode programmed.

@@ -201,8 +201,10 @@ pub struct Syncer {
     nft_last: Option<[nft::Rendered; 2]>,
     ipt_last: Option<[iptables::Rendered; 2]>,
     userspace: Option<crate::userspace::Userspace>,
-    /// For element-only changes (nftables), opened on first use.
+    /// The nf_tables socket (nftables), opened on first use.
     netlink: Option<crate::netlink::Conn>,
+    /// False once the kernel refused a full sync over netlink: `nft -f`.
+    use_netlink: bool,
 }
 
 impl Syncer {
@@ -213,6 +215,7 @@ impl Syncer {
             metrics: Default::default(),
             nft_last: None,
             netlink: None,
+            use_netlink: std::env::var_os("BOSUN_NODE_NFT_TEXT").is_none(),
             ipt_last: None,
             userspace: None,
         }
@@ -280,43 +283,55 @@ impl Syncer {
             let prev = self.nft_last.as_ref().map(|l| &l[f as usize]);
             nft::render(f, services, &self.opts, prev)
         });
-        let (text, full) = match &self.nft_last {
+        let full = self.nft_last.is_none();
+        if !self.use_netlink {
+            return self.sync_nft_text(new).await;
+        }
+        let mut conn = match self.netlink.take() {
+            Some(c) => c,
+            None => crate::netlink::Conn::open()?,
+        };
+        let mut batch = conn.batch();
+        match &self.nft_last {
             Some(old) => {
-                // Endpoints replaced and nothing else: set elements, sent
-                // over netlink (no `nft` process, no cache fetch).
-                let elements: Option<Vec<Vec<_>>> = old
-                    .iter()
-                    .zip(&new)
-                    .map(|(o, n)| nft::diff_elements(o, n))
-                    .collect();
-                if elements
-                    .as_ref()
-                    .is_some_and(|e| e.iter().all(Vec::is_empty))
-                {
+                let mut any = false;
+                for (o, n) in old.iter().zip(&new) {
+                    any |= nft::diff_batch(o, n, &mut batch);
+                }
+                if !any {
+                    self.netlink = Some(conn);
                     self.nft_last = Some(new);
                     return Ok(false);
                 }
-                if let Some(elements) = elements {
-                    let elements = elements.concat();
-                    let n = elements.len();
-                    // Inline: one send and its ACKs, ~1-2 ms in the kernel.
-                    let sent = match self.netlink.take() {
-                        Some(c) => Ok(c),
-                        None => crate::netlink::Conn::open(),
-                    }
-                    .and_then(|mut c| c.apply(&elements).map(|()| c));
-                    match sent {
-                        Ok(c) => {
-                            self.netlink = Some(c);
-                            tracing::info!(elements = n, "endpoints replaced over netlink");
-                            self.nft_last = Some(new);
-                            return Ok(false);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "netlink element update refused; using nft");
-                        }
-                    }
-                }
+            }
+            None => new.iter().for_each(|n| nft::full_batch(n, &mut batch)),
+        }
+        // Inline: one send; the kernel applies it before the send returns.
+        match conn.send(batch) {
+            Ok(()) => {
+                self.netlink = Some(conn);
+                self.nft_last = Some(new);
+                Ok(full)
+            }
+            Err(e) if full => {
+                // The kernel refused even a whole table from us: this
+                // kernel may not take Bosun's netlink encoding. nft from now on.
+                tracing::warn!(error = %e, "netlink sync refused; programming through nft from now on");
+                self.use_netlink = false;
+                self.sync_nft_text(new).await
+            }
+            Err(e) => {
+                // The kernel may differ from what we think: resync in full next time.
+                self.nft_last = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// The same transaction as `nft -f` text (when netlink is refused).
+    async fn sync_nft_text(&mut self, new: [nft::Rendered; 2]) -> Result<bool, String> {
+        let (text, full) = match &self.nft_last {
+            Some(old) => {
                 let parts: Vec<String> = old
                     .iter()
                     .zip(&new)
@@ -336,7 +351,6 @@ impl Syncer {
                 Ok(full)
             }
             Err(e) => {
-                // The kernel may differ from what we think: resync in full next time.
                 self.nft_last = None;
                 Err(e)
             }

@@ -91,7 +91,7 @@ pub mod value {
 /// (`NFTA_RULE_EXPRESSIONS`). Registers are numbered as `nft` numbers
 /// them: 1-4 the 16-byte ones, 8-23 the 4-byte ones.
 pub mod expr {
-    use super::{attr, cstr, nested};
+    use super::{attr, attr_str, nested};
     use crate::services::Family;
 
     pub const NF_DROP: i32 = 0;
@@ -132,7 +132,7 @@ pub mod expr {
     impl Exprs {
         fn expr(&mut self, name: &str, fill: impl FnOnce(&mut Vec<u8>)) {
             nested(&mut self.buf, super::NFTA_LIST_ELEM, |el| {
-                attr(el, 1, &cstr(name));
+                attr_str(el, 1, name);
                 nested(el, 2, fill);
             });
         }
@@ -191,7 +191,7 @@ pub mod expr {
                 if let Some(d) = dreg {
                     attr(a, 3, &be(d));
                 }
-                attr(a, 1, &cstr(set));
+                attr_str(a, 1, set);
             });
         }
         pub fn dynset_update(&mut self, set: &str, sreg: u32) {
@@ -199,7 +199,7 @@ pub mod expr {
                 attr(a, 4, &be(sreg));
                 // NFT_DYNSET_OP_UPDATE
                 attr(a, 3, &be(1));
-                attr(a, 1, &cstr(set));
+                attr_str(a, 1, set);
             });
         }
         pub fn fib_daddr_type(&mut self, dreg: u32) {
@@ -274,7 +274,7 @@ fn verdict(out: &mut Vec<u8>, code: i32, chain: Option<&str>) {
     nested(out, 2, |v| {
         attr(v, 1, &code.to_be_bytes());
         if let Some(c) = chain {
-            attr(v, 2, &cstr(c));
+            attr_str(v, 2, c);
         }
     });
 }
@@ -296,10 +296,27 @@ fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     }
 }
 
+/// A nested attribute, written in place (its length patched after).
 fn nested(out: &mut Vec<u8>, kind: u16, fill: impl FnOnce(&mut Vec<u8>)) {
-    let mut inner = Vec::new();
-    fill(&mut inner);
-    attr(out, kind | NLA_F_NESTED, &inner);
+    let start = out.len();
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+    fill(out);
+    // Every attribute inside is padded to 4 bytes already.
+    let len = (out.len() - start) as u16;
+    out[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// A NUL-terminated string attribute.
+fn attr_str(out: &mut Vec<u8>, kind: u16, s: &str) {
+    let len = 4 + s.len() + 1;
+    out.extend_from_slice(&(len as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
 }
 
 fn cstr(s: &str) -> Vec<u8> {
@@ -412,7 +429,7 @@ impl Batch {
 
     pub fn add_table(&mut self, f: crate::services::Family, name: &str, comment: Option<&str>) {
         let mut a = Vec::new();
-        attr(&mut a, 1, &cstr(name));
+        attr_str(&mut a, 1, name);
         attr(&mut a, 2, &0u32.to_be_bytes());
         if let Some(c) = comment {
             // NFTNL_UDATA_TABLE_COMMENT
@@ -426,7 +443,7 @@ impl Batch {
 
     pub fn del_table(&mut self, f: crate::services::Family, name: &str) {
         let mut a = Vec::new();
-        attr(&mut a, 1, &cstr(name));
+        attr_str(&mut a, 1, name);
         self.msg(NFT_MSG_DELTABLE, 0, f, &a);
     }
 
@@ -438,10 +455,10 @@ impl Batch {
         hook: Option<Hook>,
     ) {
         let mut a = Vec::new();
-        attr(&mut a, 1, &cstr(table));
-        attr(&mut a, 3, &cstr(name));
+        attr_str(&mut a, 1, table);
+        attr_str(&mut a, 3, name);
         if let Some(h) = hook {
-            attr(&mut a, 7, &cstr(h.kind));
+            attr_str(&mut a, 7, h.kind);
             // policy accept
             attr(&mut a, 5, &1u32.to_be_bytes());
             nested(&mut a, 4, |n| {
@@ -461,8 +478,8 @@ impl Batch {
         name: &str,
     ) {
         let mut a = Vec::new();
-        attr(&mut a, 1, &cstr(table));
-        attr(&mut a, what, &cstr(name));
+        attr_str(&mut a, 1, table);
+        attr_str(&mut a, what, name);
         self.msg(kind, 0, f, &a);
     }
 
@@ -481,8 +498,8 @@ impl Batch {
 
     pub fn add_set(&mut self, f: crate::services::Family, table: &str, name: &str, s: &SetSpec) {
         let mut a = Vec::new();
-        attr(&mut a, 1, &cstr(table));
-        attr(&mut a, 2, &cstr(name));
+        attr_str(&mut a, 1, table);
+        attr_str(&mut a, 2, name);
         attr(&mut a, 3, &s.flags.to_be_bytes());
         attr(&mut a, 4, &s.key_type.to_be_bytes());
         attr(&mut a, 5, &s.key_len.to_be_bytes());
@@ -511,8 +528,8 @@ impl Batch {
         exprs: &expr::Exprs,
     ) {
         let mut a = Vec::new();
-        attr(&mut a, 1, &cstr(table));
-        attr(&mut a, 2, &cstr(chain));
+        attr_str(&mut a, 1, table);
+        attr_str(&mut a, 2, chain);
         attr(&mut a, 4 | NLA_F_NESTED, &exprs.buf);
         self.msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, f, &a);
     }
@@ -539,8 +556,8 @@ impl Batch {
         for ((ipv6, table, set, add), members) in &groups {
             for part in members.chunks(PER_MESSAGE) {
                 let mut attrs = Vec::new();
-                attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
-                attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+                attr_str(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
+                attr_str(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
                 nested(&mut attrs, NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
                     for e in part {
                         nested(list, NFTA_LIST_ELEM, |el| {

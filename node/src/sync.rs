@@ -279,10 +279,12 @@ impl Syncer {
 
     async fn sync_nft(&mut self, services: &ServiceMap) -> Result<bool, String> {
         // Both tables, ip and ip6, in one transaction.
+        let t = Instant::now();
         let new = [Family::V4, Family::V6].map(|f| {
             let prev = self.nft_last.as_ref().map(|l| &l[f as usize]);
             nft::render(f, services, &self.opts, prev)
         });
+        let rendered = t.elapsed();
         let full = self.nft_last.is_none();
         if !self.use_netlink {
             return self.sync_nft_text(new).await;
@@ -307,7 +309,15 @@ impl Syncer {
             None => new.iter().for_each(|n| nft::full_batch(n, &mut batch)),
         }
         // Inline: one send; the kernel applies it before the send returns.
-        match conn.send(batch) {
+        let encoded = t.elapsed();
+        let sent = conn.send(batch);
+        tracing::debug!(
+            render_ms = rendered.as_secs_f64() * 1e3,
+            encode_ms = (encoded - rendered).as_secs_f64() * 1e3,
+            kernel_ms = (t.elapsed() - encoded).as_secs_f64() * 1e3,
+            "nftables sync over netlink"
+        );
+        match sent {
             Ok(()) => {
                 self.netlink = Some(conn);
                 self.nft_last = Some(new);

@@ -611,7 +611,7 @@ fn suite(backend: &str) {
         !t.spread("http://10.96.0.10/", 60).contains_key("b3")
     });
     // An endpoint replaced (as many as before): on nftables only map
-    // elements change, sent over netlink rather than through `nft`.
+    // elements change (in a netlink batch, as every nftables sync is).
     t.write(&config(&format!(
         "{}{}",
         endpoint(1, "node-a", true),
@@ -623,8 +623,7 @@ fn suite(backend: &str) {
     });
     if backend == "nftables" {
         let log = std::fs::read_to_string(t.dir.with_extension("log")).unwrap_or_default();
-        assert!(log.contains("endpoints replaced over netlink"), "{log}");
-        assert!(!log.contains("using nft"), "{log}");
+        assert!(!log.contains("programming through nft"), "{log}");
     }
     t.write(&config(&format!(
         "{}{}",
@@ -659,8 +658,8 @@ fn suite(backend: &str) {
             let m = t.spread("http://10.96.0.10/", 30);
             m.len() == 2 && m.contains_key("b1") && m.contains_key("b3")
         });
-        // The same when the failed change is elements only (netlink): the
-        // kernel's refusal is seen, not taken for success.
+        // The same when the failed change is elements only: the kernel's
+        // refusal of the batch is seen, not taken for success.
         assert!(t.node_cmd(&["nft", "delete", "table", "ip", "bosun"]).0);
         t.write(&config(&format!(
             "{}{}",
@@ -672,7 +671,7 @@ fn suite(backend: &str) {
             m.len() == 2 && m.contains_key("b1") && m.contains_key("b2")
         });
         let log = std::fs::read_to_string(t.dir.with_extension("log")).unwrap_or_default();
-        assert!(log.contains("netlink element update refused"), "{log}");
+        assert!(log.contains("nf_tables refused the batch"), "{log}");
     }
 
     // SIGTERM: node mode removes what it programmed.

@@ -128,10 +128,17 @@ pub async fn run(
     let mut current: Option<services::ServiceMap> = None;
     let mut changed_at = Instant::now();
     let mut retry = false;
+    // When an uneven split (endpoints gone, rules kept) is made exact:
+    // within a second of the first sync that left it, whatever follows.
+    let mut even_out: Option<tokio::time::Instant> = None;
     tokio::pin!(stop);
     loop {
+        let mut exact = false;
         tokio::select! {
             _ = &mut stop => break,
+            _ = tokio::time::sleep_until(even_out.unwrap_or_else(tokio::time::Instant::now)), if even_out.is_some() => {
+                exact = true;
+            }
             r = readings.recv() => {
                 let Some(reading) = r else { break };
                 changed_at = Instant::now();
@@ -148,8 +155,20 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
         }
         if let Some(map) = &current {
-            match syncer.sync(map, changed_at).await {
-                Ok(_) => retry = false,
+            let synced = if exact {
+                syncer.sync_exact(map, changed_at).await
+            } else {
+                syncer.sync(map, changed_at).await
+            };
+            match synced {
+                Ok(_) => {
+                    retry = false;
+                    even_out = match (syncer.skewed(), even_out) {
+                        (false, _) => None,
+                        (true, Some(t)) => Some(t),
+                        (true, None) => Some(tokio::time::Instant::now() + Duration::from_secs(1)),
+                    };
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "sync failed; a full resync follows in 1 s");
                     retry = true;

@@ -79,6 +79,12 @@ pub struct Piece {
     pub hairpin: BTreeSet<IpAddr>,
     /// Slot blocks this piece owns: name (`ID`, `ID/local`) → block number.
     pub blocks: BTreeMap<String, u32>,
+    /// Block name → the slot count its rule draws from (`numgen mod N`).
+    pub moduli: BTreeMap<String, u32>,
+    /// Some block draws from more slots than its endpoints' weights add up
+    /// to (endpoints went, the rule was kept): the split is uneven until
+    /// an exact rendering.
+    pub skewed: bool,
 }
 
 /// The whole table: each service port's piece (kept with the service port
@@ -89,6 +95,13 @@ pub struct Rendered {
     pub family: Family,
     pub pieces: BTreeMap<String, Arc<(Arc<ServicePort>, Piece)>>,
     pub hairpin: Arc<HashMap<IpAddr, usize>>,
+}
+
+impl Rendered {
+    /// Whether some service port's split is uneven (see [`Split`]).
+    pub fn skewed(&self) -> bool {
+        self.pieces.values().any(|p| p.1.skewed)
+    }
 }
 
 /// A map element's key.
@@ -516,6 +529,7 @@ fn select(
     eps: &[Endpoint],
     r: &mut Piece,
     block: (&str, &mut Blocks),
+    keep: Option<u32>,
 ) -> Vec<Rule> {
     let proto = sp.proto;
     let mut rules = Vec::new();
@@ -529,20 +543,29 @@ fn select(
             b * BLOCK,
             format!("endpoints-{}-{}", proto.as_str(), b % SHARDS),
         );
-        let mut slot = base;
-        for e in eps {
-            for _ in 0..e.weight {
-                r.elements.insert(
-                    (map.clone(), Key::Slot(slot)),
-                    Value::Endpoint(e.ip, e.port),
-                );
-                slot += 1;
-            }
+        // Endpoints gone and the rule kept (`keep`: its old slot count,
+        // larger than the weights now): the extra slots repeat the exact
+        // sequence from its start, so no rule changes (see `render`).
+        let modulus = match keep {
+            Some(m) if u64::from(m) > left => u64::from(m),
+            _ => left,
+        };
+        let sequence: Vec<&Endpoint> = eps
+            .iter()
+            .flat_map(|e| std::iter::repeat_n(e, e.weight as usize))
+            .collect();
+        for (i, e) in sequence.iter().cycle().take(modulus as usize).enumerate() {
+            r.elements.insert(
+                (map.clone(), Key::Slot(base + i as u32)),
+                Value::Endpoint(e.ip, e.port),
+            );
         }
+        r.skewed |= modulus != left;
+        r.moduli.insert(name.to_string(), modulus as u32);
         rules.push(Rule::new([
             Stmt::L4Proto(proto),
             Stmt::DnatMap {
-                modulus: left as u32,
+                modulus: modulus as u32,
                 offset: base,
                 map,
             },
@@ -593,7 +616,17 @@ fn select(
     rules
 }
 
-fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece, blocks: &mut Blocks) {
+/// Renders one service port into `r`. `keep`: the previous rendering's
+/// piece, whose slot counts are kept where endpoints only went.
+fn render_service(
+    f: Family,
+    sp: &ServicePort,
+    opts: &Options,
+    r: &mut Piece,
+    blocks: &mut Blocks,
+    keep: Option<&Piece>,
+) {
+    let kept = |name: &str| keep.and_then(|p| p.moduli.get(name)).copied();
     let proto = sp.proto;
     let all = &sp.endpoints;
     let local = sp.local_endpoints();
@@ -614,7 +647,7 @@ fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece, bl
                 ]));
             }
         }
-        rules.extend(select(sp, all, r, (&sp.id, blocks)));
+        rules.extend(select(sp, all, r, (&sp.id, blocks), kept(&sp.id)));
         r.chains.insert(svc_chain.clone(), rules);
         for e in all {
             r.hairpin.insert(e.ip);
@@ -623,7 +656,8 @@ fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece, bl
     let needs_local =
         (sp.internal_local || (sp.external_local && sp.has_external())) && !local.is_empty();
     if needs_local {
-        let rules = select(sp, &local, r, (&format!("{}/local", sp.id), blocks));
+        let name = format!("{}/local", sp.id);
+        let rules = select(sp, &local, r, (&name, blocks), kept(&name));
         r.chains.insert(local_chain.clone(), rules);
     }
     // What a connection to each address of this service port does.
@@ -711,13 +745,45 @@ fn render_service(f: Family, sp: &ServicePort, opts: &Options, r: &mut Piece, bl
     }
 }
 
+/// How a rendering treats endpoints that went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Each service port's rule draws from exactly its endpoints' slots.
+    Exact,
+    /// A service port that only lost endpoints keeps its rule and slot
+    /// count; the freed slots go to the endpoints left (one of them gets a
+    /// larger share). The change is then map elements only, which the
+    /// kernel applies in ~1 ms, where a rule change makes it re-validate
+    /// the whole table (~10 ms at 10k services). An `Exact` rendering
+    /// follows to even the split out.
+    KeepRules,
+}
+
+/// Whether `new` is `old` with some endpoints gone and nothing else
+/// changed (weights included: a canary shift is always exact).
+fn only_endpoints_went(old: &ServicePort, new: &ServicePort) -> bool {
+    new.endpoints.len() < old.endpoints.len()
+        && new
+            .endpoints
+            .iter()
+            .all(|e| old.endpoints.binary_search(e).is_ok())
+        && ServicePort {
+            endpoints: Vec::new(),
+            ..new.clone()
+        } == ServicePort {
+            endpoints: Vec::new(),
+            ..old.clone()
+        }
+}
+
 /// Renders every service port; pieces of `prev` whose service port did not
-/// change are reused as they are.
+/// change are reused as they are (unless uneven and `split` is `Exact`).
 pub fn render(
     f: Family,
     services: &ServiceMap,
     opts: &Options,
     prev: Option<&Rendered>,
+    split: Split,
 ) -> Rendered {
     let no_pieces = BTreeMap::new();
     let prev_pieces = prev.map_or(&no_pieces, |p| &p.pieces);
@@ -753,8 +819,10 @@ pub fn render(
         // Single-family services (the usual case) compare without a copy.
         // Unchanged (the same Arc, as a source that keeps them passes it,
         // or equal): the piece is reused, not rendered again.
+        let reuse = |old: &Arc<(Arc<ServicePort>, Piece)>| !(old.1.skewed && split == Split::Exact);
         if let Some(old) = old
             && (Arc::ptr_eq(&old.0, sp) || *old.0 == **sp)
+            && reuse(old)
         {
             pieces.push((id.clone(), old.clone()));
             continue;
@@ -767,12 +835,17 @@ pub fn render(
         };
         if let Some(old) = old
             && *old.0 == sp
+            && reuse(old)
         {
             pieces.push((id.clone(), old.clone()));
             continue;
         }
         let mut piece = Piece::default();
-        render_service(f, &sp, opts, &mut piece, &mut blocks);
+        let keep = match (split, old) {
+            (Split::KeepRules, Some(o)) if only_endpoints_went(&o.0, &sp) => Some(&o.1),
+            _ => None,
+        };
+        render_service(f, &sp, opts, &mut piece, &mut blocks, keep);
         match old {
             Some(old) => {
                 let (o, n) = (&old.1.hairpin, &piece.hairpin);

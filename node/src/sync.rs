@@ -229,9 +229,38 @@ impl Syncer {
         services: &ServiceMap,
         changed_at: Instant,
     ) -> Result<bool, String> {
+        self.sync_split(services, changed_at, nft::Split::KeepRules)
+            .await
+    }
+
+    /// Whether the last sync left some service's split uneven (nftables:
+    /// endpoints went and the rule was kept, see [`nft::Split`]); a
+    /// [`Syncer::sync_exact`] evens it out.
+    pub fn skewed(&self) -> bool {
+        self.nft_last
+            .as_ref()
+            .is_some_and(|l| l.iter().any(nft::Rendered::skewed))
+    }
+
+    /// [`Syncer::sync`], with every service's split made exact.
+    pub async fn sync_exact(
+        &mut self,
+        services: &ServiceMap,
+        changed_at: Instant,
+    ) -> Result<bool, String> {
+        self.sync_split(services, changed_at, nft::Split::Exact)
+            .await
+    }
+
+    async fn sync_split(
+        &mut self,
+        services: &ServiceMap,
+        changed_at: Instant,
+        split: nft::Split,
+    ) -> Result<bool, String> {
         let t = Instant::now();
         let result = match self.backend {
-            Backend::Nftables => self.sync_nft(services).await,
+            Backend::Nftables => self.sync_nft(services, split).await,
             Backend::Iptables => self.sync_iptables(services).await,
             Backend::Userspace => {
                 let first = self.userspace.is_none();
@@ -277,12 +306,12 @@ impl Syncer {
         result
     }
 
-    async fn sync_nft(&mut self, services: &ServiceMap) -> Result<bool, String> {
+    async fn sync_nft(&mut self, services: &ServiceMap, split: nft::Split) -> Result<bool, String> {
         // Both tables, ip and ip6, in one transaction.
         let t = Instant::now();
         let new = [Family::V4, Family::V6].map(|f| {
             let prev = self.nft_last.as_ref().map(|l| &l[f as usize]);
-            nft::render(f, services, &self.opts, prev)
+            nft::render(f, services, &self.opts, prev, split)
         });
         let rendered = t.elapsed();
         let full = self.nft_last.is_none();

@@ -110,7 +110,15 @@ fn nftables_ruleset_matches_golden_and_the_kernel_accepts_it() {
     let services = fixture();
     let text: String = [Family::V4, Family::V6]
         .iter()
-        .map(|f| nft::full_text(&nft::render(*f, &services, &opts(), None)))
+        .map(|f| {
+            nft::full_text(&nft::render(
+                *f,
+                &services,
+                &opts(),
+                None,
+                nft::Split::Exact,
+            ))
+        })
         .collect();
     golden("services.nft", &text);
     if is_root() {
@@ -143,23 +151,58 @@ fn iptables_rules_match_golden_and_the_kernel_accepts_them() {
 fn a_change_to_one_service_touches_only_its_pieces() {
     let mut services = fixture();
     let opts = nft::Options::default();
-    let before = nft::render(Family::V4, &services, &opts, None);
+    let before = nft::render(Family::V4, &services, &opts, None, nft::Split::Exact);
     let Some(web) = services.get_mut("shop/web/tcp/http") else {
         panic!("fixture has shop/web/tcp/http");
     };
     std::sync::Arc::make_mut(web)
         .endpoints
         .retain(|e| e.ip.to_string() != "10.1.2.2");
-    let after = nft::render(Family::V4, &services, &opts, Some(&before));
+    let after = nft::render(
+        Family::V4,
+        &services,
+        &opts,
+        Some(&before),
+        nft::Split::KeepRules,
+    );
     let diff = nft::diff_text(&before, &after).expect("a change");
     golden("web-endpoint-removed.nft", &diff);
-    // The kernel takes the change on top of the full ruleset, in a
+    // An endpoint gone keeps the rule: elements only, the split uneven...
+    assert!(
+        diff.lines()
+            .all(|l| l.starts_with("add element ") || l.starts_with("delete element ")),
+        "{diff}"
+    );
+    assert!(after.skewed());
+    // ...until an exact rendering changes the rule (and only that service).
+    let exact = nft::render(
+        Family::V4,
+        &services,
+        &opts,
+        Some(&after),
+        nft::Split::Exact,
+    );
+    assert!(!exact.skewed());
+    let evened = nft::diff_text(&after, &exact).expect("a change");
+    golden("web-endpoint-removed-exact.nft", &evened);
+    assert!(
+        evened.contains("flush chain ip bosun svc-shop/web/tcp/http"),
+        "{evened}"
+    );
+    // The kernel takes the changes on top of the full ruleset, each in a
     // transaction of its own (nft then reads the maps back from the kernel).
     if is_root() {
         let full = std::env::temp_dir().join(format!("bsn-full-{}.nft", std::process::id()));
+        let first = std::env::temp_dir().join(format!("bsn-diff-{}.nft", std::process::id()));
         std::fs::write(&full, nft::full_text(&before)).expect("write");
-        let script = format!("nft -f {} && nft -f -", full.display());
-        let r = in_netns(&["sh", "-c", &script], &diff);
+        std::fs::write(&first, &diff).expect("write");
+        let script = format!(
+            "nft -f {} && nft -f {} && nft -f -",
+            full.display(),
+            first.display()
+        );
+        let r = in_netns(&["sh", "-c", &script], &evened);
+        let _ = std::fs::remove_file(&first);
         let _ = std::fs::remove_file(&full);
         if let Some(r) = r {
             r.expect("the kernel refused the partial sync");
@@ -177,7 +220,13 @@ fn a_change_to_one_service_touches_only_its_pieces() {
     assert!(
         nft::diff_text(
             &after,
-            &nft::render(Family::V4, &services, &opts, Some(&after))
+            &nft::render(
+                Family::V4,
+                &services,
+                &opts,
+                Some(&after),
+                nft::Split::KeepRules
+            )
         )
         .is_none()
     );
@@ -187,7 +236,7 @@ fn a_change_to_one_service_touches_only_its_pieces() {
 fn an_endpoint_replaced_is_an_element_change_only() {
     let mut services = fixture();
     let opts = nft::Options::default();
-    let before = nft::render(Family::V4, &services, &opts, None);
+    let before = nft::render(Family::V4, &services, &opts, None, nft::Split::Exact);
     let Some(web) = services.get_mut("shop/web/tcp/http") else {
         panic!("fixture has shop/web/tcp/http");
     };
@@ -197,7 +246,13 @@ fn an_endpoint_replaced_is_an_element_change_only() {
             e.ip = "10.1.2.9".parse().expect("ip");
         }
     }
-    let after = nft::render(Family::V4, &services, &opts, Some(&before));
+    let after = nft::render(
+        Family::V4,
+        &services,
+        &opts,
+        Some(&before),
+        nft::Split::KeepRules,
+    );
     let diff = nft::diff_text(&before, &after).expect("a change");
     golden("web-endpoint-replaced.nft", &diff);
     // No rule or chain is touched: the kernel does not re-validate the table.
@@ -214,7 +269,13 @@ fn an_endpoint_replaced_is_an_element_change_only() {
     };
     std::sync::Arc::make_mut(&mut extra).id = "aaa/first/tcp/http".into();
     more.insert(extra.id.clone(), extra);
-    let grown = nft::render(Family::V4, &more, &opts, Some(&after));
+    let grown = nft::render(
+        Family::V4,
+        &more,
+        &opts,
+        Some(&after),
+        nft::Split::KeepRules,
+    );
     let blocks = |r: &nft::Rendered| -> Vec<u32> {
         let mut v: Vec<u32> = r
             .pieces

@@ -1,5 +1,6 @@
 //! `node-sync`: how long node mode takes to program S services (10
-//! endpoints each) into the kernel, in full and for one endpoint change,
+//! endpoints each) into the kernel, in full and for one endpoint change
+//! (replaced; removed, and on nftables the exact split that follows),
 //! with the nftables and the iptables backend. Run it as root inside a
 //! network namespace of its own (`bench/node-sync.sh` does):
 //!
@@ -68,7 +69,7 @@ async fn measure(
     n: usize,
     backend: Backend,
     changes: usize,
-) -> Result<(f64, (f64, f64), (f64, f64)), String> {
+) -> Result<(f64, (f64, f64), (f64, f64), (f64, f64)), String> {
     Syncer::cleanup(backend).await?;
     let mut map = services(n);
     let mut s = Syncer::new(backend, Default::default());
@@ -86,7 +87,7 @@ async fn measure(
         s.sync(&map, Instant::now()).await?;
         one.push(t.elapsed().as_secs_f64());
     }
-    let mut removed = Vec::new();
+    let (mut removed, mut evened) = (Vec::new(), Vec::new());
     for c in 0..changes {
         let key = format!("bench/svc-{}/tcp/http", (c * 7919 + 1) % n);
         if let Some(sp) = map.get_mut(&key) {
@@ -95,10 +96,26 @@ async fn measure(
         let t = Instant::now();
         s.sync(&map, Instant::now()).await?;
         removed.push(t.elapsed().as_secs_f64());
+        // nftables keeps the rule (an uneven split) and evens it out after.
+        if s.skewed() {
+            let t = Instant::now();
+            s.sync_exact(&map, Instant::now()).await?;
+            evened.push(t.elapsed().as_secs_f64());
+        }
     }
-    let stats = |v: &mut Vec<f64>| (median(v), v.iter().copied().fold(0.0, f64::max));
+    let stats = |v: &mut Vec<f64>| {
+        if v.is_empty() {
+            return (f64::NAN, f64::NAN);
+        }
+        (median(v), v.iter().copied().fold(0.0, f64::max))
+    };
     Syncer::cleanup(backend).await?;
-    Ok((full, stats(&mut one), stats(&mut removed)))
+    Ok((
+        full,
+        stats(&mut one),
+        stats(&mut removed),
+        stats(&mut evened),
+    ))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -111,14 +128,26 @@ async fn main() {
         let mut map = services(n);
         let opts = Default::default();
         let t = Instant::now();
-        let a = bosun_node::nft::render(bosun_node::services::Family::V4, &map, &opts, None);
+        let a = bosun_node::nft::render(
+            bosun_node::services::Family::V4,
+            &map,
+            &opts,
+            None,
+            bosun_node::nft::Split::Exact,
+        );
         let full = bosun_node::nft::full_text(&a);
         let t_full = t.elapsed();
         if let Some(sp) = map.get_mut("bench/svc-0/tcp/http") {
             std::sync::Arc::make_mut(sp).endpoints[0].port = 9000;
         }
         let t = Instant::now();
-        let b = bosun_node::nft::render(bosun_node::services::Family::V4, &map, &opts, Some(&a));
+        let b = bosun_node::nft::render(
+            bosun_node::services::Family::V4,
+            &map,
+            &opts,
+            Some(&a),
+            bosun_node::nft::Split::KeepRules,
+        );
         let diff = bosun_node::nft::diff_text(&a, &b).unwrap_or_default();
         let t_diff = t.elapsed();
         let _ = std::fs::write("/tmp/node-sync-full.nft", &full);
@@ -158,19 +187,24 @@ async fn main() {
     .filter(|(name, _)| args.get(3).is_none_or(|b| b.split(',').any(|x| x == *name)))
     .collect();
     println!(
-        "| services × 10 endpoints | backend | full sync | one endpoint replaced (median / max of {changes}) | one endpoint removed (median / max) |"
+        "| services × 10 endpoints | backend | full sync | one endpoint replaced (median / max of {changes}) | one endpoint removed (median / max) | then the split evened out (median / max) |"
     );
-    println!("|---:|---|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|");
     for n in sizes {
         for &(name, backend) in &backends {
             match measure(n, backend, changes).await {
-                Ok((full, (med, max), (rmed, rmax))) => println!(
-                    "| {n} | {name} | {:.3} s | {:.1} ms / {:.1} ms | {:.1} ms / {:.1} ms |",
+                Ok((full, (med, max), (rmed, rmax), (emed, emax))) => println!(
+                    "| {n} | {name} | {:.3} s | {:.1} ms / {:.1} ms | {:.1} ms / {:.1} ms | {} |",
                     full,
                     med * 1000.0,
                     max * 1000.0,
                     rmed * 1000.0,
-                    rmax * 1000.0
+                    rmax * 1000.0,
+                    if emed.is_nan() {
+                        "(not needed)".to_string()
+                    } else {
+                        format!("{:.1} ms / {:.1} ms", emed * 1000.0, emax * 1000.0)
+                    }
                 ),
                 Err(e) => println!("| {n} | {name} | failed: {e} | |"),
             }

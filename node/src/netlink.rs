@@ -1,19 +1,18 @@
-//! Set element changes sent to the kernel over netlink, without the `nft`
-//! binary.
+//! nf_tables transactions sent to the kernel over netlink, without the
+//! `nft` binary: tables, chains, sets, rules ([`expr`]) and elements, as
+//! one batch per sync.
 //!
-//! A one-endpoint change in node mode is a few map elements (see
-//! [`crate::nft`]). Through `nft -f` it costs a process and a fetch of the
-//! table's cache, ~40-60 ms at 10k services; the kernel itself takes ~1-2
-//! ms. So a change made of element additions and removals only is encoded
-//! here as one nf_tables batch (`NFT_MSG_NEWSETELEM`/`DELSETELEM`) and
-//! written to a `NETLINK_NETFILTER` socket; anything else goes through
-//! `nft -f`.
+//! Through `nft -f`, a sync costs a process, parsing the text (~1 s for a
+//! 10k-service table) and, for a partial sync, a fetch of the table's cache
+//! (~40 ms at 10k). Encoded here, a 10k full sync is ~0.15 s of encoding
+//! and ~0.6 s in the kernel, and one changed endpoint ~1 ms in the kernel.
 //!
 //! The messages follow `linux/netfilter/nf_tables.h` and
-//! `linux/netfilter/nfnetlink.h`. The kernel runs a batch while it is sent
-//! and queues an error reply for any failure (of a message or of the
-//! commit) before the send returns, as `nft` relies on: no reply is
-//! success.
+//! `linux/netfilter/nfnetlink.h`, laid out as `nft` 1.0.6 lays them out
+//! (checked: `nft list` reads back what nft itself would have made). The
+//! kernel runs a batch while it is sent and queues an error reply for any
+//! failure (of a message or of the commit) before the send returns, as
+//! `nft` relies on: no reply is success.
 
 use std::io::{Read, Write};
 use std::net::IpAddr;

@@ -63,13 +63,15 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// (median, max) of a change, in seconds.
+type Stat = (f64, f64);
+/// Full sync; one endpoint replaced, removed, the split evened out after,
+/// one endpoint added.
+type Measured = (f64, Stat, Stat, Stat, Stat);
+
 /// Full sync, then (median, max) of one endpoint replaced (a pod restarted
 /// elsewhere: as many endpoints as before) and of one endpoint removed.
-async fn measure(
-    n: usize,
-    backend: Backend,
-    changes: usize,
-) -> Result<(f64, (f64, f64), (f64, f64), (f64, f64)), String> {
+async fn measure(n: usize, backend: Backend, changes: usize) -> Result<Measured, String> {
     Syncer::cleanup(backend).await?;
     let mut map = services(n);
     let mut s = Syncer::new(backend, Default::default());
@@ -103,6 +105,20 @@ async fn measure(
             evened.push(t.elapsed().as_secs_f64());
         }
     }
+    let mut added = Vec::new();
+    for c in 0..changes {
+        let key = format!("bench/svc-{}/tcp/http", (c * 7919 + 2) % n);
+        if let Some(sp) = map.get_mut(&key) {
+            let sp = std::sync::Arc::make_mut(sp);
+            let mut e = sp.endpoints[0].clone();
+            e.ip = Ipv4Addr::new(10, 200, c as u8, 1).into();
+            sp.endpoints.push(e);
+            sp.endpoints.sort();
+        }
+        let t = Instant::now();
+        s.sync(&map, Instant::now()).await?;
+        added.push(t.elapsed().as_secs_f64());
+    }
     let stats = |v: &mut Vec<f64>| {
         if v.is_empty() {
             return (f64::NAN, f64::NAN);
@@ -115,6 +131,7 @@ async fn measure(
         stats(&mut one),
         stats(&mut removed),
         stats(&mut evened),
+        stats(&mut added),
     ))
 }
 
@@ -187,14 +204,14 @@ async fn main() {
     .filter(|(name, _)| args.get(3).is_none_or(|b| b.split(',').any(|x| x == *name)))
     .collect();
     println!(
-        "| services × 10 endpoints | backend | full sync | one endpoint replaced (median / max of {changes}) | one endpoint removed (median / max) | then the split evened out (median / max) |"
+        "| services × 10 endpoints | backend | full sync | one endpoint replaced (median / max of {changes}) | one endpoint removed (median / max) | then the split evened out (median / max) | one endpoint added (median / max) |"
     );
-    println!("|---:|---|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|");
     for n in sizes {
         for &(name, backend) in &backends {
             match measure(n, backend, changes).await {
-                Ok((full, (med, max), (rmed, rmax), (emed, emax))) => println!(
-                    "| {n} | {name} | {:.3} s | {:.1} ms / {:.1} ms | {:.1} ms / {:.1} ms | {} |",
+                Ok((full, (med, max), (rmed, rmax), (emed, emax), (amed, amax))) => println!(
+                    "| {n} | {name} | {:.3} s | {:.1} ms / {:.1} ms | {:.1} ms / {:.1} ms | {} | {:.1} ms / {:.1} ms |",
                     full,
                     med * 1000.0,
                     max * 1000.0,
@@ -204,7 +221,9 @@ async fn main() {
                         "(not needed)".to_string()
                     } else {
                         format!("{:.1} ms / {:.1} ms", emed * 1000.0, emax * 1000.0)
-                    }
+                    },
+                    amed * 1000.0,
+                    amax * 1000.0
                 ),
                 Err(e) => println!("| {n} | {name} | failed: {e} | |"),
             }

@@ -530,6 +530,63 @@ fn dnat(proto: Proto, e: &Endpoint) -> Vec<Stmt> {
     vec![Stmt::L4Proto(proto), Stmt::Dnat(e.ip, e.port)]
 }
 
+/// Which endpoint each of `m` slots goes to: each endpoint's share is its
+/// weight's part of `m` (largest remainders round up; endpoints not in
+/// `olds` first, so one that came gets a slot), and a slot keeps the
+/// endpoint it had in `olds` while that one is under its share (fewer
+/// elements change). With `m` the weights' sum this is exact.
+fn share_slots<'e>(
+    eps: &'e [Endpoint],
+    m: u64,
+    olds: &[Option<(IpAddr, u16)>],
+) -> Vec<&'e Endpoint> {
+    let total: u64 = eps.iter().map(|e| u64::from(e.weight)).sum::<u64>().max(1);
+    let index: HashMap<(IpAddr, u16), usize> = eps
+        .iter()
+        .enumerate()
+        .map(|(i, e)| ((e.ip, e.port), i))
+        .collect();
+    let had: BTreeSet<usize> = olds
+        .iter()
+        .flatten()
+        .filter_map(|k| index.get(k).copied())
+        .collect();
+    let mut quota: Vec<u64> = eps
+        .iter()
+        .map(|e| u64::from(e.weight) * m / total)
+        .collect();
+    let mut order: Vec<usize> = (0..eps.len()).collect();
+    order.sort_by_key(|&i| {
+        let rem = u64::from(eps[i].weight) * m % total;
+        (std::cmp::Reverse(rem), had.contains(&i), i)
+    });
+    let short = m - quota.iter().sum::<u64>();
+    for &i in order.iter().take(short as usize) {
+        quota[i] += 1;
+    }
+    let mut used = vec![0u64; eps.len()];
+    let mut owner: Vec<Option<usize>> = (0..m as usize)
+        .map(|s| {
+            let i = *index.get(olds.get(s).copied().flatten().as_ref()?)?;
+            (used[i] < quota[i]).then(|| {
+                used[i] += 1;
+                i
+            })
+        })
+        .collect();
+    let mut next = 0;
+    for o in owner.iter_mut().filter(|o| o.is_none()) {
+        while next < eps.len() && used[next] >= quota[next] {
+            next += 1;
+        }
+        if next < eps.len() {
+            used[next] += 1;
+            *o = Some(next);
+        }
+    }
+    owner.into_iter().map(|o| &eps[o.unwrap_or(0)]).collect()
+}
+
 /// Rules that pick one of `eps` (non-empty) for a new connection, by
 /// weight: `numgen random mod LEFT < W` per endpoint, the last one taking
 /// what is left (the same cascade as iptables' `statistic`). Plain rules
@@ -541,7 +598,7 @@ fn select(
     eps: &[Endpoint],
     r: &mut Piece,
     block: (&str, &mut Blocks),
-    keep: Option<u32>,
+    prev: Option<(&Piece, bool)>,
 ) -> Vec<Rule> {
     let proto = sp.proto;
     let mut rules = Vec::new();
@@ -555,18 +612,27 @@ fn select(
             b * BLOCK,
             format!("endpoints-{}-{}", proto.as_str(), b % SHARDS),
         );
-        // Endpoints gone and the rule kept (`keep`: its old slot count,
-        // larger than the weights now): the extra slots repeat the exact
-        // sequence from its start, so no rule changes (see `render`).
-        let modulus = match keep {
-            Some(m) if u64::from(m) > left => u64::from(m),
+        let old = prev.and_then(|(p, keep)| {
+            let m = *p.moduli.get(name)?;
+            let slots: Vec<Option<(IpAddr, u16)>> = (0..m)
+                .map(
+                    |i| match p.elements.get(&(map.clone(), Key::Slot(base + i))) {
+                        Some(Value::Endpoint(ip, port)) => Some((*ip, *port)),
+                        _ => None,
+                    },
+                )
+                .collect();
+            Some((m, slots, keep))
+        });
+        // Endpoints came or went and the rule is kept (see `Split`): its
+        // slot count stays, shared out by weight as evenly as it divides.
+        let modulus = match &old {
+            Some((m, _, true)) => u64::from(*m),
             _ => left,
         };
-        let sequence: Vec<&Endpoint> = eps
-            .iter()
-            .flat_map(|e| std::iter::repeat_n(e, e.weight as usize))
-            .collect();
-        for (i, e) in sequence.iter().cycle().take(modulus as usize).enumerate() {
+        let olds = old.as_ref().map_or(&[][..], |(_, s, _)| &s[..]);
+        let owners = share_slots(eps, modulus, olds);
+        for (i, e) in owners.iter().enumerate() {
             r.elements.insert(
                 (map.clone(), Key::Slot(base + i as u32)),
                 Value::Endpoint(e.ip, e.port),
@@ -628,17 +694,17 @@ fn select(
     rules
 }
 
-/// Renders one service port into `r`. `keep`: the previous rendering's
-/// piece, whose slot counts are kept where endpoints only went.
+/// Renders one service port into `r`. `prev`: the previous rendering's
+/// piece (its slots are kept where they can be), and whether its slot
+/// counts are kept too (endpoints only came or went, see [`Split`]).
 fn render_service(
     f: Family,
     sp: &ServicePort,
     opts: &Options,
     r: &mut Piece,
     blocks: &mut Blocks,
-    keep: Option<&Piece>,
+    prev: Option<(&Piece, bool)>,
 ) {
-    let kept = |name: &str| keep.and_then(|p| p.moduli.get(name)).copied();
     let proto = sp.proto;
     let all = &sp.endpoints;
     let local = sp.local_endpoints();
@@ -659,7 +725,7 @@ fn render_service(
                 ]));
             }
         }
-        rules.extend(select(sp, all, r, (&sp.id, blocks), kept(&sp.id)));
+        rules.extend(select(sp, all, r, (&sp.id, blocks), prev));
         r.chains.insert(svc_chain.clone(), rules);
         for e in all {
             r.hairpin.insert(e.ip);
@@ -669,7 +735,7 @@ fn render_service(
         (sp.internal_local || (sp.external_local && sp.has_external())) && !local.is_empty();
     if needs_local {
         let name = format!("{}/local", sp.id);
-        let rules = select(sp, &local, r, (&name, blocks), kept(&name));
+        let rules = select(sp, &local, r, (&name, blocks), prev);
         r.chains.insert(local_chain.clone(), rules);
     }
     // What a connection to each address of this service port does.
@@ -762,23 +828,29 @@ fn render_service(
 pub enum Split {
     /// Each service port's rule draws from exactly its endpoints' slots.
     Exact,
-    /// A service port that only lost endpoints keeps its rule and slot
-    /// count; the freed slots go to the endpoints left (one of them gets a
-    /// larger share). The change is then map elements only, which the
-    /// kernel applies in ~1 ms, where a rule change makes it re-validate
-    /// the whole table (~10 ms at 10k services). An `Exact` rendering
-    /// follows to even the split out.
+    /// A service port whose endpoints only came or went keeps its rule
+    /// and slot count, shared out among the endpoints it has now by weight,
+    /// as evenly as the count divides (an endpoint that came takes a slot;
+    /// for a while some get one more or one less than their share). The
+    /// change is then map elements only, which the kernel applies in
+    /// ~1 ms, where a rule change makes it re-validate the whole table
+    /// (~10 ms at 10k services). An `Exact` rendering follows to even the
+    /// split out.
     KeepRules,
 }
 
-/// Whether `new` is `old` with some endpoints gone and nothing else
-/// changed (weights included: a canary shift is always exact).
-fn only_endpoints_went(old: &ServicePort, new: &ServicePort) -> bool {
-    new.endpoints.len() < old.endpoints.len()
-        && new
-            .endpoints
-            .iter()
-            .all(|e| old.endpoints.binary_search(e).is_ok())
+/// Whether `new` is `old` with endpoints that came or went and nothing
+/// else changed: no other field, and no endpoint kept with another weight
+/// or locality (a canary shift is always exact).
+fn only_endpoints_changed(old: &ServicePort, new: &ServicePort) -> bool {
+    if old.endpoints == new.endpoints {
+        return false;
+    }
+    let olds: HashMap<(IpAddr, u16), &Endpoint> =
+        old.endpoints.iter().map(|e| ((e.ip, e.port), e)).collect();
+    new.endpoints
+        .iter()
+        .all(|e| olds.get(&(e.ip, e.port)).is_none_or(|o| *o == e))
         && ServicePort {
             endpoints: Vec::new(),
             ..new.clone()
@@ -853,11 +925,11 @@ pub fn render(
             continue;
         }
         let mut piece = Piece::default();
-        let keep = match (split, old) {
-            (Split::KeepRules, Some(o)) if only_endpoints_went(&o.0, &sp) => Some(&o.1),
-            _ => None,
-        };
-        render_service(f, &sp, opts, &mut piece, &mut blocks, keep);
+        let prev = old.map(|o| {
+            let keep = split == Split::KeepRules && only_endpoints_changed(&o.0, &sp);
+            (&o.1, keep)
+        });
+        render_service(f, &sp, opts, &mut piece, &mut blocks, prev);
         match old {
             Some(old) => {
                 let (o, n) = (&old.1.hairpin, &piece.hairpin);
@@ -1257,4 +1329,63 @@ pub fn cleanup_text() -> String {
     format!(
         "add table ip {TABLE}\ndelete table ip {TABLE}\nadd table ip6 {TABLE}\ndelete table ip6 {TABLE}\n"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(k: u8, weight: u32) -> Endpoint {
+        Endpoint {
+            ip: IpAddr::from([10, 1, k, 2]),
+            port: 8080,
+            local: true,
+            node: String::new(),
+            weight,
+        }
+    }
+
+    fn counts(owners: &[&Endpoint]) -> BTreeMap<u8, usize> {
+        let mut c = BTreeMap::new();
+        for e in owners {
+            if let IpAddr::V4(a) = e.ip {
+                *c.entry(a.octets()[2]).or_default() += 1;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn slots_are_shared_by_weight_and_keep_their_endpoint() {
+        // Exact: as many slots as the weights add up to.
+        let eps = [ep(1, 3), ep(2, 1)];
+        let owners = share_slots(&eps, 4, &[]);
+        assert_eq!(counts(&owners), BTreeMap::from([(1, 3), (2, 1)]));
+        let olds: Vec<Option<(IpAddr, u16)>> =
+            owners.iter().map(|e| Some((e.ip, e.port))).collect();
+
+        // One of ten gone, ten slots kept: one endpoint gets two, and
+        // every slot of an endpoint still there keeps it.
+        let ten: Vec<Endpoint> = (1..=10).map(|k| ep(k, 1)).collect();
+        let before = share_slots(&ten, 10, &[]);
+        let olds10: Vec<Option<(IpAddr, u16)>> =
+            before.iter().map(|e| Some((e.ip, e.port))).collect();
+        let nine: Vec<Endpoint> = ten.iter().filter(|e| e.ip != ten[4].ip).cloned().collect();
+        let after = share_slots(&nine, 10, &olds10);
+        let c = counts(&after);
+        assert_eq!(c.len(), 9);
+        assert_eq!(c.values().filter(|n| **n == 2).count(), 1, "{c:?}");
+        for (a, b) in before.iter().zip(&after) {
+            if a.ip != ten[4].ip {
+                assert_eq!(a.ip, b.ip, "a slot changed hands needlessly");
+            }
+        }
+
+        // One came, the slot count kept: the newcomer gets a slot at once.
+        let three = [ep(1, 3), ep(2, 1), ep(3, 1)];
+        let grown = share_slots(&three, 4, &olds);
+        let c = counts(&grown);
+        assert_eq!(c.get(&3), Some(&1), "{c:?}");
+        assert_eq!(c.values().sum::<usize>(), 4);
+    }
 }

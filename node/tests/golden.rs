@@ -292,3 +292,45 @@ fn an_endpoint_replaced_is_an_element_change_only() {
     dedup.dedup();
     assert_eq!(dedup, new, "no block is shared");
 }
+
+#[test]
+fn an_endpoint_added_takes_a_slot_without_a_rule_change() {
+    let mut services = fixture();
+    let opts = nft::Options::default();
+    let before = nft::render(Family::V4, &services, &opts, None, nft::Split::Exact);
+    let Some(web) = services.get_mut("shop/web/tcp/http") else {
+        panic!("fixture has shop/web/tcp/http");
+    };
+    let web = std::sync::Arc::make_mut(web);
+    let mut new = web.endpoints[0].clone();
+    new.ip = "10.1.3.9".parse().expect("ip");
+    web.endpoints.push(new);
+    web.endpoints.sort();
+    let after = nft::render(
+        Family::V4,
+        &services,
+        &opts,
+        Some(&before),
+        nft::Split::KeepRules,
+    );
+    let diff = nft::diff_text(&before, &after).expect("a change");
+    // Map elements only, the newcomer in a slot already...
+    assert!(
+        diff.lines()
+            .all(|l| l.starts_with("add element ") || l.starts_with("delete element ")),
+        "{diff}"
+    );
+    assert!(diff.contains(": 10.1.3.9 . 8080"), "{diff}");
+    assert!(after.skewed());
+    // ...and the exact split (one more slot) follows as a rule change.
+    let exact = nft::render(
+        Family::V4,
+        &services,
+        &opts,
+        Some(&after),
+        nft::Split::Exact,
+    );
+    let evened = nft::diff_text(&after, &exact).expect("a change");
+    assert!(evened.contains("numgen random mod 3 offset"), "{evened}");
+    assert!(!exact.skewed());
+}

@@ -37,7 +37,7 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
+pub(crate) const NFTA_DATA_VALUE: u16 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 
@@ -51,6 +51,32 @@ pub struct Element {
     pub key: Vec<u8>,
     /// The mapped data (maps only, and only when adding).
     pub data: Option<Data>,
+}
+
+/// A set element, encoded where it is written (no copy per element).
+pub trait ElemCode {
+    /// The key's bytes, as the kernel stores them.
+    fn key(&self, out: &mut Vec<u8>);
+    /// Whether it maps to something (a map's element, when added).
+    fn has_data(&self) -> bool;
+    /// The `NFTA_DATA_*` attribute of what it maps to.
+    fn data(&self, out: &mut Vec<u8>);
+}
+
+impl ElemCode for &Element {
+    fn key(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.key);
+    }
+    fn has_data(&self) -> bool {
+        self.data.is_some()
+    }
+    fn data(&self, out: &mut Vec<u8>) {
+        match &self.data {
+            Some(Data::Value(d)) => attr(out, NFTA_DATA_VALUE, d),
+            Some(Data::Verdict(code, chain)) => verdict(out, *code, chain.as_deref()),
+            None => {}
+        }
+    }
 }
 
 /// What a map element maps to.
@@ -269,7 +295,7 @@ pub mod expr {
 }
 
 /// `NFTA_DATA_VERDICT`: code and, for a jump or goto, the chain.
-fn verdict(out: &mut Vec<u8>, code: i32, chain: Option<&str>) {
+pub(crate) fn verdict(out: &mut Vec<u8>, code: i32, chain: Option<&str>) {
     nested(out, 2, |v| {
         attr(v, 1, &code.to_be_bytes());
         if let Some(c) = chain {
@@ -285,7 +311,7 @@ fn family(f: crate::services::Family) -> u8 {
     }
 }
 
-fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+pub(crate) fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     let len = 4 + payload.len();
     out.extend_from_slice(&(len as u16).to_ne_bytes());
     out.extend_from_slice(&kind.to_ne_bytes());
@@ -304,6 +330,20 @@ fn nested(out: &mut Vec<u8>, kind: u16, fill: impl FnOnce(&mut Vec<u8>)) {
     // Every attribute inside is padded to 4 bytes already.
     let len = (out.len() - start) as u16;
     out[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// An attribute whose payload `fill` writes in place (length patched,
+/// padded after).
+pub(crate) fn attr_with(out: &mut Vec<u8>, kind: u16, fill: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&kind.to_ne_bytes());
+    fill(out);
+    let len = (out.len() - start) as u16;
+    out[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
 }
 
 /// A NUL-terminated string attribute.
@@ -553,40 +593,48 @@ impl Batch {
             }
         }
         for ((ipv6, table, set, add), members) in &groups {
-            for part in members.chunks(PER_MESSAGE) {
-                let mut attrs = Vec::new();
-                attr_str(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
-                attr_str(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
-                nested(&mut attrs, NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
-                    for e in part {
-                        nested(list, NFTA_LIST_ELEM, |el| {
-                            nested(el, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, &e.key));
-                            match (e.add, &e.data) {
-                                (true, Some(Data::Value(d))) => {
-                                    nested(el, NFTA_SET_ELEM_DATA, |v| attr(v, NFTA_DATA_VALUE, d))
-                                }
-                                (true, Some(Data::Verdict(code, chain))) => {
-                                    nested(el, NFTA_SET_ELEM_DATA, |v| {
-                                        verdict(v, *code, chain.as_deref())
-                                    })
-                                }
-                                _ => {}
-                            }
+            let f = if *ipv6 {
+                crate::services::Family::V6
+            } else {
+                crate::services::Family::V4
+            };
+            self.set_elements(f, table, set, *add, members);
+        }
+    }
+
+    /// Elements of one set, all added or all removed: one message per
+    /// [`PER_MESSAGE`], each element encoded in place.
+    pub fn set_elements<E: ElemCode>(
+        &mut self,
+        f: crate::services::Family,
+        table: &str,
+        set: &str,
+        add: bool,
+        elems: &[E],
+    ) {
+        let (kind, flags) = if add {
+            (NFT_MSG_NEWSETELEM, NLM_F_CREATE)
+        } else {
+            (NFT_MSG_DELSETELEM, 0)
+        };
+        let mut attrs = Vec::new();
+        for part in elems.chunks(PER_MESSAGE) {
+            attrs.clear();
+            attr_str(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
+            attr_str(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
+            nested(&mut attrs, NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
+                for e in part {
+                    nested(list, NFTA_LIST_ELEM, |el| {
+                        nested(el, NFTA_SET_ELEM_KEY, |k| {
+                            attr_with(k, NFTA_DATA_VALUE, |v| e.key(v))
                         });
-                    }
-                });
-                let (kind, flags) = if *add {
-                    (NFT_MSG_NEWSETELEM, NLM_F_CREATE)
-                } else {
-                    (NFT_MSG_DELSETELEM, 0)
-                };
-                let f = if *ipv6 {
-                    crate::services::Family::V6
-                } else {
-                    crate::services::Family::V4
-                };
-                self.msg(kind, flags, f, &attrs);
-            }
+                        if add && e.has_data() {
+                            nested(el, NFTA_SET_ELEM_DATA, |d| e.data(d));
+                        }
+                    });
+                }
+            });
+            self.msg(kind, flags, f, &attrs);
         }
     }
 
@@ -645,24 +693,14 @@ impl Conn {
         })
     }
 
-    /// Applies `elements` in one transaction: all or nothing. After an
-    /// error the connection should be dropped, and the kernel's state is
-    /// unknown (a full resync puts it right).
-    pub fn apply(&mut self, elements: &[Element]) -> Result<(), String> {
-        if elements.is_empty() {
-            return Ok(());
-        }
-        let mut b = Batch::new(self.seq);
-        b.elements(elements);
-        self.send(b)
-    }
-
     /// A transaction to fill and [`Conn::send`].
     pub fn batch(&self) -> Batch {
         Batch::new(self.seq)
     }
 
-    /// Sends a transaction: all or nothing (see [`Conn::apply`]).
+    /// Sends a transaction: all or nothing. After an error the connection
+    /// should be dropped, and the kernel's state is unknown (a full resync
+    /// puts it right).
     pub fn send(&mut self, batch: Batch) -> Result<(), String> {
         let (bytes, next) = batch.finish();
         self.seq = next;

@@ -37,7 +37,7 @@ use std::fmt::Write;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::netlink::{Batch, Data, Element, Hook, SetSpec, expr::Exprs, value};
+use crate::netlink::{Batch, ElemCode, Hook, SetSpec, expr::Exprs, value};
 use crate::rule::{Cidr, DispatchKey, Rule, Stmt, Verdict};
 use crate::services::{Endpoint, Family, Proto, ServiceMap, ServicePort};
 
@@ -103,6 +103,10 @@ pub struct Rendered {
     pub family: Family,
     pub pieces: BTreeMap<String, Arc<(Arc<ServicePort>, Piece)>>,
     pub hairpin: Arc<HashMap<IpAddr, usize>>,
+    /// Hairpin elements this rendering added and removed, against the
+    /// one it was rendered from (what a diff between the two sends).
+    pub hairpin_added: Vec<IpAddr>,
+    pub hairpin_removed: Vec<IpAddr>,
 }
 
 impl Rendered {
@@ -142,25 +146,23 @@ impl Key {
             Key::Pair(ip) => format!("{ip} . {ip}"),
         }
     }
-    fn bytes(&self) -> Vec<u8> {
-        let mut k = Vec::new();
+    fn encode(&self, k: &mut Vec<u8>) {
         match self {
             Key::Service(ip, p, port) => {
-                value::addr(ip, &mut k);
+                value::addr(ip, k);
                 k.extend_from_slice(&[crate::rule::proto_number(*p), 0, 0, 0]);
-                value::port(*port, &mut k);
+                value::port(*port, k);
             }
             Key::NodePort(p, port) => {
                 k.extend_from_slice(&[crate::rule::proto_number(*p), 0, 0, 0]);
-                value::port(*port, &mut k);
+                value::port(*port, k);
             }
-            Key::Slot(n) => value::host_u32(*n, &mut k),
+            Key::Slot(n) => value::host_u32(*n, k),
             Key::Pair(ip) => {
-                value::addr(ip, &mut k);
-                value::addr(ip, &mut k);
+                value::addr(ip, k);
+                value::addr(ip, k);
             }
         }
-        k
     }
 }
 
@@ -169,20 +171,6 @@ impl Value {
         match self {
             Value::Verdict(v) => v.text(),
             Value::Endpoint(ip, port) => format!("{ip} . {port}"),
-        }
-    }
-    fn data(&self) -> Data {
-        match self {
-            Value::Verdict(v) => {
-                let (code, chain) = v.code();
-                Data::Verdict(code, chain.map(str::to_string))
-            }
-            Value::Endpoint(ip, port) => {
-                let mut d = Vec::new();
-                value::addr(ip, &mut d);
-                value::port(*port, &mut d);
-                Data::Value(d)
-            }
         }
     }
 }
@@ -541,6 +529,13 @@ fn share_slots<'e>(
     olds: &[Option<(IpAddr, u16)>],
 ) -> Vec<&'e Endpoint> {
     let total: u64 = eps.iter().map(|e| u64::from(e.weight)).sum::<u64>().max(1);
+    if olds.is_empty() && m == total {
+        // Fresh and exact (a full sync): each endpoint's slots in turn.
+        return eps
+            .iter()
+            .flat_map(|e| std::iter::repeat_n(e, e.weight as usize))
+            .collect();
+    }
     let index: HashMap<(IpAddr, u16), usize> = eps
         .iter()
         .enumerate()
@@ -869,11 +864,38 @@ pub fn render(
     prev: Option<&Rendered>,
     split: Split,
 ) -> Rendered {
+    let hairpin = prev.map(|p| p.hairpin.clone()).unwrap_or_default();
+    render_from(f, services, opts, prev, hairpin, split)
+}
+
+/// [`render`], taking `prev`'s hairpin counts rather than sharing them (a
+/// change to them then copies nothing; `prev` is left without them, fit
+/// only for a diff to the result).
+pub fn render_taking(
+    f: Family,
+    services: &ServiceMap,
+    opts: &Options,
+    prev: &mut Rendered,
+    split: Split,
+) -> Rendered {
+    let hairpin = std::mem::take(&mut prev.hairpin);
+    render_from(f, services, opts, Some(prev), hairpin, split)
+}
+
+fn render_from(
+    f: Family,
+    services: &ServiceMap,
+    opts: &Options,
+    prev: Option<&Rendered>,
+    mut hairpin: Arc<HashMap<IpAddr, usize>>,
+    split: Split,
+) -> Rendered {
     let no_pieces = BTreeMap::new();
     let prev_pieces = prev.map_or(&no_pieces, |p| &p.pieces);
-    // Hairpin counts are shared with `prev` until a piece's endpoint
-    // addresses change (an endpoint's port changing copies nothing).
-    let mut hairpin = prev.map(|p| p.hairpin.clone()).unwrap_or_default();
+    // Hairpin counts are shared with `prev` (unless taken) until a piece's
+    // endpoint addresses change (an endpoint's port changing copies nothing).
+    // Elements that came (+1) or went (-1).
+    let mut moved: HashMap<IpAddr, i32> = HashMap::new();
     let mut count = |ips: &BTreeSet<IpAddr>, up: bool| {
         if ips.is_empty() {
             return;
@@ -881,11 +903,16 @@ pub fn render(
         let h = Arc::make_mut(&mut hairpin);
         for ip in ips {
             if up {
-                *h.entry(*ip).or_default() += 1;
+                let n = h.entry(*ip).or_default();
+                *n += 1;
+                if *n == 1 {
+                    *moved.entry(*ip).or_default() += 1;
+                }
             } else if let Some(n) = h.get_mut(ip) {
                 *n -= 1;
                 if *n == 0 {
                     h.remove(ip);
+                    *moved.entry(*ip).or_default() -= 1;
                 }
             }
         }
@@ -949,10 +976,24 @@ pub fn render(
     for (_, gone) in olds {
         count(&gone.1.hairpin, false);
     }
+    let mut hairpin_added: Vec<IpAddr> = moved
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(ip, _)| *ip)
+        .collect();
+    let mut hairpin_removed: Vec<IpAddr> = moved
+        .iter()
+        .filter(|(_, n)| **n < 0)
+        .map(|(ip, _)| *ip)
+        .collect();
+    hairpin_added.sort();
+    hairpin_removed.sort();
     Rendered {
         family: f,
         pieces: pieces.into_iter().collect(),
         hairpin,
+        hairpin_added,
+        hairpin_removed,
     }
 }
 
@@ -1071,6 +1112,7 @@ struct Changes<'a> {
 
 static EMPTY: std::sync::LazyLock<Piece> = std::sync::LazyLock::new(Piece::default);
 
+/// `new` must have been rendered from `old`.
 fn changes<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Changes<'a>> {
     let empty: &Piece = &EMPTY;
     let mut changed: Vec<(&Piece, &Piece)> = Vec::new();
@@ -1089,21 +1131,9 @@ fn changes<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Changes<'a>> {
     for (_, gone) in olds {
         changed.push((&gone.1, empty));
     }
-    // Only endpoints of changed pieces can have come or gone.
-    let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
-    for (o, n) in &changed {
-        touched.extend(o.hairpin.symmetric_difference(&n.hairpin));
-    }
-    let hairpin_del: Vec<IpAddr> = touched
-        .iter()
-        .filter(|h| old.hairpin.contains_key(*h) && !new.hairpin.contains_key(*h))
-        .copied()
-        .collect();
-    let hairpin_add: Vec<IpAddr> = touched
-        .iter()
-        .filter(|h| !old.hairpin.contains_key(*h) && new.hairpin.contains_key(*h))
-        .copied()
-        .collect();
+    // What `new` counted while rendered from `old`.
+    let hairpin_del = new.hairpin_removed.clone();
+    let hairpin_add = new.hairpin_added.clone();
     if changed.is_empty() && hairpin_del.is_empty() && hairpin_add.is_empty() {
         return None;
     }
@@ -1259,6 +1289,33 @@ fn ops_text(f: Family, ops: &[Op]) -> String {
     out
 }
 
+/// A map element as the kernel takes it.
+struct Coded<'a>(&'a Key, Option<&'a Value>);
+
+impl ElemCode for Coded<'_> {
+    fn key(&self, out: &mut Vec<u8>) {
+        self.0.encode(out);
+    }
+    fn has_data(&self) -> bool {
+        self.1.is_some()
+    }
+    fn data(&self, out: &mut Vec<u8>) {
+        match self.1 {
+            Some(Value::Verdict(v)) => {
+                let (code, chain) = v.code();
+                crate::netlink::verdict(out, code, chain);
+            }
+            Some(Value::Endpoint(ip, port)) => {
+                crate::netlink::attr_with(out, crate::netlink::NFTA_DATA_VALUE, |d| {
+                    value::addr(ip, d);
+                    value::port(*port, d);
+                });
+            }
+            None => {}
+        }
+    }
+}
+
 /// `ops` as netlink messages, appended to `b`.
 fn ops_batch(f: Family, ops: &[Op], b: &mut Batch) {
     for op in ops {
@@ -1277,18 +1334,21 @@ fn ops_batch(f: Family, ops: &[Op], b: &mut Batch) {
                 b.add_rule(f, TABLE, chain, &e);
             }
             Op::Elements { add, items } => {
-                let elements: Vec<Element> = items
-                    .iter()
-                    .map(|(map, key, value)| Element {
-                        ipv6: f == Family::V6,
-                        table: TABLE.to_string(),
-                        set: map.to_string(),
-                        add: *add,
-                        key: key.bytes(),
-                        data: if *add { value.map(Value::data) } else { None },
-                    })
-                    .collect();
-                b.elements(&elements);
+                // Grouped by map, in the order maps first appear.
+                let mut groups: Vec<(&str, Vec<Coded>)> = Vec::new();
+                let mut index: HashMap<&str, usize> = HashMap::new();
+                for (map, key, value) in items {
+                    let i = *index.entry(map).or_insert_with(|| {
+                        groups.push((map, Vec::new()));
+                        groups.len() - 1
+                    });
+                    groups[i]
+                        .1
+                        .push(Coded(key, if *add { *value } else { None }));
+                }
+                for (map, elems) in &groups {
+                    b.set_elements(f, TABLE, map, *add, elems);
+                }
             }
             Op::DelChain(name) => b.del_chain(f, TABLE, name),
             Op::DelSet(name) => b.del_set(f, TABLE, name),

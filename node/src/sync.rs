@@ -309,21 +309,24 @@ impl Syncer {
     async fn sync_nft(&mut self, services: &ServiceMap, split: nft::Split) -> Result<bool, String> {
         // Both tables, ip and ip6, in one transaction.
         let t = Instant::now();
-        let new = [Family::V4, Family::V6].map(|f| {
-            let prev = self.nft_last.as_ref().map(|l| &l[f as usize]);
-            nft::render(f, services, &self.opts, prev, split)
+        // The last rendering is only diffed against from here on (its
+        // hairpin counts move to the new one).
+        let mut old = self.nft_last.take();
+        let new = [Family::V4, Family::V6].map(|f| match old.as_mut() {
+            Some(o) => nft::render_taking(f, services, &self.opts, &mut o[f as usize], split),
+            None => nft::render(f, services, &self.opts, None, split),
         });
         let rendered = t.elapsed();
-        let full = self.nft_last.is_none();
+        let full = old.is_none();
         if !self.use_netlink {
-            return self.sync_nft_text(new).await;
+            return self.sync_nft_text(old, new).await;
         }
         let mut conn = match self.netlink.take() {
             Some(c) => c,
             None => crate::netlink::Conn::open()?,
         };
         let mut batch = conn.batch();
-        match &self.nft_last {
+        match &old {
             Some(old) => {
                 let mut any = false;
                 for (o, n) in old.iter().zip(&new) {
@@ -340,6 +343,12 @@ impl Syncer {
         // Inline: one send; the kernel applies it before the send returns.
         let encoded = t.elapsed();
         let sent = conn.send(batch);
+        eprintln!(
+            "TIMING render {:?} encode {:?} kernel {:?}",
+            rendered,
+            encoded - rendered,
+            t.elapsed() - encoded
+        );
         tracing::debug!(
             render_ms = rendered.as_secs_f64() * 1e3,
             encode_ms = (encoded - rendered).as_secs_f64() * 1e3,
@@ -357,7 +366,7 @@ impl Syncer {
                 // kernel may not take Bosun's netlink encoding. nft from now on.
                 tracing::warn!(error = %e, "netlink sync refused; programming through nft from now on");
                 self.use_netlink = false;
-                self.sync_nft_text(new).await
+                self.sync_nft_text(None, new).await
             }
             Err(e) => {
                 // The kernel may differ from what we think: resync in full next time.
@@ -368,8 +377,12 @@ impl Syncer {
     }
 
     /// The same transaction as `nft -f` text (when netlink is refused).
-    async fn sync_nft_text(&mut self, new: [nft::Rendered; 2]) -> Result<bool, String> {
-        let (text, full) = match &self.nft_last {
+    async fn sync_nft_text(
+        &mut self,
+        old: Option<[nft::Rendered; 2]>,
+        new: [nft::Rendered; 2],
+    ) -> Result<bool, String> {
+        let (text, full) = match &old {
             Some(old) => {
                 let parts: Vec<String> = old
                     .iter()

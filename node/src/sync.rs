@@ -343,12 +343,6 @@ impl Syncer {
         // Inline: one send; the kernel applies it before the send returns.
         let encoded = t.elapsed();
         let sent = conn.send(batch);
-        eprintln!(
-            "TIMING render {:?} encode {:?} kernel {:?}",
-            rendered,
-            encoded - rendered,
-            t.elapsed() - encoded
-        );
         tracing::debug!(
             render_ms = rendered.as_secs_f64() * 1e3,
             encode_ms = (encoded - rendered).as_secs_f64() * 1e3,

@@ -32,6 +32,7 @@
 //! A sync is rendered into named pieces (sets, chains, map elements), so
 //! the next sync sends only the pieces that changed.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -82,7 +83,7 @@ pub struct Piece {
     /// Chain name → its rules.
     pub chains: BTreeMap<String, Vec<Rule>>,
     /// (map, key) → verdict or data.
-    pub elements: BTreeMap<(String, Key), Value>,
+    pub elements: BTreeMap<(&'static str, Key), Value>,
     /// Endpoint IPs: `ip . ip` elements of the shared `hairpin` set.
     pub hairpin: BTreeSet<IpAddr>,
     /// Slot blocks this piece owns: name (`ID`, `ID/local`) → block number.
@@ -101,7 +102,7 @@ pub struct Piece {
 #[derive(Clone, Debug, Default)]
 pub struct Rendered {
     pub family: Family,
-    pub pieces: BTreeMap<String, Arc<(Arc<ServicePort>, Piece)>>,
+    pub pieces: BTreeMap<Arc<str>, Arc<(Arc<ServicePort>, Piece)>>,
     pub hairpin: Arc<HashMap<IpAddr, usize>>,
     /// Hairpin elements this rendering added and removed, against the
     /// one it was rendered from (what a diff between the two sends).
@@ -114,6 +115,18 @@ impl Rendered {
     pub fn skewed(&self) -> bool {
         self.pieces.values().any(|p| p.1.skewed)
     }
+}
+
+/// The name of endpoint map `shard` of protocol `p`.
+fn endpoints_map(p: Proto, shard: u32) -> &'static str {
+    static NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        PROTOS
+            .iter()
+            .flat_map(|p| (0..SHARDS).map(move |k| format!("endpoints-{}-{k}", p.as_str())))
+            .collect()
+    });
+    let i = PROTOS.iter().position(|x| *x == p).unwrap_or(0) * SHARDS as usize + shard as usize;
+    NAMES.get(i).map_or("endpoints-tcp-0", String::as_str)
 }
 
 /// A map element's key.
@@ -228,6 +241,22 @@ struct BaseSet {
     /// Its declaration body in nft text.
     text: String,
     spec: SetSpec,
+}
+
+/// The fixed part of a family's table, built once.
+struct Base {
+    sets: Vec<BaseSet>,
+    chains: Vec<(&'static str, Option<Hook>, Vec<Rule>)>,
+}
+
+fn base(f: Family) -> &'static Base {
+    static BASE: std::sync::LazyLock<[Base; 2]> = std::sync::LazyLock::new(|| {
+        [Family::V4, Family::V6].map(|f| Base {
+            sets: base_sets(f),
+            chains: base_chains(f),
+        })
+    });
+    &BASE[f as usize]
 }
 
 fn base_sets(f: Family) -> Vec<BaseSet> {
@@ -603,19 +632,14 @@ fn select(
         let (name, blocks) = block;
         let b = blocks.get(&sp.id, name);
         r.blocks.insert(name.to_string(), b);
-        let (base, map) = (
-            b * BLOCK,
-            format!("endpoints-{}-{}", proto.as_str(), b % SHARDS),
-        );
+        let (base, map) = (b * BLOCK, endpoints_map(proto, b % SHARDS));
         let old = prev.and_then(|(p, keep)| {
             let m = *p.moduli.get(name)?;
             let slots: Vec<Option<(IpAddr, u16)>> = (0..m)
-                .map(
-                    |i| match p.elements.get(&(map.clone(), Key::Slot(base + i))) {
-                        Some(Value::Endpoint(ip, port)) => Some((*ip, *port)),
-                        _ => None,
-                    },
-                )
+                .map(|i| match p.elements.get(&(map, Key::Slot(base + i))) {
+                    Some(Value::Endpoint(ip, port)) => Some((*ip, *port)),
+                    _ => None,
+                })
                 .collect();
             Some((m, slots, keep))
         });
@@ -629,7 +653,7 @@ fn select(
         let owners = share_slots(eps, modulus, olds);
         for (i, e) in owners.iter().enumerate() {
             r.elements.insert(
-                (map.clone(), Key::Slot(base + i as u32)),
+                (map, Key::Slot(base + i as u32)),
                 Value::Endpoint(e.ip, e.port),
             );
         }
@@ -640,7 +664,7 @@ fn select(
             Stmt::DnatMap {
                 modulus: modulus as u32,
                 offset: base,
-                map,
+                map: map.to_string(),
             },
         ]));
         return rules;
@@ -751,7 +775,7 @@ fn render_service(
             "no-endpoint-services"
         };
         r.elements.insert(
-            (map.to_string(), Key::Service(*ip, proto, sp.port)),
+            (map, Key::Service(*ip, proto, sp.port)),
             Value::Verdict(v.clone()),
         );
     };
@@ -785,10 +809,8 @@ fn render_service(
             } else {
                 "no-endpoint-nodeports"
             };
-            r.elements.insert(
-                (map.to_string(), Key::NodePort(proto, np)),
-                Value::Verdict(v),
-            );
+            r.elements
+                .insert((map, Key::NodePort(proto, np)), Value::Verdict(v));
         }
     }
     if !sp.source_ranges.is_empty() && !sp.load_balancer_ips.is_empty() {
@@ -808,10 +830,7 @@ fn render_service(
         r.chains.insert(fw.clone(), rules);
         for ip in &sp.load_balancer_ips {
             r.elements.insert(
-                (
-                    "firewall-ips".to_string(),
-                    Key::Service(*ip, proto, sp.port),
-                ),
+                ("firewall-ips", Key::Service(*ip, proto, sp.port)),
                 Value::Verdict(Verdict::Goto(fw.clone())),
             );
         }
@@ -923,10 +942,14 @@ fn render_from(
     let mut olds = prev_pieces.iter().peekable();
     for (id, services_sp) in services {
         let sp = services_sp;
-        while let Some((_, gone)) = olds.next_if(|(oid, _)| oid.as_str() < id.as_str()) {
+        while let Some((_, gone)) = olds.next_if(|(oid, _)| &***oid < id.as_str()) {
             count(&gone.1.hairpin, false);
         }
-        let old = olds.next_if(|(oid, _)| *oid == id).map(|(_, o)| o);
+        // The id is shared with the last rendering's (no copy per sync).
+        let (key, old) = match olds.next_if(|(oid, _)| &***oid == id.as_str()) {
+            Some((k, o)) => (k.clone(), Some(o)),
+            None => (Arc::from(id.as_str()), None),
+        };
         // Single-family services (the usual case) compare without a copy.
         // Unchanged (the same Arc, as a source that keeps them passes it,
         // or equal): the piece is reused, not rendered again.
@@ -935,7 +958,7 @@ fn render_from(
             && (Arc::ptr_eq(&old.0, sp) || *old.0 == **sp)
             && reuse(old)
         {
-            pieces.push((id.clone(), old.clone()));
+            pieces.push((key, old.clone()));
             continue;
         }
         let Some(sp) = sp.for_family(f) else {
@@ -948,7 +971,7 @@ fn render_from(
             && *old.0 == sp
             && reuse(old)
         {
-            pieces.push((id.clone(), old.clone()));
+            pieces.push((key, old.clone()));
             continue;
         }
         let mut piece = Piece::default();
@@ -971,7 +994,7 @@ fn render_from(
         } else {
             Arc::new(sp)
         };
-        pieces.push((id.clone(), Arc::new((sp, piece))));
+        pieces.push((key, Arc::new((sp, piece))));
     }
     for (_, gone) in olds {
         count(&gone.1.hairpin, false);
@@ -1000,53 +1023,54 @@ fn render_from(
 const COMMENT: &str = "Bosun node mode: Service load balancing";
 
 /// One element of a map or set: (map, key, value when adding to a map).
-type Elem<'a> = (&'a str, Key, Option<&'a Value>);
+type Elem<'a> = (&'a str, Cow<'a, Key>, Option<&'a Value>);
 
 /// One step of a transaction, rendered as `nft` text or as netlink.
 enum Op<'a> {
     /// The table replaced by an empty one (atomically, in the transaction).
     NewTable,
     Set {
-        name: String,
-        text: String,
-        spec: SetSpec,
+        name: &'a str,
+        text: Cow<'a, str>,
+        spec: Cow<'a, SetSpec>,
     },
-    Chain(String, Option<Hook>),
-    Flush(String),
-    Rule(String, Rule),
+    Chain(&'a str, Option<Hook>),
+    Flush(&'a str),
+    Rule(&'a str, &'a Rule),
     Elements {
         add: bool,
         items: Vec<Elem<'a>>,
     },
-    DelChain(String),
-    DelSet(String),
+    DelChain(&'a str),
+    DelSet(&'a str),
 }
 
-fn affinity_op(f: Family, name: &str, timeout: u32) -> Op<'static> {
+fn affinity_op(f: Family, name: &str, timeout: u32) -> Op<'_> {
     let (text, spec) = affinity_set(f, timeout);
     Op::Set {
-        name: name.to_string(),
-        text,
-        spec,
+        name,
+        text: Cow::Owned(text),
+        spec: Cow::Owned(spec),
     }
 }
 
 fn piece_elements(p: &Piece) -> impl Iterator<Item = Elem<'_>> {
     p.elements
         .iter()
-        .map(|((m, k), v)| (m.as_str(), k.clone(), Some(v)))
+        .map(|((m, k), v)| (*m, Cow::Borrowed(k), Some(v)))
 }
 
 /// The whole-table transaction: the table is replaced atomically
 /// (dynamic affinity entries are lost, as in kube-proxy's full resync).
 fn full_ops(r: &Rendered) -> Vec<Op<'_>> {
     let f = r.family;
+    let base = base(f);
     let mut ops = vec![Op::NewTable];
-    for s in base_sets(f) {
+    for s in &base.sets {
         ops.push(Op::Set {
-            name: s.name,
-            text: s.text,
-            spec: s.spec,
+            name: &s.name,
+            text: Cow::Borrowed(&s.text),
+            spec: Cow::Borrowed(&s.spec),
         });
     }
     for p in r.pieces.values() {
@@ -1054,24 +1078,23 @@ fn full_ops(r: &Rendered) -> Vec<Op<'_>> {
             ops.push(affinity_op(f, name, *t));
         }
     }
-    let base = base_chains(f);
-    for (name, hook, _) in &base {
-        ops.push(Op::Chain(name.to_string(), *hook));
+    for (name, hook, _) in &base.chains {
+        ops.push(Op::Chain(name, *hook));
     }
     for p in r.pieces.values() {
         for name in p.1.chains.keys() {
-            ops.push(Op::Chain(name.clone(), None));
+            ops.push(Op::Chain(name, None));
         }
     }
-    for (name, _, rules) in base {
+    for (name, _, rules) in &base.chains {
         for rule in rules {
-            ops.push(Op::Rule(name.to_string(), rule));
+            ops.push(Op::Rule(name, rule));
         }
     }
     for p in r.pieces.values() {
         for (name, rules) in &p.1.chains {
             for rule in rules {
-                ops.push(Op::Rule(name.clone(), rule.clone()));
+                ops.push(Op::Rule(name, rule));
             }
         }
     }
@@ -1086,7 +1109,7 @@ fn full_ops(r: &Rendered) -> Vec<Op<'_>> {
             .chain(
                 hairpin
                     .into_iter()
-                    .map(|ip| ("hairpin", Key::Pair(*ip), None)),
+                    .map(|ip| ("hairpin", Cow::Owned(Key::Pair(*ip)), None)),
             )
             .collect(),
     });
@@ -1098,7 +1121,7 @@ fn only_in<'p>(a: &'p Piece, b: &'p Piece) -> impl Iterator<Item = Elem<'p>> {
     a.elements
         .iter()
         .filter(move |(k, v)| b.elements.get(*k) != Some(*v))
-        .map(|((m, k), v)| (m.as_str(), k.clone(), Some(v)))
+        .map(|((m, k), v)| (*m, Cow::Borrowed(k), Some(v)))
 }
 
 /// What differs between two renderings: the pieces that changed (old,
@@ -1119,7 +1142,7 @@ fn changes<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Changes<'a>> {
     // Both sorted by id: walk them side by side.
     let mut olds = old.pieces.iter().peekable();
     for (id, n) in &new.pieces {
-        while let Some((_, gone)) = olds.next_if(|(oid, _)| oid.as_str() < id.as_str()) {
+        while let Some((_, gone)) = olds.next_if(|(oid, _)| oid < &id) {
             changed.push((&gone.1, empty));
         }
         match olds.next_if(|(oid, _)| *oid == id) {
@@ -1167,7 +1190,7 @@ fn diff_ops<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Vec<Op<'a>>> {
     for (o, n) in &changed {
         for name in n.chains.keys() {
             if !o.chains.contains_key(name) {
-                ops.push(Op::Chain(name.clone(), None));
+                ops.push(Op::Chain(name, None));
             }
         }
     }
@@ -1175,11 +1198,11 @@ fn diff_ops<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Vec<Op<'a>>> {
         for (name, rules) in &n.chains {
             match o.chains.get(name) {
                 Some(r) if r == rules => continue,
-                Some(_) => ops.push(Op::Flush(name.clone())),
+                Some(_) => ops.push(Op::Flush(name)),
                 None => {}
             }
             for rule in rules {
-                ops.push(Op::Rule(name.clone(), rule.clone()));
+                ops.push(Op::Rule(name, rule));
             }
         }
     }
@@ -1189,7 +1212,7 @@ fn diff_ops<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Vec<Op<'a>>> {
         .chain(
             hairpin_del
                 .iter()
-                .map(|ip| ("hairpin", Key::Pair(*ip), None)),
+                .map(|ip| ("hairpin", Cow::Owned(Key::Pair(*ip)), None)),
         )
         .collect();
     if !del.is_empty() {
@@ -1204,7 +1227,7 @@ fn diff_ops<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Vec<Op<'a>>> {
         .chain(
             hairpin_add
                 .iter()
-                .map(|ip| ("hairpin", Key::Pair(*ip), None)),
+                .map(|ip| ("hairpin", Cow::Owned(Key::Pair(*ip)), None)),
         )
         .collect();
     if !add.is_empty() {
@@ -1219,15 +1242,15 @@ fn diff_ops<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Vec<Op<'a>>> {
         .flat_map(|(o, n)| o.chains.keys().filter(|c| !n.chains.contains_key(*c)))
         .collect();
     for name in &stale {
-        ops.push(Op::Flush((*name).clone()));
+        ops.push(Op::Flush(name));
     }
     for name in stale {
-        ops.push(Op::DelChain(name.clone()));
+        ops.push(Op::DelChain(name));
     }
     for (o, n) in &changed {
         for name in o.sets.keys() {
             if !n.sets.contains_key(name) {
-                ops.push(Op::DelSet(name.clone()));
+                ops.push(Op::DelSet(name));
             }
         }
     }

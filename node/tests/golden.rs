@@ -210,7 +210,7 @@ fn a_change_to_one_service_touches_only_its_pieces() {
     }
     // Unchanged services keep their rendered piece (not rendered again).
     for (id, piece) in &after.pieces {
-        if id != "shop/web/tcp/http" {
+        if &**id != "shop/web/tcp/http" {
             assert!(
                 std::sync::Arc::ptr_eq(piece, &before.pieces[id]),
                 "{id} re-rendered"

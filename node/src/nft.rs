@@ -96,13 +96,17 @@ pub struct Piece {
     pub skewed: bool,
 }
 
+/// A service port and the piece rendered from it.
+pub type Rendition = Arc<(Arc<ServicePort>, Piece)>;
+
 /// The whole table: each service port's piece (kept with the service port
 /// it was rendered from, so an unchanged one is not rendered again), and
 /// how many pieces want each hairpin element.
 #[derive(Clone, Debug, Default)]
 pub struct Rendered {
     pub family: Family,
-    pub pieces: BTreeMap<Arc<str>, Arc<(Arc<ServicePort>, Piece)>>,
+    /// Sorted by id.
+    pub pieces: Vec<(Arc<str>, Rendition)>,
     pub hairpin: Arc<HashMap<IpAddr, usize>>,
     /// Hairpin elements this rendering added and removed, against the
     /// one it was rendered from (what a diff between the two sends).
@@ -111,9 +115,15 @@ pub struct Rendered {
 }
 
 impl Rendered {
+    /// The piece of service port `id`.
+    pub fn piece(&self, id: &str) -> Option<&Rendition> {
+        let i = self.pieces.binary_search_by(|(k, _)| (**k).cmp(id)).ok()?;
+        Some(&self.pieces[i].1)
+    }
+
     /// Whether some service port's split is uneven (see [`Split`]).
     pub fn skewed(&self) -> bool {
-        self.pieces.values().any(|p| p.1.skewed)
+        self.pieces.iter().any(|(_, p)| p.1.skewed)
     }
 }
 
@@ -518,14 +528,14 @@ impl<'a> Blocks<'a> {
     fn get(&mut self, id: &str, name: &str) -> u32 {
         let prev = self.prev;
         if let Some(b) = prev
-            .and_then(|p| p.pieces.get(id))
+            .and_then(|p| p.piece(id))
             .and_then(|p| p.1.blocks.get(name))
         {
             return *b;
         }
         let taken = self.taken.get_or_insert_with(|| {
             prev.into_iter()
-                .flat_map(|r| r.pieces.values())
+                .flat_map(|r| r.pieces.iter().map(|(_, p)| p))
                 .flat_map(|p| p.1.blocks.values().copied())
                 .collect()
         });
@@ -909,8 +919,7 @@ fn render_from(
     mut hairpin: Arc<HashMap<IpAddr, usize>>,
     split: Split,
 ) -> Rendered {
-    let no_pieces = BTreeMap::new();
-    let prev_pieces = prev.map_or(&no_pieces, |p| &p.pieces);
+    let prev_pieces = prev.map_or(&[][..], |p| &p.pieces[..]);
     // Hairpin counts are shared with `prev` (unless taken) until a piece's
     // endpoint addresses change (an endpoint's port changing copies nothing).
     // Elements that came (+1) or went (-1).
@@ -939,21 +948,26 @@ fn render_from(
     let mut blocks = Blocks::new(prev);
     let mut pieces = Vec::with_capacity(services.len());
     // Both maps are sorted by id: walk them side by side.
-    let mut olds = prev_pieces.iter().peekable();
+    let mut olds = prev_pieces.iter().map(|(k, v)| (k, v)).peekable();
     for (id, services_sp) in services {
         let sp = services_sp;
-        while let Some((_, gone)) = olds.next_if(|(oid, _)| &***oid < id.as_str()) {
-            count(&gone.1.hairpin, false);
+        // The same service port (the same Arc, as a source that keeps
+        // them passes it) is the same id: no string compared.
+        let same = olds.peek().is_some_and(|(_, o)| Arc::ptr_eq(&o.0, sp));
+        if !same {
+            while let Some((_, gone)) = olds.next_if(|(oid, _)| &***oid < id.as_str()) {
+                count(&gone.1.hairpin, false);
+            }
         }
         // The id is shared with the last rendering's (no copy per sync).
-        let (key, old) = match olds.next_if(|(oid, _)| &***oid == id.as_str()) {
+        let (key, old) = match olds.next_if(|(oid, _)| same || &***oid == id.as_str()) {
             Some((k, o)) => (k.clone(), Some(o)),
             None => (Arc::from(id.as_str()), None),
         };
         // Single-family services (the usual case) compare without a copy.
         // Unchanged (the same Arc, as a source that keeps them passes it,
         // or equal): the piece is reused, not rendered again.
-        let reuse = |old: &Arc<(Arc<ServicePort>, Piece)>| !(old.1.skewed && split == Split::Exact);
+        let reuse = |old: &Rendition| !(old.1.skewed && split == Split::Exact);
         if let Some(old) = old
             && (Arc::ptr_eq(&old.0, sp) || *old.0 == **sp)
             && reuse(old)
@@ -965,6 +979,9 @@ fn render_from(
             if let Some(old) = old {
                 count(&old.1.hairpin, false);
             }
+            // Nothing in this family: an empty piece, so the next rendering
+            // knows it by pointer without looking into the service again.
+            pieces.push((key, Arc::new((services_sp.clone(), Piece::default()))));
             continue;
         };
         if let Some(old) = old
@@ -1013,7 +1030,7 @@ fn render_from(
     hairpin_removed.sort();
     Rendered {
         family: f,
-        pieces: pieces.into_iter().collect(),
+        pieces,
         hairpin,
         hairpin_added,
         hairpin_removed,
@@ -1073,7 +1090,7 @@ fn full_ops(r: &Rendered) -> Vec<Op<'_>> {
             spec: Cow::Borrowed(&s.spec),
         });
     }
-    for p in r.pieces.values() {
+    for (_, p) in &r.pieces {
         for (name, t) in &p.1.sets {
             ops.push(affinity_op(f, name, *t));
         }
@@ -1081,7 +1098,7 @@ fn full_ops(r: &Rendered) -> Vec<Op<'_>> {
     for (name, hook, _) in &base.chains {
         ops.push(Op::Chain(name, *hook));
     }
-    for p in r.pieces.values() {
+    for (_, p) in &r.pieces {
         for name in p.1.chains.keys() {
             ops.push(Op::Chain(name, None));
         }
@@ -1091,7 +1108,7 @@ fn full_ops(r: &Rendered) -> Vec<Op<'_>> {
             ops.push(Op::Rule(name, rule));
         }
     }
-    for p in r.pieces.values() {
+    for (_, p) in &r.pieces {
         for (name, rules) in &p.1.chains {
             for rule in rules {
                 ops.push(Op::Rule(name, rule));
@@ -1104,7 +1121,8 @@ fn full_ops(r: &Rendered) -> Vec<Op<'_>> {
         add: true,
         items: r
             .pieces
-            .values()
+            .iter()
+            .map(|(_, p)| p)
             .flat_map(|p| piece_elements(&p.1))
             .chain(
                 hairpin
@@ -1140,12 +1158,16 @@ fn changes<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Changes<'a>> {
     let empty: &Piece = &EMPTY;
     let mut changed: Vec<(&Piece, &Piece)> = Vec::new();
     // Both sorted by id: walk them side by side.
-    let mut olds = old.pieces.iter().peekable();
+    let mut olds = old.pieces.iter().map(|(k, v)| (k, v)).peekable();
     for (id, n) in &new.pieces {
-        while let Some((_, gone)) = olds.next_if(|(oid, _)| oid < &id) {
-            changed.push((&gone.1, empty));
+        // Ids are shared between renderings: compared by pointer first.
+        let same = olds.peek().is_some_and(|(oid, _)| Arc::ptr_eq(oid, id));
+        if !same {
+            while let Some((_, gone)) = olds.next_if(|(oid, _)| oid < &id) {
+                changed.push((&gone.1, empty));
+            }
         }
-        match olds.next_if(|(oid, _)| *oid == id) {
+        match olds.next_if(|(oid, _)| same || *oid == id) {
             Some((_, o)) if Arc::ptr_eq(o, n) || o.1 == n.1 => {}
             Some((_, o)) => changed.push((&o.1, &n.1)),
             None => changed.push((empty, &n.1)),

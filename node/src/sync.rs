@@ -452,7 +452,25 @@ impl Syncer {
     pub async fn cleanup(backend: Backend) -> Result<(), String> {
         match backend {
             Backend::Userspace => crate::userspace::cleanup().await,
-            Backend::Nftables => run_with_stdin("nft", &["-f", "-"], &nft::cleanup_text()).await,
+            Backend::Nftables => {
+                // Over netlink (no nft needed); `nft -f` if the kernel refuses.
+                let sent = crate::netlink::Conn::open().and_then(|mut c| {
+                    let mut b = c.batch();
+                    for f in [Family::V4, Family::V6] {
+                        // Added first, so deleting cannot fail: gone either way.
+                        b.add_table(f, nft::TABLE, None);
+                        b.del_table(f, nft::TABLE);
+                    }
+                    c.send(b)
+                });
+                match sent {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "netlink cleanup refused; using nft");
+                        run_with_stdin("nft", &["-f", "-"], &nft::cleanup_text()).await
+                    }
+                }
+            }
             Backend::Iptables => {
                 for f in [Family::V4, Family::V6] {
                     let (restore, bin) = ipt_tools(f);

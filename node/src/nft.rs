@@ -863,6 +863,24 @@ pub enum Split {
     KeepRules,
 }
 
+/// Whether `sp` has addresses of family `f` and nothing of another (so
+/// `sp.for_family(f)` would be `sp` again).
+fn only_family(sp: &ServicePort, f: Family) -> bool {
+    let ips = || {
+        sp.cluster_ips
+            .iter()
+            .chain(&sp.external_ips)
+            .chain(&sp.load_balancer_ips)
+    };
+    ips().next().is_some()
+        && ips().all(|ip| Family::of(ip) == f)
+        && sp.endpoints.iter().all(|e| Family::of(&e.ip) == f)
+        && sp
+            .source_ranges
+            .iter()
+            .all(|r| crate::services::parse_cidr(r).is_some_and(|(a, _)| Family::of(&a) == f))
+}
+
 /// Whether `new` is `old` with endpoints that came or went and nothing
 /// else changed: no other field, and no endpoint kept with another weight
 /// or locality (a canary shift is always exact).
@@ -975,7 +993,12 @@ fn render_from(
             pieces.push((key, old.clone()));
             continue;
         }
-        let Some(sp) = sp.for_family(f) else {
+        // A service of this family only (the usual case) is used as it is.
+        let sp: Cow<ServicePort> = if only_family(sp, f) {
+            Cow::Borrowed(&**sp)
+        } else if let Some(sp) = sp.for_family(f) {
+            Cow::Owned(sp)
+        } else {
             if let Some(old) = old {
                 count(&old.1.hairpin, false);
             }
@@ -985,7 +1008,7 @@ fn render_from(
             continue;
         };
         if let Some(old) = old
-            && *old.0 == sp
+            && *old.0 == *sp
             && reuse(old)
         {
             pieces.push((key, old.clone()));
@@ -1006,10 +1029,9 @@ fn render_from(
             None => count(&piece.hairpin, true),
         }
         // Single-family: keep the caller's Arc, for `ptr_eq` next time.
-        let sp = if sp == **services_sp {
-            services_sp.clone()
-        } else {
-            Arc::new(sp)
+        let sp = match sp {
+            Cow::Borrowed(_) => services_sp.clone(),
+            Cow::Owned(sp) => Arc::new(sp),
         };
         pieces.push((key, Arc::new((sp, piece))));
     }

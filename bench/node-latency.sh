@@ -4,7 +4,7 @@
 # programmed with S services (every endpoint is the one backend) by
 # `node-sync --program` (which first removes the other backend's rules), and the client times TCP connects to a cluster IP
 # (the last service programmed: the worst case for iptables' linear scan).
-# Usage (root): bench/node-latency.sh [SERVICES...]   default: 10 10000
+# Usage (root): [BACKENDS="nftables iptables"] bench/node-latency.sh [SERVICES...]   default: 10 10000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then SIZES=("$@"); else SIZES=(10 10000); fi
@@ -28,7 +28,7 @@ sleep 0.5
 echo "| services | backend | connect p50 | connect p99 |"
 echo "|---:|---|---:|---:|"
 for n in "${SIZES[@]}"; do
-  for backend in nftables iptables; do
+  for backend in ${BACKENDS:-nftables iptables}; do
     NODE_SYNC_ENDPOINT=10.1.1.2:8080 ip netns exec $P-node target/release/node-sync --program "$n" "$backend"
     last=$((n - 1)); ip="10.96.$((last / 250)).$((last % 250 + 1))"
     ip netns exec $P-cl python3 - "$ip" "$CONNECTS" "$n" "$backend" <<'PY'

@@ -1250,35 +1250,20 @@ fn diff_ops<'a>(old: &'a Rendered, new: &'a Rendered) -> Option<Vec<Op<'a>>> {
             }
         }
     }
-    let del: Vec<Elem> = changed
-        .iter()
-        .flat_map(|(o, n)| only_in(o, n))
-        .chain(
-            hairpin_del
-                .iter()
-                .map(|ip| ("hairpin", Cow::Owned(Key::Pair(*ip)), None)),
-        )
-        .collect();
-    if !del.is_empty() {
-        ops.push(Op::Elements {
-            add: false,
-            items: del,
-        });
-    }
-    let add: Vec<Elem> = changed
-        .iter()
-        .flat_map(|(o, n)| only_in(n, o))
-        .chain(
-            hairpin_add
-                .iter()
-                .map(|ip| ("hairpin", Cow::Owned(Key::Pair(*ip)), None)),
-        )
-        .collect();
-    if !add.is_empty() {
-        ops.push(Op::Elements {
-            add: true,
-            items: add,
-        });
+    // Removals first (a slot's old value goes before its new one).
+    for (add, hairpin) in [(false, &hairpin_del), (true, &hairpin_add)] {
+        let items: Vec<Elem> = changed
+            .iter()
+            .flat_map(|(o, n)| if add { only_in(n, o) } else { only_in(o, n) })
+            .chain(
+                hairpin
+                    .iter()
+                    .map(|ip| ("hairpin", Cow::Owned(Key::Pair(*ip)), None)),
+            )
+            .collect();
+        if !items.is_empty() {
+            ops.push(Op::Elements { add, items });
+        }
     }
     // Stale chains: emptied first (they may refer to each other), then gone.
     let stale: Vec<&String> = changed

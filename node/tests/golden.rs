@@ -105,6 +105,25 @@ fn opts() -> nft::Options {
     }
 }
 
+/// The IPv4 rendering of `services`, from `prev`.
+fn v4(
+    services: &bosun_node::services::ServiceMap,
+    prev: Option<&nft::Rendered>,
+    split: nft::Split,
+) -> nft::Rendered {
+    nft::render(Family::V4, services, &nft::Options::default(), prev, split)
+}
+
+/// A diff that touches no rule, chain or set: map elements only.
+fn assert_elements_only(diff: &str) {
+    for line in diff.lines() {
+        assert!(
+            line.starts_with("add element ") || line.starts_with("delete element "),
+            "{diff}"
+        );
+    }
+}
+
 #[test]
 fn nftables_ruleset_matches_golden_and_the_kernel_accepts_it() {
     let services = fixture();
@@ -150,38 +169,21 @@ fn iptables_rules_match_golden_and_the_kernel_accepts_them() {
 #[test]
 fn a_change_to_one_service_touches_only_its_pieces() {
     let mut services = fixture();
-    let opts = nft::Options::default();
-    let before = nft::render(Family::V4, &services, &opts, None, nft::Split::Exact);
+    let before = v4(&services, None, nft::Split::Exact);
     let Some(web) = services.get_mut("shop/web/tcp/http") else {
         panic!("fixture has shop/web/tcp/http");
     };
     std::sync::Arc::make_mut(web)
         .endpoints
         .retain(|e| e.ip.to_string() != "10.1.2.2");
-    let after = nft::render(
-        Family::V4,
-        &services,
-        &opts,
-        Some(&before),
-        nft::Split::KeepRules,
-    );
+    let after = v4(&services, Some(&before), nft::Split::KeepRules);
     let diff = nft::diff_text(&before, &after).expect("a change");
     golden("web-endpoint-removed.nft", &diff);
     // An endpoint gone keeps the rule: elements only, the split uneven...
-    assert!(
-        diff.lines()
-            .all(|l| l.starts_with("add element ") || l.starts_with("delete element ")),
-        "{diff}"
-    );
+    assert_elements_only(&diff);
     assert!(after.skewed());
     // ...until an exact rendering changes the rule (and only that service).
-    let exact = nft::render(
-        Family::V4,
-        &services,
-        &opts,
-        Some(&after),
-        nft::Split::Exact,
-    );
+    let exact = v4(&services, Some(&after), nft::Split::Exact);
     assert!(!exact.skewed());
     let evened = nft::diff_text(&after, &exact).expect("a change");
     golden("web-endpoint-removed-exact.nft", &evened);
@@ -219,26 +221,13 @@ fn a_change_to_one_service_touches_only_its_pieces() {
             );
         }
     }
-    assert!(
-        nft::diff_text(
-            &after,
-            &nft::render(
-                Family::V4,
-                &services,
-                &opts,
-                Some(&after),
-                nft::Split::KeepRules
-            )
-        )
-        .is_none()
-    );
+    assert!(nft::diff_text(&after, &v4(&services, Some(&after), nft::Split::KeepRules)).is_none());
 }
 
 #[test]
 fn an_endpoint_replaced_is_an_element_change_only() {
     let mut services = fixture();
-    let opts = nft::Options::default();
-    let before = nft::render(Family::V4, &services, &opts, None, nft::Split::Exact);
+    let before = v4(&services, None, nft::Split::Exact);
     let Some(web) = services.get_mut("shop/web/tcp/http") else {
         panic!("fixture has shop/web/tcp/http");
     };
@@ -248,22 +237,11 @@ fn an_endpoint_replaced_is_an_element_change_only() {
             e.ip = "10.1.2.9".parse().expect("ip");
         }
     }
-    let after = nft::render(
-        Family::V4,
-        &services,
-        &opts,
-        Some(&before),
-        nft::Split::KeepRules,
-    );
+    let after = v4(&services, Some(&before), nft::Split::KeepRules);
     let diff = nft::diff_text(&before, &after).expect("a change");
     golden("web-endpoint-replaced.nft", &diff);
     // No rule or chain is touched: the kernel does not re-validate the table.
-    for line in diff.lines() {
-        assert!(
-            line.starts_with("add element ") || line.starts_with("delete element "),
-            "{line}"
-        );
-    }
+    assert_elements_only(&diff);
     // A new service takes a free block; the others keep theirs.
     let mut more = services.clone();
     let Some(mut extra) = more.get("shop/web/tcp/http").cloned() else {
@@ -271,13 +249,7 @@ fn an_endpoint_replaced_is_an_element_change_only() {
     };
     std::sync::Arc::make_mut(&mut extra).id = "aaa/first/tcp/http".into();
     more.insert(extra.id.clone(), extra);
-    let grown = nft::render(
-        Family::V4,
-        &more,
-        &opts,
-        Some(&after),
-        nft::Split::KeepRules,
-    );
+    let grown = v4(&more, Some(&after), nft::Split::KeepRules);
     let blocks = |r: &nft::Rendered| -> Vec<u32> {
         let mut v: Vec<u32> = r
             .pieces
@@ -298,8 +270,7 @@ fn an_endpoint_replaced_is_an_element_change_only() {
 #[test]
 fn an_endpoint_added_takes_a_slot_without_a_rule_change() {
     let mut services = fixture();
-    let opts = nft::Options::default();
-    let before = nft::render(Family::V4, &services, &opts, None, nft::Split::Exact);
+    let before = v4(&services, None, nft::Split::Exact);
     let Some(web) = services.get_mut("shop/web/tcp/http") else {
         panic!("fixture has shop/web/tcp/http");
     };
@@ -308,30 +279,14 @@ fn an_endpoint_added_takes_a_slot_without_a_rule_change() {
     new.ip = "10.1.3.9".parse().expect("ip");
     web.endpoints.push(new);
     web.endpoints.sort();
-    let after = nft::render(
-        Family::V4,
-        &services,
-        &opts,
-        Some(&before),
-        nft::Split::KeepRules,
-    );
+    let after = v4(&services, Some(&before), nft::Split::KeepRules);
     let diff = nft::diff_text(&before, &after).expect("a change");
     // Map elements only, the newcomer in a slot already...
-    assert!(
-        diff.lines()
-            .all(|l| l.starts_with("add element ") || l.starts_with("delete element ")),
-        "{diff}"
-    );
+    assert_elements_only(&diff);
     assert!(diff.contains(": 10.1.3.9 . 8080"), "{diff}");
     assert!(after.skewed());
     // ...and the exact split (one more slot) follows as a rule change.
-    let exact = nft::render(
-        Family::V4,
-        &services,
-        &opts,
-        Some(&after),
-        nft::Split::Exact,
-    );
+    let exact = v4(&services, Some(&after), nft::Split::Exact);
     let evened = nft::diff_text(&after, &exact).expect("a change");
     assert!(evened.contains("numgen random mod 3 offset"), "{evened}");
     assert!(!exact.skewed());

@@ -209,13 +209,17 @@ pub struct Syncer {
 
 impl Syncer {
     pub fn new(backend: Backend, opts: nft::Options) -> Syncer {
+        let use_netlink = std::env::var_os("BOSUN_NODE_NFT_TEXT").is_none();
+        if backend == Backend::Nftables && !use_netlink {
+            tracing::info!("BOSUN_NODE_NFT_TEXT is set: programming through nft -f");
+        }
         Syncer {
             backend,
             opts,
             metrics: Default::default(),
             nft_last: None,
             netlink: None,
-            use_netlink: std::env::var_os("BOSUN_NODE_NFT_TEXT").is_none(),
+            use_netlink,
             ipt_last: None,
             userspace: None,
         }

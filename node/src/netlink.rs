@@ -41,18 +41,6 @@ pub(crate) const NFTA_DATA_VALUE: u16 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 
-/// One element to add to or remove from a set or map of a table.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Element {
-    pub ipv6: bool,
-    pub table: String,
-    pub set: String,
-    pub add: bool,
-    pub key: Vec<u8>,
-    /// The mapped data (maps only, and only when adding).
-    pub data: Option<Data>,
-}
-
 /// A set element, encoded where it is written (no copy per element).
 pub trait ElemCode {
     /// The key's bytes, as the kernel stores them.
@@ -61,30 +49,6 @@ pub trait ElemCode {
     fn has_data(&self) -> bool;
     /// The `NFTA_DATA_*` attribute of what it maps to.
     fn data(&self, out: &mut Vec<u8>);
-}
-
-impl ElemCode for &Element {
-    fn key(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.key);
-    }
-    fn has_data(&self) -> bool {
-        self.data.is_some()
-    }
-    fn data(&self, out: &mut Vec<u8>) {
-        match &self.data {
-            Some(Data::Value(d)) => attr(out, NFTA_DATA_VALUE, d),
-            Some(Data::Verdict(code, chain)) => verdict(out, *code, chain.as_deref()),
-            None => {}
-        }
-    }
-}
-
-/// What a map element maps to.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Data {
-    Value(Vec<u8>),
-    /// A verdict: code and, for a jump or goto, the chain.
-    Verdict(i32, Option<String>),
 }
 
 /// Encodings of nft values as the kernel stores them in set keys and data:
@@ -573,37 +537,9 @@ impl Batch {
         self.msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, f, &a);
     }
 
-    /// Element additions and removals: one message per set and kind
-    /// (in the order they first appear, so a slot's removal precedes its
-    /// new value), at most [`PER_MESSAGE`] elements each.
-    pub fn elements(&mut self, elements: &[Element]) {
-        // (IPv6, table, set, add) → its elements.
-        type Group<'a> = ((bool, &'a str, &'a str, bool), Vec<&'a Element>);
-        let mut groups: Vec<Group> = Vec::new();
-        let mut index: std::collections::HashMap<(bool, &str, &str, bool), usize> =
-            std::collections::HashMap::new();
-        for e in elements {
-            let key = (e.ipv6, e.table.as_str(), e.set.as_str(), e.add);
-            match index.get(&key) {
-                Some(&i) => groups[i].1.push(e),
-                None => {
-                    index.insert(key, groups.len());
-                    groups.push((key, vec![e]));
-                }
-            }
-        }
-        for ((ipv6, table, set, add), members) in &groups {
-            let f = if *ipv6 {
-                crate::services::Family::V6
-            } else {
-                crate::services::Family::V4
-            };
-            self.set_elements(f, table, set, *add, members);
-        }
-    }
-
     /// Elements of one set, all added or all removed: one message per
-    /// [`PER_MESSAGE`], each element encoded in place.
+    /// [`PER_MESSAGE`], each element encoded in place. (A slot's removal
+    /// and its new value go in separate calls, removals first.)
     pub fn set_elements<E: ElemCode>(
         &mut self,
         f: crate::services::Family,
@@ -638,11 +574,6 @@ impl Batch {
         }
     }
 
-    /// Messages so far (begin and end not counted).
-    pub fn is_empty(&self) -> bool {
-        self.buf.len() <= 20
-    }
-
     /// The batch, ended; and the next free sequence number.
     pub fn finish(mut self) -> (Vec<u8>, u32) {
         self.seq = self.seq.wrapping_add(1);
@@ -657,13 +588,6 @@ impl Batch {
         );
         (self.buf, self.seq.wrapping_add(1))
     }
-}
-
-/// The batch for `elements` alone.
-pub fn batch(elements: &[Element], first_seq: u32) -> Vec<u8> {
-    let mut b = Batch::new(first_seq);
-    b.elements(elements);
-    b.finish().0
 }
 
 /// A `NETLINK_NETFILTER` socket, kept open between changes (closing one
@@ -771,17 +695,26 @@ impl Conn {
 mod tests {
     use super::*;
 
+    /// A key, removed (no data).
+    struct Removed(Vec<u8>);
+
+    impl ElemCode for Removed {
+        fn key(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(&self.0);
+        }
+        fn has_data(&self) -> bool {
+            false
+        }
+        fn data(&self, _: &mut Vec<u8>) {}
+    }
+
     #[test]
     fn a_batch_is_framed_as_nft_frames_it() {
-        let e = Element {
-            ipv6: false,
-            table: "t".into(),
-            set: "eps".into(),
-            add: false,
-            key: vec![10, 96, 0, 1, 0, 80, 0, 0, 0, 0, 0, 0],
-            data: None,
-        };
-        let bytes = batch(&[e.clone(), e], 0);
+        let key = vec![10, 96, 0, 1, 0, 80, 0, 0, 0, 0, 0, 0];
+        let mut b = Batch::new(0);
+        let v4 = crate::services::Family::V4;
+        b.set_elements(v4, "t", "eps", false, &[Removed(key.clone()), Removed(key)]);
+        let bytes = b.finish().0;
         // begin (20) + delsetelem (64 as nft 1.0.6 sends one element, and
         // 24 more for the second in the same message) + end (20).
         assert_eq!(bytes.len(), 20 + 64 + 24 + 20);

@@ -1066,8 +1066,10 @@ type Elem<'a> = (&'a str, Cow<'a, Key>, Option<&'a Value>);
 
 /// One step of a transaction, rendered as `nft` text or as netlink.
 enum Op<'a> {
-    /// The table replaced by an empty one (atomically, in the transaction).
-    NewTable,
+    /// The table gone, whether it was there or not (added, then deleted).
+    DropTable,
+    /// An empty table (after `DropTable`: the old one replaced atomically).
+    Table,
     Set {
         name: &'a str,
         text: Cow<'a, str>,
@@ -1104,7 +1106,7 @@ fn piece_elements(p: &Piece) -> impl Iterator<Item = Elem<'_>> {
 fn full_ops(r: &Rendered) -> Vec<Op<'_>> {
     let f = r.family;
     let base = base(f);
-    let mut ops = vec![Op::NewTable];
+    let mut ops = vec![Op::DropTable, Op::Table];
     for s in &base.sets {
         ops.push(Op::Set {
             name: &s.name,
@@ -1293,10 +1295,8 @@ fn ops_text(f: Family, ops: &[Op]) -> String {
     let mut out = String::new();
     for op in ops {
         let _ = match op {
-            Op::NewTable => writeln!(
-                out,
-                "add table {t}\ndelete table {t}\nadd table {t} {{ comment \"{COMMENT}\"; }}"
-            ),
+            Op::DropTable => writeln!(out, "add table {t}\ndelete table {t}"),
+            Op::Table => writeln!(out, "add table {t} {{ comment \"{COMMENT}\"; }}"),
             Op::Set { name, text, spec } => {
                 let kind = if spec.data.is_some() { "map" } else { "set" };
                 writeln!(out, "add {kind} {t} {name} {{ {text} }}")
@@ -1372,11 +1372,11 @@ impl ElemCode for Coded<'_> {
 fn ops_batch(f: Family, ops: &[Op], b: &mut Batch) {
     for op in ops {
         match op {
-            Op::NewTable => {
+            Op::DropTable => {
                 b.add_table(f, TABLE, None);
                 b.del_table(f, TABLE);
-                b.add_table(f, TABLE, Some(COMMENT));
             }
+            Op::Table => b.add_table(f, TABLE, Some(COMMENT)),
             Op::Set { name, spec, .. } => b.add_set(f, TABLE, name, spec),
             Op::Chain(name, hook) => b.add_chain(f, TABLE, name, *hook),
             Op::Flush(name) => b.flush_chain(f, TABLE, name),
@@ -1438,9 +1438,16 @@ pub fn diff_batch(old: &Rendered, new: &Rendered, b: &mut Batch) -> bool {
 
 /// Removes everything node mode programmed.
 pub fn cleanup_text() -> String {
-    format!(
-        "add table ip {TABLE}\ndelete table ip {TABLE}\nadd table ip6 {TABLE}\ndelete table ip6 {TABLE}\n"
-    )
+    [Family::V4, Family::V6]
+        .map(|f| ops_text(f, &[Op::DropTable]))
+        .concat()
+}
+
+/// Removes everything node mode programmed, as netlink messages.
+pub fn cleanup_batch(b: &mut Batch) {
+    for f in [Family::V4, Family::V6] {
+        ops_batch(f, &[Op::DropTable], b);
+    }
 }
 
 #[cfg(test)]

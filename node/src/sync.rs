@@ -460,11 +460,7 @@ impl Syncer {
                 // Over netlink (no nft needed); `nft -f` if the kernel refuses.
                 let sent = crate::netlink::Conn::open().and_then(|mut c| {
                     let mut b = c.batch();
-                    for f in [Family::V4, Family::V6] {
-                        // Added first, so deleting cannot fail: gone either way.
-                        b.add_table(f, nft::TABLE, None);
-                        b.del_table(f, nft::TABLE);
-                    }
+                    nft::cleanup_batch(&mut b);
                     c.send(b)
                 });
                 match sent {

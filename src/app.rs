@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bosun_control::translate::{ProxyMode, ProxyParams};
-use bosun_proxy::config::ProxyIdentity;
+use bosun_proxy::identity::ProxyIdentity;
 use bosun_proxy::{Proxy, ProxyOptions};
 use bosun_xds_proto::prost_types::{Struct, Value, value::Kind};
 
@@ -52,6 +52,7 @@ pub async fn start_proxy(args: &ProxyArgs) -> anyhow::Result<Arc<Proxy>> {
     let proxy = Proxy::new(ProxyOptions {
         identity,
         access_log: args.access_log,
+        limits: args.limits(),
     });
     let admin = bosun_proxy::admin::bind(args.admin_address)
         .await
@@ -207,25 +208,33 @@ pub async fn run_node(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         healthz_address: args.healthz_address,
         metrics_address: args.metrics_address,
     };
-    let stop = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-        }
-    };
+    let mut signals = crate::Signals::new()?;
+    let stop = async move { signals.recv().await };
     bosun_node::run(opts, stop)
         .await
         .map_err(anyhow::Error::msg)?;
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs the proxy until SIGTERM, SIGINT or `POST /quitquitquit`, then drains:
+/// listeners close, `/ready` turns 503, in-flight work gets
+/// `--drain-duration` to finish, and the process exits 0. A second signal
+/// exits at once (1).
 pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
-    let _proxy = start_proxy(&args).await?;
-    tokio::signal::ctrl_c().await?;
-    tracing::info!("shutting down");
-    Ok(ExitCode::SUCCESS)
+    let mut signals = crate::Signals::new()?;
+    let proxy = start_proxy(&args).await?;
+    let drain = proxy.shared().drain.clone();
+    tokio::select! {
+        _ = signals.recv() => tracing::info!("signal received"),
+        _ = drain.started() => {}
+    }
+    tokio::select! {
+        _ = proxy.drain(args.drain_duration) => Ok(ExitCode::SUCCESS),
+        _ = signals.recv() => {
+            tracing::warn!("second signal: exiting without waiting");
+            Ok(ExitCode::from(1))
+        }
+    }
 }
 
 /// `bosun validate PATH`: parse, then check as every proxy will see it.

@@ -47,10 +47,30 @@ struct Counters {
 }
 
 pub async fn run(args: ControlArgs) -> anyhow::Result<ExitCode> {
-    start(&args).await?;
-    tokio::signal::ctrl_c().await?;
-    tracing::info!("shutting down");
+    let mut signals = crate::Signals::new()?;
+    let running = start(&args).await?;
+    signals.recv().await;
+    tracing::info!("shutting down: ending xDS streams so proxies move to another replica");
+    tokio::select! {
+        _ = running.stop() => {}
+        _ = signals.recv() => tracing::warn!("second signal: exiting now"),
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A started control service.
+pub struct Running {
+    shutdown: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, ends every ADS stream with UNAVAILABLE (proxies
+    /// fail over at once) and waits, briefly, for the server to finish.
+    pub async fn stop(self) {
+        self.shutdown.send_replace(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.server).await;
+    }
 }
 
 impl ControlArgs {
@@ -73,9 +93,10 @@ impl ControlArgs {
 
 /// Binds the xDS and admin listeners and starts the source; returns once
 /// they listen, with everything running in the background.
-pub async fn start(args: &ControlArgs) -> anyhow::Result<()> {
+pub async fn start(args: &ControlArgs) -> anyhow::Result<Running> {
     let (tx, rx) = watch::channel::<Option<Arc<Prepared>>>(None);
-    let ads = Ads::new(rx.clone());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let ads = Ads::new(rx.clone()).with_shutdown(shutdown_rx.clone());
     let registry = ads.registry.clone();
     let counters = Arc::new(Counters::default());
 
@@ -140,16 +161,24 @@ pub async fn start(args: &ControlArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("xDS listener {}: {e}", args.xds_addr))?;
     tracing::info!(addr = %args.xds_addr, "xDS (ADS) listening");
-    tokio::spawn(async move {
+    let mut stop = shutdown_rx;
+    let server = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .add_service(ads.into_service())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(incoming))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(incoming),
+                async move {
+                    if stop.wait_for(|s| *s).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                },
+            )
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "xDS server stopped");
         }
     });
-    Ok(())
+    Ok(Running { shutdown, server })
 }
 
 async fn serve_admin(

@@ -18,8 +18,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-use crate::{Mode, ProxyArgs};
-
 pub const CANARY_YAML: &str = include_str!("../examples/canary/canary.yaml");
 const GATEWAY: &str = "127.0.0.1:8080";
 const BACKENDS: [(&str, &str); 2] = [("v1", "127.0.0.1:18081"), ("v2", "127.0.0.1:18082")];
@@ -124,29 +122,26 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
     // config from it over xDS, as in a cluster.
     let control =
         crate::control::ControlArgs::new(dir.clone(), CONTROL_XDS.parse()?, CONTROL_ADMIN.parse()?);
-    crate::control::start(&control).await?;
-    let args = ProxyArgs {
-        mode: Mode::Gateway,
-        config: None,
-        xds: Some(CONTROL_XDS.into()),
-        node_id: None,
-        xds_sotw: false,
-        labels: None,
-        namespace: "istio-system".into(),
-        workload: "istio-ingressgateway".into(),
-        admin_address: "127.0.0.1:15000".parse()?,
-        outbound_address: "127.0.0.1:15001".parse()?,
-        inbound_address: "127.0.0.1:15006".parse()?,
-        app_port: None,
-        gateway_address: "127.0.0.1".into(),
-        access_log: false,
-        workers: None,
-        node_name: None,
-        backend: crate::NodeBackend::Nftables,
-        cluster_cidr: None,
-        cleanup: false,
-        healthz_address: "127.0.0.1:10256".parse()?,
-        metrics_address: "127.0.0.1:10249".parse()?,
+    let _control = crate::control::start(&control).await?;
+    // Parsed like the command line, so every default is the flag's default.
+    let cli = <crate::Cli as clap::Parser>::try_parse_from([
+        "bosun",
+        "proxy",
+        "--mode",
+        "gateway",
+        "--xds",
+        CONTROL_XDS,
+        "--namespace",
+        "istio-system",
+        "--workload",
+        "istio-ingressgateway",
+        "--admin-address",
+        "127.0.0.1:15000",
+        "--gateway-address",
+        "127.0.0.1",
+    ])?;
+    let crate::Command::Proxy(args) = cli.command else {
+        anyhow::bail!("demo: proxy arguments did not parse as a proxy command");
     };
     let proxy = crate::app::start_proxy(&args).await?;
     let ready_by = Instant::now() + Duration::from_secs(5);

@@ -8,6 +8,7 @@ mod demo;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -115,6 +116,98 @@ pub struct ProxyArgs {
     /// Node mode: Prometheus metrics, /metrics (kubeproxy_* names).
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_address: SocketAddr,
+    /// A request head must arrive within this of accept (the first request) or of its first
+    /// byte (HTTP/1.1 keep-alive); else the connection is closed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    request_head_timeout: Duration,
+    /// A downstream connection with no request in flight for this long is closed (HTTP/2:
+    /// GOAWAY). HTTP/1.1 waits for a head at most --request-head-timeout as well.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Largest request head (request line and headers, HTTP/1.1; header list, HTTP/2); over
+    /// it: 431.
+    #[arg(long, default_value_t = 60 * 1024)]
+    max_request_head_bytes: usize,
+    /// Most request headers (HTTP/1.1); over it: 431.
+    #[arg(long, default_value_t = 100)]
+    max_request_headers: usize,
+    /// Concurrent downstream connections per listener; at the limit the listener stops
+    /// accepting until one closes. Keep the file descriptor limit above twice the sum.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Concurrent streams per downstream HTTP/2 connection.
+    #[arg(long, default_value_t = 1024)]
+    max_concurrent_streams: u32,
+    /// An upstream that sends nothing for this long (before or during its response) fails
+    /// the request: 504 with flag SI (Envoy's stream idle timeout).
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    stream_idle_timeout: Duration,
+    /// Idle upstream keep-alive connections are closed after this.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    upstream_idle_timeout: Duration,
+    /// Upstream connect timeout (503 UF).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// On SIGTERM, SIGINT or POST /quitquitquit: how long in-flight requests, upgrades and TCP
+    /// streams get to finish (Istio's terminationDrainDuration). A second signal exits at once.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_duration: Duration,
+}
+
+impl ProxyArgs {
+    fn limits(&self) -> bosun_proxy::Limits {
+        bosun_proxy::Limits {
+            request_head_timeout: self.request_head_timeout,
+            idle_timeout: self.idle_timeout,
+            max_request_head_bytes: self.max_request_head_bytes,
+            max_request_headers: self.max_request_headers,
+            max_connections: self.max_connections.max(1),
+            max_concurrent_streams: self.max_concurrent_streams,
+            stream_idle_timeout: self.stream_idle_timeout,
+            upstream_idle_timeout: self.upstream_idle_timeout,
+            connect_timeout: self.connect_timeout,
+        }
+    }
+}
+
+/// `250ms`, `5s`, `2m`, `1h`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 5s, 2m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
+    }
+}
+
+/// SIGTERM and SIGINT, registered once at start so none is missed.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 #[derive(Subcommand)]

@@ -64,6 +64,22 @@ impl ConfigError {
 #[error("{}", self.0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
+/// A source with nothing in it (a directory gone or emptied, an etcd prefix
+/// with no keys) is refused: what is more likely is a mistake or a moment
+/// mid-update, and the last good config keeps serving.
+pub fn no_config(what: &str) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        file: what.to_string(),
+        line: 0,
+        column: 0,
+        resource: String::new(),
+        field: String::new(),
+        message: "no config files or resources (missing, emptied, or nothing ending in \
+                  .yaml/.yml/.json); refused, the last good config keeps serving"
+            .into(),
+    }])
+}
+
 /// The files a config path stands for: the file itself, or every `*.yaml`,
 /// `*.yml` and `*.json` in the directory (not recursive), sorted by name.
 pub fn config_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -128,7 +144,22 @@ pub fn load_sources(sources: &[(String, String)]) -> Result<Config, ConfigErrors
 pub fn parse_file(file: &str, text: &str) -> (Config, Vec<ConfigError>) {
     let mut config = Config::default();
     let mut errors = Vec::new();
-    for (first_line, doc) in split_documents(text) {
+    let docs = split_documents(text);
+    if docs.is_empty() {
+        // A file caught mid-write (`>` truncates first) or emptied by
+        // mistake must not remove the mesh's config.
+        errors.push(ConfigError {
+            file: file.to_string(),
+            line: 0,
+            column: 0,
+            resource: String::new(),
+            field: String::new(),
+            message: "no resources: the file is empty (or only comments); an empty file is \
+                      refused, delete it to remove its resources"
+                .into(),
+        });
+    }
+    for (first_line, doc) in docs {
         if let Err(e) = parse_document(file, first_line, doc, &mut config) {
             errors.push(e);
         }
@@ -148,6 +179,9 @@ pub struct ParseCache {
 
 impl ParseCache {
     pub fn load(&mut self, sources: &[(String, String)]) -> Result<Config, ConfigErrors> {
+        if sources.is_empty() {
+            return Err(no_config("the source"));
+        }
         let mut config = Config::default();
         let mut errors = Vec::new();
         let mut seen = HashSet::new();

@@ -126,7 +126,10 @@ impl Files {
     }
 
     /// The whole config: every file's resources (shared, not copied).
-    fn assemble(&self) -> Reading {
+    fn assemble(&self, root: &Path) -> Reading {
+        if self.files.is_empty() {
+            return Err(crate::load::no_config(&root.display().to_string()));
+        }
         let mut config = Config::default();
         let mut errors = Vec::new();
         for f in self.files.values() {
@@ -243,14 +246,21 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
             let read = tokio::task::spawn_blocking(move || {
                 let r = files.refresh(&p, scan);
                 let reading = match r {
-                    // The first reading is sent even when it is empty: a
-                    // directory of nothing is a config too.
-                    Ok(changed) if changed || first => Some(files.assemble()),
+                    // The first reading is sent even when it is empty (and
+                    // so refused): the proxy says why it is not ready.
+                    Ok(changed) if changed || first => Some(files.assemble(&p)),
                     Ok(_) => None,
-                    Err(e) => {
-                        tracing::warn!(path = %p.display(), error = %e, "cannot read config");
-                        None
-                    }
+                    // Unreadable: refused (and counted) like any invalid config.
+                    Err(e) => Some(Err(crate::load::ConfigErrors(vec![
+                        crate::load::ConfigError {
+                            file: p.display().to_string(),
+                            line: 0,
+                            column: 0,
+                            resource: String::new(),
+                            field: String::new(),
+                            message: format!("cannot read: {e}"),
+                        },
+                    ]))),
                 };
                 (reading, files)
             })

@@ -325,6 +325,7 @@ pub struct Ads {
     translations: Arc<tokio::sync::Mutex<TranslateCache>>,
     diffs: Arc<Mutex<DiffCache>>,
     full_pushes: Arc<tokio::sync::Semaphore>,
+    shutdown: watch::Receiver<bool>,
 }
 
 /// How many first (full) pushes may be in flight at once.
@@ -338,7 +339,14 @@ impl Ads {
             translations: Arc::default(),
             diffs: Arc::default(),
             full_pushes: Arc::new(tokio::sync::Semaphore::new(MAX_FULL_PUSHES)),
+            shutdown: watch::channel(false).1,
         }
+    }
+
+    /// Streams end with `UNAVAILABLE` once `shutdown` turns true.
+    pub fn with_shutdown(mut self, shutdown: watch::Receiver<bool>) -> Ads {
+        self.shutdown = shutdown;
+        self
     }
 
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Ads> {
@@ -506,7 +514,9 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Runs one ADS stream in its own task; responses go out through `tx`, and
 /// an error ends the stream with its status.
-fn serve_stream<T, F, Fut>(run: F) -> BoxStream<T>
+/// A shutdown of the control service ends the stream with `UNAVAILABLE`, so
+/// the proxy moves to another replica at once.
+fn serve_stream<T, F, Fut>(mut shutdown: watch::Receiver<bool>, run: F) -> BoxStream<T>
 where
     T: Send + 'static,
     F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut,
@@ -515,7 +525,16 @@ where
     let (tx, rx) = mpsc::channel(16);
     let fut = run(tx.clone());
     tokio::spawn(async move {
-        if let Err(e) = fut.await {
+        let result = tokio::select! {
+            r = fut => r,
+            _ = async {
+                // No sender (no shutdown wired): never.
+                if shutdown.wait_for(|s| *s).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => Err(Status::unavailable("control service shutting down")),
+        };
+        if let Err(e) = result {
             let _ = tx.send(Err(e)).await;
         }
     });
@@ -569,9 +588,10 @@ impl AggregatedDiscoveryService for Ads {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let mut inbound = Requests::new(request.into_inner());
         let this = self.clone();
-        Ok(Response::new(serve_stream(move |tx| async move {
-            this.sotw(&mut inbound, &tx).await
-        })))
+        Ok(Response::new(serve_stream(
+            self.shutdown.clone(),
+            move |tx| async move { this.sotw(&mut inbound, &tx).await },
+        )))
     }
 
     async fn delta_aggregated_resources(
@@ -580,9 +600,10 @@ impl AggregatedDiscoveryService for Ads {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let mut inbound = Requests::new(request.into_inner());
         let this = self.clone();
-        Ok(Response::new(serve_stream(move |tx| async move {
-            this.delta(&mut inbound, &tx).await
-        })))
+        Ok(Response::new(serve_stream(
+            self.shutdown.clone(),
+            move |tx| async move { this.delta(&mut inbound, &tx).await },
+        )))
     }
 }
 

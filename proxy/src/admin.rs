@@ -1,4 +1,9 @@
-//! The admin listener: `/ready`, `/healthz`, `/stats/prometheus`, `/config_dump`.
+//! The admin listener: `/ready`, `/healthz`, `/stats/prometheus`,
+//! `/config_dump`, and `POST /quitquitquit` (drain and exit, as Envoy's and
+//! Istio's). It has its own connection limit, apart from the data plane's, so
+//! it answers while the listeners are full; a connection waiting for a head
+//! (new or kept alive) is closed after the shorter of the head and idle
+//! timeouts.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,25 +14,44 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::Shared;
 
+/// Admin connections at once: enough for probes and scrapers, small enough
+/// that an admin flood cannot take the data plane's descriptors.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let limit = shared
+                .limits
+                .request_head_timeout
+                .min(shared.limits.idle_timeout);
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(route(&shared, req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limit)
+                .max_header_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), svc);
+            // hyper's head timer runs whenever it waits for a head: a silent
+            // peer and an idle keep-alive connection are both closed by it.
+            let _ = conn.await;
         });
     }
 }
@@ -47,8 +71,16 @@ fn text(status: StatusCode, ct: &'static str, body: impl Into<Bytes>) -> Respons
 fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
+        "/quitquitquit" if req.method() == http::Method::POST => {
+            tracing::info!("drain requested on the admin listener");
+            shared.drain.start();
+            text(StatusCode::OK, "text/plain", "OK\n")
+        }
+        "/quitquitquit" => text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n"),
         "/ready" | "/healthz/ready" => {
-            if shared.ready.load(Ordering::Acquire) {
+            if shared.drain.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else if shared.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "text/plain", "ready\n")
             } else {
                 text(
@@ -78,7 +110,7 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "admin: /ready /healthz /stats/prometheus /config_dump\n",
+            "admin: /ready /healthz /stats/prometheus /config_dump, POST /quitquitquit\n",
         ),
     }
 }

@@ -14,8 +14,9 @@ use http::HeaderName;
 use http::uri::Authority;
 use rand::RngExt;
 
-use crate::config::RejectError;
+use crate::error::RejectError;
 use crate::metrics::LabelSet;
+use crate::pool::Pool;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
@@ -26,11 +27,11 @@ pub enum UpstreamProtocol {
     Downstream,
 }
 
+/// Live per-endpoint load state (in-flight requests; later outlier and
+/// circuit-breaker state). Connections live in [`Pool`]s, not here.
 #[derive(Debug, Default)]
 pub struct EndpointStats {
     pub active: AtomicUsize,
-    /// Idle HTTP/1.1 connections to this endpoint.
-    pub idle: Arc<crate::upstream::IdlePool>,
 }
 
 /// Endpoint stats by address, shared by all snapshots.
@@ -59,6 +60,8 @@ pub struct Endpoint {
     /// "127.0.0.1:8080" for access logs.
     pub addr_str: Arc<str>,
     pub stats: Arc<EndpointStats>,
+    /// Connections to this endpoint with this cluster's transport.
+    pub pool: Arc<Pool>,
     pub labels: Arc<LabelSet>,
 }
 
@@ -66,6 +69,7 @@ impl Endpoint {
     pub fn new(
         addr: SocketAddr,
         stats: Arc<EndpointStats>,
+        pool: Arc<Pool>,
         labels: LabelSet,
     ) -> Result<Self, RejectError> {
         let s = addr.to_string();
@@ -79,6 +83,7 @@ impl Endpoint {
             authority,
             addr_str: Arc::from(s.as_str()),
             stats,
+            pool,
             labels: Arc::new(labels),
         })
     }
@@ -140,7 +145,13 @@ impl Lb {
         } else {
             min_size.min(MAX_RING)
         };
-        let per = (size / 8).max(64);
+        // The whole ring stays within MAX_RING points (Envoy's
+        // maximum_ring_size): a config with a huge size and many endpoints
+        // must not take the proxy's memory.
+        let per = (size / 8)
+            .max(64)
+            .min(MAX_RING / endpoints.len() as u64)
+            .max(1);
         let mut ring = Vec::with_capacity((per as usize) * endpoints.len());
         for (i, e) in endpoints.iter().enumerate() {
             for r in 0..per {
@@ -273,6 +284,10 @@ mod tests {
     use super::*;
 
     fn eps(n: usize) -> Vec<Arc<Endpoint>> {
+        let pools = crate::pool::Pools::new(crate::pool::PoolOptions {
+            connect_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(1),
+        });
         (0..n)
             .map(|i| {
                 let addr: SocketAddr = format!("10.0.0.{}:80", i + 1).parse().expect("addr");
@@ -280,6 +295,10 @@ mod tests {
                     Endpoint::new(
                         addr,
                         Arc::new(EndpointStats::default()),
+                        pools.get(crate::pool::PoolKey {
+                            addr,
+                            transport: crate::connect::Transport::Plaintext,
+                        }),
                         LabelSet::unknown(),
                     )
                     .expect("endpoint"),

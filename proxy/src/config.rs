@@ -13,32 +13,15 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
 use crate::cluster::{Cluster, Endpoint, EndpointRegistry, HashKey, Lb, UpstreamProtocol};
-use crate::metrics::LabelSet;
+use crate::connect::Transport;
+use crate::error::{RejectError, reject};
+use crate::identity::ProxyIdentity;
+use crate::metrics::{LabelSet, ServiceLabels, WorkloadLabels};
+use crate::pool::{PoolKey, Pools};
 use crate::route::{
     Action, HeaderMatch, HeaderOps, Redirect, Route, RouteAction, RouteMatch, RouteTable, StrMatch,
     VirtualHost, WeightedClusters,
 };
-
-/// Why a config was refused: which resource and field, and what is wrong.
-#[derive(Debug, thiserror::Error)]
-#[error("{resource}: {field}: {message}")]
-pub struct RejectError {
-    pub resource: String,
-    pub field: String,
-    pub message: String,
-}
-
-fn reject(
-    resource: impl Into<String>,
-    field: impl Into<String>,
-    message: impl Into<String>,
-) -> RejectError {
-    RejectError {
-        resource: resource.into(),
-        field: field.into(),
-        message: message.into(),
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -61,15 +44,6 @@ pub struct Listener {
     pub kind: ListenerKind,
 }
 
-/// Who this proxy is, for the `source_*` metric labels.
-#[derive(Debug, Clone, Default)]
-pub struct ProxyIdentity {
-    pub workload: String,
-    pub namespace: String,
-    pub app: String,
-    pub version: String,
-}
-
 /// One complete, immutable configuration. Swapped whole with `ArcSwap`.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -79,23 +53,38 @@ pub struct Snapshot {
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// What was applied, for `/config_dump`.
     pub source: pb::ProxyConfig,
+    /// Metric labels of requests no route took (outbound, inbound).
+    no_route: [Arc<LabelSet>; 2],
 }
 
 impl Snapshot {
-    pub fn empty() -> Self {
+    pub fn empty(identity: &ProxyIdentity) -> Self {
         Snapshot {
             version: String::new(),
             listeners: HashMap::new(),
             clusters: HashMap::new(),
             source: pb::ProxyConfig::default(),
+            no_route: no_route_labels(identity),
         }
     }
+
+    pub fn no_route_labels(&self, inbound: bool) -> Arc<LabelSet> {
+        self.no_route[usize::from(inbound)].clone()
+    }
+}
+
+fn no_route_labels(identity: &ProxyIdentity) -> [Arc<LabelSet>; 2] {
+    [
+        Arc::new(LabelSet::no_route(identity, false)),
+        Arc::new(LabelSet::no_route(identity, true)),
+    ]
 }
 
 /// Everything besides the resources that building a snapshot needs.
 pub struct BuildContext<'a> {
     pub identity: &'a ProxyIdentity,
     pub endpoints: &'a EndpointRegistry,
+    pub pools: &'a Pools,
 }
 
 impl Snapshot {
@@ -177,6 +166,7 @@ impl Snapshot {
             listeners,
             clusters,
             source: cfg,
+            no_route: no_route_labels(ctx.identity),
         })
     }
 }
@@ -212,10 +202,21 @@ fn build_cluster(
         })?;
         let port = u16::try_from(e.port).map_err(|_| reject(&id, &field, "port out of range"))?;
         let addr = SocketAddr::new(ip, port);
-        let labels = LabelSet::destination(ctx.identity, c, e, inbound);
+        let workload = WorkloadLabels {
+            workload: &e.workload,
+            namespace: &e.namespace,
+            app: e.labels.get("app").map(String::as_str).unwrap_or(""),
+            version: e.labels.get("version").map(String::as_str).unwrap_or(""),
+        };
+        let labels = LabelSet::destination(ctx.identity, &service_labels(c), &workload, inbound);
+        let pool = ctx.pools.get(PoolKey {
+            addr,
+            transport: Transport::Plaintext,
+        });
         endpoints.push(Arc::new(Endpoint::new(
             addr,
             ctx.endpoints.stats(addr),
+            pool,
             labels,
         )?));
     }
@@ -256,8 +257,21 @@ fn build_cluster(
         lb,
         hash,
         endpoints,
-        no_endpoint_labels: LabelSet::destination_service_only(ctx.identity, c, inbound),
+        no_endpoint_labels: LabelSet::destination_service_only(
+            ctx.identity,
+            &service_labels(c),
+            inbound,
+        ),
     })
+}
+
+fn service_labels(c: &pb::Cluster) -> ServiceLabels<'_> {
+    ServiceLabels {
+        cluster: &c.name,
+        host: &c.service_host,
+        name: &c.service_name,
+        namespace: &c.service_namespace,
+    }
 }
 
 fn weighted(

@@ -10,24 +10,35 @@ pub mod accesslog;
 pub mod admin;
 pub mod cluster;
 pub mod config;
+pub mod connect;
+pub mod drain;
+pub mod error;
+pub mod flags;
+pub mod h1;
 pub mod http;
+pub mod identity;
 pub mod listener;
 pub mod metrics;
+pub mod pool;
 pub mod route;
 pub mod tcp;
-pub mod upstream;
 pub mod xds;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bosun_xds_proto::config as pb;
 
 use crate::accesslog::AccessLog;
 use crate::cluster::EndpointRegistry;
-use crate::config::{BuildContext, ProxyIdentity, RejectError, Snapshot};
-use crate::metrics::{LabelSet, Metrics};
+use crate::config::{BuildContext, Snapshot};
+use crate::drain::Drain;
+use crate::error::RejectError;
+use crate::identity::ProxyIdentity;
+use crate::metrics::Metrics;
+use crate::pool::{PoolOptions, Pools};
 
 /// State shared by every listener and connection.
 pub struct Shared {
@@ -35,16 +46,52 @@ pub struct Shared {
     pub metrics: Metrics,
     pub identity: ProxyIdentity,
     pub endpoints: EndpointRegistry,
-    pub h1: http::UpstreamClient,
-    pub h2: http::UpstreamClient,
+    pub pools: Pools,
+    pub limits: Limits,
+    pub drain: Arc<Drain>,
     pub access_log: Option<AccessLog>,
     pub ready: AtomicBool,
-    no_route: [Arc<LabelSet>; 2],
 }
 
-impl Shared {
-    pub fn no_route_labels(&self, inbound: bool) -> Arc<LabelSet> {
-        self.no_route[usize::from(inbound)].clone()
+/// The proxy's limits, each a flag of `bosun proxy` (defaults as Envoy's
+/// and nginx's users expect; README lists them).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A request head must arrive within this of accept (the first) or of
+    /// its first byte (later ones, HTTP/1.1). nginx: 60 s.
+    pub request_head_timeout: Duration,
+    /// A downstream connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Request head bytes (request line and headers); over it: 431. Envoy: 60 KiB.
+    pub max_request_head_bytes: usize,
+    /// Request headers; over it: 431. Envoy: 100.
+    pub max_request_headers: usize,
+    /// Concurrent downstream connections per listener; at the limit the
+    /// listener stops accepting until one closes.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per downstream connection.
+    pub max_concurrent_streams: u32,
+    /// An upstream that sends nothing for this long fails the request (504
+    /// `SI`). Envoy's stream idle timeout: 5 min.
+    pub stream_idle_timeout: Duration,
+    /// Idle upstream connections are closed after this.
+    pub upstream_idle_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_head_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            max_request_head_bytes: 60 * 1024,
+            max_request_headers: 100,
+            max_connections: 10_000,
+            max_concurrent_streams: 1024,
+            stream_idle_timeout: Duration::from_secs(300),
+            upstream_idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -52,6 +99,7 @@ impl Shared {
 pub struct ProxyOptions {
     pub identity: ProxyIdentity,
     pub access_log: bool,
+    pub limits: Limits,
 }
 
 /// A running proxy. Cheap to share; `apply` may be called from any task.
@@ -64,18 +112,17 @@ pub struct Proxy {
 impl Proxy {
     /// Must be called inside a tokio runtime.
     pub fn new(opts: ProxyOptions) -> Arc<Proxy> {
-        let (h1, h2) = http::clients();
         let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            snapshot: ArcSwap::from_pointee(Snapshot::empty(&opts.identity)),
             metrics: Metrics::default(),
-            no_route: [
-                Arc::new(LabelSet::no_route(&opts.identity, false)),
-                Arc::new(LabelSet::no_route(&opts.identity, true)),
-            ],
             identity: opts.identity,
             endpoints: EndpointRegistry::default(),
-            h1,
-            h2,
+            pools: Pools::new(PoolOptions {
+                connect_timeout: opts.limits.connect_timeout,
+                idle_timeout: opts.limits.upstream_idle_timeout,
+            }),
+            limits: opts.limits,
+            drain: Arc::new(Drain::default()),
             access_log: opts.access_log.then_some(AccessLog),
             ready: AtomicBool::new(false),
         });
@@ -106,10 +153,15 @@ impl Proxy {
     }
 
     fn apply_locked(&self, cfg: pb::ProxyConfig) -> Result<(), RejectError> {
+        if self.shared.drain.is_draining() {
+            // Listeners are closed for good: a new config must not reopen them.
+            return Ok(());
+        }
         let version = cfg.version.clone();
         let ctx = BuildContext {
             identity: &self.shared.identity,
             endpoints: &self.shared.endpoints,
+            pools: &self.shared.pools,
         };
         let snap = Snapshot::build(cfg, &ctx)?;
         let bound = self.listeners.prepare(&snap)?;
@@ -142,5 +194,26 @@ impl Proxy {
 
     pub fn listening_on(&self) -> Vec<std::net::SocketAddr> {
         self.listeners.addresses()
+    }
+
+    /// Graceful drain: stop accepting, `/ready` 503, `Connection: close` and
+    /// GOAWAY, then wait for in-flight work up to `window`. True when
+    /// everything finished in time.
+    pub async fn drain(&self, window: Duration) -> bool {
+        let drain = &self.shared.drain;
+        drain.start();
+        self.listeners.close_all();
+        let active = drain.active();
+        tracing::info!(connections = active, ?window, "draining");
+        let done = drain.wait(window).await;
+        if done {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!(
+                connections = drain.active(),
+                "drain window over with work still running"
+            );
+        }
+        done
     }
 }

@@ -1,7 +1,11 @@
 //! Listener sockets: bound before a snapshot is swapped in (a port that cannot
 //! be bound rejects the config), kept across snapshots while their address
-//! stays, closed when a snapshot drops them. Each accepted connection reads
-//! the current snapshot to learn whether it is HTTP or TCP.
+//! stays, closed when a snapshot drops them or the proxy drains. Each
+//! accepted connection reads the current snapshot to learn whether it is
+//! HTTP or TCP. A listener holds at most `max_connections` connections: at
+//! the limit it stops accepting (the kernel's backlog holds the rest) until
+//! one closes, so a flood of idle connections cannot take every file
+//! descriptor (the admin listener and config reloads keep theirs).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,8 +14,11 @@ use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
+use tokio::sync::Semaphore;
+
 use crate::Shared;
-use crate::config::{ListenerKind, RejectError, Snapshot};
+use crate::config::{ListenerKind, Snapshot};
+use crate::error::RejectError;
 
 #[derive(Default)]
 pub struct Listeners {
@@ -69,6 +76,15 @@ impl Listeners {
         }
     }
 
+    /// Closes every listener (drain): new connections are refused.
+    pub fn close_all(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        for (addr, task) in running.drain() {
+            tracing::info!(%addr, "listener closed (drain)");
+            task.abort();
+        }
+    }
+
     pub fn addresses(&self) -> Vec<SocketAddr> {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         running.keys().copied().collect()
@@ -76,7 +92,11 @@ impl Listeners {
 }
 
 async fn accept_loop(shared: Arc<Shared>, sock: TcpListener, addr: SocketAddr) {
+    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = match sock.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -86,11 +106,15 @@ async fn accept_loop(shared: Arc<Shared>, sock: TcpListener, addr: SocketAddr) {
                 continue;
             }
         };
+        if shared.drain.is_draining() {
+            return;
+        }
         let _ = stream.set_nodelay(true);
         shared
             .metrics
             .downstream_connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tracked = shared.drain.track();
         let snap = shared.snapshot.load_full();
         let Some(l) = snap.listeners.get(&addr) else {
             continue;
@@ -98,21 +122,18 @@ async fn accept_loop(shared: Arc<Shared>, sock: TcpListener, addr: SocketAddr) {
         match l.kind {
             ListenerKind::Http { .. } => {
                 drop(snap);
-                tokio::spawn(crate::http::serve_connection(
-                    shared.clone(),
-                    stream,
-                    peer,
-                    addr,
-                ));
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    crate::http::serve_connection(shared, stream, peer, addr, tracked).await;
+                    drop(permit);
+                });
             }
             ListenerKind::Tcp { .. } => {
-                tokio::spawn(crate::tcp::serve_connection(
-                    shared.clone(),
-                    snap,
-                    stream,
-                    peer,
-                    addr,
-                ));
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    crate::tcp::serve_connection(shared, snap, stream, peer, addr, tracked).await;
+                    drop(permit);
+                });
             }
         }
     }

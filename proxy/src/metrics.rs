@@ -10,9 +10,24 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bosun_xds_proto::config as pb;
+use crate::flags::Flags;
+use crate::identity::ProxyIdentity;
 
-use crate::config::ProxyIdentity;
+/// The service a cluster stands for, as the `destination_service*` labels name it.
+pub struct ServiceLabels<'a> {
+    pub cluster: &'a str,
+    pub host: &'a str,
+    pub name: &'a str,
+    pub namespace: &'a str,
+}
+
+/// The workload behind an endpoint.
+pub struct WorkloadLabels<'a> {
+    pub workload: &'a str,
+    pub namespace: &'a str,
+    pub app: &'a str,
+    pub version: &'a str,
+}
 
 /// Envoy's default histogram buckets, as Istio's duration metric uses them.
 const DURATION_BUCKETS_MS: [f64; 19] = [
@@ -122,56 +137,46 @@ impl LabelSet {
 
     pub fn destination(
         id: &ProxyIdentity,
-        c: &pb::Cluster,
-        e: &pb::Endpoint,
+        c: &ServiceLabels<'_>,
+        e: &WorkloadLabels<'_>,
         inbound: bool,
     ) -> LabelSet {
-        let app = e.labels.get("app").map(String::as_str).unwrap_or("");
-        let version = e.labels.get("version").map(String::as_str).unwrap_or("");
         if inbound {
             let dst = dest_labels(
                 &id.workload,
                 &id.namespace,
                 &id.app,
                 &id.version,
-                &c.service_host,
-                &c.service_name,
-                &c.service_namespace,
+                c.host,
+                c.name,
+                c.namespace,
             );
-            return LabelSet::with("destination", source_labels(id, false), dst, &c.name);
+            return LabelSet::with("destination", source_labels(id, false), dst, c.cluster);
         }
         let dst = dest_labels(
-            &e.workload,
-            &e.namespace,
-            app,
-            version,
-            &c.service_host,
-            &c.service_name,
-            &c.service_namespace,
+            e.workload,
+            e.namespace,
+            e.app,
+            e.version,
+            c.host,
+            c.name,
+            c.namespace,
         );
-        LabelSet::with("source", source_labels(id, true), dst, &c.name)
+        LabelSet::with("source", source_labels(id, true), dst, c.cluster)
     }
 
     pub fn destination_service_only(
         id: &ProxyIdentity,
-        c: &pb::Cluster,
+        c: &ServiceLabels<'_>,
         inbound: bool,
     ) -> Arc<LabelSet> {
-        let dst = dest_labels(
-            "",
-            "",
-            "",
-            "",
-            &c.service_host,
-            &c.service_name,
-            &c.service_namespace,
-        );
+        let dst = dest_labels("", "", "", "", c.host, c.name, c.namespace);
         let (reporter, src) = if inbound {
             ("destination", source_labels(id, false))
         } else {
             ("source", source_labels(id, true))
         };
-        Arc::new(LabelSet::with(reporter, src, dst, &c.name))
+        Arc::new(LabelSet::with(reporter, src, dst, c.cluster))
     }
 }
 
@@ -185,7 +190,7 @@ pub enum Protocol {
 struct ReqKey {
     labels: usize,
     code: u16,
-    flags: &'static str,
+    flags: Flags,
     protocol: Protocol,
     grpc_status: Option<u16>,
 }
@@ -235,7 +240,7 @@ struct ReqSeries {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct TcpKey {
     labels: usize,
-    flags: &'static str,
+    flags: Flags,
 }
 
 #[derive(Debug, Clone)]
@@ -252,7 +257,7 @@ pub struct RequestRecord<'a> {
     pub labels: &'a Arc<LabelSet>,
     pub protocol: Protocol,
     pub code: u16,
-    pub flags: &'static str,
+    pub flags: Flags,
     pub grpc_status: Option<u16>,
     pub duration_ms: f64,
     pub request_bytes: u64,
@@ -294,12 +299,7 @@ impl Metrics {
             .observe(&SIZE_BUCKETS, r.response_bytes as f64);
     }
 
-    fn tcp_series(
-        &self,
-        labels: &Arc<LabelSet>,
-        flags: &'static str,
-        f: impl FnOnce(&mut TcpSeries),
-    ) {
+    fn tcp_series(&self, labels: &Arc<LabelSet>, flags: Flags, f: impl FnOnce(&mut TcpSeries)) {
         let key = TcpKey {
             labels: Arc::as_ptr(labels) as usize,
             flags,
@@ -316,17 +316,11 @@ impl Metrics {
     }
 
     pub fn tcp_opened(&self, labels: &Arc<LabelSet>) {
-        self.tcp_series(labels, "-", |s| s.opened += 1);
+        self.tcp_series(labels, Flags::None, |s| s.opened += 1);
     }
 
     /// `sent`: bytes sent to the client; `received`: bytes received from it.
-    pub fn tcp_closed(
-        &self,
-        labels: &Arc<LabelSet>,
-        flags: &'static str,
-        sent: u64,
-        received: u64,
-    ) {
+    pub fn tcp_closed(&self, labels: &Arc<LabelSet>, flags: Flags, sent: u64, received: u64) {
         self.tcp_series(labels, flags, |s| {
             s.closed += 1;
             s.sent += sent;
@@ -348,7 +342,9 @@ impl Metrics {
                 let grpc = k.grpc_status.map_or("".to_string(), |g| g.to_string());
                 let text = format!(
                     "{},request_protocol=\"{proto}\",response_code=\"{}\",grpc_response_status=\"{grpc}\",response_flags=\"{}\",connection_security_policy=\"none\"",
-                    s.labels.text, k.code, k.flags
+                    s.labels.text,
+                    k.code,
+                    k.flags.as_str()
                 );
                 match reqs.get_mut(&text) {
                     Some(e) => {
@@ -395,7 +391,8 @@ impl Metrics {
             for (k, s) in map.iter() {
                 let text = format!(
                     "{},request_protocol=\"tcp\",response_flags=\"{}\",connection_security_policy=\"none\"",
-                    s.labels.text, k.flags
+                    s.labels.text,
+                    k.flags.as_str()
                 );
                 let e = tcp.entry(text).or_insert_with(|| TcpSeries {
                     labels: s.labels.clone(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use rand::RngExt;
+use rand::{Rng, RngExt};
 
 use crate::cluster::Cluster;
 
@@ -81,12 +81,12 @@ pub struct WeightedClusters {
 }
 
 impl WeightedClusters {
-    /// Weighted random pick: the canary split.
-    pub fn pick(&self) -> &Arc<Cluster> {
+    /// Weighted random pick (the canary split), with the caller's rng.
+    pub fn pick_with<R: Rng + ?Sized>(&self, rng: &mut R) -> &Arc<Cluster> {
         if self.clusters.len() == 1 {
             return &self.clusters[0].0;
         }
-        let mut n = rand::rng().random_range(0..self.total);
+        let mut n = rng.random_range(0..self.total);
         for (c, w) in &self.clusters {
             if n < *w {
                 return c;

@@ -1,15 +1,19 @@
 //! Opaque TCP: pick a cluster by weight and an endpoint by the cluster's
-//! policy, connect, and copy bytes both ways until either side closes.
+//! policy, connect through the one connector, and copy bytes both ways
+//! until either side closes. A drain lets the copy run to the end of the
+//! drain window.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::cluster::{HashKey, hash_bytes};
 use crate::config::{ListenerKind, Snapshot};
+use crate::drain::Tracked;
+use crate::flags::Flags;
+use crate::http::body::ActiveGuard;
 
 pub async fn serve_connection(
     shared: Arc<Shared>,
@@ -17,6 +21,7 @@ pub async fn serve_connection(
     mut down: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    _tracked: Tracked,
 ) {
     let Some(listener) = snap.listeners.get(&local) else {
         return;
@@ -25,43 +30,32 @@ pub async fn serve_connection(
         tracing::debug!(%local, "no TCP route; closing");
         return;
     };
-    let cluster = route.pick();
+    let cluster = route.pick_with(&mut rand::rng());
     let key = matches!(cluster.hash, Some(HashKey::SourceIp))
         .then(|| hash_bytes(peer.ip().to_string().as_bytes()));
     let Some(endpoint) = cluster.pick(key).cloned() else {
         shared
             .metrics
-            .tcp_closed(&cluster.no_endpoint_labels, "UH", 0, 0);
+            .tcp_closed(&cluster.no_endpoint_labels, Flags::NoHealthyUpstream, 0, 0);
         return;
     };
     drop(snap);
-    endpoint
-        .stats
-        .active
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _active = ActiveGuard::new(&endpoint);
     let labels = endpoint.labels.clone();
-    let connected =
-        tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(endpoint.addr)).await;
-    let mut up = match connected {
-        Ok(Ok(s)) => s,
-        _ => {
-            endpoint
-                .stats
-                .active
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            shared.metrics.tcp_closed(&labels, "UF", 0, 0);
+    let mut up = match endpoint.pool.connect().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(endpoint = %endpoint.addr, error = %e, "TCP upstream connect failed");
+            shared
+                .metrics
+                .tcp_closed(&labels, Flags::UpstreamConnectFailure, 0, 0);
             return;
         }
     };
-    let _ = up.set_nodelay(true);
     shared.metrics.tcp_opened(&labels);
     let (flags, received, sent) = match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        Ok((from_client, to_client)) => ("-", from_client, to_client),
-        Err(_) => ("UC", 0, 0),
+        Ok((from_client, to_client)) => (Flags::None, from_client, to_client),
+        Err(_) => (Flags::UpstreamConnectionTermination, 0, 0),
     };
-    endpoint
-        .stats
-        .active
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     shared.metrics.tcp_closed(&labels, flags, sent, received);
 }

@@ -4,6 +4,7 @@
 
 mod balancing;
 mod config;
+mod hardening;
 mod harness;
 mod kube;
 mod node;

@@ -1,0 +1,91 @@
+//! The one connector: every upstream connection (HTTP/1.1, HTTP/2, TCP,
+//! upgrades) is opened here, and comes back as a [`Stream`], the type TLS
+//! will wrap next (a `Tls` variant beside `Plain`).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::error::ConnectError;
+
+/// An open upstream connection.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+}
+
+/// What a pooled connection carries besides its endpoint. Connections are
+/// reused only for the same endpoint *and* transport: after mTLS, one made
+/// for one identity must never serve another.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Plaintext,
+}
+
+/// Opens a connection to `addr` within `timeout`.
+pub async fn connect(
+    addr: SocketAddr,
+    transport: &Transport,
+    timeout: Duration,
+) -> Result<Stream, ConnectError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))??;
+    let _ = stream.set_nodelay(true);
+    match transport {
+        Transport::Plaintext => Ok(Stream::Plain(stream)),
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,748 @@
+//! The HTTP/1.1 client, inside the request's own task, generic over the
+//! connection's stream (plain TCP today, TLS next).
+//!
+//! hyper's pooled client runs each upstream connection as a separate task
+//! and hands requests to it over channels; for a proxy that is a task hop
+//! and a pool lock per request. Here the request task checks a connection
+//! out of the endpoint's idle list, writes the request, parses the response
+//! head with `httparse`, and the response body reads the same socket while
+//! hyper's server streams it downstream. When the body ends cleanly the
+//! connection goes back to the idle list (LIFO, idle limit).
+//!
+//! A connection is only reused when nothing is waiting on it: a pooled
+//! connection is probed before every use, and one with unread bytes (an
+//! upstream that wrote a response nobody asked for) or at EOF is closed.
+//! Without the probe, a stray response would be read as the answer to the
+//! next request, and every later response on that connection would go to
+//! the wrong client.
+//!
+//! A request that meets a reused connection the upstream already closed (EOF
+//! or reset before any response byte) is sent again once on a new connection,
+//! when its body is empty and so can be replayed (Istio's 503 UC,
+//! istio/istio#13205).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::error::{ConnectError, ForwardError};
+
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+/// Response headers: as many as Envoy accepts by default.
+const MAX_RESPONSE_HEADERS: usize = 100;
+
+/// An open connection to one endpoint, with what was read past the last message.
+pub struct Conn<S> {
+    stream: S,
+    buf: BytesMut,
+    since: Instant,
+}
+
+impl<S> Conn<S> {
+    pub fn new(stream: S) -> Self {
+        Conn {
+            stream,
+            buf: BytesMut::new(),
+            since: Instant::now(),
+        }
+    }
+}
+
+/// Idle keep-alive connections of one pool key (endpoint + transport).
+pub struct Idle<S> {
+    conns: Mutex<Vec<Conn<S>>>,
+    timeout: Duration,
+}
+
+impl<S> std::fmt::Debug for Idle<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.conns.lock().map(|c| c.len()).unwrap_or(0);
+        write!(f, "Idle({n})")
+    }
+}
+
+impl<S: AsyncRead + Unpin> Idle<S> {
+    pub fn new(timeout: Duration) -> Self {
+        Idle {
+            conns: Mutex::new(Vec::new()),
+            timeout,
+        }
+    }
+
+    /// The most recently used connection that is still fresh and clean.
+    fn checkout(&self) -> Option<Conn<S>> {
+        loop {
+            let mut c = {
+                let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+                conns.pop()?
+            };
+            if c.since.elapsed() >= self.timeout {
+                continue;
+            }
+            match probe(&mut c) {
+                Probe::Idle => return Some(c),
+                Probe::Stray => {
+                    tracing::debug!("upstream wrote bytes nobody asked for; closing the connection")
+                }
+                Probe::Closed => {}
+            }
+        }
+    }
+
+    fn checkin(&self, mut c: Conn<S>) {
+        c.since = Instant::now();
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.len() < MAX_IDLE_PER_ENDPOINT {
+            conns.push(c);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+enum Probe {
+    /// Nothing to read: usable.
+    Idle,
+    /// Bytes arrived while no request was outstanding.
+    Stray,
+    /// EOF or an error.
+    Closed,
+}
+
+/// Looks at an idle connection without waiting: readable means it is not
+/// usable (EOF, reset, or bytes no request asked for).
+fn probe<S: AsyncRead + Unpin>(c: &mut Conn<S>) -> Probe {
+    if !c.buf.is_empty() {
+        return Probe::Stray;
+    }
+    let mut byte = [0u8; 1];
+    let mut rb = ReadBuf::new(&mut byte);
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    match Pin::new(&mut c.stream).poll_read(&mut cx, &mut rb) {
+        Poll::Pending => Probe::Idle,
+        Poll::Ready(Ok(())) if rb.filled().is_empty() => Probe::Closed,
+        Poll::Ready(Ok(())) => Probe::Stray,
+        Poll::Ready(Err(_)) => Probe::Closed,
+    }
+}
+
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+fn encode_head(parts: &http::request::Parts, framing: &Framing) -> BytesMut {
+    let mut b = BytesMut::with_capacity(512);
+    b.put_slice(parts.method.as_str().as_bytes());
+    b.put_u8(b' ');
+    b.put_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
+    b.put_slice(b" HTTP/1.1\r\n");
+    for (k, v) in &parts.headers {
+        if k == header::CONTENT_LENGTH && !matches!(framing, Framing::Length(_)) {
+            continue;
+        }
+        b.put_slice(k.as_str().as_bytes());
+        b.put_slice(b": ");
+        b.put_slice(v.as_bytes());
+        b.put_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Chunked => b.put_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Length(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
+            b.put_slice(format!("content-length: {n}\r\n").as_bytes());
+        }
+        Framing::Empty
+            if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+                && !parts.headers.contains_key(header::CONTENT_LENGTH) =>
+        {
+            b.put_slice(b"content-length: 0\r\n");
+        }
+        _ => {}
+    }
+    b.put_slice(b"\r\n");
+    b
+}
+
+/// How long the upstream may stay silent (Envoy's stream idle timeout).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub stream_idle: Duration,
+}
+
+async fn idle_bounded<T>(
+    limit: Duration,
+    f: impl Future<Output = io::Result<T>>,
+) -> Result<T, ForwardError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r.map_err(ForwardError::Reset),
+        Err(_) => Err(ForwardError::StreamIdle(limit)),
+    }
+}
+
+/// A request body error: the client's framing was bad, or it went away.
+fn downstream_error(e: &dyn std::fmt::Display) -> ForwardError {
+    let msg = e.to_string();
+    if msg.contains("incomplete") || msg.contains("canceled") || msg.contains("closed") {
+        ForwardError::DownstreamGone(msg)
+    } else {
+        ForwardError::DownstreamBody(msg)
+    }
+}
+
+/// Sends one request over a pooled HTTP/1.1 connection (`connect` opens a
+/// new one when the pool has none).
+pub async fn send<S, B, C, F>(
+    idle: &Arc<Idle<S>>,
+    connect: C,
+    parts: http::request::Parts,
+    mut body: B,
+    t: Timeouts,
+) -> Result<Response<H1Body<S>>, ForwardError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+    C: Fn() -> F,
+    F: Future<Output = Result<S, ConnectError>>,
+{
+    let framing = if body.is_end_stream() {
+        Framing::Empty
+    } else {
+        match body.size_hint().exact() {
+            Some(n) => Framing::Length(n),
+            None => Framing::Chunked,
+        }
+    };
+    let replayable = matches!(framing, Framing::Empty);
+    let head = encode_head(&parts, &framing).freeze();
+    let head_request = parts.method == Method::HEAD;
+    let mut reused_failed = false;
+    loop {
+        let idle_conn = if reused_failed { None } else { idle.checkout() };
+        let (mut conn, reused) = match idle_conn {
+            Some(c) => (c, true),
+            None => (Conn::new(connect().await?), false),
+        };
+        if let Err(e) = idle_bounded(t.stream_idle, conn.stream.write_all(&head)).await {
+            if reused && replayable && !reused_failed {
+                reused_failed = true;
+                continue;
+            }
+            return Err(e);
+        }
+        if !replayable {
+            // On any error the connection is dropped here, closed, never
+            // reused: the upstream holds half a request.
+            write_body(&mut conn, &mut body, &framing, t).await?;
+        }
+        match tokio::time::timeout(t.stream_idle, read_head(&mut conn, head_request)).await {
+            Err(_) => return Err(ForwardError::StreamIdle(t.stream_idle)),
+            Ok(Ok((resp, state, keep_alive))) => {
+                let mut body = H1Body {
+                    conn: Some(conn),
+                    state,
+                    keep_alive,
+                    idle: idle.clone(),
+                    stream_idle: t.stream_idle,
+                    timer: None,
+                };
+                if matches!(body.state, State::Done) {
+                    body.finish();
+                }
+                return Ok(resp.map(|()| body));
+            }
+            Ok(Err(HeadError::Io {
+                nothing_read: true, ..
+            })) if reused && replayable && !reused_failed => {
+                tracing::debug!("kept-alive connection closed by upstream; retrying on a new one");
+                reused_failed = true;
+            }
+            Ok(Err(HeadError::Io { error, .. })) => return Err(ForwardError::Reset(error)),
+            Ok(Err(HeadError::Malformed(m))) => return Err(ForwardError::UpstreamProtocol(m)),
+        }
+    }
+}
+
+async fn write_body<S, B>(
+    conn: &mut Conn<S>,
+    body: &mut B,
+    framing: &Framing,
+    t: Timeouts,
+) -> Result<(), ForwardError>
+where
+    S: AsyncWrite + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let chunked = matches!(framing, Framing::Chunked);
+    let limit = t.stream_idle;
+    loop {
+        let frame = match tokio::time::timeout(limit, body.frame()).await {
+            Err(_) => return Err(ForwardError::StreamIdle(limit)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(downstream_error(&e)),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            let size = format!("{:x}\r\n", data.len());
+            idle_bounded(limit, conn.stream.write_all(size.as_bytes())).await?;
+            idle_bounded(limit, conn.stream.write_all(&data)).await?;
+            idle_bounded(limit, conn.stream.write_all(b"\r\n")).await?;
+        } else {
+            idle_bounded(limit, conn.stream.write_all(&data)).await?;
+        }
+    }
+    if chunked {
+        idle_bounded(limit, conn.stream.write_all(b"0\r\n\r\n")).await?;
+    }
+    Ok(())
+}
+
+enum HeadError {
+    Io {
+        error: io::Error,
+        nothing_read: bool,
+    },
+    Malformed(&'static str),
+}
+
+/// A parsed response head: the response, how its body is framed, and
+/// whether the upstream allows the connection to be reused.
+pub struct Head {
+    pub response: Response<()>,
+    pub state: State,
+    pub keep_alive: bool,
+}
+
+/// Parses one response head at the start of `buf` and takes it out of the
+/// buffer (pure: no I/O; header values share the head's bytes, no copy).
+/// `Ok(None)`: more bytes are needed. 1xx heads are returned like any other
+/// (the caller skips them).
+pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut r = httparse::Response::new(&mut headers);
+    let len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err("response head too large");
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err("too many response headers"),
+        Err(_) => return Err("malformed response head"),
+    };
+    let code = r.code.unwrap_or(0);
+    let version = r.version.unwrap_or(1);
+    let status = StatusCode::from_u16(code).map_err(|_| "bad status code")?;
+    let base = buf.as_ptr() as usize;
+    let spans: Vec<(HeaderName, usize, usize)> = r
+        .headers
+        .iter()
+        .map(|h| {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "bad header name")?;
+            Ok((name, h.value.as_ptr() as usize - base, h.value.len()))
+        })
+        .collect::<Result<_, &'static str>>()?;
+    let head = buf.split_to(len).freeze();
+    let mut map = HeaderMap::with_capacity(spans.len());
+    for (name, off, n) in spans {
+        let v = HeaderValue::from_maybe_shared(head.slice(off..off + n))
+            .map_err(|_| "bad header value")?;
+        map.append(name, v);
+    }
+    let keep_alive = version == 1
+        && !map
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    let chunked = match map.get_all(header::TRANSFER_ENCODING).iter().last() {
+        None => false,
+        // RFC 9112 6.3: chunked must be the last coding; anything else
+        // would be delimited by close, which a reused connection cannot be.
+        Some(v) => {
+            let last = v.to_str().ok().and_then(|s| s.rsplit(',').next());
+            if !last.is_some_and(|l| l.trim().eq_ignore_ascii_case("chunked")) {
+                return Err("transfer-encoding without chunked last");
+            }
+            true
+        }
+    };
+    let mut lengths = map.get_all(header::CONTENT_LENGTH).iter();
+    let length = match lengths.next() {
+        // Envoy refuses both framings in one message (RFC 9112 6.3: a
+        // smuggling or response-splitting attempt).
+        Some(_) if chunked => return Err("both transfer-encoding and content-length"),
+        Some(first) => {
+            let n = parse_length(first)?;
+            if lengths.any(|v| parse_length(v) != Ok(n)) {
+                return Err("conflicting content-length");
+            }
+            Some(n)
+        }
+        None => None,
+    };
+    let state = if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        State::Done
+    } else if chunked {
+        State::Chunked(Chunk::Size)
+    } else {
+        match length {
+            Some(0) => State::Done,
+            Some(n) => State::Length(n),
+            None => State::UntilClose,
+        }
+    };
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = Version::HTTP_11;
+    *response.headers_mut() = map;
+    Ok(Some(Head {
+        response,
+        state,
+        keep_alive,
+    }))
+}
+
+fn parse_length(v: &HeaderValue) -> Result<u64, &'static str> {
+    let s = v.to_str().map_err(|_| "bad content-length")?.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("bad content-length");
+    }
+    s.parse().map_err(|_| "bad content-length")
+}
+
+async fn read_head<S: AsyncRead + Unpin>(
+    conn: &mut Conn<S>,
+    head_request: bool,
+) -> Result<(Response<()>, State, bool), HeadError> {
+    let mut read_any = !conn.buf.is_empty();
+    loop {
+        if !conn.buf.is_empty() {
+            match parse_head(&mut conn.buf, head_request) {
+                Ok(Some(h)) => {
+                    if h.response.status().is_informational() {
+                        // 100 Continue, 103 Early Hints: not forwarded.
+                        continue;
+                    }
+                    return Ok((h.response, h.state, h.keep_alive));
+                }
+                Ok(None) => {}
+                Err(m) => return Err(HeadError::Malformed(m)),
+            }
+        }
+        conn.buf.reserve(8 * 1024);
+        match conn.stream.read_buf(&mut conn.buf).await {
+            Ok(0) => {
+                return Err(HeadError::Io {
+                    error: io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed before the response",
+                    ),
+                    nothing_read: !read_any,
+                });
+            }
+            Ok(_) => read_any = true,
+            Err(e) => {
+                return Err(HeadError::Io {
+                    error: e,
+                    nothing_read: !read_any,
+                });
+            }
+        }
+    }
+}
+
+pub enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// How the rest of a response body is delimited.
+pub enum State {
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+    Done,
+}
+
+/// One step of body decoding over what is buffered.
+pub enum Step {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The body ended; the bytes after it belong to nobody.
+    End,
+    /// Nothing decodable is buffered.
+    NeedMore,
+}
+
+fn invalid(msg: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Chunk-size lines are short: a longer one is an attack or a broken peer.
+const MAX_CHUNK_LINE: usize = 4096;
+
+impl State {
+    /// Decodes what `buf` holds (pure: no I/O). `UntilClose` takes all of it.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Step> {
+        loop {
+            match self {
+                State::Done => return Ok(Step::End),
+                State::Length(rem) => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    let n = (*rem).min(buf.len() as u64) as usize;
+                    *rem -= n as u64;
+                    let data = buf.split_to(n).freeze();
+                    if *rem == 0 {
+                        *self = State::Done;
+                    }
+                    return Ok(Step::Data(data));
+                }
+                State::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    return Ok(Step::Data(buf.split().freeze()));
+                }
+                State::Chunked(chunk) => match chunk {
+                    Chunk::Size => {
+                        let Some(i) = find_crlf(buf) else {
+                            if buf.len() > MAX_CHUNK_LINE {
+                                return Err(invalid("chunk size line too long"));
+                            }
+                            return Ok(Step::NeedMore);
+                        };
+                        let line = &buf[..i];
+                        let hex = line.split(|b| *b == b';').next().unwrap_or(&[]);
+                        let hex = hex.trim_ascii_end();
+                        if hex.is_empty()
+                            || hex.len() > 16
+                            || !hex.iter().all(u8::is_ascii_hexdigit)
+                        {
+                            return Err(invalid("bad chunk size"));
+                        }
+                        let size = std::str::from_utf8(hex)
+                            .ok()
+                            .and_then(|s| u64::from_str_radix(s, 16).ok())
+                            .ok_or_else(|| invalid("bad chunk size"))?;
+                        buf.advance(i + 2);
+                        *chunk = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Chunk::Data(rem) => {
+                        if buf.is_empty() {
+                            return Ok(Step::NeedMore);
+                        }
+                        let n = (*rem).min(buf.len() as u64) as usize;
+                        *rem -= n as u64;
+                        if *rem == 0 {
+                            *chunk = Chunk::DataEnd;
+                        }
+                        return Ok(Step::Data(buf.split_to(n).freeze()));
+                    }
+                    Chunk::DataEnd => {
+                        if buf.len() < 2 {
+                            return Ok(Step::NeedMore);
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Err(invalid("bad chunk end"));
+                        }
+                        buf.advance(2);
+                        *chunk = Chunk::Size;
+                    }
+                    Chunk::Trailers => {
+                        if buf.starts_with(b"\r\n") {
+                            buf.advance(2);
+                            *self = State::Done;
+                            return Ok(Step::End);
+                        }
+                        let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            if buf.len() > MAX_HEAD {
+                                return Err(invalid("trailers too large"));
+                            }
+                            return Ok(Step::NeedMore);
+                        };
+                        let block = buf.split_to(i + 4);
+                        let mut trailers = HeaderMap::new();
+                        for line in block[..].split(|b| *b == b'\n') {
+                            let line = line.strip_suffix(b"\r").unwrap_or(line);
+                            if let Some(c) = line.iter().position(|b| *b == b':')
+                                && let (Ok(n), Ok(v)) = (
+                                    HeaderName::from_bytes(&line[..c]),
+                                    HeaderValue::from_bytes(line[c + 1..].trim_ascii()),
+                                )
+                            {
+                                trailers.append(n, v);
+                            }
+                        }
+                        *self = State::Done;
+                        return Ok(Step::Trailers(trailers));
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn find_crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
+}
+
+/// A response body read straight from the upstream connection.
+pub struct H1Body<S> {
+    conn: Option<Conn<S>>,
+    state: State,
+    /// The upstream allows reuse (HTTP/1.1, no `connection: close`).
+    keep_alive: bool,
+    idle: Arc<Idle<S>>,
+    stream_idle: Duration,
+    /// Armed only when the upstream keeps us waiting.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S: AsyncRead + Unpin> H1Body<S> {
+    /// The message ended cleanly: the connection goes back to the pool if
+    /// the upstream allows it and nothing unexpected follows.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let Some(c) = self.conn.take()
+            && self.keep_alive
+            && c.buf.is_empty()
+        {
+            self.idle.checkin(c);
+        }
+    }
+}
+
+fn poll_fill<S: AsyncRead + Unpin>(
+    conn: &mut Conn<S>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    conn.buf.reserve(16 * 1024);
+    // `read_buf` keeps no state between polls: a fresh one each time is fine.
+    std::pin::pin!(conn.stream.read_buf(&mut conn.buf)).poll(cx)
+}
+
+fn eof() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "upstream closed mid-body")
+}
+
+impl<S: AsyncRead + Unpin> Body for H1Body<S> {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let until_close = matches!(this.state, State::UntilClose);
+            match this.state.decode(&mut conn.buf) {
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Ok(Step::Data(d)) => {
+                    if matches!(this.state, State::Done) {
+                        this.finish();
+                    }
+                    this.timer = None;
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Ok(Step::Trailers(t)) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::NeedMore) => {}
+            }
+            match poll_fill(conn, cx) {
+                Poll::Ready(Ok(0)) if until_close => {
+                    this.state = State::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(0)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(eof())));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Pending => {
+                    let limit = this.stream_idle;
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                    ready!(timer.as_mut().poll(cx));
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "upstream stream idle timeout",
+                    ))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            State::Done => SizeHint::with_exact(0),
+            State::Length(n) => SizeHint::with_exact(*n),
+            _ => SizeHint::default(),
+        }
+    }
+}

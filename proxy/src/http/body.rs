@@ -1,0 +1,319 @@
+//! Bodies on the request path: the request body counted on its way
+//! upstream, and the response body, streamed from upstream or local,
+//! recorded (metrics, access log) when it ends.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::Shared;
+use crate::cluster::{Endpoint, EndpointStats};
+use crate::connect::Stream;
+use crate::flags::Flags;
+use crate::metrics::{LabelSet, Protocol, RequestRecord};
+
+/// The downstream request body, counted on its way upstream. A frame read
+/// ahead (to catch a malformed body before anything goes upstream) is
+/// handed out first.
+pub struct ReqBody {
+    inner: Incoming,
+    first: Option<Frame<Bytes>>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl ReqBody {
+    pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
+        ReqBody {
+            inner,
+            first: None,
+            bytes,
+        }
+    }
+
+    /// Reads the first frame now (a bad chunk size fails here, before the
+    /// request head is sent anywhere).
+    pub async fn read_ahead(&mut self) -> Result<(), hyper::Error> {
+        use http_body_util::BodyExt;
+        if let Some(f) = self.inner.frame().await {
+            let f = f?;
+            if let Some(d) = f.data_ref() {
+                self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+            self.first = Some(f);
+        }
+        Ok(())
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(f) = self.first.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        let f = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(frame)) = &f
+            && let Some(d) = frame.data_ref()
+        {
+            self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        Poll::Ready(f)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        let mut h = self.inner.size_hint();
+        if let Some(n) = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+        {
+            h.set_lower(h.lower() + n);
+            if let Some(u) = h.upper() {
+                h.set_upper(u + n);
+            }
+        }
+        h
+    }
+}
+
+/// Keeps the endpoint's in-flight count up until the response ends.
+pub struct ActiveGuard(Arc<EndpointStats>);
+
+impl ActiveGuard {
+    pub fn new(e: &Endpoint) -> Self {
+        e.stats.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(e.stats.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the access log needs beyond the metrics.
+pub struct LogInfo {
+    pub start_time: SystemTime,
+    pub method: String,
+    pub path: String,
+    pub protocol: &'static str,
+    pub authority: String,
+    pub user_agent: String,
+    pub request_id: String,
+    pub forwarded_for: String,
+    pub downstream_remote: SocketAddr,
+    pub downstream_local: SocketAddr,
+    pub route_name: Arc<str>,
+    pub upstream_host: Option<Arc<str>>,
+}
+
+/// What is recorded when the response ends.
+pub struct Exchange {
+    pub shared: Arc<Shared>,
+    pub labels: Arc<LabelSet>,
+    pub start: Instant,
+    pub code: u16,
+    pub flags: Flags,
+    pub protocol: Protocol,
+    pub grpc_status: Option<u16>,
+    pub request_bytes: Arc<AtomicU64>,
+    pub response_bytes: u64,
+    pub active: Option<ActiveGuard>,
+    pub log: Option<Box<LogInfo>>,
+}
+
+impl Exchange {
+    fn finish(self) {
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        self.shared.metrics.record_request(RequestRecord {
+            labels: &self.labels,
+            protocol: self.protocol,
+            code: self.code,
+            flags: self.flags,
+            grpc_status: self.grpc_status,
+            duration_ms,
+            request_bytes,
+            response_bytes: self.response_bytes,
+        });
+        if let (Some(log), Some(sink)) = (self.log, &self.shared.access_log) {
+            sink.write(serde_json::json!({
+                "start_time": crate::accesslog::rfc3339(log.start_time),
+                "method": log.method,
+                "path": log.path,
+                "protocol": log.protocol,
+                "response_code": self.code,
+                "response_flags": self.flags.as_str(),
+                "grpc_status": self.grpc_status,
+                "bytes_received": request_bytes,
+                "bytes_sent": self.response_bytes,
+                "duration": duration_ms.round() as u64,
+                "x_forwarded_for": log.forwarded_for,
+                "user_agent": log.user_agent,
+                "request_id": log.request_id,
+                "authority": log.authority,
+                "upstream_host": log.upstream_host.as_deref(),
+                "upstream_cluster": &*self.labels.cluster,
+                "route_name": &*log.route_name,
+                "downstream_remote_address": log.downstream_remote.to_string(),
+                "downstream_local_address": log.downstream_local.to_string(),
+            }));
+        }
+    }
+}
+
+pub enum RespKind {
+    /// From hyper's client connection (HTTP/2 upstreams, upgrades).
+    Upstream(Incoming),
+    /// From Bosun's own HTTP/1.1 upstream connection.
+    H1(crate::h1::H1Body<Stream>),
+    Full(Option<Bytes>),
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The response body: streamed from upstream or local; recorded when it ends.
+pub struct RespBody {
+    pub kind: RespKind,
+    pub exchange: Option<Box<Exchange>>,
+    /// Keeps the downstream connection busy (not idle) until the response ends.
+    pub inflight: Option<crate::http::serve::InFlight>,
+}
+
+impl RespBody {
+    fn done(&mut self) {
+        if let Some(x) = self.exchange.take() {
+            x.finish();
+        }
+        self.inflight = None;
+    }
+
+    fn kind_ended(&self) -> bool {
+        match &self.kind {
+            RespKind::Full(_) => true,
+            RespKind::Upstream(b) => b.is_end_stream(),
+            RespKind::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    /// Counts bytes, reads grpc-status from trailers, records at the end.
+    fn observe<E>(
+        &mut self,
+        f: &Option<Result<Frame<Bytes>, E>>,
+        end: bool,
+        err_flag: impl Fn(&E) -> Flags,
+    ) {
+        match f {
+            Some(Ok(frame)) => {
+                if let Some(x) = self.exchange.as_mut() {
+                    if let Some(d) = frame.data_ref() {
+                        x.response_bytes += d.len() as u64;
+                    } else if let Some(t) = frame.trailers_ref() {
+                        x.grpc_status = grpc_status(t).or(x.grpc_status);
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                if let Some(x) = self.exchange.as_mut() {
+                    x.flags = err_flag(e);
+                }
+            }
+            None => {}
+        }
+        if f.is_none() || end {
+            self.done();
+        }
+    }
+}
+
+impl Drop for RespBody {
+    fn drop(&mut self) {
+        let ended = self.kind_ended();
+        if let Some(x) = self.exchange.as_mut()
+            && !ended
+            && x.flags.is_none()
+        {
+            x.flags = Flags::DownstreamConnectionTermination;
+        }
+        self.done();
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &mut this.kind {
+            RespKind::Full(b) => {
+                let f = b.take().map(|b| Ok(Frame::data(b)));
+                if f.is_none() {
+                    this.done();
+                }
+                Poll::Ready(f)
+            }
+            RespKind::Upstream(inner) => {
+                let f = ready!(Pin::new(&mut *inner).poll_frame(cx));
+                let end = inner.is_end_stream();
+                this.observe(&f, end, |e| {
+                    if e.is_timeout() {
+                        Flags::StreamIdleTimeout
+                    } else {
+                        Flags::UpstreamConnectionTermination
+                    }
+                });
+                Poll::Ready(f.map(|r| r.map_err(BoxError::from)))
+            }
+            RespKind::H1(inner) => {
+                let f = ready!(Pin::new(&mut *inner).poll_frame(cx));
+                let end = inner.is_end_stream();
+                this.observe(&f, end, |e| match e.kind() {
+                    std::io::ErrorKind::TimedOut => Flags::StreamIdleTimeout,
+                    std::io::ErrorKind::InvalidData => Flags::UpstreamProtocolError,
+                    _ => Flags::UpstreamConnectionTermination,
+                });
+                Poll::Ready(f.map(|r| r.map_err(BoxError::from)))
+            }
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RespKind::Full(b) => b.is_none(),
+            RespKind::Upstream(b) => b.is_end_stream(),
+            RespKind::H1(b) => b.is_end_stream(),
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RespKind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            RespKind::Full(None) => SizeHint::with_exact(0),
+            RespKind::Upstream(b) => b.size_hint(),
+            RespKind::H1(b) => b.size_hint(),
+        }
+    }
+}
+
+pub fn grpc_status(h: &HeaderMap) -> Option<u16> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+}

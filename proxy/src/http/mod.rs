@@ -1,0 +1,20 @@
+//! The HTTP request path, as stages:
+//!
+//! - [`serve`]: one task per downstream connection: protocol detection,
+//!   limits, idle close, drain; one `handle` per request.
+//! - [`decide`]: pure: snapshot + connection + request head → a local reply
+//!   or a forward plan.
+//! - [`forward`]: the upstream stack: endpoint pick, upstream headers, the
+//!   pool and connector, the response.
+//! - [`body`]: request and response bodies; metrics and the access log when
+//!   a response ends.
+//!
+//! ARCHITECTURE.md draws the phases.
+
+pub mod body;
+pub mod decide;
+pub mod forward;
+pub mod headers;
+pub mod serve;
+
+pub use serve::serve_connection;

@@ -1,0 +1,469 @@
+//! *serve*: one task per downstream connection. It detects the protocol
+//! (HTTP/1.1 or h2c prior knowledge) within the head timeout, drives
+//! hyper's connection with the limits, closes the connection when it idles
+//! too long, and on drain lets it finish what it started (`Connection:
+//! close` on HTTP/1.1, GOAWAY on HTTP/2).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::Shared;
+use crate::drain::Tracked;
+use crate::flags::Flags;
+use crate::http::body::{ActiveGuard, Exchange, LogInfo, RespBody, RespKind, grpc_status};
+use crate::http::decide::{ConnContext, Decision, LocalReply, authority, decide};
+use crate::http::forward::forward;
+use crate::http::headers::{header_str, is_upgrade};
+use crate::metrics::{LabelSet, Protocol};
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Per-connection state the request tasks and the connection task share.
+#[derive(Debug)]
+pub struct ConnState {
+    start: tokio::time::Instant,
+    inflight: AtomicUsize,
+    requests: AtomicU64,
+    /// Milliseconds after `start` when the last request ended.
+    idle_since_ms: AtomicU64,
+    /// Wakes the connection task when the last request in flight ends, to
+    /// arm the idle deadline.
+    went_idle: tokio::sync::Notify,
+}
+
+/// Counts one request in flight on its connection until dropped.
+pub struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let s = &self.0;
+        s.idle_since_ms
+            .store(s.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if s.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            s.went_idle.notify_one();
+        }
+    }
+}
+
+impl ConnState {
+    fn new() -> Arc<Self> {
+        Arc::new(ConnState {
+            start: tokio::time::Instant::now(),
+            inflight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            went_idle: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// When the connection may be closed if nothing happens: the first head
+    /// must come within the head timeout of accept, later ones within the
+    /// idle timeout of the last response. `None` while requests run.
+    fn deadline(&self, limits: &crate::Limits) -> Option<tokio::time::Instant> {
+        if self.inflight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        if self.requests.load(Ordering::Relaxed) == 0 {
+            return Some(self.start + limits.request_head_timeout);
+        }
+        let idle = std::time::Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
+        Some(self.start + idle + limits.idle_timeout)
+    }
+}
+
+/// The stream with the bytes protocol detection read put back in front.
+struct Prefixed {
+    head: [u8; 24],
+    pos: usize,
+    len: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.len {
+            let n = (this.len - this.pos).min(buf.remaining());
+            buf.put_slice(&this.head[this.pos..this.pos + n]);
+            this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads until the bytes are, or cannot be, the HTTP/2 preface. `None`:
+/// the peer closed or sent too little before the deadline.
+async fn detect(mut stream: TcpStream, deadline: tokio::time::Instant) -> Option<(bool, Prefixed)> {
+    let mut head = [0u8; 24];
+    let mut len = 0;
+    let h2 = loop {
+        if head[..len] != H2_PREFACE[..len] {
+            break false;
+        }
+        if len == H2_PREFACE.len() {
+            break true;
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut head[len..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => len += n,
+        }
+    };
+    Some((
+        h2,
+        Prefixed {
+            head,
+            pos: 0,
+            len,
+            inner: stream,
+        },
+    ))
+}
+
+/// hyper's two connection types, shut down the same way.
+trait Graceful: Future {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming>,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Drives a connection: closes it when idle past its deadline, shuts it
+/// down gracefully on drain.
+async fn drive<C>(shared: &Shared, state: &ConnState, conn: C, peer: SocketAddr)
+where
+    C: Graceful,
+    C::Output: Into<Result<(), hyper::Error>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut drain = shared.drain.watch();
+    let mut draining = *drain.borrow();
+    if draining {
+        conn.as_mut().graceful();
+    }
+    loop {
+        let deadline = state.deadline(&shared.limits);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r.into() {
+                    tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
+                }
+                return;
+            }
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if state.deadline(&shared.limits).is_some_and(|d| d <= tokio::time::Instant::now()) {
+                    tracing::debug!(%peer, "closing an idle downstream connection");
+                    conn.as_mut().graceful();
+                    // A peer that ignores the close gets a second to go.
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => return,
+                    }
+                }
+            }
+            _ = state.went_idle.notified() => {}
+            _ = drain.changed(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful();
+            }
+        }
+    }
+}
+
+/// Serves one accepted connection (HTTP/1.1 or h2c prior knowledge).
+pub async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    _tracked: Tracked,
+) {
+    let state = ConnState::new();
+    let limits = shared.limits.clone();
+    let Some((h2, io)) = detect(stream, state.start + limits.request_head_timeout).await else {
+        tracing::debug!(%peer, "no request within the head timeout; closing");
+        return;
+    };
+    let conn = Arc::new(ConnContext::new(peer, local));
+    let (sh, st) = (shared.clone(), state.clone());
+    let svc = hyper::service::service_fn(move |req| {
+        let (shared, conn, state) = (sh.clone(), conn.clone(), st.clone());
+        async move { Ok::<_, Infallible>(handle(shared, conn, state, req).await) }
+    });
+    let io = TokioIo::new(io);
+    if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(limits.max_request_head_bytes as u32)
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(1024));
+        drive(&shared, &state, b.serve_connection(io, svc), peer).await;
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(limits.request_head_timeout)
+            .max_header_size(limits.max_request_head_bytes);
+        if limits.max_request_headers != 100 {
+            // hyper's default is 100 on the stack; another count costs a heap array.
+            b.max_headers(limits.max_request_headers);
+        }
+        drive(
+            &shared,
+            &state,
+            b.serve_connection(io, svc).with_upgrades(),
+            peer,
+        )
+        .await;
+    }
+}
+
+/// Builds the recorded response: metrics and access log at its end.
+pub struct Recorder {
+    shared: Arc<Shared>,
+    start: Instant,
+    protocol: Protocol,
+    request_bytes: Arc<AtomicU64>,
+    log: Option<Box<LogInfo>>,
+    h1: bool,
+    inflight: InFlight,
+}
+
+impl Recorder {
+    pub fn request_bytes(&self) -> Arc<AtomicU64> {
+        self.request_bytes.clone()
+    }
+
+    pub fn set_upstream_host(&mut self, host: &Arc<str>) {
+        if let Some(l) = self.log.as_mut() {
+            l.upstream_host = Some(host.clone());
+        }
+    }
+
+    pub fn set_request_id(&mut self, id: &HeaderValue) {
+        if let Some(l) = self.log.as_mut() {
+            l.request_id = id.to_str().unwrap_or("").to_string();
+        }
+    }
+
+    fn exchange(
+        self,
+        labels: Arc<LabelSet>,
+        code: u16,
+        flags: Flags,
+        active: Option<ActiveGuard>,
+    ) -> (Box<Exchange>, bool, InFlight) {
+        let close = self.h1 && self.shared.drain.is_draining();
+        (
+            Box::new(Exchange {
+                shared: self.shared,
+                labels,
+                start: self.start,
+                code,
+                flags,
+                protocol: self.protocol,
+                grpc_status: None,
+                request_bytes: self.request_bytes,
+                response_bytes: 0,
+                active,
+                log: self.log,
+            }),
+            close,
+            self.inflight,
+        )
+    }
+
+    pub fn local(self, l: LocalReply<'_>) -> Response<RespBody> {
+        self.local_with(l, None)
+    }
+
+    pub fn local_with(self, l: LocalReply<'_>, active: Option<ActiveGuard>) -> Response<RespBody> {
+        let (mut x, close, inflight) = self.exchange(l.labels, l.status.as_u16(), l.flags, active);
+        x.response_bytes = l.body.len() as u64;
+        let mut resp = Response::new(RespBody {
+            kind: RespKind::Full((!l.body.is_empty()).then_some(l.body)),
+            exchange: Some(x),
+            inflight: Some(inflight),
+        });
+        *resp.status_mut() = l.status;
+        if let Some(loc) = l.location {
+            resp.headers_mut().insert(header::LOCATION, loc);
+        }
+        if !l.flags.is_none() {
+            resp.headers_mut().insert(
+                HeaderName::from_static("x-bosun-response-flags"),
+                HeaderValue::from_static(l.flags.as_str()),
+            );
+        }
+        if let Some(ops) = l.response_ops {
+            ops.apply(resp.headers_mut());
+        }
+        if close || l.flags == Flags::DownstreamProtocolError {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
+    pub fn upstream(
+        self,
+        mut parts: http::response::Parts,
+        kind: RespKind,
+        labels: Arc<LabelSet>,
+        active: ActiveGuard,
+    ) -> Response<RespBody> {
+        let (mut x, close, inflight) =
+            self.exchange(labels, parts.status.as_u16(), Flags::None, Some(active));
+        x.grpc_status = grpc_status(&parts.headers);
+        if close {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Response::from_parts(
+            parts,
+            RespBody {
+                kind,
+                exchange: Some(x),
+                inflight: Some(inflight),
+            },
+        )
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnContext>,
+    state: Arc<ConnState>,
+    mut req: Request<Incoming>,
+) -> Response<RespBody> {
+    let start = Instant::now();
+    let inflight = state.begin();
+    let protocol = if req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    {
+        Protocol::Grpc
+    } else {
+        Protocol::Http
+    };
+    let upgrade = is_upgrade(req.version(), req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let snap = shared.snapshot.load();
+    let decided = decide(&snap, &conn, &parts, &mut rand::rng());
+    let log = shared.access_log.as_ref().map(|_| {
+        Box::new(LogInfo {
+            start_time: SystemTime::now(),
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or("/".into(), |p| p.as_str().to_string()),
+            protocol: match parts.version {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            authority: authority(&parts).to_str().unwrap_or("").to_string(),
+            user_agent: header_str(&parts.headers, header::USER_AGENT),
+            request_id: header_str(&parts.headers, HeaderName::from_static("x-request-id")),
+            forwarded_for: header_str(&parts.headers, HeaderName::from_static("x-forwarded-for")),
+            downstream_remote: conn.peer,
+            downstream_local: conn.local,
+            route_name: decided.route_name.clone().unwrap_or_else(|| Arc::from("")),
+            upstream_host: None,
+        })
+    });
+    let rec = Recorder {
+        shared: shared.clone(),
+        start,
+        protocol,
+        request_bytes: Arc::new(AtomicU64::new(0)),
+        log,
+        h1: parts.version != Version::HTTP_2,
+        inflight,
+    };
+    match decided.decision {
+        Decision::Local(l) => rec.local(l),
+        Decision::Forward(plan) => forward(&shared, &conn, plan, parts, body, upgrade, rec).await,
+    }
+}

@@ -1,0 +1,11 @@
+//! Who this proxy is: the `source_*` labels of its metrics. The peer's
+//! identity (SPIFFE, from mTLS) will live here too.
+
+/// This proxy's workload, for the `source_*` metric labels.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyIdentity {
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+}

@@ -1,0 +1,669 @@
+//! The request path against hostile clients, broken upstreams and careless
+//! operators: each test fails without the fix it guards.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::*;
+
+fn gateway_to(port: u16, be: SocketAddr) -> String {
+    let mut y = gateway("web", port);
+    y.push_str(&service_entry(
+        "site",
+        "web",
+        80,
+        "HTTP",
+        &[(be, "app=site")],
+    ));
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: site}}]\n");
+    y
+}
+
+/// Reads one HTTP/1.1 response (Content-Length bodies) off a raw socket.
+async fn read_response(s: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return Some(String::from_utf8_lossy(&buf[..end + 4 + len]).to_string());
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+                return (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).to_string());
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&b[..n]),
+        }
+    }
+}
+
+/// True when the peer closes the connection within `within`.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 1024];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut b)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// An upstream written by hand: answers `GET /path` with the path as body;
+/// for `/poison` it answers and, 100 ms later, writes a second response
+/// nobody asked for on the same connection.
+async fn poisoning_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                            path.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        if path == "/poison" {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\nx-poison: 1\r\ncontent-length: 6\r\n\r\npoison")
+                                .await;
+                        }
+                    }
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stray_upstream_response_never_reaches_another_client() {
+    let up = poisoning_upstream().await;
+    let port = free_port();
+    let _bosun = Bosun::gateway(&gateway_to(port, up)).await;
+    let c = client();
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+    let r = get(&c, &url("/poison"), "site").await;
+    assert_eq!(r.body, "/poison");
+    // The stray response is in the pooled connection's socket by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..5 {
+        let path = format!("/victim-{i}");
+        let r = get(&c, &url(&path), "site").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, path, "a client got another request's response");
+        assert!(!r.headers.contains_key("x-poison"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_emptied_or_deleted_config_keeps_the_last_good_one_serving() {
+    let be = backend("kept").await;
+    let port = free_port();
+    let bosun = Bosun::gateway(&gateway_to(port, be.addr)).await;
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/");
+    assert_eq!(get(&c, &url, "site").await.status, 200);
+    let rejected = |m: &str| metric_sum(m, "bosun_config_rejected_total", &[]);
+    let before = rejected(&bosun.metrics().await);
+
+    // `> mesh.yaml` truncates before it writes: the zero-byte moment is refused.
+    std::fs::write(bosun.config_dir().join("mesh.yaml"), "").expect("truncate");
+    eventually("the empty file is refused", || async {
+        rejected(&bosun.metrics().await) > before
+    })
+    .await;
+    assert!(
+        bosun.log_text().contains("no resources"),
+        "{}",
+        bosun.log_text()
+    );
+    assert_eq!(get(&c, &url, "site").await.status, 200);
+    assert_eq!(
+        admin_get(bosun.admin, "/ready").await,
+        Ok((200, "ready\n".into()))
+    );
+
+    // The whole directory gone: refused too, nothing closes.
+    let after_empty = rejected(&bosun.metrics().await);
+    std::fs::remove_dir_all(bosun.config_dir()).expect("rm -r");
+    eventually("the missing directory is refused", || async {
+        rejected(&bosun.metrics().await) > after_empty
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(get(&c, &url, "site").await.status, 200);
+    }
+    assert!(
+        bosun.log_text().contains("no config files"),
+        "{}",
+        bosun.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_and_partial_connections_are_closed_at_the_head_timeout() {
+    let be = backend("b").await;
+    let port = free_port();
+    let _bosun = Bosun::start(
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.1",
+            "--request-head-timeout",
+            "1s",
+            "--idle-timeout",
+            "30s",
+        ],
+        &gateway_to(port, be.addr),
+    )
+    .await;
+    let sends: [&[u8]; 4] = [
+        b"",
+        b"P",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: site\r\n",
+    ];
+    let mut conns = Vec::new();
+    for s in sends {
+        let mut c = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        c.write_all(s).await.expect("write");
+        conns.push(c);
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert!(
+            closed_within(c, Duration::from_secs(4)).await,
+            "connection {i} ({:?}) still open",
+            String::from_utf8_lossy(sends[i])
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let be = backend("b").await;
+    let port = free_port();
+    let _bosun = Bosun::start(
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.1",
+            "--request-head-timeout",
+            "30s",
+            "--idle-timeout",
+            "1s",
+        ],
+        &gateway_to(port, be.addr),
+    )
+    .await;
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    c.write_all(b"GET / HTTP/1.1\r\nHost: site\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_response(&mut c).await.expect("response");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let t = Instant::now();
+    assert!(closed_within(&mut c, Duration::from_secs(5)).await);
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "closed too early"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_listener_stops_accepting_at_its_limit_and_admin_still_answers() {
+    let be = backend("b").await;
+    let port = free_port();
+    let bosun = Bosun::start(
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.1",
+            "--max-connections",
+            "10",
+        ],
+        &gateway_to(port, be.addr),
+    )
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        idle.push(
+            TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The 11th connects (the kernel's backlog) but is not served...
+    let mut extra = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    extra
+        .write_all(b"GET / HTTP/1.1\r\nHost: site\r\n\r\n")
+        .await
+        .expect("write");
+    let mut b = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), extra.read(&mut b))
+            .await
+            .is_err(),
+        "served beyond the connection limit"
+    );
+    // ...while the admin listener answers.
+    assert_eq!(
+        admin_get(bosun.admin, "/ready").await,
+        Ok((200, "ready\n".into()))
+    );
+    assert!(
+        metric_sum(
+            &bosun.metrics().await,
+            "bosun_downstream_connections_total",
+            &[]
+        ) >= 10.0
+    );
+    // One closes: the waiting one is accepted and served.
+    drop(idle.pop());
+    let r = read_response(&mut extra)
+        .await
+        .expect("served once a slot frees");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_heads_get_431_and_malformed_requests_400_without_reaching_upstream() {
+    let be = backend("b").await;
+    let port = free_port();
+    let _bosun = Bosun::gateway(&gateway_to(port, be.addr)).await;
+    let raw = |req: Vec<u8>| async move {
+        let mut c = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        c.write_all(&req).await.expect("write");
+        read_response(&mut c).await.unwrap_or_default()
+    };
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: site\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let r = raw(big.into_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: site\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let r = raw(many.into_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    let r = raw(b"GET / HTTP/1.1\r\n\r\n".to_vec()).await;
+    assert!(r.starts_with("HTTP/1.1 400"), "missing Host: {r}");
+    let r = raw(b"GET / HTTP/1.1\r\nHost: site\r\nHost: evil\r\n\r\n".to_vec()).await;
+    assert!(r.starts_with("HTTP/1.1 400"), "duplicate Host: {r}");
+    let r = raw(
+        b"POST / HTTP/1.1\r\nHost: site\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
+    assert!(
+        !r.starts_with("HTTP/1.1 2"),
+        "bad chunk size was forwarded: {r}"
+    );
+    assert_eq!(
+        be.hits.load(Ordering::Relaxed),
+        0,
+        "a malformed request reached the upstream"
+    );
+    // A good request still works.
+    let r = raw(b"GET / HTTP/1.1\r\nHost: site\r\n\r\n".to_vec()).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+/// An upstream that records, per connection, what it read and whether the
+/// proxy closed it; it answers every complete chunked request.
+async fn recording_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<(String, bool)>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let seen = s2.clone();
+            tokio::spawn(async move {
+                let idx = {
+                    let mut v = seen.lock().expect("lock");
+                    v.push((String::new(), false));
+                    v.len() - 1
+                };
+                let mut b = [0u8; 4096];
+                loop {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => {
+                            seen.lock().expect("lock")[idx].1 = true;
+                            return;
+                        }
+                        Ok(n) => {
+                            let done = {
+                                let mut v = seen.lock().expect("lock");
+                                v[idx].0.push_str(&String::from_utf8_lossy(&b[..n]));
+                                v[idx].0.ends_with("0\r\n\r\n")
+                            };
+                            if done {
+                                let _ = s
+                                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                    .await;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_turns_malformed_midway_closes_its_upstream_connection() {
+    let (up, seen) = recording_upstream().await;
+    let port = free_port();
+    let _bosun = Bosun::gateway(&gateway_to(port, up)).await;
+    // Warm a pooled connection with a good chunked request.
+    let good = b"POST /a HTTP/1.1\r\nHost: site\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    c.write_all(good).await.expect("write");
+    let r = read_response(&mut c).await.expect("response");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    drop(c);
+    // Now a body whose first chunk is fine and whose second is not.
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    c.write_all(
+        b"POST /b HTTP/1.1\r\nHost: site\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.write_all(b"zz\r\nworld\r\n0\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_response(&mut c).await.unwrap_or_default();
+    assert!(!r.starts_with("HTTP/1.1 2"), "{r}");
+    eventually(
+        "the half-sent request's upstream connection is closed",
+        || async {
+            seen.lock()
+                .expect("lock")
+                .iter()
+                .any(|(text, closed)| text.contains("POST /b") && *closed)
+        },
+    )
+    .await;
+    // The next request goes on a connection that never carried the half one.
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    c.write_all(&good.replace_path("/c")).await.expect("write");
+    let r = read_response(&mut c).await.expect("response");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let v = seen.lock().expect("lock").clone();
+    for (text, _) in &v {
+        assert!(
+            !(text.contains("POST /b") && text.contains("POST /c")),
+            "a request followed a half-sent one on the same connection: {text:?}"
+        );
+    }
+}
+
+trait ReplacePath {
+    fn replace_path(&self, p: &str) -> Vec<u8>;
+}
+
+impl ReplacePath for [u8] {
+    fn replace_path(&self, p: &str) -> Vec<u8> {
+        String::from_utf8_lossy(self)
+            .replacen("/a", p, 1)
+            .into_bytes()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_upstream_gets_504_si() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s); // accepts, reads nothing, answers nothing
+        }
+    });
+    let port = free_port();
+    let bosun = Bosun::start(
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.1",
+            "--stream-idle-timeout",
+            "1s",
+            "--access-log",
+        ],
+        &gateway_to(port, up),
+    )
+    .await;
+    let t = Instant::now();
+    let r = get(&client(), &format!("http://127.0.0.1:{port}/"), "site").await;
+    assert_eq!(r.status, 504);
+    assert_eq!(
+        r.headers
+            .get("x-bosun-response-flags")
+            .map(|v| v.to_str().unwrap_or("")),
+        Some("SI")
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    eventually("the access log has SI", || async {
+        bosun.stdout_text().contains("\"response_flags\":\"SI\"")
+    })
+    .await;
+}
+
+fn signal(b: &Bosun, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &b.pid().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_finishes_every_request_then_exits() {
+    let fast = backend("fast").await;
+    let slow = backend_with_delay("slow", Duration::from_millis(1500)).await;
+    let port = free_port();
+    let mut y = gateway("web", port);
+    y.push_str(&service_entry(
+        "fast",
+        "web",
+        80,
+        "HTTP",
+        &[(fast.addr, "")],
+    ));
+    y.push_str(&service_entry(
+        "slow",
+        "web",
+        80,
+        "HTTP",
+        &[(slow.addr, "")],
+    ));
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /slow}}]\n    route: [{destination: {host: slow}}]\n  - route: [{destination: {host: fast}}]\n");
+    let mut bosun = Bosun::start(
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.1",
+            "--drain-duration",
+            "5s",
+        ],
+        &y,
+    )
+    .await;
+    let have_wrk = std::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .is_ok();
+    let wrk = have_wrk.then(|| {
+        std::process::Command::new("wrk")
+            .args([
+                "-t1",
+                "-c8",
+                "-d3s",
+                "-H",
+                "Host: site",
+                &format!("http://127.0.0.1:{port}/"),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("wrk")
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut slow_reqs = Vec::new();
+    for i in 0..20 {
+        slow_reqs.push(tokio::spawn(async move {
+            let c = client();
+            request(
+                &c,
+                "GET",
+                &format!("http://127.0.0.1:{port}/slow/{i}"),
+                "site",
+                &[],
+            )
+            .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    signal(&bosun, "-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Draining: /ready says so and new connections are refused.
+    assert_eq!(admin_get(bosun.admin, "/ready").await.map(|r| r.0), Ok(503));
+    assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
+    for r in slow_reqs {
+        let r = r.await.expect("join");
+        assert_eq!(r.status, 200, "an in-flight request was cut: {}", r.body);
+    }
+    let status = bosun
+        .wait_exit(Duration::from_secs(6))
+        .expect("exited within drain + 1 s");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(t.elapsed() < Duration::from_secs(6));
+    if let Some(w) = wrk {
+        let out = w.wait_with_output().expect("wrk output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
+        // Connections the closed listener refused are not failed requests;
+        // a request cut mid-way would be a read error or a timeout.
+        if let Some(line) = text.lines().find(|l| l.contains("Socket errors")) {
+            assert!(
+                line.contains("read 0") && line.contains("timeout 0") && line.contains("write 0"),
+                "wrk: {line}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quitquitquit_drains_and_a_second_signal_exits_at_once() {
+    let slow = backend_with_delay("slow", Duration::from_secs(20)).await;
+    let port = free_port();
+    let mut bosun = Bosun::start(
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.1",
+            "--drain-duration",
+            "30s",
+        ],
+        &gateway_to(port, slow.addr),
+    )
+    .await;
+    let stuck = tokio::spawn(async move {
+        let c = client();
+        request(&c, "GET", &format!("http://127.0.0.1:{port}/"), "site", &[]).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = client_post_admin(bosun.admin, "/quitquitquit").await;
+    assert_eq!(r, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(admin_get(bosun.admin, "/ready").await.map(|r| r.0), Ok(503));
+    assert!(
+        bosun.wait_exit(Duration::from_millis(500)).is_none(),
+        "did not wait for the request"
+    );
+    signal(&bosun, "-INT");
+    let status = bosun
+        .wait_exit(Duration::from_secs(2))
+        .expect("second signal exits at once");
+    assert_eq!(status.code(), Some(1));
+    stuck.abort();
+}
+
+async fn client_post_admin(addr: SocketAddr, path: &str) -> u16 {
+    let mut c = TcpStream::connect(addr).await.expect("admin");
+    c.write_all(
+        format!("POST {path} HTTP/1.1\r\nHost: admin\r\ncontent-length: 0\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let r = read_response(&mut c).await.unwrap_or_default();
+    r.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}

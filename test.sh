@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every check and test Bosun has. Installs the outside clients the tests
-# use when they are missing: curl, h2load (nghttp2-client), etcd (etcd-server),
+# use when they are missing: curl, h2load (nghttp2-client), wrk, etcd (etcd-server),
 # nftables, iptables and iproute2 (node mode, in network namespaces), and Python's
 # grpcio + xds-protos for the xDS conformance test.
 set -euo pipefail
@@ -9,6 +9,8 @@ cd "$(dirname "$0")"
 missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
+# The drain test puts wrk's load on the proxy while it drains.
+command -v wrk >/dev/null || missing+=(wrk)
 command -v etcd >/dev/null || missing+=(etcd-server)
 # Node mode's tests program real rules in network namespaces (as root).
 command -v nft >/dev/null || missing+=(nftables)

@@ -63,6 +63,22 @@ pub enum ForwardError {
     Hyper(#[from] hyper::Error),
 }
 
+impl ForwardError {
+    /// A failure reading the client's request body: the client went away
+    /// (its connection closed or the stream was cancelled), or its framing
+    /// was bad.
+    pub fn downstream<E: std::error::Error + 'static>(e: &E) -> ForwardError {
+        let gone = (e as &dyn std::error::Error)
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message() || h.is_canceled() || h.is_closed());
+        if gone {
+            ForwardError::DownstreamGone(e.to_string())
+        } else {
+            ForwardError::DownstreamBody(e.to_string())
+        }
+    }
+}
+
 const CONNECT_FAILURE: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
 const TERMINATION: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";

@@ -203,16 +203,6 @@ async fn idle_bounded<T>(
     }
 }
 
-/// A request body error: the client's framing was bad, or it went away.
-fn downstream_error(e: &dyn std::fmt::Display) -> ForwardError {
-    let msg = e.to_string();
-    if msg.contains("incomplete") || msg.contains("canceled") || msg.contains("closed") {
-        ForwardError::DownstreamGone(msg)
-    } else {
-        ForwardError::DownstreamBody(msg)
-    }
-}
-
 /// Sends one request over a pooled HTTP/1.1 connection (`connect` opens a
 /// new one when the pool has none).
 pub async fn send<S, B, C, F>(
@@ -225,7 +215,7 @@ pub async fn send<S, B, C, F>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
     B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
+    B::Error: std::error::Error + 'static,
     C: Fn() -> F,
     F: Future<Output = Result<S, ConnectError>>,
 {
@@ -296,7 +286,7 @@ async fn write_body<S, B>(
 where
     S: AsyncWrite + Unpin,
     B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
+    B::Error: std::error::Error + 'static,
 {
     let chunked = matches!(framing, Framing::Chunked);
     let limit = t.stream_idle;
@@ -304,7 +294,7 @@ where
         let frame = match tokio::time::timeout(limit, body.frame()).await {
             Err(_) => return Err(ForwardError::StreamIdle(limit)),
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(downstream_error(&e)),
+            Ok(Some(Err(e))) => return Err(ForwardError::downstream(&e)),
             Ok(Some(Ok(f))) => f,
         };
         let Ok(data) = frame.into_data() else {
@@ -384,7 +374,7 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             .get_all(header::CONNECTION)
             .iter()
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-    let chunked = match map.get_all(header::TRANSFER_ENCODING).iter().last() {
+    let chunked = match map.get_all(header::TRANSFER_ENCODING).iter().next_back() {
         None => false,
         // RFC 9112 6.3: chunked must be the last coding; anything else
         // would be delimited by close, which a reused connection cannot be.

@@ -76,13 +76,11 @@ impl Listeners {
         }
     }
 
-    /// Closes every listener (drain): new connections are refused.
+    /// Forgets every listener: each accept loop, seeing the drain, takes
+    /// what is already queued and closes its socket.
     pub fn close_all(&self) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        for (addr, task) in running.drain() {
-            tracing::info!(%addr, "listener closed (drain)");
-            task.abort();
-        }
+        running.clear();
     }
 
     pub fn addresses(&self) -> Vec<SocketAddr> {
@@ -93,48 +91,93 @@ impl Listeners {
 
 async fn accept_loop(shared: Arc<Shared>, sock: TcpListener, addr: SocketAddr) {
     let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let drain = shared.drain.clone();
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
+        let accepted = tokio::select! {
+            permit = slots.clone().acquire_owned() => {
+                let Ok(permit) = permit else { return };
+                tokio::select! {
+                    a = sock.accept() => a.map(|a| (a, permit)),
+                    _ = drain.started() => break,
+                }
+            }
+            _ = drain.started() => break,
         };
-        let (stream, peer) = match sock.accept().await {
-            Ok(x) => x,
+        match accepted {
+            Ok(((stream, peer), permit)) => serve(&shared, stream, peer, addr, permit),
             Err(e) => {
                 // EMFILE and friends: back off rather than spin.
                 tracing::warn!(%addr, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        if shared.drain.is_draining() {
-            return;
         }
-        let _ = stream.set_nodelay(true);
-        shared
-            .metrics
-            .downstream_connections
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tracked = shared.drain.track();
-        let snap = shared.snapshot.load_full();
-        let Some(l) = snap.listeners.get(&addr) else {
-            continue;
-        };
-        match l.kind {
-            ListenerKind::Http { .. } => {
-                drop(snap);
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    crate::http::serve_connection(shared, stream, peer, addr, tracked).await;
-                    drop(permit);
-                });
-            }
-            ListenerKind::Tcp { .. } => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    crate::tcp::serve_connection(shared, snap, stream, peer, addr, tracked).await;
-                    drop(permit);
-                });
-            }
+    }
+    // Draining. Closing a listening socket resets the connections in its
+    // backlog, whose clients have already sent a request. So: first drop
+    // new SYNs (their clients retry and then find the port closed: refused,
+    // before any request), let handshakes under way complete, take every
+    // queued connection (they get `Connection: close`), then close.
+    if let Err(e) = socket2::SockRef::from(&sock).attach_filter(&DROP_SYN) {
+        tracing::debug!(%addr, error = %e, "cannot filter SYNs; closing at once");
+    }
+    while let Ok(Ok((stream, peer))) = tokio::time::timeout(BACKLOG_SETTLE, sock.accept()).await {
+        let permit = slots.clone().try_acquire_owned().ok();
+        serve(&shared, stream, peer, addr, permit);
+    }
+    tracing::info!(%addr, "listener closed (drain)");
+}
+
+/// How long a draining listener waits for handshakes under way.
+const BACKLOG_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A classic BPF socket filter on the listening socket: drop a segment
+/// whose flags are SYN without ACK (a new connection), pass the rest (the
+/// ACK that completes a handshake already under way). On a TCP socket the
+/// filter sees the TCP header first: byte 13 holds the flags.
+const DROP_SYN: [socket2::SockFilter; 5] = [
+    // ldb [13]
+    socket2::SockFilter::new(0x30, 0, 0, 13),
+    // and #(SYN|ACK)
+    socket2::SockFilter::new(0x54, 0, 0, 0x12),
+    // jeq #SYN ? drop : keep
+    socket2::SockFilter::new(0x15, 0, 1, 0x02),
+    // ret #0: drop
+    socket2::SockFilter::new(0x06, 0, 0, 0),
+    // ret #-1: keep the whole segment
+    socket2::SockFilter::new(0x06, 0, 0, u32::MAX),
+];
+
+fn serve(
+    shared: &Arc<Shared>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddr,
+    permit: impl Send + 'static,
+) {
+    let _ = stream.set_nodelay(true);
+    shared
+        .metrics
+        .downstream_connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tracked = shared.drain.track();
+    let snap = shared.snapshot.load_full();
+    let Some(l) = snap.listeners.get(&addr) else {
+        return;
+    };
+    let shared = shared.clone();
+    match l.kind {
+        ListenerKind::Http { .. } => {
+            drop(snap);
+            tokio::spawn(async move {
+                crate::http::serve_connection(shared, stream, peer, addr, tracked).await;
+                drop(permit);
+            });
+        }
+        ListenerKind::Tcp { .. } => {
+            tokio::spawn(async move {
+                crate::tcp::serve_connection(shared, snap, stream, peer, addr, tracked).await;
+                drop(permit);
+            });
         }
     }
 }

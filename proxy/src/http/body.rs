@@ -76,19 +76,22 @@ impl Body for ReqBody {
         self.first.is_none() && self.inner.is_end_stream()
     }
     fn size_hint(&self) -> SizeHint {
-        let mut h = self.inner.size_hint();
-        if let Some(n) = self
+        let h = self.inner.size_hint();
+        let Some(n) = self
             .first
             .as_ref()
             .and_then(|f| f.data_ref())
             .map(|d| d.len() as u64)
-        {
-            h.set_lower(h.lower() + n);
-            if let Some(u) = h.upper() {
-                h.set_upper(u + n);
-            }
+        else {
+            return h;
+        };
+        // Upper first: `set_lower` refuses a lower bound above the upper one.
+        let mut out = SizeHint::new();
+        if let Some(u) = h.upper() {
+            out.set_upper(u + n);
         }
-        h
+        out.set_lower(h.lower() + n);
+        out
     }
 }
 

@@ -111,7 +111,7 @@ pub async fn forward(
             Ok(())
         } else {
             match tokio::time::timeout(t.stream_idle, req_body.read_ahead()).await {
-                Ok(r) => r.map_err(|e| ForwardError::DownstreamBody(e.to_string())),
+                Ok(r) => r.map_err(|e| ForwardError::downstream(&e)),
                 Err(_) => Err(ForwardError::StreamIdle(t.stream_idle)),
             }
         };

@@ -201,9 +201,22 @@ where
     }
 }
 
-/// Drives a connection: closes it when idle past its deadline, shuts it
-/// down gracefully on drain.
-async fn drive<C>(shared: &Shared, state: &ConnState, conn: C, peer: SocketAddr)
+/// How a connection hears of a drain.
+#[derive(Clone, Copy)]
+enum OnDrain {
+    /// HTTP/2: GOAWAY at once (the client learns which streams were not
+    /// taken and may retry them safely).
+    GoAway,
+    /// HTTP/1.1: its next response carries `Connection: close` and the
+    /// connection closes after it. An idle one is not closed under the
+    /// client, which may be writing a request that very moment (the
+    /// keep-alive race); it goes at its idle timeout or when the drain ends.
+    CloseAfterResponse,
+}
+
+/// Drives a connection: closes it when idle past its deadline, and on
+/// drain as `on_drain` says.
+async fn drive<C>(shared: &Shared, state: &ConnState, conn: C, peer: SocketAddr, on_drain: OnDrain)
 where
     C: Graceful,
     C::Output: Into<Result<(), hyper::Error>>,
@@ -211,7 +224,7 @@ where
     let mut conn = std::pin::pin!(conn);
     let mut drain = shared.drain.watch();
     let mut draining = *drain.borrow();
-    if draining {
+    if draining && matches!(on_drain, OnDrain::GoAway) {
         conn.as_mut().graceful();
     }
     loop {
@@ -242,7 +255,9 @@ where
             _ = state.went_idle.notified() => {}
             _ = drain.changed(), if !draining => {
                 draining = true;
-                conn.as_mut().graceful();
+                if matches!(on_drain, OnDrain::GoAway) {
+                    conn.as_mut().graceful();
+                }
             }
         }
     }
@@ -276,7 +291,14 @@ pub async fn serve_connection(
             .max_header_list_size(limits.max_request_head_bytes as u32)
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(1024));
-        drive(&shared, &state, b.serve_connection(io, svc), peer).await;
+        drive(
+            &shared,
+            &state,
+            b.serve_connection(io, svc),
+            peer,
+            OnDrain::GoAway,
+        )
+        .await;
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -286,13 +308,8 @@ pub async fn serve_connection(
             // hyper's default is 100 on the stack; another count costs a heap array.
             b.max_headers(limits.max_request_headers);
         }
-        drive(
-            &shared,
-            &state,
-            b.serve_connection(io, svc).with_upgrades(),
-            peer,
-        )
-        .await;
+        let conn = b.serve_connection(io, svc).with_upgrades();
+        drive(&shared, &state, conn, peer, OnDrain::CloseAfterResponse).await;
     }
 }
 

@@ -207,6 +207,7 @@ pub async fn run_node(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         cluster_cidr: args.cluster_cidr.clone(),
         healthz_address: args.healthz_address,
         metrics_address: args.metrics_address,
+        drain: args.drain_duration,
     };
     let mut signals = crate::Signals::new()?;
     let stop = async move { signals.recv().await };

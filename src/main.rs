@@ -150,6 +150,7 @@ pub struct ProxyArgs {
     connect_timeout: Duration,
     /// On SIGTERM, SIGINT or POST /quitquitquit: how long in-flight requests, upgrades and TCP
     /// streams get to finish (Istio's terminationDrainDuration). A second signal exits at once.
+    /// Node mode: how long the userspace backend's connections get before its routes go.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_duration: Duration,
 }

@@ -103,33 +103,34 @@ pub fn config_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
 }
 
-/// Reads a file or directory into a [`Config`]; every error is reported.
-pub fn load_path(path: &Path) -> Result<Config, ConfigErrors> {
-    let files = config_files(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: path.display().to_string(),
+impl ConfigError {
+    /// A file or directory that could not be read (named, with why).
+    pub fn unreadable(file: String, e: &std::io::Error) -> ConfigError {
+        ConfigError {
+            file,
             line: 0,
             column: 0,
             resource: String::new(),
             field: String::new(),
             message: format!("cannot read: {e}"),
-        }])
+        }
+    }
+}
+
+/// Reads a file or directory into a [`Config`]; every error is reported.
+pub fn load_path(path: &Path) -> Result<Config, ConfigErrors> {
+    let files = config_files(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::unreadable(
+            path.display().to_string(),
+            &e,
+        )])
     })?;
     let mut sources = Vec::new();
     for f in files {
         let name = f.display().to_string();
         match std::fs::read_to_string(&f) {
             Ok(text) => sources.push((name, text)),
-            Err(e) => {
-                return Err(ConfigErrors(vec![ConfigError {
-                    file: name,
-                    line: 0,
-                    column: 0,
-                    resource: String::new(),
-                    field: String::new(),
-                    message: format!("cannot read: {e}"),
-                }]));
-            }
+            Err(e) => return Err(ConfigErrors(vec![ConfigError::unreadable(name, &e)])),
         }
     }
     load_sources(&sources)

@@ -252,14 +252,7 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
                     Ok(_) => None,
                     // Unreadable: refused (and counted) like any invalid config.
                     Err(e) => Some(Err(crate::load::ConfigErrors(vec![
-                        crate::load::ConfigError {
-                            file: p.display().to_string(),
-                            line: 0,
-                            column: 0,
-                            resource: String::new(),
-                            field: String::new(),
-                            message: format!("cannot read: {e}"),
-                        },
+                        crate::load::ConfigError::unreadable(p.display().to_string(), &e),
                     ]))),
                 };
                 (reading, files)

@@ -32,6 +32,8 @@ pub struct NodeOptions {
     pub healthz_address: SocketAddr,
     /// Prometheus metrics: `/metrics`.
     pub metrics_address: SocketAddr,
+    /// On stop, how long the userspace backend's connections may finish.
+    pub drain: Duration,
 }
 
 /// Where node mode reads Services and EndpointSlices.
@@ -177,5 +179,5 @@ pub async fn run(
         }
     }
     tracing::info!("removing node rules");
-    syncer.shutdown().await
+    syncer.shutdown(opts.drain).await
 }

@@ -445,9 +445,12 @@ impl Syncer {
 
     /// Stops what this syncer runs (the userspace proxy) and removes
     /// everything node mode programmed with its backend.
-    pub async fn shutdown(&mut self) -> Result<(), String> {
+    /// Removes the rules. The userspace backend first lets its proxied
+    /// connections finish for up to `drain`; the kernel backends' tables go
+    /// at once.
+    pub async fn shutdown(&mut self, drain: std::time::Duration) -> Result<(), String> {
         if let Some(u) = &mut self.userspace {
-            u.shutdown().await;
+            u.shutdown(drain).await;
         }
         Syncer::cleanup(self.backend).await
     }

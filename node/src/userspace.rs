@@ -46,6 +46,8 @@ pub struct Userspace {
     listeners: BTreeMap<SocketAddr, JoinHandle<()>>,
     routes: BTreeSet<IpAddr>,
     affinity: Arc<Mutex<Affinity>>,
+    /// One clone per proxied connection: its count is what a drain waits for.
+    active: Arc<()>,
 }
 
 fn in_range(ip: IpAddr, ranges: &[(IpAddr, u8)]) -> bool {
@@ -216,6 +218,7 @@ impl Userspace {
             }
             let listener = bind(*addr).map_err(|e| format!("userspace listener {addr}: {e}"))?;
             let (targets, affinity) = (self.targets.clone(), self.affinity.clone());
+            let active = self.active.clone();
             let addr = *addr;
             self.listeners.insert(
                 addr,
@@ -230,7 +233,11 @@ impl Userspace {
                             .get(&addr)
                             .cloned();
                         let Some(target) = target else { continue };
-                        tokio::spawn(forward(client, peer, addr, target, affinity.clone()));
+                        let (affinity, active) = (affinity.clone(), active.clone());
+                        tokio::spawn(async move {
+                            let _active = active;
+                            forward(client, peer, addr, target, affinity).await;
+                        });
                     }
                 }),
             );
@@ -243,10 +250,23 @@ impl Userspace {
         Ok(())
     }
 
-    /// Closes every listener and removes every route this proxy added.
-    pub async fn shutdown(&mut self) {
+    /// Closes every listener, lets the proxied connections finish for up to
+    /// `drain` (their packets need the local routes), then removes every
+    /// route this proxy added.
+    pub async fn shutdown(&mut self, drain: Duration) {
         for (_, h) in std::mem::take(&mut self.listeners) {
             h.abort();
+        }
+        let deadline = Instant::now() + drain;
+        while Arc::strong_count(&self.active) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = Arc::strong_count(&self.active) - 1;
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "drain over; closing proxied connections"
+            );
         }
         for ip in std::mem::take(&mut self.routes) {
             let _ = local_route("del", &ip).await;

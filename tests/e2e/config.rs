@@ -7,19 +7,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
 
+/// The gateway of `gateway_to`, with `extra_route_field` appended to its route.
 fn simple(port: u16, be: std::net::SocketAddr, extra_route_field: &str) -> String {
-    let mut y = gateway("web", port);
-    y.push_str(&service_entry(
-        "site",
-        "web",
-        80,
-        "HTTP",
-        &[(be, "app=site")],
-    ));
-    y.push_str(&format!(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: site, namespace: web}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{{destination: {{host: site}}}}]\n{extra_route_field}"
-    ));
-    y
+    format!("{}{extra_route_field}", gateway_to(port, be))
 }
 
 #[tokio::test(flavor = "multi_thread")]

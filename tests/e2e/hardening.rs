@@ -11,17 +11,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::*;
 
-fn gateway_to(port: u16, be: SocketAddr) -> String {
-    let mut y = gateway("web", port);
-    y.push_str(&service_entry(
-        "site",
-        "web",
-        80,
-        "HTTP",
-        &[(be, "app=site")],
-    ));
-    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: site}}]\n");
-    y
+/// `bosun proxy --mode gateway` on 127.0.0.1 with `flags`, routing to `be`.
+async fn gateway_with(port: u16, be: SocketAddr, flags: &[&str]) -> Bosun {
+    let mut args = vec!["--mode", "gateway", "--gateway-address", "127.0.0.1"];
+    args.extend_from_slice(flags);
+    Bosun::start(&args, &gateway_to(port, be)).await
 }
 
 /// Reads one HTTP/1.1 response (Content-Length bodies) off a raw socket.
@@ -179,18 +173,10 @@ async fn an_emptied_or_deleted_config_keeps_the_last_good_one_serving() {
 async fn silent_and_partial_connections_are_closed_at_the_head_timeout() {
     let be = backend("b").await;
     let port = free_port();
-    let _bosun = Bosun::start(
-        &[
-            "--mode",
-            "gateway",
-            "--gateway-address",
-            "127.0.0.1",
-            "--request-head-timeout",
-            "1s",
-            "--idle-timeout",
-            "30s",
-        ],
-        &gateway_to(port, be.addr),
+    let _bosun = gateway_with(
+        port,
+        be.addr,
+        &["--request-head-timeout", "1s", "--idle-timeout", "30s"],
     )
     .await;
     let sends: [&[u8]; 4] = [
@@ -220,18 +206,10 @@ async fn silent_and_partial_connections_are_closed_at_the_head_timeout() {
 async fn an_idle_keep_alive_connection_is_closed() {
     let be = backend("b").await;
     let port = free_port();
-    let _bosun = Bosun::start(
-        &[
-            "--mode",
-            "gateway",
-            "--gateway-address",
-            "127.0.0.1",
-            "--request-head-timeout",
-            "30s",
-            "--idle-timeout",
-            "1s",
-        ],
-        &gateway_to(port, be.addr),
+    let _bosun = gateway_with(
+        port,
+        be.addr,
+        &["--request-head-timeout", "30s", "--idle-timeout", "1s"],
     )
     .await;
     let mut c = TcpStream::connect(("127.0.0.1", port))
@@ -254,18 +232,7 @@ async fn an_idle_keep_alive_connection_is_closed() {
 async fn the_listener_stops_accepting_at_its_limit_and_admin_still_answers() {
     let be = backend("b").await;
     let port = free_port();
-    let bosun = Bosun::start(
-        &[
-            "--mode",
-            "gateway",
-            "--gateway-address",
-            "127.0.0.1",
-            "--max-connections",
-            "10",
-        ],
-        &gateway_to(port, be.addr),
-    )
-    .await;
+    let bosun = gateway_with(port, be.addr, &["--max-connections", "10"]).await;
     let mut idle = Vec::new();
     for _ in 0..10 {
         idle.push(
@@ -482,19 +449,7 @@ async fn a_silent_upstream_gets_504_si() {
         }
     });
     let port = free_port();
-    let bosun = Bosun::start(
-        &[
-            "--mode",
-            "gateway",
-            "--gateway-address",
-            "127.0.0.1",
-            "--stream-idle-timeout",
-            "1s",
-            "--access-log",
-        ],
-        &gateway_to(port, up),
-    )
-    .await;
+    let bosun = gateway_with(port, up, &["--stream-idle-timeout", "1s", "--access-log"]).await;
     let t = Instant::now();
     let r = get(&client(), &format!("http://127.0.0.1:{port}/"), "site").await;
     assert_eq!(r.status, 504);
@@ -512,8 +467,12 @@ async fn a_silent_upstream_gets_504_si() {
 }
 
 fn signal(b: &Bosun, sig: &str) {
+    kill(b.pid(), sig);
+}
+
+fn kill(pid: u32, sig: &str) {
     let ok = std::process::Command::new("kill")
-        .args([sig, &b.pid().to_string()])
+        .args([sig, &pid.to_string()])
         .status()
         .expect("kill")
         .success();
@@ -662,18 +621,7 @@ async fn sigterm_under_load_finishes_every_request_then_exits() {
 async fn quitquitquit_drains_and_a_second_signal_exits_at_once() {
     let slow = backend_with_delay("slow", Duration::from_secs(20)).await;
     let port = free_port();
-    let mut bosun = Bosun::start(
-        &[
-            "--mode",
-            "gateway",
-            "--gateway-address",
-            "127.0.0.1",
-            "--drain-duration",
-            "30s",
-        ],
-        &gateway_to(port, slow.addr),
-    )
-    .await;
+    let mut bosun = gateway_with(port, slow.addr, &["--drain-duration", "30s"]).await;
     let stuck = tokio::spawn(async move {
         let c = client();
         request(&c, "GET", &format!("http://127.0.0.1:{port}/"), "site", &[]).await
@@ -707,4 +655,41 @@ async fn client_post_admin(addr: SocketAddr, path: &str) -> u16 {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_control_service_ends_its_streams_so_proxies_fail_over() {
+    let be = backend("b").await;
+    let port = free_port();
+    let dir = TempDir::new("control-drain");
+    let cfg = dir.0.join("cfg");
+    write_dir(&cfg, &gateway_to(port, be.addr));
+    let mut control = Control::start(&cfg, None).await;
+    let proxy = Bosun::with_xds(
+        control.xds,
+        &["--mode", "gateway", "--gateway-address", "127.0.0.1"],
+    );
+    proxy.wait_ready().await;
+    assert_eq!(
+        get(&client(), &format!("http://127.0.0.1:{port}/"), "site")
+            .await
+            .status,
+        200
+    );
+    kill(control.pid(), "-TERM");
+    let status = control
+        .wait_exit(Duration::from_secs(6))
+        .expect("the control service exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    // The proxy heard UNAVAILABLE (not a silent stream) and keeps serving.
+    eventually("the proxy saw the stream end", || async {
+        proxy.log_text().contains("control service shutting down")
+    })
+    .await;
+    assert_eq!(
+        get(&client(), &format!("http://127.0.0.1:{port}/"), "site")
+            .await
+            .status,
+        200
+    );
 }

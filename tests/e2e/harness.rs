@@ -180,16 +180,7 @@ impl Bosun {
 
     /// Waits up to `within` for the process to exit; its status if it did.
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut self.child, within)
     }
 
     pub async fn metrics(&self) -> String {
@@ -402,6 +393,21 @@ pub fn gateway(ns: &str, port: u16) -> String {
     )
 }
 
+/// A gateway on `port` routing every host to one STATIC endpoint `be`
+/// (service `site` in namespace `web`).
+pub fn gateway_to(port: u16, be: SocketAddr) -> String {
+    let mut y = gateway("web", port);
+    y.push_str(&service_entry(
+        "site",
+        "web",
+        80,
+        "HTTP",
+        &[(be, "app=site")],
+    ));
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: site}}]\n");
+    y
+}
+
 pub fn count_by<'a>(items: impl Iterator<Item = &'a str>) -> HashMap<String, u64> {
     let mut m = HashMap::new();
     for i in items {
@@ -514,6 +520,28 @@ impl Control {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `within` for the process to exit; its status if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        wait_child(&mut self.child, within)
+    }
+}
+
+fn wait_child(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -701,8 +701,41 @@ fn suite(backend: &str) {
         }
     }
 
+    // SIGTERM with a connection in flight: the userspace backend drains it
+    // (its local route stays until the connection ends).
+    let slow_client = (backend == "userspace").then(|| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.client,
+                "python3",
+                "-c",
+                "import socket,time\n\
+             s=socket.create_connection(('10.96.0.10',80),timeout=5)\n\
+             time.sleep(1)\n\
+             s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n\
+             d=b''\n\
+             while True:\n    c=s.recv(4096)\n    if not c: break\n    d+=c\n\
+             print(d.split(b' ')[1].decode())",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python client")
+    });
+    std::thread::sleep(Duration::from_millis(300));
     // SIGTERM: node mode removes what it programmed.
     t.stop_node();
+    if let Some(c) = slow_client {
+        let out = c.wait_with_output().expect("client output");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "200",
+            "{backend}: a connection in flight at SIGTERM was cut: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert!(t.rules_gone(), "{backend}: rules left after exit");
     // --cleanup removes rules a killed node left behind.
     t.start_node(backend);

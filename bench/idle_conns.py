@@ -4,7 +4,8 @@
 Each proxy (one worker, the same reverse-proxy setup as bench/run.sh) gets
 N client connections that each send one request, read the response and then
 sit idle. The proxy's RSS (its whole process tree) is read before, while the
-N connections idle, and 2 s after they all close. Run as root or with nginx
+N connections idle, 2 s after they all close, and with N new ones (whether
+what stayed after the close is reused or leaked). Run as root or with nginx
 installed: `python3 bench/idle_conns.py [N] [BOSUN_BINARY]`.
 """
 
@@ -79,12 +80,19 @@ def measure(name, pid, port):
         for _, w in conns:
             w.close()
         await asyncio.sleep(2)
-        return during, rss_kb(pid)
+        after = rss_kb(pid)
+        # Again: memory kept after the first round is reused, not leaked.
+        conns = await hold(port, N)
+        await asyncio.sleep(1)
+        again = rss_kb(pid)
+        for _, w in conns:
+            w.close()
+        return during, after, again
 
-    during, after = asyncio.run(run())
+    during, after, again = asyncio.run(run())
     per = (during - before) / N * 1000 / 1024
     print(
-        f"| {name} | {before / 1024:.1f} | {during / 1024:.1f} | {per:.2f} | {after / 1024:.1f} |"
+        f"| {name} | {before / 1024:.1f} | {during / 1024:.1f} | {per:.2f} | {after / 1024:.1f} | {again / 1024:.1f} |"
     )
 
 
@@ -146,8 +154,8 @@ def main():
         wait_port(BOSUN_PORT)
 
         print(f"{N} idle keep-alive connections (each after one request), RSS in MB:\n")
-        print("| proxy | before | with the idle connections | per 1,000 | 2 s after they close |")
-        print("|---|---|---|---|---|")
+        print("| proxy | before | with the idle connections | per 1,000 | 2 s after they close | with them again |")
+        print("|---|---|---|---|---|---|")
         measure("nginx", nginx.pid, NGINX)
         measure("bosun", bosun.pid, BOSUN_PORT)
     finally:

@@ -703,6 +703,12 @@ fn suite(backend: &str) {
 
     // SIGTERM with a connection in flight: the userspace backend drains it
     // (its local route stays until the connection ends).
+    if backend == "userspace" {
+        t.write(&config(&endpoint(1, "node-a", true)));
+        t.until("served again", || {
+            t.spread("http://10.96.0.10/", 3).contains_key("b1")
+        });
+    }
     let slow_client = (backend == "userspace").then(|| {
         Command::new("ip")
             .args([

@@ -373,6 +373,9 @@ impl Recorder {
     }
 
     pub fn local_with(self, l: LocalReply<'_>, active: Option<ActiveGuard>) -> Response<RespBody> {
+        // A malformed request ends its HTTP/1.1 connection (its framing
+        // cannot be trusted any more), as nginx does.
+        let malformed = self.h1 && l.flags == Flags::DownstreamProtocolError;
         let (mut x, close, inflight) = self.exchange(l.labels, l.status.as_u16(), l.flags, active);
         x.response_bytes = l.body.len() as u64;
         let mut resp = Response::new(RespBody {
@@ -393,7 +396,7 @@ impl Recorder {
         if let Some(ops) = l.response_ops {
             ops.apply(resp.headers_mut());
         }
-        if close || l.flags == Flags::DownstreamProtocolError {
+        if close || malformed {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

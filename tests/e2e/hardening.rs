@@ -693,3 +693,56 @@ async fn a_stopping_control_service_ends_its_streams_so_proxies_fail_over() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_connection_gets_goaway_and_its_stream_finishes_on_drain() {
+    let slow = backend_with_delay("slow", Duration::from_millis(1000)).await;
+    let port = free_port();
+    let mut bosun = gateway_with(port, slow.addr, &["--drain-duration", "5s"]).await;
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut tx, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    let driver = tokio::spawn(conn);
+    let req = || {
+        http::Request::get(format!("http://site:{port}/"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request")
+    };
+    let in_flight = tx.send_request(req());
+    let waiting = tokio::spawn(async move {
+        let r = in_flight.await.expect("response");
+        let status = r.status();
+        let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+        status
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&bosun, "-TERM");
+    assert_eq!(
+        waiting.await.expect("join"),
+        200,
+        "the stream in flight finished"
+    );
+    // GOAWAY: the connection takes no new stream and then ends.
+    let after = tokio::time::timeout(Duration::from_secs(3), async {
+        match tx.ready().await {
+            Ok(()) => tx.send_request(req()).await.map(|r| r.status()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .expect("no hang after GOAWAY");
+    assert!(
+        after.is_err(),
+        "a new stream was accepted while draining: {after:?}"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(3), driver).await;
+    let status = bosun
+        .wait_exit(Duration::from_secs(6))
+        .expect("exits once the stream is done");
+    assert!(status.success());
+}

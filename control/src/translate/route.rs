@@ -1,0 +1,357 @@
+//! VirtualService routes: HTTP and TCP routes, their matches, header
+//! operations and destinations.
+
+use std::collections::BTreeMap;
+
+use bosun_xds_proto::config as pb;
+
+use super::Ctx;
+use super::registry::{labels_match, resolve_host};
+use crate::load::ConfigError;
+use crate::model::{self, HttpMatchRequest, Sourced, StringMatch};
+
+impl Ctx<'_> {
+    /// Resolves a route destination to a cluster. `listener_port` picks the
+    /// service port when the destination names none and the service has several.
+    fn destination(
+        &mut self,
+        d: &model::Destination,
+        ns: &str,
+        listener_port: Option<u32>,
+    ) -> Result<String, String> {
+        let host = resolve_host(&d.host, ns, &self.reg.by_host);
+        let idx = *self
+            .reg
+            .by_host
+            .get(&host)
+            .ok_or_else(|| format!("host {} is not a known Service or ServiceEntry", d.host))?;
+        let svc = &self.reg.services[idx];
+        let port = match &d.port {
+            Some(p) => p.number,
+            None if svc.ports.len() == 1 => svc.ports[0].number,
+            None => match listener_port.filter(|p| svc.port(*p).is_some()) {
+                Some(p) => p,
+                None => {
+                    return Err(format!(
+                        "{host} has several ports: set destination.port.number"
+                    ));
+                }
+            },
+        };
+        if svc.port(port).is_none() {
+            return Err(format!("{host} has no port {port}"));
+        }
+        self.cluster(idx, port, d.subset.as_deref().unwrap_or(""))
+    }
+
+    /// Does a VirtualService apply to this proxy for `gateway` ("mesh" for sidecars)?
+    pub(super) fn vs_gateways(vs: &model::VirtualService) -> Vec<String> {
+        let ns = vs.namespace();
+        if vs.spec.gateways.is_empty() {
+            return vec!["mesh".into()];
+        }
+        vs.spec
+            .gateways
+            .iter()
+            .map(|g| qualify_gateway(g, ns))
+            .collect()
+    }
+
+    /// Translates a VirtualService's http routes for one listener.
+    pub(super) fn http_routes(
+        &mut self,
+        vs: &Sourced<model::VirtualService>,
+        gateway: &str,
+        listener_port: Option<u32>,
+    ) -> Vec<pb::Route> {
+        let ns = vs.value.namespace().to_string();
+        let vs_gateways = Self::vs_gateways(&vs.value);
+        let mut routes = Vec::new();
+        for (ri, r) in vs.value.spec.http.iter().enumerate() {
+            let field = format!("spec.http[{ri}]");
+            let mut matches = Vec::new();
+            let mut all_filtered = !r.matches.is_empty();
+            for (mi, m) in r.matches.iter().enumerate() {
+                let gws: Vec<String> = if m.gateways.is_empty() {
+                    vs_gateways.clone()
+                } else {
+                    m.gateways.iter().map(|g| qualify_gateway(g, &ns)).collect()
+                };
+                if !gws.iter().any(|g| g == gateway) {
+                    continue;
+                }
+                if !labels_match(&m.source_labels, &self.params.labels) {
+                    continue;
+                }
+                if let (Some(p), Some(lp)) = (m.port, listener_port)
+                    && gateway != "mesh"
+                    && p != lp
+                {
+                    continue;
+                }
+                all_filtered = false;
+                match to_route_match(m) {
+                    Ok(rm) => matches.push(rm),
+                    Err(e) => self.errors.push(ConfigError::at(
+                        &vs.origin,
+                        vs.value.id(),
+                        &format!("{field}.match[{mi}].{}", e.0),
+                        e.1,
+                    )),
+                }
+            }
+            if all_filtered {
+                continue;
+            }
+            let mut route = pb::Route {
+                name: r
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}.{ri}", vs.value.metadata.name)),
+                matches,
+                ..Default::default()
+            };
+            let mut req_ops = r.headers.as_ref().and_then(|h| h.request.clone());
+            let mut resp_ops = r.headers.as_ref().and_then(|h| h.response.clone());
+            let actions = [
+                !r.route.is_empty(),
+                r.redirect.is_some(),
+                r.direct_response.is_some(),
+            ]
+            .iter()
+            .filter(|x| **x)
+            .count();
+            if actions != 1 {
+                self.errors.push(ConfigError::at(
+                    &vs.origin,
+                    vs.value.id(),
+                    &field,
+                    "exactly one of route, redirect or directResponse is required".into(),
+                ));
+                continue;
+            }
+            if let Some(red) = &r.redirect {
+                route.action = Some(pb::route::Action::Redirect(pb::Redirect {
+                    uri: red.uri.clone().unwrap_or_default(),
+                    authority: red.authority.clone().unwrap_or_default(),
+                    scheme: red.scheme.clone().unwrap_or_default(),
+                    port: red.port.unwrap_or(0),
+                    status: red.redirect_code.unwrap_or(301),
+                }));
+            } else if let Some(dr) = &r.direct_response {
+                route.action = Some(pb::route::Action::DirectResponse(pb::DirectResponse {
+                    status: dr.status,
+                    body: dr
+                        .body
+                        .as_ref()
+                        .and_then(|b| b.string.clone())
+                        .unwrap_or_default()
+                        .into_bytes(),
+                }));
+            } else {
+                let mut clusters = Vec::new();
+                for (di, d) in r.route.iter().enumerate() {
+                    match self.destination(&d.destination, &ns, listener_port) {
+                        Ok(c) => clusters.push(pb::WeightedCluster {
+                            cluster: c,
+                            weight: d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 })
+                                as u32,
+                        }),
+                        Err(m) => self.errors.push(ConfigError::at(
+                            &vs.origin,
+                            vs.value.id(),
+                            &format!("{field}.route[{di}].destination"),
+                            m,
+                        )),
+                    }
+                    if let Some(h) = &d.headers {
+                        if r.route.len() > 1 {
+                            self.errors.push(ConfigError::at(
+                                &vs.origin,
+                                vs.value.id(),
+                                &format!("{field}.route[{di}].headers"),
+                                "headers on one of several weighted destinations are not supported by Bosun yet; set them on the route".into(),
+                            ));
+                        } else {
+                            req_ops = merge_ops(req_ops, h.request.clone());
+                            resp_ops = merge_ops(resp_ops, h.response.clone());
+                        }
+                    }
+                }
+                route.action = Some(pb::route::Action::Route(pb::RouteAction {
+                    clusters,
+                    uri_rewrite: r
+                        .rewrite
+                        .as_ref()
+                        .and_then(|w| w.uri.clone())
+                        .unwrap_or_default(),
+                    authority_rewrite: r
+                        .rewrite
+                        .as_ref()
+                        .and_then(|w| w.authority.clone())
+                        .unwrap_or_default(),
+                }));
+            }
+            route.request_headers = req_ops.map(to_ops);
+            route.response_headers = resp_ops.map(to_ops);
+            routes.push(route);
+        }
+        routes
+    }
+
+    pub(super) fn tcp_routes(
+        &mut self,
+        vs: &Sourced<model::VirtualService>,
+        gateway: &str,
+        port: u32,
+    ) -> Vec<pb::TcpRoute> {
+        let ns = vs.value.namespace().to_string();
+        let vs_gateways = Self::vs_gateways(&vs.value);
+        let mut out = Vec::new();
+        for (ri, r) in vs.value.spec.tcp.iter().enumerate() {
+            let applies = r.matches.is_empty()
+                || r.matches.iter().any(|m| {
+                    let gws: Vec<String> = if m.gateways.is_empty() {
+                        vs_gateways.clone()
+                    } else {
+                        m.gateways.iter().map(|g| qualify_gateway(g, &ns)).collect()
+                    };
+                    gws.iter().any(|g| g == gateway)
+                        && m.port.is_none_or(|p| p == port)
+                        && labels_match(&m.source_labels, &self.params.labels)
+                });
+            if !applies || (r.matches.is_empty() && !vs_gateways.iter().any(|g| g == gateway)) {
+                continue;
+            }
+            let mut clusters = Vec::new();
+            for (di, d) in r.route.iter().enumerate() {
+                match self.destination(&d.destination, &ns, Some(port)) {
+                    Ok(c) => clusters.push(pb::WeightedCluster {
+                        cluster: c,
+                        weight: d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }) as u32,
+                    }),
+                    Err(m) => self.errors.push(ConfigError::at(
+                        &vs.origin,
+                        vs.value.id(),
+                        &format!("spec.tcp[{ri}].route[{di}].destination"),
+                        m,
+                    )),
+                }
+            }
+            out.push(pb::TcpRoute { clusters });
+        }
+        out
+    }
+}
+
+fn qualify_gateway(g: &str, ns: &str) -> String {
+    if g == "mesh" || g.contains('/') {
+        g.to_string()
+    } else {
+        format!("{ns}/{g}")
+    }
+}
+
+fn merge_ops(
+    a: Option<model::HeaderOperations>,
+    b: Option<model::HeaderOperations>,
+) -> Option<model::HeaderOperations> {
+    match (a, b) {
+        (None, x) | (x, None) => x,
+        (Some(mut a), Some(b)) => {
+            a.set.extend(b.set);
+            a.add.extend(b.add);
+            a.remove.extend(b.remove);
+            Some(a)
+        }
+    }
+}
+
+fn to_ops(o: model::HeaderOperations) -> pb::HeaderOperations {
+    pb::HeaderOperations {
+        set: o.set.into_iter().collect(),
+        add: o.add.into_iter().collect(),
+        remove: o.remove,
+    }
+}
+
+type FieldError = (String, String);
+
+fn to_string_match(m: &StringMatch, field: &str) -> Result<Option<pb::StringMatch>, FieldError> {
+    use pb::string_match::Kind;
+    let set = [&m.exact, &m.prefix, &m.regex]
+        .iter()
+        .filter(|x| x.is_some())
+        .count();
+    if set > 1 {
+        return Err((
+            field.to_string(),
+            "set only one of exact, prefix, regex".into(),
+        ));
+    }
+    let kind = if let Some(e) = &m.exact {
+        Kind::Exact(e.clone())
+    } else if let Some(p) = &m.prefix {
+        Kind::Prefix(p.clone())
+    } else if let Some(r) = &m.regex {
+        Kind::Regex(r.clone())
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(pb::StringMatch { kind: Some(kind) }))
+}
+
+fn to_route_match(m: &HttpMatchRequest) -> Result<pb::RouteMatch, FieldError> {
+    let req = |o: &Option<StringMatch>, f: &str| -> Result<Option<pb::StringMatch>, FieldError> {
+        match o {
+            None => Ok(None),
+            Some(sm) => to_string_match(sm, f)?
+                .map(Some)
+                .ok_or_else(|| (f.to_string(), "set one of exact, prefix, regex".into())),
+        }
+    };
+    let headers = |map: &BTreeMap<String, StringMatch>,
+                   f: &str|
+     -> Result<Vec<pb::HeaderMatch>, FieldError> {
+        map.iter()
+            .map(|(k, v)| {
+                Ok(pb::HeaderMatch {
+                    name: if f == "queryParams" {
+                        k.clone()
+                    } else {
+                        k.to_ascii_lowercase()
+                    },
+                    value: to_string_match(v, &format!("{f}.{k}"))?,
+                })
+            })
+            .collect()
+    };
+    Ok(pb::RouteMatch {
+        uri: req(&m.uri, "uri")?,
+        authority: req(&m.authority, "authority")?,
+        method: req(&m.method, "method")?,
+        scheme: req(&m.scheme, "scheme")?,
+        headers: headers(&m.headers, "headers")?,
+        without_headers: headers(&m.without_headers, "withoutHeaders")?,
+        query_params: headers(&m.query_params, "queryParams")?,
+        port: m.port.unwrap_or(0),
+        ignore_uri_case: m.ignore_uri_case,
+    })
+}
+
+/// A route that sends every request to one cluster.
+pub(super) fn route_all_to(name: &str, cluster: String) -> pb::Route {
+    pb::Route {
+        name: name.into(),
+        matches: vec![],
+        action: Some(pb::route::Action::Route(pb::RouteAction {
+            clusters: vec![pb::WeightedCluster {
+                cluster,
+                weight: 100,
+            }],
+            ..Default::default()
+        })),
+        request_headers: None,
+        response_headers: None,
+    }
+}

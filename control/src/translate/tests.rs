@@ -1,0 +1,455 @@
+use super::*;
+use crate::load::load_sources;
+
+const CANARY: &str = include_str!("../../../examples/canary/canary.yaml");
+
+/// A Service with an EndpointSlice, its Pods, and a subset on their labels.
+pub(crate) const SHOP: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-x, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 9080}]
+endpoints:
+- addresses: [10.0.0.1]
+  targetRef: {kind: Pod, name: reviews-v1-abc, namespace: shop, uid: u1}
+- addresses: [10.0.0.2]
+  targetRef: {kind: Pod, name: reviews-v2-def, namespace: shop, uid: u2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1-abc, namespace: shop, labels: {app: reviews, version: v1}}
+spec: {containers: [{name: app, image: reviews:1}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2-def, namespace: shop, labels: {app: reviews, version: v2}}
+spec: {containers: [{name: app, image: reviews:2}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets: [{name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews, subset: v2}}]}]
+"#;
+
+fn gw_params() -> ProxyParams {
+    ProxyParams {
+        mode: ProxyMode::Gateway,
+        labels: [("istio".to_string(), "ingressgateway".to_string())].into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn canary_translates_for_the_gateway() {
+    let cfg = load_sources(&[("canary.yaml".into(), CANARY.into())]).expect("parses");
+    let out = translate(&cfg, &gw_params()).expect("valid");
+    assert_eq!(out.listeners.len(), 1);
+    let names: Vec<_> = out.clusters.iter().map(|c| c.name.as_str()).collect();
+    assert!(
+        names.contains(&"outbound|8080|v1|reviews.demo.svc.cluster.local"),
+        "{names:?}"
+    );
+    let v1 = out
+        .load_assignments
+        .iter()
+        .find(|a| a.cluster.contains("|v1|"))
+        .expect("v1 endpoints");
+    assert_eq!(v1.endpoints.len(), 1);
+    assert_eq!(
+        v1.endpoints[0].labels.get("version").map(String::as_str),
+        Some("v1")
+    );
+    // Same input, same version: versions are content hashes.
+    let again = translate(&cfg, &gw_params()).expect("valid");
+    assert_eq!(out.version, again.version);
+}
+
+#[test]
+fn undefined_subset_is_an_error_naming_the_field() {
+    let bad = CANARY.replace("subset: v2", "subset: v9");
+    let cfg = load_sources(&[("canary.yaml".into(), bad)]).expect("parses");
+    let err = translate(&cfg, &gw_params()).expect_err("v9 is undefined");
+    let e = &err.0[0];
+    assert!(e.resource.starts_with("VirtualService/demo/"), "{e}");
+    assert!(e.field.contains("route[1].destination"), "{e}");
+    assert!(e.message.contains("v9"), "{e}");
+}
+
+const POLICY: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: ns}
+spec:
+  selector: {app: ratings}
+  ports:
+  - {name: http, port: 9080, targetPort: 8080}
+  - {name: grpc-api, port: 9090}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-vm-1, namespace: ns}
+spec:
+  address: 10.0.0.1
+  labels: {app: ratings, version: v1}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-vm-2, namespace: ns}
+spec:
+  address: 10.0.0.2
+  ports: {http: 18080}
+  labels: {app: ratings, version: v2}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: other, namespace: ns}
+spec:
+  address: 10.0.0.9
+  labels: {app: other}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: ns}
+spec:
+  host: ratings
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    portLevelSettings:
+    - port: {number: 9090}
+      loadBalancer: {simple: LEAST_REQUEST}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash: {httpHeaderName: X-User, maglev: {tableSize: 1009}}
+"#;
+
+#[test]
+fn policies_merge_subset_over_port_over_top_and_services_select_workload_entries() {
+    let cfg = load_sources(&[("p.yaml".into(), POLICY.into())]).expect("parses");
+    let out = translate(&cfg, &ProxyParams::default()).expect("valid");
+    let cluster = |name: &str| {
+        out.clusters
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let host = "ratings.ns.svc.cluster.local";
+    assert_eq!(
+        cluster(&format!("outbound|9080||{host}")).lb_policy,
+        pb::LbPolicy::Random as i32
+    );
+    assert_eq!(
+        cluster(&format!("outbound|9090||{host}")).lb_policy,
+        pb::LbPolicy::LeastRequest as i32
+    );
+    assert_eq!(
+        cluster(&format!("outbound|9090||{host}")).protocol,
+        pb::UpstreamProtocol::Http2 as i32
+    );
+    // Subsets are only built when routed to; build them through the registry.
+    let params = ProxyParams {
+        mode: ProxyMode::Sidecar,
+        ..Default::default()
+    };
+    let eps = |c: &str| -> Vec<(String, u32)> {
+        out.load_assignments
+            .iter()
+            .find(|a| a.cluster == c)
+            .map(|a| {
+                a.endpoints
+                    .iter()
+                    .map(|e| (e.address.clone(), e.port))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // The Service selects the two ratings WorkloadEntries, not "other";
+    // a named WorkloadEntry port wins over targetPort.
+    assert_eq!(
+        eps(&format!("outbound|9080||{host}")),
+        vec![
+            ("10.0.0.1".to_string(), 8080),
+            ("10.0.0.2".to_string(), 18080)
+        ]
+    );
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: ns}\nspec:\n  hosts: [ratings]\n  http:\n  - route:\n    - {destination: {host: ratings, subset: v1, port: {number: 9080}}, weight: 50}\n    - {destination: {host: ratings, subset: v2, port: {number: 9080}}, weight: 50}\n";
+    let cfg = load_sources(&[
+        ("p.yaml".into(), POLICY.into()),
+        ("vs.yaml".into(), vs.into()),
+    ])
+    .expect("parses");
+    let out = translate(&cfg, &params).expect("valid");
+    let v2 = out
+        .clusters
+        .iter()
+        .find(|c| c.name == format!("outbound|9080|v2|{host}"))
+        .expect("v2");
+    assert_eq!(v2.lb_policy, pb::LbPolicy::Maglev as i32);
+    assert_eq!(v2.table_size, 1009);
+    assert_eq!(
+        v2.hash_policy.as_ref().and_then(|h| h.key.clone()),
+        Some(pb::hash_policy::Key::HeaderName("x-user".into()))
+    );
+    let v1 = out
+        .clusters
+        .iter()
+        .find(|c| c.name == format!("outbound|9080|v1|{host}"))
+        .expect("v1");
+    assert_eq!(
+        v1.lb_policy,
+        pb::LbPolicy::Random as i32,
+        "top-level policy"
+    );
+}
+
+#[test]
+fn weights_must_sum_to_100() {
+    let bad = CANARY.replace("weight: 10", "weight: 20");
+    let cfg = load_sources(&[("canary.yaml".into(), bad)]).expect("parses");
+    let err = translate(&cfg, &gw_params()).expect_err("110");
+    assert!(err.0[0].message.contains("sum to 110"), "{}", err.0[0]);
+    assert_eq!(err.0[0].field, "spec.http[0].route");
+}
+
+/// The service hosts of the clusters a sidecar in `ns` receives.
+fn cluster_hosts(cfg: &Config, ns: &str) -> Vec<String> {
+    let p = ProxyParams {
+        namespace: ns.into(),
+        ..Default::default()
+    };
+    let out = translate(cfg, &p).expect("valid");
+    out.clusters
+        .iter()
+        .map(|c| c.service_host.clone())
+        .collect()
+}
+
+#[test]
+fn sidecar_egress_and_export_to_scope_what_a_proxy_receives() {
+    let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: b}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: private, namespace: c}
+spec:
+  hosts: [private.c.internal]
+  exportTo: ["."]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: a}
+spec:
+  egress:
+  - hosts: ["./*"]
+"#;
+    let cfg = load_sources(&[("s.yaml".into(), y.into())]).expect("parses");
+    assert_eq!(cfg.sidecars.len(), 1, "{:?}", cfg.sidecars);
+    let hosts = |ns: &str| cluster_hosts(&cfg, ns);
+    // Namespace a's Sidecar: only its own namespace.
+    assert_eq!(hosts("a"), vec!["web.a.svc.cluster.local".to_string()]);
+    // Namespace b: no Sidecar, but c's private entry is not exported to it.
+    assert_eq!(
+        hosts("b"),
+        vec![
+            "db.b.svc.cluster.local".to_string(),
+            "web.a.svc.cluster.local".to_string()
+        ]
+    );
+    assert!(hosts("c").contains(&"private.c.internal".to_string()));
+}
+
+#[test]
+fn a_mesh_wide_sidecar_scopes_each_proxy_to_its_own_namespace_and_the_check_sees_all() {
+    let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: b}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: istio-system}
+spec:
+  egress:
+  - hosts: ["./*", "istio-system/*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: b}
+spec:
+  hosts: [db]
+  http: [{route: [{destination: {host: db, subset: v9}}]}]
+"#;
+    let cfg = load_sources(&[("s.yaml".into(), y.into())]).expect("parses");
+    let fixed = y.replace(", subset: v9", "");
+    let good = load_sources(&[("s.yaml".into(), fixed)]).expect("parses");
+    let hosts = |ns: &str| cluster_hosts(&good, ns);
+    // `.` in the mesh-wide Sidecar is each proxy's own namespace.
+    assert_eq!(hosts("a"), vec!["web.a.svc.cluster.local".to_string()]);
+    assert_eq!(hosts("b"), vec!["db.b.svc.cluster.local".to_string()]);
+    // The check is not scoped: b's bad route is refused although the
+    // check's proxy (namespace default) would not see db.
+    let err = check(&cfg).expect_err("subset v9 is undefined");
+    assert!(
+        err.0.iter().any(|e| e.resource == "VirtualService/b/db"),
+        "{err}"
+    );
+    check(&good).expect("valid");
+    // Two TCP services on one port clash only where one proxy sees both:
+    // scoped to their namespaces they do not; without the Sidecar they do.
+    let redis = |ns: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: redis, namespace: {ns}}}\nspec: {{ports: [{{name: tcp, port: 6379}}]}}\n"
+        )
+    };
+    let two = format!(
+        "{}{}{}",
+        y.replace(", subset: v9", ""),
+        redis("a"),
+        redis("b")
+    );
+    let scoped = load_sources(&[("s.yaml".into(), two.clone())]).expect("parses");
+    check(&scoped).expect("each proxy sees one redis");
+    // The same Sidecar in another namespace scopes nobody here.
+    let unscoped_yaml = two.replace(
+        "metadata: {name: default, namespace: istio-system}",
+        "metadata: {name: default, namespace: elsewhere}",
+    );
+    let unscoped = load_sources(&[("s.yaml".into(), unscoped_yaml)]).expect("parses");
+    let err = check(&unscoped).expect_err("a proxy in default sees both");
+    assert!(err.to_string().contains("TCP port 6379"), "{err}");
+}
+
+#[test]
+fn export_to_dot_keeps_routing_and_policies_in_their_namespace() {
+    let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: b}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: b}
+spec:
+  host: api
+  exportTo: ["."]
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: b}
+spec:
+  hosts: [api]
+  exportTo: ["."]
+  http:
+  - route: [{destination: {host: api}}]
+    headers: {request: {set: {x-from-b-vs: "1"}}}
+"#;
+    let cfg = load_sources(&[("e.yaml".into(), y.into())]).expect("parses");
+    let view = |ns: &str| {
+        let p = ProxyParams {
+            namespace: ns.into(),
+            ..Default::default()
+        };
+        let out = translate(&cfg, &p).expect("valid");
+        let lb = out.clusters[0].lb_policy;
+        let vs_applied = out.route_configurations[0].virtual_hosts[0].routes[0]
+            .request_headers
+            .is_some();
+        (lb, vs_applied)
+    };
+    assert_eq!(view("b"), (pb::LbPolicy::Random as i32, true));
+    assert_eq!(view("a"), (pb::LbPolicy::RoundRobin as i32, false));
+}
+
+#[test]
+fn endpoint_slice_endpoints_take_their_pods_labels_for_subsets() {
+    let y = SHOP;
+    let cfg = load_sources(&[("p.yaml".into(), y.into())]).expect("parses");
+    let p = ProxyParams {
+        namespace: "shop".into(),
+        ..Default::default()
+    };
+    let out = translate(&cfg, &p).expect("valid");
+    let v2 = out
+        .load_assignments
+        .iter()
+        .find(|a| a.cluster == "outbound|9080|v2|reviews.shop.svc.cluster.local")
+        .expect("v2 subset");
+    let addrs: Vec<&str> = v2.endpoints.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(addrs, vec!["10.0.0.2"]);
+    assert_eq!(v2.endpoints[0].workload, "reviews-v2-def");
+}
+
+#[test]
+fn client_ip_affinity_hashes_on_the_source_address_unless_a_destination_rule_decides() {
+    let svc = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 60}}}}\n  ports: [{{name: http, port: 80}}]\n---\n"
+        )
+    };
+    let y = format!(
+        "{}{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: b, namespace: shop}}\nspec: {{host: b, trafficPolicy: {{loadBalancer: {{simple: LEAST_REQUEST}}}}}}\n",
+        svc("a"),
+        svc("b")
+    );
+    let cfg = load_sources(&[("p.yaml".into(), y)]).expect("parses");
+    let out = translate(&cfg, &ProxyParams::default()).expect("valid");
+    let cluster = |host: &str| {
+        out.clusters
+            .iter()
+            .find(|c| c.service_host == host)
+            .cloned()
+            .expect("cluster")
+    };
+    let a = cluster("a.shop.svc.cluster.local");
+    assert_eq!(a.lb_policy, pb::LbPolicy::RingHash as i32);
+    assert_eq!(
+        a.hash_policy.and_then(|h| h.key),
+        Some(pb::hash_policy::Key::SourceIp(true))
+    );
+    let b = cluster("b.shop.svc.cluster.local");
+    assert_eq!(b.lb_policy, pb::LbPolicy::LeastRequest as i32);
+    // Anything else is refused with the field named.
+    let bad = svc("c").replace("ClientIP\n", "Sticky\n");
+    let cfg = load_sources(&[("p.yaml".into(), bad)]).expect("parses");
+    let err = translate(&cfg, &ProxyParams::default()).expect_err("refused");
+    assert!(err.to_string().contains("spec.sessionAffinity"), "{err}");
+}

@@ -5,6 +5,7 @@
 //! [`xds`] serves the translated resources to proxies over Envoy's ADS.
 
 pub mod admin;
+pub mod error;
 pub mod etcd;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
@@ -16,5 +17,5 @@ pub mod translate;
 pub mod validate;
 pub mod xds;
 
-pub use load::{ConfigError, ConfigErrors};
+pub use error::{ConfigError, ConfigErrors};
 pub use translate::{ProxyMode, ProxyParams, translate};

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use crate::load::{ConfigError, ConfigErrors};
+use crate::error::{ConfigError, ConfigErrors};
 use crate::model::{self, Config, IntOrString, Labels};
 use bosun_xds_proto::config as pb;
 

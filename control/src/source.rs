@@ -16,7 +16,8 @@ use std::time::Duration;
 use notify::Watcher;
 use tokio::sync::mpsc;
 
-use crate::load::{ConfigErrors, Parsed, config_files, parse_file};
+use crate::error::ConfigErrors;
+use crate::load::{Parsed, config_files, parse_file};
 use crate::model::Config;
 
 /// What a file looked like when it was last read: a change of size,
@@ -128,7 +129,7 @@ impl Files {
     /// The whole config: every file's resources (shared, not copied).
     fn assemble(&self, root: &Path) -> Reading {
         if self.files.is_empty() {
-            return Err(crate::load::no_config(&root.display().to_string()));
+            return Err(crate::error::no_config(&root.display().to_string()));
         }
         let mut config = Config::default();
         let mut errors = Vec::new();
@@ -251,8 +252,8 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
                     Ok(changed) if changed || first => Some(files.assemble(&p)),
                     Ok(_) => None,
                     // Unreadable: refused (and counted) like any invalid config.
-                    Err(e) => Some(Err(crate::load::ConfigErrors(vec![
-                        crate::load::ConfigError::unreadable(p.display().to_string(), &e),
+                    Err(e) => Some(Err(crate::error::ConfigErrors(vec![
+                        crate::error::ConfigError::unreadable(p.display().to_string(), &e),
                     ]))),
                 };
                 (reading, files)

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use crate::load::ConfigError;
+use crate::error::ConfigError;
 use crate::model::{Config, Origin, StringMatch};
 
 pub fn validate(cfg: &Config) -> Vec<ConfigError> {

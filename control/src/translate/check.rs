@@ -4,7 +4,7 @@ use bosun_xds_proto::config as pb;
 
 use super::prepared::prepare;
 use super::{ProxyMode, ProxyParams, translate_with};
-use crate::load::{ConfigError, ConfigErrors};
+use crate::error::{ConfigError, ConfigErrors};
 use crate::model::Config;
 
 /// Checks a whole config the way every proxy will see it: translated for a

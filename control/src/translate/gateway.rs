@@ -7,7 +7,7 @@ use bosun_xds_proto::config as pb;
 
 use super::Ctx;
 use super::registry::{labels_match, select_protocol};
-use crate::load::ConfigError;
+use crate::error::ConfigError;
 
 /// Does a server host (`host`, `ns/host`, `*`, `*.suffix`) admit this VS host?
 fn server_host_admits(server_host: &str, vs_ns: &str, vs_host: &str) -> bool {

@@ -32,7 +32,7 @@ use prepared::prepare;
 use registry::{Registry, resolve_host};
 use sidecar::{exported, sidecar};
 
-use crate::load::{ConfigError, ConfigErrors};
+use crate::error::{ConfigError, ConfigErrors};
 use crate::model::{Config, DestinationRule, Labels, Sourced};
 
 /// Which proxy the config is for.

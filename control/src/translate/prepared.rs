@@ -13,7 +13,7 @@ use super::registry::{
 };
 use super::sidecar::exported;
 use super::{ProxyParams, translate_with};
-use crate::load::{ConfigError, ConfigErrors};
+use crate::error::{ConfigError, ConfigErrors};
 use crate::model::{self, Config, Labels, Sourced};
 
 pub(super) fn prepare(cfg: &Config) -> (Registry, Vec<ConfigError>) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bosun_xds_proto::config as pb;
 
-use crate::load::ConfigError;
+use crate::error::ConfigError;
 use crate::model::{self, Config, Labels, Origin, Sourced};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

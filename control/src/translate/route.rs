@@ -7,7 +7,7 @@ use bosun_xds_proto::config as pb;
 
 use super::Ctx;
 use super::registry::{labels_match, resolve_host};
-use crate::load::ConfigError;
+use crate::error::ConfigError;
 use crate::model::{self, HttpMatchRequest, Sourced, StringMatch};
 
 impl Ctx<'_> {

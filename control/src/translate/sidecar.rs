@@ -10,7 +10,7 @@ use super::gateway::host_matches;
 use super::registry::{Svc, SvcPort, labels_match, resolve_host};
 use super::route::route_all_to;
 use super::{Ctx, ProxyParams};
-use crate::load::ConfigError;
+use crate::error::ConfigError;
 use crate::model::{self, Config, Sourced};
 
 pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {

@@ -120,8 +120,9 @@ pub struct ProxyArgs {
     /// byte (HTTP/1.1 keep-alive); else the connection is closed.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     request_head_timeout: Duration,
-    /// A downstream connection with no request in flight for this long is closed (HTTP/2:
-    /// GOAWAY). HTTP/1.1 waits for a head at most --request-head-timeout as well.
+    /// A downstream connection with no request in flight and none started for this long is
+    /// closed (HTTP/2: GOAWAY), after one to two idle timeouts. HTTP/1.1 waits for a head at most
+    /// --request-head-timeout as well.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     idle_timeout: Duration,
     /// Largest request head (request line and headers, HTTP/1.1; header list, HTTP/2); over

@@ -60,7 +60,8 @@ pub struct Limits {
     /// A request head must arrive within this of accept (the first) or of
     /// its first byte (later ones, HTTP/1.1). nginx: 60 s.
     pub request_head_timeout: Duration,
-    /// A downstream connection with no request in flight is closed after this.
+    /// A downstream connection with no request in flight and none started
+    /// for this long is closed (looked at once per period: after one to two).
     pub idle_timeout: Duration,
     /// Request head bytes (request line and headers); over it: 431. Envoy: 60 KiB.
     pub max_request_head_bytes: usize,

@@ -32,17 +32,13 @@ use crate::metrics::{LabelSet, Protocol};
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Per-connection state the request tasks and the connection task share.
+/// Per-connection state the request tasks and the connection task share:
+/// two counters, so a request pays two atomic additions and no clock read.
 #[derive(Debug)]
 pub struct ConnState {
     start: tokio::time::Instant,
     inflight: AtomicUsize,
     requests: AtomicU64,
-    /// Milliseconds after `start` when the last request ended.
-    idle_since_ms: AtomicU64,
-    /// Wakes the connection task when the last request in flight ends, to
-    /// arm the idle deadline.
-    went_idle: tokio::sync::Notify,
 }
 
 /// Counts one request in flight on its connection until dropped.
@@ -50,12 +46,7 @@ pub struct InFlight(Arc<ConnState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let s = &self.0;
-        s.idle_since_ms
-            .store(s.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if s.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            s.went_idle.notify_one();
-        }
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -65,8 +56,6 @@ impl ConnState {
             start: tokio::time::Instant::now(),
             inflight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
-            idle_since_ms: AtomicU64::new(0),
-            went_idle: tokio::sync::Notify::new(),
         })
     }
 
@@ -76,18 +65,12 @@ impl ConnState {
         InFlight(self.clone())
     }
 
-    /// When the connection may be closed if nothing happens: the first head
-    /// must come within the head timeout of accept, later ones within the
-    /// idle timeout of the last response. `None` while requests run.
-    fn deadline(&self, limits: &crate::Limits) -> Option<tokio::time::Instant> {
-        if self.inflight.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        if self.requests.load(Ordering::Relaxed) == 0 {
-            return Some(self.start + limits.request_head_timeout);
-        }
-        let idle = std::time::Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
-        Some(self.start + idle + limits.idle_timeout)
+    fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    fn busy(&self) -> bool {
+        self.inflight.load(Ordering::Acquire) > 0
     }
 }
 
@@ -227,8 +210,17 @@ where
     if draining && matches!(on_drain, OnDrain::GoAway) {
         conn.as_mut().graceful();
     }
+    // One timer per connection, looked at lazily: a request costs it two
+    // atomic additions and no clock read. Until the first request it looks
+    // every idle timeout and closes at the head timeout; after that, a
+    // connection with nothing in flight and no request since the last look
+    // is closed (so an idle connection goes after one to two idle timeouts).
+    let limits = &shared.limits;
+    let head_deadline = state.start + limits.request_head_timeout;
+    let timer = tokio::time::sleep_until(head_deadline.min(state.start + limits.idle_timeout));
+    let mut timer = std::pin::pin!(timer);
+    let mut seen = 0;
     loop {
-        let deadline = state.deadline(&shared.limits);
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r.into() {
@@ -236,14 +228,16 @@ where
                 }
                 return;
             }
-            _ = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if state.deadline(&shared.limits).is_some_and(|d| d <= tokio::time::Instant::now()) {
-                    tracing::debug!(%peer, "closing an idle downstream connection");
+            () = timer.as_mut() => {
+                let now = tokio::time::Instant::now();
+                let requests = state.requests();
+                let idle = if requests == 0 {
+                    now >= head_deadline
+                } else {
+                    !state.busy() && requests == seen
+                };
+                if idle {
+                    tracing::debug!(%peer, requests, "closing an idle downstream connection");
                     conn.as_mut().graceful();
                     // A peer that ignores the close gets a second to go.
                     tokio::select! {
@@ -251,13 +245,16 @@ where
                         _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => return,
                     }
                 }
+                seen = requests;
+                let next = now + limits.idle_timeout;
+                timer.as_mut().reset(if requests == 0 { next.min(head_deadline) } else { next });
             }
-            _ = state.went_idle.notified() => {}
-            _ = drain.changed(), if !draining => {
+            // HTTP/1.1 needs nothing here: its responses carry
+            // `Connection: close` once draining. Not polling the drain
+            // watch on every wake-up keeps it off the per-request path.
+            _ = drain.changed(), if !draining && matches!(on_drain, OnDrain::GoAway) => {
                 draining = true;
-                if matches!(on_drain, OnDrain::GoAway) {
-                    conn.as_mut().graceful();
-                }
+                conn.as_mut().graceful();
             }
         }
     }

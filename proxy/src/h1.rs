@@ -107,14 +107,6 @@ impl<S: AsyncRead + Unpin> Idle<S> {
             conns.push(c);
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.conns.lock().map(|c| c.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 enum Probe {

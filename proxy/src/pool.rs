@@ -112,10 +112,6 @@ impl Pools {
         }
     }
 
-    pub fn options(&self) -> PoolOptions {
-        self.opts
-    }
-
     /// The pool for `key` (the same one while any snapshot holds it).
     pub fn get(&self, key: PoolKey) -> Arc<Pool> {
         let mut map = self.pools.lock().unwrap_or_else(|p| p.into_inner());

@@ -63,45 +63,57 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 /// An upstream written by hand: answers `GET /path` with the path as body;
 /// for `/poison` it answers and, 100 ms later, writes a second response
 /// nobody asked for on the same connection.
-async fn poisoning_upstream() -> SocketAddr {
+/// An upstream written by hand on 127.0.0.1: each accepted connection is
+/// handed to `serve` in a task of its own.
+async fn raw_upstream<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut b = [0u8; 4096];
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                        buf.drain(..end + 4);
-                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-                        let resp = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
-                            path.len()
-                        );
-                        if s.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        if path == "/poison" {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            let _ = s
-                                .write_all(b"HTTP/1.1 200 OK\r\nx-poison: 1\r\ncontent-length: 6\r\n\r\npoison")
-                                .await;
-                        }
-                    }
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&b[..n]),
-                    }
-                }
-            });
+            if let Ok((s, _)) = l.accept().await {
+                tokio::spawn(serve(s));
+            }
         }
     });
     addr
+}
+
+async fn poisoning_upstream() -> SocketAddr {
+    raw_upstream(|mut s| async move {
+        let mut buf = Vec::new();
+        let mut b = [0u8; 4096];
+        loop {
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                buf.drain(..end + 4);
+                let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                    path.len()
+                );
+                if s.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+                if path == "/poison" {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nx-poison: 1\r\ncontent-length: 6\r\n\r\npoison",
+                        )
+                        .await;
+                }
+            }
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&b[..n]),
+            }
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -328,46 +340,40 @@ async fn oversized_heads_get_431_and_malformed_requests_400_without_reaching_ups
 /// An upstream that records, per connection, what it read and whether the
 /// proxy closed it; it answers every complete chunked request.
 async fn recording_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<(String, bool)>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
+    let addr = raw_upstream(move |mut s| {
+        let seen = s2.clone();
+        async move {
+            let idx = {
+                let mut v = seen.lock().expect("lock");
+                v.push((String::new(), false));
+                v.len() - 1
             };
-            let seen = s2.clone();
-            tokio::spawn(async move {
-                let idx = {
-                    let mut v = seen.lock().expect("lock");
-                    v.push((String::new(), false));
-                    v.len() - 1
-                };
-                let mut b = [0u8; 4096];
-                loop {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => {
-                            seen.lock().expect("lock")[idx].1 = true;
-                            return;
-                        }
-                        Ok(n) => {
-                            let done = {
-                                let mut v = seen.lock().expect("lock");
-                                v[idx].0.push_str(&String::from_utf8_lossy(&b[..n]));
-                                v[idx].0.ends_with("0\r\n\r\n")
-                            };
-                            if done {
-                                let _ = s
-                                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                                    .await;
-                            }
+            let mut b = [0u8; 4096];
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => {
+                        seen.lock().expect("lock")[idx].1 = true;
+                        return;
+                    }
+                    Ok(n) => {
+                        let done = {
+                            let mut v = seen.lock().expect("lock");
+                            v[idx].0.push_str(&String::from_utf8_lossy(&b[..n]));
+                            v[idx].0.ends_with("0\r\n\r\n")
+                        };
+                        if done {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
                         }
                     }
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     (addr, seen)
 }
 
@@ -440,14 +446,12 @@ impl ReplacePath for [u8] {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_upstream_gets_504_si() {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let up = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = l.accept().await {
-            held.push(s); // accepts, reads nothing, answers nothing
-        }
-    });
+    // Accepts, reads nothing, answers nothing.
+    let up = raw_upstream(|s| async move {
+        let _held = s;
+        std::future::pending::<()>().await
+    })
+    .await;
     let port = free_port();
     let bosun = gateway_with(port, up, &["--stream-idle-timeout", "1s", "--access-log"]).await;
     let t = Instant::now();

@@ -91,17 +91,17 @@ impl Listeners {
 
 async fn accept_loop(shared: Arc<Shared>, sock: TcpListener, addr: SocketAddr) {
     let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
-    let drain = shared.drain.clone();
+    // One subscription for the listener's life, not one per accept.
+    let mut drain = shared.drain.watch();
     loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit,
+            _ = drain.wait_for(|d| *d) => break,
+        };
+        let Ok(permit) = permit else { return };
         let accepted = tokio::select! {
-            permit = slots.clone().acquire_owned() => {
-                let Ok(permit) = permit else { return };
-                tokio::select! {
-                    a = sock.accept() => a.map(|a| (a, permit)),
-                    _ = drain.started() => break,
-                }
-            }
-            _ = drain.started() => break,
+            a = sock.accept() => a.map(|a| (a, permit)),
+            _ = drain.wait_for(|d| *d) => break,
         };
         match accepted {
             Ok(((stream, peer), permit)) => serve(&shared, stream, peer, addr, permit),

@@ -48,6 +48,8 @@ pub async fn start_proxy(args: &ProxyArgs) -> anyhow::Result<Arc<Proxy>> {
         namespace: args.namespace.clone(),
         app: params.labels.get("app").cloned().unwrap_or_default(),
         version: params.labels.get("version").cloned().unwrap_or_default(),
+        locality: args.locality.clone(),
+        labels: params.labels.clone(),
     };
     let proxy = Proxy::new(ProxyOptions {
         identity,
@@ -156,7 +158,14 @@ fn node(args: &ProxyArgs, params: &ProxyParams) -> bosun_xds_proto::core::Node {
             .unwrap_or_else(|| format!("{mode}~{}~{}", args.workload, params.namespace)),
         cluster: args.workload.clone(),
         metadata: Some(Struct { fields }),
-        locality: None,
+        locality: (!args.locality.is_empty()).then(|| {
+            let mut p = args.locality.splitn(3, '/');
+            bosun_xds_proto::core::Locality {
+                region: p.next().unwrap_or("").into(),
+                zone: p.next().unwrap_or("").into(),
+                sub_zone: p.next().unwrap_or("").into(),
+            }
+        }),
         user_agent_name: "bosun".into(),
         user_agent_version_type: Some(
             bosun_xds_proto::core::node::UserAgentVersionType::UserAgentVersion(

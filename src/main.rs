@@ -71,6 +71,11 @@ pub struct ProxyArgs {
     /// This proxy's namespace.
     #[arg(long, default_value = "default")]
     namespace: String,
+    /// This proxy's locality, region/zone/subzone (Istio's istio-locality): with
+    /// outlierDetection, endpoints in the same zone, then region, are preferred and failed
+    /// over from. Sent to the control service as the xDS node's locality.
+    #[arg(long, default_value = "")]
+    locality: String,
     /// Workload name reported as source_workload in metrics.
     #[arg(long, default_value = "")]
     workload: String,

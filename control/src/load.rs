@@ -326,13 +326,13 @@ mod tests {
     #[test]
     fn unknown_field_is_refused_with_file_resource_and_field() {
         let err = load(
-            "# comment\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: ns}\nspec:\n  hosts: [a]\n  http:\n  - timeout: 5s\n    route: [{destination: {host: a}}]\n",
+            "# comment\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: ns}\nspec:\n  hosts: [a]\n  http:\n  - mirrorPercent: 5\n    route: [{destination: {host: a}}]\n",
         )
-        .expect_err("timeout is not implemented");
+        .expect_err("mirrorPercent is not implemented");
         let e = &err.0[0];
         assert_eq!(e.file, "test.yaml");
         assert_eq!(e.resource, "VirtualService/ns/a");
-        assert_eq!(e.field, "spec.http[0].timeout");
+        assert_eq!(e.field, "spec.http[0].mirrorPercent");
         assert!(e.message.contains("not supported"), "{e}");
         assert_eq!(e.line, 8, "{e}");
     }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use http::HeaderName;
@@ -16,6 +16,7 @@ use rand::RngExt;
 
 use crate::error::RejectError;
 use crate::metrics::LabelSet;
+use crate::outlier::{Outcome, OutlierConfig, OutlierState, may_eject};
 use crate::pool::Pool;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,30 +28,111 @@ pub enum UpstreamProtocol {
     Downstream,
 }
 
-/// Live per-endpoint load state (in-flight requests; later outlier and
-/// circuit-breaker state). Connections live in [`Pool`]s, not here.
+/// Live per-endpoint state: in-flight requests (LEAST_REQUEST) and the
+/// outlier detector. Connections live in [`Pool`]s, not here.
 #[derive(Debug, Default)]
 pub struct EndpointStats {
     pub active: AtomicUsize,
+    pub outlier: OutlierState,
 }
 
-/// Endpoint stats by address, shared by all snapshots.
+/// Live per-cluster state: the circuit breakers' counts and the clock
+/// outlier detection runs on.
+#[derive(Debug)]
+pub struct ClusterState {
+    epoch: tokio::time::Instant,
+    pub active_requests: AtomicUsize,
+    pub pending: AtomicUsize,
+    pub active_retries: AtomicUsize,
+    /// The latest `ejected_until` of any endpoint: before it, pick filters.
+    ejected_until_max: AtomicU64,
+    /// HTTP/1.1 connection slots (`maxConnections`), with the limit they were made for.
+    conn_slots: Mutex<Option<(u32, Arc<tokio::sync::Semaphore>)>>,
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        ClusterState {
+            epoch: tokio::time::Instant::now(),
+            active_requests: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            active_retries: AtomicUsize::new(0),
+            ejected_until_max: AtomicU64::new(0),
+            conn_slots: Mutex::new(None),
+        }
+    }
+}
+
+impl ClusterState {
+    /// Milliseconds since the state was made, on tokio's clock; never 0.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The semaphore for `limit` HTTP/1.1 connections (kept across config
+    /// swaps while the limit stays the same).
+    pub fn conn_slots(&self, limit: u32) -> Arc<tokio::sync::Semaphore> {
+        let mut slot = self.conn_slots.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            Some((l, s)) if *l == limit => s.clone(),
+            _ => {
+                let s = Arc::new(tokio::sync::Semaphore::new(limit as usize));
+                *slot = Some((limit, s.clone()));
+                s
+            }
+        }
+    }
+}
+
+/// Endpoint and cluster state by cluster name (and endpoint address),
+/// shared by all snapshots: a new snapshot sees the requests the old one
+/// still has in flight, and the endpoints it ejected.
 #[derive(Debug, Default)]
 pub struct EndpointRegistry {
-    stats: Mutex<HashMap<SocketAddr, Weak<EndpointStats>>>,
+    stats: Mutex<HashMap<(String, SocketAddr), Weak<EndpointStats>>>,
+    clusters: Mutex<HashMap<String, Weak<ClusterState>>>,
 }
 
 impl EndpointRegistry {
-    pub fn stats(&self, addr: SocketAddr) -> Arc<EndpointStats> {
+    pub fn stats(&self, cluster: &str, addr: SocketAddr) -> Arc<EndpointStats> {
         let mut map = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = map.get(&addr).and_then(Weak::upgrade) {
+        let key = (cluster.to_string(), addr);
+        if let Some(s) = map.get(&key).and_then(Weak::upgrade) {
             return s;
         }
         map.retain(|_, w| w.strong_count() > 0);
         let s = Arc::new(EndpointStats::default());
-        map.insert(addr, Arc::downgrade(&s));
+        map.insert(key, Arc::downgrade(&s));
         s
     }
+
+    pub fn cluster(&self, name: &str) -> Arc<ClusterState> {
+        let mut map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(name).and_then(Weak::upgrade) {
+            return s;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let s = Arc::new(ClusterState::default());
+        map.insert(name.to_string(), Arc::downgrade(&s));
+        s
+    }
+}
+
+/// DestinationRule `connectionPool` limits; 0 is no limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CircuitLimits {
+    pub max_connections: u32,
+    pub max_pending: u32,
+    pub max_requests: u32,
+    /// 0: the retry budget (20% of active requests, at least 3).
+    pub max_retries: u32,
+}
+
+/// Endpoints of one locality priority, in groups with `distribute` weights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub weight: u32,
+    pub members: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -235,22 +317,144 @@ pub struct Cluster {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Metric labels when no endpoint could be picked (503 UH).
     pub no_endpoint_labels: Arc<LabelSet>,
+    pub state: Arc<ClusterState>,
+    pub limits: CircuitLimits,
+    /// `maxConnections` slots (HTTP/1.1 requests, TCP connections).
+    pub conn_slots: Option<Arc<tokio::sync::Semaphore>>,
+    pub outlier: Option<OutlierConfig>,
+    /// Locality priorities, lowest first; empty: every endpoint in one.
+    pub priorities: Vec<Vec<Group>>,
 }
 
 impl Cluster {
-    /// Picks an endpoint. `key` is the request's hash key for hash policies
-    /// (a missing key falls back to a random pick, as Envoy does).
-    pub fn pick(&self, key: Option<u64>) -> Option<&Arc<Endpoint>> {
+    /// Picks an endpoint index. `key` is the request's hash key for hash
+    /// policies (a missing key falls back to a random pick, as Envoy does);
+    /// `tried` are endpoints earlier tries used, avoided while others are
+    /// left. Ejected endpoints and lower locality priorities are honoured.
+    pub fn pick(&self, key: Option<u64>, tried: &[usize]) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
         }
-        if n == 1 {
-            return self.endpoints.first();
+        let ejections = self.outlier.is_some()
+            && self.state.ejected_until_max.load(Ordering::Relaxed) > self.state.now_ms();
+        if tried.is_empty() && self.priorities.is_empty() && !ejections {
+            return Some(if n == 1 { 0 } else { self.choose(key, None) });
         }
-        let i = match &self.lb {
-            Lb::RoundRobin(next) => next.fetch_add(1, Ordering::Relaxed) % n,
-            Lb::Random => rand::rng().random_range(0..n),
+        let now = if ejections { self.state.now_ms() } else { 0 };
+        let healthy = |i: usize| !ejections || !self.endpoints[i].stats.outlier.is_ejected(now);
+        // Envoy's panic mode: below minHealthPercent healthy, ejections are ignored.
+        let panic = match &self.outlier {
+            Some(o) if ejections && o.min_health_percent > 0 => {
+                let h = (0..n).filter(|i| healthy(*i)).count();
+                h * 100 < n * o.min_health_percent as usize
+            }
+            _ => false,
+        };
+        let all;
+        let levels: &[Vec<Group>] = if self.priorities.is_empty() {
+            all = [vec![Group {
+                weight: 1,
+                members: (0..n as u32).collect(),
+            }]];
+            &all
+        } else {
+            &self.priorities
+        };
+        // Envoy's priority load: a level takes min(100%, 1.4 × its healthy
+        // share) of the traffic, the rest spills to the next level.
+        let mut left = 100u64;
+        let loads: Vec<u64> = levels
+            .iter()
+            .map(|level| {
+                let (h, t) = level
+                    .iter()
+                    .flat_map(|g| &g.members)
+                    .fold((0u64, 0u64), |(h, t), i| {
+                        (h + u64::from(healthy(*i as usize)), t + 1)
+                    });
+                let health = (140 * h).checked_div(t).map_or(0, |x| x.min(100));
+                let load = health.min(left);
+                left -= load;
+                load
+            })
+            .collect();
+        let mut rng = rand::rng();
+        for avoid_tried in [true, false] {
+            if !avoid_tried && tried.is_empty() {
+                break;
+            }
+            let usable = |i: &usize| (panic || healthy(*i)) && !(avoid_tried && tried.contains(i));
+            let candidates: Vec<Vec<(u32, Vec<usize>)>> = levels
+                .iter()
+                .map(|level| {
+                    level
+                        .iter()
+                        .map(|g| {
+                            let c: Vec<usize> = g
+                                .members
+                                .iter()
+                                .map(|i| *i as usize)
+                                .filter(usable)
+                                .collect();
+                            (g.weight, c)
+                        })
+                        .filter(|(w, c)| *w > 0 && !c.is_empty())
+                        .collect()
+                })
+                .collect();
+            let total: u64 = candidates
+                .iter()
+                .zip(&loads)
+                .filter(|(c, _)| !c.is_empty())
+                .map(|(_, l)| *l)
+                .sum();
+            let level = if total == 0 {
+                candidates.iter().position(|c| !c.is_empty())
+            } else {
+                let mut r = rng.random_range(0..total);
+                candidates.iter().zip(&loads).position(|(c, l)| {
+                    if c.is_empty() {
+                        return false;
+                    }
+                    if r < *l {
+                        return true;
+                    }
+                    r -= l;
+                    false
+                })
+            };
+            let Some(level) = level else {
+                continue;
+            };
+            let groups = &candidates[level];
+            let weights: u64 = groups.iter().map(|(w, _)| u64::from(*w)).sum();
+            let mut r = if groups.len() == 1 {
+                0
+            } else {
+                rng.random_range(0..weights)
+            };
+            for (w, c) in groups {
+                if r < u64::from(*w) {
+                    return Some(self.choose(key, Some(c)));
+                }
+                r -= u64::from(*w);
+            }
+        }
+        None
+    }
+
+    /// The load balancer's pick among `among` (all endpoints when `None`).
+    fn choose(&self, key: Option<u64>, among: Option<&[usize]>) -> usize {
+        let n = among.map_or(self.endpoints.len(), <[usize]>::len);
+        let at = |i: usize| among.map_or(i, |a| a[i]);
+        let ok = |i: usize| among.is_none_or(|a| a.contains(&i));
+        if n == 1 {
+            return at(0);
+        }
+        match &self.lb {
+            Lb::RoundRobin(next) => at(next.fetch_add(1, Ordering::Relaxed) % n),
+            Lb::Random => at(rand::rng().random_range(0..n)),
             Lb::LeastRequest => {
                 // Power of two choices: the less loaded of two random picks.
                 let mut rng = rand::rng();
@@ -259,23 +463,74 @@ impl Cluster {
                 if b >= a {
                     b += 1;
                 }
+                let (a, b) = (at(a), at(b));
                 let la = self.endpoints[a].stats.active.load(Ordering::Relaxed);
                 let lb = self.endpoints[b].stats.active.load(Ordering::Relaxed);
                 if lb < la { b } else { a }
             }
             Lb::RingHash(ring) => match key {
-                Some(k) => {
+                Some(k) if !ring.is_empty() => {
                     let pos = ring.partition_point(|(h, _)| *h < k);
-                    ring[if pos == ring.len() { 0 } else { pos }].1 as usize
+                    // The first point at or after the key whose endpoint may be used.
+                    (0..ring.len())
+                        .map(|d| ring[(pos + d) % ring.len()].1 as usize)
+                        .find(|i| ok(*i))
+                        .unwrap_or_else(|| at(0))
                 }
-                None => rand::rng().random_range(0..n),
+                _ => at(rand::rng().random_range(0..n)),
             },
             Lb::Maglev(table) => match key {
-                Some(k) => table[(k % table.len() as u64) as usize] as usize,
-                None => rand::rng().random_range(0..n),
+                Some(k) if !table.is_empty() => {
+                    let start = (k % table.len() as u64) as usize;
+                    (0..table.len())
+                        .map(|d| table[(start + d) % table.len()] as usize)
+                        .find(|i| ok(*i))
+                        .unwrap_or_else(|| at(0))
+                }
+                _ => at(rand::rng().random_range(0..n)),
             },
+        }
+    }
+
+    /// Feeds one try's outcome to outlier detection; ejects the endpoint
+    /// when a detector crossed its threshold and the cluster may lose it.
+    pub fn report(&self, endpoint: usize, o: Outcome) {
+        let Some(cfg) = &self.outlier else {
+            return;
         };
-        self.endpoints.get(i)
+        let Some(e) = self.endpoints.get(endpoint) else {
+            return;
+        };
+        let now = self.state.now_ms();
+        if !e.stats.outlier.record(cfg, o, now) {
+            return;
+        }
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|x| x.stats.outlier.is_ejected(now))
+            .count();
+        if !may_eject(cfg, ejected, self.endpoints.len()) {
+            return;
+        }
+        let until = e.stats.outlier.eject(cfg, now);
+        self.state
+            .ejected_until_max
+            .fetch_max(until, Ordering::Relaxed);
+        tracing::info!(cluster = %self.name, endpoint = %e.addr, ejected_for_ms = until - now, "outlier detection ejected an endpoint");
+    }
+
+    /// Is there room for one more retry? Without `maxRetries`, Envoy's
+    /// retry budget: retries in flight within 20% of active requests, at
+    /// least 3.
+    pub fn retry_allowed(&self) -> bool {
+        let active = self.state.active_retries.load(Ordering::Relaxed);
+        let limit = if self.limits.max_retries > 0 {
+            self.limits.max_retries as usize
+        } else {
+            (self.state.active_requests.load(Ordering::Relaxed) / 5).max(3)
+        };
+        active < limit
     }
 }
 
@@ -284,10 +539,11 @@ mod tests {
     use super::*;
 
     fn eps(n: usize) -> Vec<Arc<Endpoint>> {
-        let pools = crate::pool::Pools::new(crate::pool::PoolOptions {
-            connect_timeout: std::time::Duration::from_secs(1),
-            idle_timeout: std::time::Duration::from_secs(1),
-        });
+        let opts = crate::pool::PoolOptions::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+        );
+        let pools = crate::pool::Pools::new(opts);
         (0..n)
             .map(|i| {
                 let addr: SocketAddr = format!("10.0.0.{}:80", i + 1).parse().expect("addr");
@@ -298,6 +554,7 @@ mod tests {
                         pools.get(crate::pool::PoolKey {
                             addr,
                             transport: crate::connect::Transport::Plaintext,
+                            opts,
                         }),
                         LabelSet::unknown(),
                     )
@@ -322,14 +579,19 @@ mod tests {
             hash: None,
             endpoints: e,
             no_endpoint_labels: Arc::new(LabelSet::unknown()),
+            state: Arc::new(ClusterState::default()),
+            limits: CircuitLimits::default(),
+            conn_slots: None,
+            outlier: None,
+            priorities: Vec::new(),
         };
         let (ca, cb) = (mk(a, all.clone()), mk(b, fewer));
         let mut moved = 0;
         let keys = 20_000;
         for k in 0..keys {
             let h = hash_bytes(format!("user-{k}").as_bytes());
-            let ea = ca.pick(Some(h)).map(|e| e.addr);
-            let eb = cb.pick(Some(h)).map(|e| e.addr);
+            let ea = ca.pick(Some(h), &[]).map(|i| ca.endpoints[i].addr);
+            let eb = cb.pick(Some(h), &[]).map(|i| cb.endpoints[i].addr);
             if ea != eb {
                 moved += 1;
             }

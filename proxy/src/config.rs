@@ -12,12 +12,17 @@ use bosun_xds_proto::config as pb;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use crate::cluster::{Cluster, Endpoint, EndpointRegistry, HashKey, Lb, UpstreamProtocol};
+use crate::cluster::{
+    CircuitLimits, Cluster, Endpoint, EndpointRegistry, HashKey, Lb, UpstreamProtocol,
+};
 use crate::connect::Transport;
 use crate::error::{RejectError, reject};
 use crate::identity::ProxyIdentity;
+use crate::locality;
 use crate::metrics::{LabelSet, ServiceLabels, WorkloadLabels};
-use crate::pool::{PoolKey, Pools};
+use crate::outlier::OutlierConfig;
+use crate::policy::RoutePolicy;
+use crate::pool::{Keepalive, PoolKey, PoolOptions, Pools};
 use crate::route::{
     Action, HeaderMatch, HeaderOps, Redirect, Route, RouteAction, RouteMatch, RouteTable, StrMatch,
     VirtualHost, WeightedClusters,
@@ -85,6 +90,8 @@ pub struct BuildContext<'a> {
     pub identity: &'a ProxyIdentity,
     pub endpoints: &'a EndpointRegistry,
     pub pools: &'a Pools,
+    /// Addresses of DNS endpoints, as last resolved.
+    pub dns: Option<&'a crate::dns::DnsCache>,
 }
 
 impl Snapshot {
@@ -185,23 +192,63 @@ fn build_cluster(
         Err(_) => return Err(reject(&id, "protocol", "unknown upstream protocol")),
     };
     let inbound = c.name.starts_with("inbound|");
+    let cp = c.connection_pool.unwrap_or_default();
+    let ms = |v: u64| (v > 0).then(|| std::time::Duration::from_millis(v));
+    let defaults = ctx.pools.defaults();
+    let pool_opts = PoolOptions {
+        connect_timeout: ms(cp.connect_timeout_ms).unwrap_or(defaults.connect_timeout),
+        idle_timeout: ms(cp.idle_timeout_ms).unwrap_or(defaults.idle_timeout),
+        max_requests: cp.max_requests_per_connection,
+        max_age: ms(cp.max_connection_duration_ms),
+        keepalive: cp.tcp_keepalive.as_ref().map(|k| Keepalive {
+            time: std::time::Duration::from_millis(k.time_ms),
+            interval: std::time::Duration::from_millis(k.interval_ms),
+            probes: k.probes,
+        }),
+    };
+    if cp.max_concurrent_streams > 0 {
+        return Err(reject(
+            &id,
+            "connection_pool.max_concurrent_streams",
+            "not supported by this proxy yet",
+        ));
+    }
+    let dns = pb::DnsLookup::try_from(c.dns)
+        .map_err(|_| reject(&id, "dns", "unknown DNS lookup mode"))?;
+    let assigned = cla.map(|a| a.endpoints.as_slice()).unwrap_or(&[]);
+    // DNS clusters: each named endpoint becomes the addresses it resolved
+    // to (all of them, or the first for LOGICAL), from the proxy's cache.
+    let mut resolved: Vec<(IpAddr, &pb::Endpoint)> = Vec::new();
+    for (i, e) in assigned.iter().enumerate() {
+        match e.address.parse::<IpAddr>() {
+            Ok(ip) => resolved.push((ip, e)),
+            Err(_) if dns != pb::DnsLookup::None => {
+                let ips = ctx.dns.map(|d| d.addresses(&e.address)).unwrap_or_default();
+                let take = if dns == pb::DnsLookup::Logical {
+                    1
+                } else {
+                    ips.len()
+                };
+                resolved.extend(ips.into_iter().take(take).map(|ip| (ip, e)));
+            }
+            Err(_) => {
+                return Err(reject(
+                    &id,
+                    format!("endpoints[{i}]"),
+                    format!("address {:?} is not an IP address", e.address),
+                ));
+            }
+        }
+    }
     let mut endpoints = Vec::new();
-    for (i, e) in cla
-        .map(|a| a.endpoints.as_slice())
-        .unwrap_or(&[])
-        .iter()
-        .enumerate()
-    {
+    let mut seen = std::collections::HashSet::new();
+    for (i, (ip, e)) in resolved.iter().enumerate() {
         let field = format!("endpoints[{i}]");
-        let ip: IpAddr = e.address.parse().map_err(|_| {
-            reject(
-                &id,
-                &field,
-                format!("address {:?} is not an IP address", e.address),
-            )
-        })?;
         let port = u16::try_from(e.port).map_err(|_| reject(&id, &field, "port out of range"))?;
-        let addr = SocketAddr::new(ip, port);
+        let addr = SocketAddr::new(*ip, port);
+        if !seen.insert(addr) {
+            continue;
+        }
         let workload = WorkloadLabels {
             workload: &e.workload,
             namespace: &e.namespace,
@@ -212,14 +259,26 @@ fn build_cluster(
         let pool = ctx.pools.get(PoolKey {
             addr,
             transport: Transport::Plaintext,
+            opts: pool_opts,
         });
         endpoints.push(Arc::new(Endpoint::new(
             addr,
-            ctx.endpoints.stats(addr),
+            ctx.endpoints.stats(&c.name, addr),
             pool,
             labels,
         )?));
     }
+    let priorities = match &c.locality_lb {
+        Some(l) => locality::priorities(
+            l,
+            &ctx.identity.locality,
+            &ctx.identity.labels,
+            resolved
+                .iter()
+                .map(|(_, e)| (e.locality.as_str(), &e.labels)),
+        ),
+        None => Vec::new(),
+    };
     let hash = match c.hash_policy.as_ref().and_then(|h| h.key.as_ref()) {
         None => None,
         Some(pb::hash_policy::Key::HeaderName(h)) => Some(HashKey::Header(
@@ -262,6 +321,20 @@ fn build_cluster(
             &service_labels(c),
             inbound,
         ),
+        conn_slots: (cp.max_connections > 0).then(|| {
+            ctx.endpoints
+                .cluster(&c.name)
+                .conn_slots(cp.max_connections)
+        }),
+        state: ctx.endpoints.cluster(&c.name),
+        limits: CircuitLimits {
+            max_connections: cp.max_connections,
+            max_pending: cp.max_pending_requests,
+            max_requests: cp.max_requests,
+            max_retries: cp.max_retries,
+        },
+        outlier: c.outlier_detection.as_ref().map(OutlierConfig::from),
+        priorities,
     })
 }
 
@@ -411,6 +484,29 @@ fn build_route_table(
             }
             let action = match &r.action {
                 Some(pb::route::Action::Route(ra)) => Action::Route(RouteAction {
+                    policy: Box::new(RoutePolicy::build(
+                        r,
+                        &format!("{id}.{field}"),
+                        &|name| {
+                            clusters.get(name).cloned().ok_or_else(|| {
+                                reject(
+                                    &id,
+                                    format!("{field}.mirrors"),
+                                    format!("unknown cluster {name:?}"),
+                                )
+                            })
+                        },
+                        &|m| {
+                            str_match(m, false, &id, &format!("{field}.cors.allow_origins"))?
+                                .ok_or_else(|| {
+                                    reject(
+                                        &id,
+                                        format!("{field}.cors.allow_origins"),
+                                        "empty match",
+                                    )
+                                })
+                        },
+                    )?),
                     clusters: weighted(&ra.clusters, clusters, &id, &field)?,
                     uri_rewrite: (!ra.uri_rewrite.is_empty()).then(|| ra.uri_rewrite.clone()),
                     authority_rewrite: if ra.authority_rewrite.is_empty() {
@@ -451,6 +547,19 @@ fn build_route_table(
                 },
                 None => return Err(reject(&id, &field, "route has no action")),
             };
+            if !matches!(action, Action::Route(_))
+                && (r.timeout_ms > 0
+                    || r.retry_policy.is_some()
+                    || r.fault.is_some()
+                    || !r.mirrors.is_empty()
+                    || r.cors.is_some())
+            {
+                return Err(reject(
+                    &id,
+                    &field,
+                    "timeout, retries, fault, mirrors and CORS apply only to routes to clusters",
+                ));
+            }
             routes.push(Route {
                 name: Arc::from(r.name.as_str()),
                 matches,

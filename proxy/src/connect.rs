@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::error::ConnectError;
+use crate::pool::Keepalive;
 
 /// An open upstream connection.
 #[derive(Debug)]
@@ -27,16 +28,32 @@ pub enum Transport {
     Plaintext,
 }
 
-/// Opens a connection to `addr` within `timeout`.
+/// Opens a connection to `addr` within `timeout`, with TCP keepalive when asked.
 pub async fn connect(
     addr: SocketAddr,
     transport: &Transport,
     timeout: Duration,
+    keepalive: Option<&Keepalive>,
 ) -> Result<Stream, ConnectError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| ConnectError::Timeout(timeout))??;
     let _ = stream.set_nodelay(true);
+    if let Some(k) = keepalive {
+        let mut ka = socket2::TcpKeepalive::new();
+        if !k.time.is_zero() {
+            ka = ka.with_time(k.time);
+        }
+        if !k.interval.is_zero() {
+            ka = ka.with_interval(k.interval);
+        }
+        if k.probes > 0 {
+            ka = ka.with_retries(k.probes);
+        }
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka) {
+            tracing::debug!(%addr, error = %e, "setting TCP keepalive failed");
+        }
+    }
     match transport {
         Transport::Plaintext => Ok(Stream::Plain(stream)),
     }

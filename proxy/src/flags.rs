@@ -25,6 +25,22 @@ pub enum Flags {
     DownstreamConnectionTermination,
     /// The client sent a malformed request (400, 431).
     DownstreamProtocolError,
+    /// The route timeout (or the per-try timeout of the last try) expired (504).
+    UpstreamRequestTimeout,
+    /// Retries were wanted but the route's attempts were used up.
+    UpstreamRetryLimitExceeded,
+    /// A circuit breaker (connectionPool limit or the retry budget) was full (503).
+    UpstreamOverflow,
+    /// Fault injection delayed the request.
+    DelayInjected,
+    /// Fault injection aborted the request.
+    FaultInjected,
+    /// Retries used up, the last try failing to connect (`UF,URX`).
+    ConnectFailureRetriesExhausted,
+    /// Retries used up, the last try reset (`UC,URX`).
+    TerminationRetriesExhausted,
+    /// Retries used up, the last try timing out (`UT,URX`).
+    TimeoutRetriesExhausted,
 }
 
 impl Flags {
@@ -40,6 +56,25 @@ impl Flags {
             Flags::StreamIdleTimeout => "SI",
             Flags::DownstreamConnectionTermination => "DC",
             Flags::DownstreamProtocolError => "DPE",
+            Flags::UpstreamRequestTimeout => "UT",
+            Flags::UpstreamRetryLimitExceeded => "URX",
+            Flags::UpstreamOverflow => "UO",
+            Flags::DelayInjected => "DI",
+            Flags::FaultInjected => "FI",
+            Flags::ConnectFailureRetriesExhausted => "UF,URX",
+            Flags::TerminationRetriesExhausted => "UC,URX",
+            Flags::TimeoutRetriesExhausted => "UT,URX",
+        }
+    }
+
+    /// The flag of a request whose retries ran out with this last outcome:
+    /// Envoy adds `URX` to the outcome's own flag.
+    pub const fn retries_exhausted(self) -> Flags {
+        match self {
+            Flags::UpstreamConnectFailure => Flags::ConnectFailureRetriesExhausted,
+            Flags::UpstreamConnectionTermination => Flags::TerminationRetriesExhausted,
+            Flags::UpstreamRequestTimeout => Flags::TimeoutRetriesExhausted,
+            _ => Flags::UpstreamRetryLimitExceeded,
         }
     }
 
@@ -70,6 +105,14 @@ mod tests {
             (Flags::StreamIdleTimeout, "SI"),
             (Flags::DownstreamConnectionTermination, "DC"),
             (Flags::DownstreamProtocolError, "DPE"),
+            (Flags::UpstreamRequestTimeout, "UT"),
+            (Flags::UpstreamRetryLimitExceeded, "URX"),
+            (Flags::UpstreamOverflow, "UO"),
+            (Flags::DelayInjected, "DI"),
+            (Flags::FaultInjected, "FI"),
+            (Flags::ConnectFailureRetriesExhausted, "UF,URX"),
+            (Flags::TerminationRetriesExhausted, "UC,URX"),
+            (Flags::TimeoutRetriesExhausted, "UT,URX"),
         ];
         for (f, s) in all {
             assert_eq!(f.to_string(), s);

@@ -47,22 +47,38 @@ pub struct Conn<S> {
     stream: S,
     buf: BytesMut,
     since: Instant,
+    opened: Instant,
+    served: u32,
 }
 
 impl<S> Conn<S> {
     pub fn new(stream: S) -> Self {
+        let now = Instant::now();
         Conn {
             stream,
             buf: BytesMut::new(),
-            since: Instant::now(),
+            since: now,
+            opened: now,
+            served: 0,
         }
     }
+}
+
+/// When a kept-alive connection is no longer reused.
+#[derive(Debug, Clone, Copy)]
+pub struct Reuse {
+    /// Unused for this long: closed.
+    pub idle_timeout: Duration,
+    /// This many responses: closed (`maxRequestsPerConnection`); 0: no limit.
+    pub max_requests: u32,
+    /// Open this long: closed (`maxConnectionDuration`).
+    pub max_age: Option<Duration>,
 }
 
 /// Idle keep-alive connections of one pool key (endpoint + transport).
 pub struct Idle<S> {
     conns: Mutex<Vec<Conn<S>>>,
-    timeout: Duration,
+    reuse: Reuse,
 }
 
 impl<S> std::fmt::Debug for Idle<S> {
@@ -73,10 +89,10 @@ impl<S> std::fmt::Debug for Idle<S> {
 }
 
 impl<S: AsyncRead + Unpin> Idle<S> {
-    pub fn new(timeout: Duration) -> Self {
+    pub fn new(reuse: Reuse) -> Self {
         Idle {
             conns: Mutex::new(Vec::new()),
-            timeout,
+            reuse,
         }
     }
 
@@ -87,7 +103,9 @@ impl<S: AsyncRead + Unpin> Idle<S> {
                 let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
                 conns.pop()?
             };
-            if c.since.elapsed() >= self.timeout {
+            if c.since.elapsed() >= self.reuse.idle_timeout
+                || self.reuse.max_age.is_some_and(|a| c.opened.elapsed() >= a)
+            {
                 continue;
             }
             match probe(&mut c) {
@@ -102,6 +120,10 @@ impl<S: AsyncRead + Unpin> Idle<S> {
 
     fn checkin(&self, mut c: Conn<S>) {
         c.since = Instant::now();
+        c.served += 1;
+        if self.reuse.max_requests > 0 && c.served >= self.reuse.max_requests {
+            return;
+        }
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         if conns.len() < MAX_IDLE_PER_ENDPOINT {
             conns.push(c);

@@ -8,4 +8,8 @@ pub struct ProxyIdentity {
     pub namespace: String,
     pub app: String,
     pub version: String,
+    /// region/zone/subzone (`--locality`); empty: unknown.
+    pub locality: String,
+    /// Workload labels (DestinationRule `failoverPriority` compares them).
+    pub labels: std::collections::BTreeMap<String, String>,
 }

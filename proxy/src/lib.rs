@@ -11,6 +11,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod connect;
+pub mod dns;
 pub mod drain;
 pub mod error;
 pub mod flags;
@@ -18,7 +19,10 @@ pub mod h1;
 pub mod http;
 pub mod identity;
 pub mod listener;
+pub mod locality;
 pub mod metrics;
+pub mod outlier;
+pub mod policy;
 pub mod pool;
 pub mod route;
 pub mod tcp;
@@ -51,6 +55,9 @@ pub struct Shared {
     pub drain: Arc<Drain>,
     pub access_log: Option<AccessLog>,
     pub ready: AtomicBool,
+    /// DNS endpoints' addresses; the resolver task refreshes them.
+    pub dns: dns::DnsCache,
+    dns_wake: Arc<tokio::sync::Notify>,
 }
 
 /// The proxy's limits, each a flag of `bosun proxy` (defaults as Envoy's
@@ -118,20 +125,27 @@ impl Proxy {
             metrics: Metrics::default(),
             identity: opts.identity,
             endpoints: EndpointRegistry::default(),
-            pools: Pools::new(PoolOptions {
-                connect_timeout: opts.limits.connect_timeout,
-                idle_timeout: opts.limits.upstream_idle_timeout,
-            }),
+            pools: Pools::new(PoolOptions::new(
+                opts.limits.connect_timeout,
+                opts.limits.upstream_idle_timeout,
+            )),
             limits: opts.limits,
             drain: Arc::new(Drain::default()),
             access_log: opts.access_log.then_some(AccessLog),
             ready: AtomicBool::new(false),
+            dns: dns::DnsCache::default(),
+            dns_wake: Arc::new(tokio::sync::Notify::new()),
         });
-        Arc::new(Proxy {
+        let proxy = Arc::new(Proxy {
             shared,
             listeners: listener::Listeners::default(),
             apply_lock: Mutex::new(()),
-        })
+        });
+        tokio::spawn(dns_loop(
+            Arc::downgrade(&proxy),
+            proxy.shared.dns_wake.clone(),
+        ));
+        proxy
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -163,7 +177,12 @@ impl Proxy {
             identity: &self.shared.identity,
             endpoints: &self.shared.endpoints,
             pools: &self.shared.pools,
+            dns: Some(&self.shared.dns),
         };
+        let has_dns = cfg
+            .clusters
+            .iter()
+            .any(|c| c.dns != pb::DnsLookup::None as i32);
         let snap = Snapshot::build(cfg, &ctx)?;
         let bound = self.listeners.prepare(&snap)?;
         let snap = Arc::new(snap);
@@ -177,6 +196,9 @@ impl Proxy {
             v.clone_from(&version);
         }
         self.shared.ready.store(true, Ordering::Release);
+        if has_dns {
+            self.shared.dns_wake.notify_one();
+        }
         tracing::info!(%version, "config applied");
         Ok(())
     }
@@ -216,5 +238,49 @@ impl Proxy {
             );
         }
         done
+    }
+}
+
+/// Resolves the names of DNS endpoints when a config brings new ones and
+/// then every cluster's refresh interval; a changed answer rebuilds the
+/// snapshot from the config last applied. Ends with the proxy.
+async fn dns_loop(proxy: std::sync::Weak<Proxy>, wake: Arc<tokio::sync::Notify>) {
+    use std::collections::BTreeMap;
+    use tokio::time::Instant;
+    let mut due: BTreeMap<String, Instant> = BTreeMap::new();
+    loop {
+        let next = {
+            let Some(p) = proxy.upgrade() else {
+                return;
+            };
+            let source = p.shared.snapshot.load_full();
+            let names = dns::names(&source.source);
+            p.shared.dns.retain(&names);
+            due.retain(|k, _| names.contains_key(k));
+            let mut changed = false;
+            for (name, every) in &names {
+                let now = Instant::now();
+                if due.get(name).is_none_or(|t| *t <= now) {
+                    changed |= p.shared.dns.refresh(name).await;
+                    due.insert(name.clone(), now + *every);
+                }
+            }
+            if changed {
+                let latest = p.shared.snapshot.load_full();
+                if let Err(e) = p.apply(latest.source.clone()) {
+                    tracing::warn!(error = %e, "DNS answer changed but the config could not be rebuilt");
+                }
+            }
+            due.values().min().copied()
+        };
+        match next {
+            Some(t) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(t) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
     }
 }

@@ -25,21 +25,59 @@ use crate::http::body::ReqBody;
 pub struct PoolKey {
     pub addr: SocketAddr,
     pub transport: Transport,
+    /// Clusters with different `connectionPool` settings never share connections.
+    pub opts: PoolOptions,
 }
 
-/// Timeouts every pool shares.
-#[derive(Debug, Clone, Copy)]
+/// How connections are made and reused: the proxy's flags, overridden per
+/// cluster by DestinationRule `connectionPool`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PoolOptions {
     pub connect_timeout: Duration,
     /// How long an unused connection is kept.
     pub idle_timeout: Duration,
+    /// Requests per connection (`maxRequestsPerConnection`); 0: no limit.
+    pub max_requests: u32,
+    /// `maxConnectionDuration`.
+    pub max_age: Option<Duration>,
+    /// `tcpKeepalive`.
+    pub keepalive: Option<Keepalive>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Keepalive {
+    /// Zero: the kernel's default, for each.
+    pub time: Duration,
+    pub interval: Duration,
+    pub probes: u32,
+}
+
+impl PoolOptions {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        PoolOptions {
+            connect_timeout,
+            idle_timeout,
+            max_requests: 0,
+            max_age: None,
+            keepalive: None,
+        }
+    }
+}
+
+/// The HTTP/2 connection of a key: its sender, when it was last used and
+/// opened, and how many requests it carried.
+struct H2Conn {
+    tx: http2::SendRequest<ReqBody>,
+    used: Instant,
+    opened: Instant,
+    requests: u32,
 }
 
 pub struct Pool {
     pub key: PoolKey,
     opts: PoolOptions,
     pub h1: Arc<crate::h1::Idle<Stream>>,
-    h2: Mutex<Option<(http2::SendRequest<ReqBody>, Instant)>>,
+    h2: Mutex<Option<H2Conn>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -53,7 +91,11 @@ impl Pool {
         Pool {
             key,
             opts,
-            h1: Arc::new(crate::h1::Idle::new(opts.idle_timeout)),
+            h1: Arc::new(crate::h1::Idle::new(crate::h1::Reuse {
+                idle_timeout: opts.idle_timeout,
+                max_requests: opts.max_requests,
+                max_age: opts.max_age,
+            })),
             h2: Mutex::new(None),
         }
     }
@@ -64,6 +106,7 @@ impl Pool {
             self.key.addr,
             &self.key.transport,
             self.opts.connect_timeout,
+            self.opts.keepalive.as_ref(),
         )
         .await
     }
@@ -72,11 +115,19 @@ impl Pool {
     pub async fn h2(&self) -> Result<http2::SendRequest<ReqBody>, ForwardError> {
         {
             let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((tx, used)) = slot.as_mut() {
-                if !tx.is_closed() && used.elapsed() < self.opts.idle_timeout {
-                    *used = Instant::now();
-                    return Ok(tx.clone());
+            if let Some(c) = slot.as_mut() {
+                let o = &self.opts;
+                if !c.tx.is_closed()
+                    && c.used.elapsed() < o.idle_timeout
+                    && (o.max_requests == 0 || c.requests < o.max_requests)
+                    && o.max_age.is_none_or(|a| c.opened.elapsed() < a)
+                {
+                    c.used = Instant::now();
+                    c.requests += 1;
+                    return Ok(c.tx.clone());
                 }
+                // Dropping the sender lets its requests finish, then the
+                // connection closes.
                 *slot = None;
             }
         }
@@ -92,7 +143,13 @@ impl Pool {
             }
         });
         let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        *slot = Some((tx.clone(), Instant::now()));
+        let now = Instant::now();
+        *slot = Some(H2Conn {
+            tx: tx.clone(),
+            used: now,
+            opened: now,
+            requests: 1,
+        });
         Ok(tx)
     }
 }
@@ -112,6 +169,11 @@ impl Pools {
         }
     }
 
+    /// The options from the proxy's flags, before a cluster's overrides.
+    pub fn defaults(&self) -> PoolOptions {
+        self.opts
+    }
+
     /// The pool for `key` (the same one while any snapshot holds it).
     pub fn get(&self, key: PoolKey) -> Arc<Pool> {
         let mut map = self.pools.lock().unwrap_or_else(|p| p.into_inner());
@@ -119,7 +181,7 @@ impl Pools {
             return p;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let p = Arc::new(Pool::new(key.clone(), self.opts));
+        let p = Arc::new(Pool::new(key.clone(), key.opts));
         map.insert(key, Arc::downgrade(&p));
         p
     }

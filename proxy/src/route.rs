@@ -100,6 +100,7 @@ impl WeightedClusters {
 #[derive(Debug)]
 pub struct RouteAction {
     pub clusters: WeightedClusters,
+    pub policy: Box<crate::policy::RoutePolicy>,
     pub uri_rewrite: Option<String>,
     pub authority_rewrite: Option<HeaderValue>,
 }

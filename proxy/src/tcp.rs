@@ -14,6 +14,7 @@ use crate::config::{ListenerKind, Snapshot};
 use crate::drain::Tracked;
 use crate::flags::Flags;
 use crate::http::body::ActiveGuard;
+use crate::outlier::Outcome;
 
 pub async fn serve_connection(
     shared: Arc<Shared>,
@@ -33,18 +34,40 @@ pub async fn serve_connection(
     let cluster = route.pick_with(&mut rand::rng());
     let key = matches!(cluster.hash, Some(HashKey::SourceIp))
         .then(|| hash_bytes(peer.ip().to_string().as_bytes()));
-    let Some(endpoint) = cluster.pick(key).cloned() else {
+    let Some(idx) = cluster.pick(key, &[]) else {
         shared
             .metrics
             .tcp_closed(&cluster.no_endpoint_labels, Flags::NoHealthyUpstream, 0, 0);
         return;
     };
+    // connectionPool.tcp.maxConnections: over it the connection is closed (UO).
+    let slot = match &cluster.conn_slots {
+        None => None,
+        Some(s) => match s.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                shared.metrics.tcp_closed(
+                    &cluster.no_endpoint_labels,
+                    Flags::UpstreamOverflow,
+                    0,
+                    0,
+                );
+                return;
+            }
+        },
+    };
+    let cluster = cluster.clone();
     drop(snap);
-    let _active = ActiveGuard::new(&endpoint);
+    let endpoint = cluster.endpoints[idx].clone();
+    let _active = ActiveGuard::with_cluster(&endpoint, &cluster.state, slot);
     let labels = endpoint.labels.clone();
     let mut up = match endpoint.pool.connect().await {
-        Ok(s) => s,
+        Ok(s) => {
+            cluster.report(idx, Outcome::Status(200));
+            s
+        }
         Err(e) => {
+            cluster.report(idx, Outcome::LocalFailure);
             tracing::debug!(endpoint = %endpoint.addr, error = %e, "TCP upstream connect failed");
             shared
                 .metrics

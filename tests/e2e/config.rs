@@ -43,7 +43,7 @@ async fn bad_config_is_refused_and_the_old_one_keeps_serving() {
     let url = format!("http://127.0.0.1:{port}/");
 
     // 1. A field Bosun does not implement yet.
-    bosun.write_config(&simple(port, be.addr, "    timeout: 5s\n"));
+    bosun.write_config(&simple(port, be.addr, "    mirrorPercent: 5\n"));
     // 2. Then a config that parses but routes to an undefined subset.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let log = bosun.log_text();
@@ -52,7 +52,10 @@ async fn bad_config_is_refused_and_the_old_one_keeps_serving() {
         log.contains("VirtualService/web/site"),
         "resource named: {log}"
     );
-    assert!(log.contains("spec.http[0].timeout"), "field named: {log}");
+    assert!(
+        log.contains("spec.http[0].mirrorPercent"),
+        "field named: {log}"
+    );
     assert_eq!(get(&c, &url, "x").await.backend(), "good");
     assert_eq!(bosun.version().await, good_version);
 
@@ -89,7 +92,7 @@ async fn validate_command_names_file_line_resource_and_field() {
     let dir = TempDir::new("validate");
     std::fs::write(
         dir.0.join("vs.yaml"),
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: ns}\nspec:\n  hosts: [r]\n  http:\n  - fault: {abort: {httpStatus: 500}}\n    route: [{destination: {host: r}}]\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: ns}\nspec:\n  hosts: [r]\n  http:\n  - mirrorPercent: 5\n    route: [{destination: {host: r}}]\n",
     )
     .expect("write");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
@@ -100,7 +103,7 @@ async fn validate_command_names_file_line_resource_and_field() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("vs.yaml:7:"), "{text}");
     assert!(
-        text.contains("VirtualService/ns/r: spec.http[0].fault"),
+        text.contains("VirtualService/ns/r: spec.http[0].mirrorPercent"),
         "{text}"
     );
     assert!(text.contains("not supported"), "{text}");

@@ -381,7 +381,8 @@ async fn recording_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<(String, 
 async fn a_body_that_turns_malformed_midway_closes_its_upstream_connection() {
     let (up, seen) = recording_upstream().await;
     let port = free_port();
-    let _bosun = Bosun::gateway(&gateway_to(port, up)).await;
+    // Without retries the body streams: the upstream sees its first chunk.
+    let _bosun = Bosun::gateway(&no_retries(&gateway_to(port, up))).await;
     // Warm a pooled connection with a good chunked request.
     let good = b"POST /a HTTP/1.1\r\nHost: site\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
     let mut c = TcpStream::connect(("127.0.0.1", port))
@@ -430,6 +431,57 @@ async fn a_body_that_turns_malformed_midway_closes_its_upstream_connection() {
             "a request followed a half-sent one on the same connection: {text:?}"
         );
     }
+}
+
+/// The route of `gateway_to` with retries off (Istio's default policy
+/// would keep the body for a retry instead of streaming it).
+fn no_retries(yaml: &str) -> String {
+    yaml.replace(
+        "  - route: [{destination: {host: site}}]",
+        "  - retries: {attempts: 0}\n    route: [{destination: {host: site}}]",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_retries_a_malformed_body_never_reaches_the_upstream() {
+    let (up, seen) = recording_upstream().await;
+    let port = free_port();
+    // Istio's default retry policy: the body is kept whole before it goes upstream.
+    let _bosun = Bosun::gateway(&gateway_to(port, up)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    c.write_all(
+        b"POST /b HTTP/1.1\r\nHost: site\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.write_all(b"zz\r\nworld\r\n0\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_response(&mut c).await.unwrap_or_default();
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    // A good chunked body is forwarded chunked, as the client framed it.
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    c.write_all(b"POST /a HTTP/1.1\r\nHost: site\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_response(&mut c).await.expect("response");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let v = seen.lock().expect("lock").clone();
+    assert!(
+        v.iter().all(|(text, _)| !text.contains("POST /b")),
+        "the malformed request reached the upstream: {v:?}"
+    );
+    assert!(
+        v.iter().any(
+            |(text, _)| text.contains("POST /a") && text.contains("transfer-encoding: chunked")
+        ),
+        "{v:?}"
+    );
 }
 
 trait ReplacePath {

@@ -9,5 +9,6 @@ mod harness;
 mod kube;
 mod node;
 mod protocols;
+mod resilience;
 mod routing;
 mod xds;

@@ -6,6 +6,7 @@ use bosun_xds_proto::config as pb;
 use super::Ctx;
 use super::duration::parse_duration_secs;
 use super::prepared::load_assignment;
+use super::resilience;
 use crate::model::{self, Labels, LoadBalancerSettings};
 
 /// Deterministic content hash: the same config gives the same version anywhere.
@@ -28,15 +29,26 @@ pub fn cluster_host(name: &str) -> Option<&str> {
 }
 
 impl Ctx<'_> {
-    fn lb_settings(&self, host: &str, subset: &str, port: u32) -> Option<LoadBalancerSettings> {
+    /// One traffic-policy field for host/subset/port, as Istio layers them:
+    /// the subset's policy over the top-level one, each with its
+    /// port-level setting over its own default.
+    fn policy<T: Clone>(
+        &self,
+        host: &str,
+        subset: &str,
+        port: u32,
+        get: impl Fn(&model::TrafficPolicy) -> Option<&T>,
+        get_port: impl Fn(&model::PortTrafficPolicy) -> Option<&T>,
+    ) -> Option<T> {
         let dr = &self.drs.get(host)?.value.spec;
-        let from = |tp: &Option<model::TrafficPolicy>| -> Option<LoadBalancerSettings> {
+        let from = |tp: &Option<model::TrafficPolicy>| -> Option<T> {
             let tp = tp.as_ref()?;
             tp.port_level_settings
                 .iter()
                 .find(|p| p.port.number == port)
-                .and_then(|p| p.load_balancer.clone())
-                .or_else(|| tp.load_balancer.clone())
+                .and_then(&get_port)
+                .or_else(|| get(tp))
+                .cloned()
         };
         let subset_tp = dr
             .subsets
@@ -46,6 +58,16 @@ impl Ctx<'_> {
         subset_tp
             .and_then(from)
             .or_else(|| from(&dr.traffic_policy))
+    }
+
+    fn lb_settings(&self, host: &str, subset: &str, port: u32) -> Option<LoadBalancerSettings> {
+        self.policy(
+            host,
+            subset,
+            port,
+            |t| t.load_balancer.as_ref(),
+            |p| p.load_balancer.as_ref(),
+        )
     }
 
     /// Makes (once) the cluster for host/port/subset and returns its name.
@@ -87,6 +109,13 @@ impl Ctx<'_> {
         };
         let mut cluster = pb::Cluster {
             name: name.clone(),
+            dns: svc.dns as i32,
+            // Istio's meshConfig.dnsRefreshRate default.
+            dns_refresh_ms: if svc.dns == pb::DnsLookup::None {
+                0
+            } else {
+                60_000
+            },
             protocol: sp.protocol.upstream() as i32,
             lb_policy: pb::LbPolicy::RoundRobin as i32,
             service_host: svc.host.clone(),
@@ -94,7 +123,40 @@ impl Ctx<'_> {
             service_namespace: svc.namespace.clone(),
             ..Default::default()
         };
-        if let Some(lb) = self.lb_settings(&svc.host, subset, port) {
+        let host = svc.host.clone();
+        if let Some(cp) = self.policy(
+            &host,
+            subset,
+            port,
+            |t| t.connection_pool.as_ref(),
+            |p| p.connection_pool.as_ref(),
+        ) {
+            let (pool, h2) = resilience::connection_pool(&cp)
+                .map_err(|(f, m)| format!("DestinationRule for {host}: trafficPolicy.{f}: {m}"))?;
+            if h2.is_some() && cluster.protocol == pb::UpstreamProtocol::Http1 as i32 {
+                cluster.protocol = pb::UpstreamProtocol::Http2 as i32;
+            }
+            cluster.connection_pool = Some(pool);
+        }
+        if let Some(od) = self.policy(
+            &host,
+            subset,
+            port,
+            |t| t.outlier_detection.as_ref(),
+            |p| p.outlier_detection.as_ref(),
+        ) {
+            cluster.outlier_detection =
+                Some(resilience::outlier(&od).map_err(|(f, m)| {
+                    format!("DestinationRule for {host}: trafficPolicy.{f}: {m}")
+                })?);
+        }
+        let svc = &self.reg.services[svc_idx];
+        let lb = self.lb_settings(&svc.host, subset, port);
+        cluster.locality_lb = locality_lb(
+            lb.as_ref().and_then(|l| l.locality_lb_setting.as_ref()),
+            cluster.outlier_detection.is_some(),
+        )?;
+        if let Some(lb) = lb {
             apply_lb(&mut cluster, &lb)?;
         } else if svc.client_ip_affinity {
             cluster.lb_policy = pb::LbPolicy::RingHash as i32;
@@ -114,6 +176,58 @@ impl Ctx<'_> {
         self.clusters.insert(name.clone(), cluster);
         Ok(name)
     }
+}
+
+/// Istio's locality load balancing: on by default, but endpoints fail over
+/// between localities only where outlier detection can eject them; with
+/// neither `distribute` nor outlier detection, localities are ignored.
+fn locality_lb(
+    setting: Option<&model::LocalityLbSetting>,
+    outlier: bool,
+) -> Result<Option<pb::LocalityLb>, String> {
+    let default = model::LocalityLbSetting::default();
+    let s = setting.unwrap_or(&default);
+    if s.enabled == Some(false) {
+        return Ok(None);
+    }
+    if !s.distribute.is_empty() && !s.failover.is_empty() {
+        return Err(
+            "localityLbSetting: set distribute or failover, not both (Istio refuses both)".into(),
+        );
+    }
+    let mut out = pb::LocalityLb {
+        failover_priority: s.failover_priority.clone(),
+        ..Default::default()
+    };
+    for f in &s.failover {
+        if f.from.contains('/') || f.to.contains('/') {
+            return Err(format!(
+                "localityLbSetting.failover {} -> {}: failover is between regions (no '/')",
+                f.from, f.to
+            ));
+        }
+        out.failover.push(pb::LocalityFailover {
+            from: f.from.clone(),
+            to: f.to.clone(),
+        });
+    }
+    for d in &s.distribute {
+        let total: u32 = d.to.values().sum();
+        if total != 100 {
+            return Err(format!(
+                "localityLbSetting.distribute from {}: weights sum to {total}, not 100",
+                d.from
+            ));
+        }
+        out.distribute.push(pb::LocalityDistribute {
+            from: d.from.clone(),
+            to: d.to.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        });
+    }
+    if out.distribute.is_empty() && !outlier {
+        return Ok(None);
+    }
+    Ok(Some(out))
 }
 
 fn apply_lb(c: &mut pb::Cluster, lb: &LoadBalancerSettings) -> Result<(), String> {

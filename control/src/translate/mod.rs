@@ -12,6 +12,7 @@ mod duration;
 mod gateway;
 mod prepared;
 mod registry;
+mod resilience;
 mod route;
 mod sidecar;
 #[cfg(test)]

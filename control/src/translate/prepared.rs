@@ -279,6 +279,7 @@ pub(super) fn load_assignment(
                 .collect(),
             workload: e.workload.clone(),
             namespace: e.namespace.clone(),
+            locality: e.locality.clone(),
         })
         .collect();
     pb::ClusterLoadAssignment {

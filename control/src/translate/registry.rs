@@ -81,6 +81,8 @@ pub(super) struct Ep {
     pub(super) labels: Arc<Labels>,
     pub(super) workload: String,
     pub(super) namespace: String,
+    /// region/zone/subzone; empty when unknown.
+    pub(super) locality: String,
 }
 
 /// Shares equal label and port maps between endpoints: a service's
@@ -125,6 +127,9 @@ pub(super) struct Svc {
     pub(super) id: String,
     /// A Service's `sessionAffinity: ClientIP`.
     pub(super) client_ip_affinity: bool,
+    /// ServiceEntry `resolution: DNS` / `DNS_ROUND_ROBIN`: endpoint
+    /// addresses are names the proxy resolves.
+    pub(super) dns: pb::DnsLookup,
 }
 
 impl Svc {
@@ -331,6 +336,7 @@ pub(super) fn service_svc(
                         .or_else(|| e.hostname.clone())
                         .unwrap_or_default(),
                     namespace: ns.clone(),
+                    locality: slice_locality(pod.map(|p| &p.metadata.labels), e.zone.as_deref()),
                 });
             }
         }
@@ -357,6 +363,7 @@ pub(super) fn service_svc(
         origin: s.origin.clone(),
         id: obj.id(),
         client_ip_affinity,
+        dns: pb::DnsLookup::None,
     }
 }
 
@@ -368,17 +375,37 @@ pub(super) fn service_entry_svcs(
 ) -> Vec<Svc> {
     let obj = &s.value;
     let ns = obj.namespace().to_string();
-    match obj.spec.resolution.as_deref().unwrap_or("NONE") {
-        "STATIC" => {}
+    let dns = match obj.spec.resolution.as_deref() {
+        Some("STATIC") => pb::DnsLookup::None,
+        Some("DNS") => pb::DnsLookup::Strict,
+        Some("DNS_ROUND_ROBIN") => pb::DnsLookup::Logical,
         other => {
+            let what = match other {
+                None => "resolution is not set, and Istio's default is NONE".to_string(),
+                Some(o) => format!("resolution {o}"),
+            };
             errors.push(ConfigError::at(
                 &s.origin,
                 obj.id(),
                 "spec.resolution",
-                format!("resolution {other} is not supported by Bosun yet (use STATIC)"),
+                format!(
+                    "{what}: passing traffic to the original destination needs transparent \
+                     capture, which Bosun does not implement yet (use STATIC, DNS or DNS_ROUND_ROBIN)"
+                ),
             ));
             return Vec::new();
         }
+    };
+    if dns != pb::DnsLookup::None
+        && let Some(h) = obj.spec.hosts.iter().find(|h| h.contains('*'))
+    {
+        errors.push(ConfigError::at(
+            &s.origin,
+            obj.id(),
+            "spec.hosts",
+            format!("{h}: a wildcard host cannot be resolved by DNS"),
+        ));
+        return Vec::new();
     }
     if !obj.spec.addresses.is_empty() {
         errors.push(ConfigError::at(
@@ -420,16 +447,32 @@ pub(super) fn service_entry_svcs(
     }
     let mut out = Vec::new();
     for h in &obj.spec.hosts {
+        // DNS without endpoints: the host itself is resolved.
+        let endpoints = if dns != pb::DnsLookup::None && endpoints.is_empty() {
+            let named_ports = ix.interner.borrow_mut().ports(&BTreeMap::new());
+            let labels = ix.interner.borrow_mut().labels(&Labels::new());
+            vec![Ep {
+                address: h.clone(),
+                named_ports,
+                labels,
+                workload: String::new(),
+                namespace: ns.clone(),
+                locality: String::new(),
+            }]
+        } else {
+            endpoints.clone()
+        };
         out.push(Svc {
             host: h.clone(),
             name: h.split('.').next().unwrap_or(h).to_string(),
             namespace: ns.clone(),
             export_to: obj.spec.export_to.clone(),
             ports: ports.clone(),
-            endpoints: endpoints.clone(),
+            endpoints,
             origin: s.origin.clone(),
             id: obj.id(),
             client_ip_affinity: false,
+            dns,
         });
     }
     out
@@ -472,5 +515,16 @@ fn ep_from_workload(ix: &Index, w: &model::WorkloadEntrySpec, name: &str, ns: &s
         labels: interner.labels(&w.labels),
         workload: name.to_string(),
         namespace: ns.to_string(),
+        locality: w.locality.clone().unwrap_or_default(),
     }
+}
+
+/// An EndpointSlice endpoint's locality: the Pod's `istio-locality` label
+/// (`region.zone.subzone`, Istio's override), else `/zone` from the slice
+/// (Bosun does not read Nodes, so the region is unknown there).
+fn slice_locality(pod_labels: Option<&Labels>, zone: Option<&str>) -> String {
+    if let Some(l) = pod_labels.and_then(|l| l.get("istio-locality")) {
+        return l.replace('.', "/");
+    }
+    zone.map(|z| format!("/{z}")).unwrap_or_default()
 }

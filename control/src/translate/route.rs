@@ -194,6 +194,16 @@ impl Ctx<'_> {
             }
             route.request_headers = req_ops.map(to_ops);
             route.response_headers = resp_ops.map(to_ops);
+            if matches!(route.action, Some(pb::route::Action::Route(_))) {
+                self.route_policies(&mut route, r, vs, &ns, listener_port, &field);
+            } else if let Some(name) = policy_field(r) {
+                self.errors.push(ConfigError::at(
+                    &vs.origin,
+                    vs.value.id(),
+                    &format!("{field}.{name}"),
+                    "applies only to a route with route destinations, not to redirect or directResponse".into(),
+                ));
+            }
             routes.push(route);
         }
         routes
@@ -244,6 +254,97 @@ impl Ctx<'_> {
     }
 }
 
+/// The first resilience field a route sets, for refusing it where it cannot apply.
+fn policy_field(r: &model::HttpRoute) -> Option<&'static str> {
+    [
+        (r.timeout.is_some(), "timeout"),
+        (r.retries.is_some(), "retries"),
+        (r.fault.is_some(), "fault"),
+        (r.mirror.is_some() || !r.mirrors.is_empty(), "mirror"),
+        (r.cors_policy.is_some(), "corsPolicy"),
+    ]
+    .into_iter()
+    .find(|(set, _)| *set)
+    .map(|(_, n)| n)
+}
+
+impl Ctx<'_> {
+    /// Timeout, retries (Istio's default policy when absent), fault,
+    /// mirrors and CORS of one route; each bad field is reported.
+    fn route_policies(
+        &mut self,
+        route: &mut pb::Route,
+        r: &model::HttpRoute,
+        vs: &Sourced<model::VirtualService>,
+        ns: &str,
+        listener_port: Option<u32>,
+        field: &str,
+    ) {
+        use super::resilience;
+        let mut errs: Vec<FieldError> = Vec::new();
+        if let Some(t) = &r.timeout {
+            match super::duration::parse_duration_ms(t) {
+                Ok(ms) => route.timeout_ms = ms,
+                Err(m) => errs.push(("timeout".into(), m)),
+            }
+        }
+        route.retry_policy = match &r.retries {
+            None => Some(resilience::default_retry()),
+            Some(rt) => resilience::retry(rt).unwrap_or_else(|e| {
+                errs.push(e);
+                None
+            }),
+        };
+        if let Some(f) = &r.fault {
+            match resilience::fault(f) {
+                Ok(f) => route.fault = Some(f),
+                Err(e) => errs.push(e),
+            }
+        }
+        let mut mirrors: Vec<(String, &model::Destination, &Option<model::Percent>)> = Vec::new();
+        if let Some(m) = &r.mirror {
+            mirrors.push(("mirror".into(), m, &r.mirror_percentage));
+        } else if r.mirror_percentage.is_some() {
+            errs.push(("mirrorPercentage".into(), "set without mirror".into()));
+        }
+        for (i, m) in r.mirrors.iter().enumerate() {
+            mirrors.push((
+                format!("mirrors[{i}].destination"),
+                &m.destination,
+                &m.percentage,
+            ));
+        }
+        if r.mirror.is_some() && !r.mirrors.is_empty() {
+            errs.push(("mirrors".into(), "set mirror or mirrors, not both".into()));
+        }
+        for (f, d, pct) in mirrors {
+            let share = resilience::mirror_share(&format!("{f}.percentage"), pct);
+            match (self.destination(d, ns, listener_port), share) {
+                (Ok(cluster), Ok(per_million)) => route.mirrors.push(pb::Mirror {
+                    cluster,
+                    per_million,
+                }),
+                (Err(m), _) => errs.push((f, m)),
+                (_, Err(e)) => errs.push(e),
+            }
+        }
+        if let Some(c) = &r.cors_policy {
+            match resilience::cors(c) {
+                Ok(c) => route.cors = Some(c),
+                Err(e) => errs.push(e),
+            }
+        }
+        for (f, m) in errs {
+            self.errors.push(ConfigError::at(
+                &vs.origin,
+                vs.value.id(),
+                &format!("{field}.{f}"),
+                m,
+            ));
+        }
+    }
+}
+
 fn qualify_gateway(g: &str, ns: &str) -> String {
     if g == "mesh" || g.contains('/') {
         g.to_string()
@@ -275,9 +376,12 @@ fn to_ops(o: model::HeaderOperations) -> pb::HeaderOperations {
     }
 }
 
-type FieldError = (String, String);
+pub(super) type FieldError = (String, String);
 
-fn to_string_match(m: &StringMatch, field: &str) -> Result<Option<pb::StringMatch>, FieldError> {
+pub(super) fn to_string_match(
+    m: &StringMatch,
+    field: &str,
+) -> Result<Option<pb::StringMatch>, FieldError> {
     use pb::string_match::Kind;
     let set = [&m.exact, &m.prefix, &m.regex]
         .iter()
@@ -315,6 +419,12 @@ fn to_route_match(m: &HttpMatchRequest) -> Result<pb::RouteMatch, FieldError> {
      -> Result<Vec<pb::HeaderMatch>, FieldError> {
         map.iter()
             .map(|(k, v)| {
+                if k.starts_with("@request.auth.claims") {
+                    return Err((
+                        format!("{f}.{k}"),
+                        "matching on JWT claims needs RequestAuthentication, which Bosun does not implement yet".into(),
+                    ));
+                }
                 Ok(pb::HeaderMatch {
                     name: if f == "queryParams" {
                         k.clone()
@@ -351,7 +461,6 @@ pub(super) fn route_all_to(name: &str, cluster: String) -> pb::Route {
             }],
             ..Default::default()
         })),
-        request_headers: None,
-        response_headers: None,
+        ..Default::default()
     }
 }

@@ -192,6 +192,7 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                     labels: p.labels.clone().into_iter().collect(),
                     workload: String::new(),
                     namespace: p.namespace.clone(),
+                    locality: String::new(),
                 }],
             },
         );

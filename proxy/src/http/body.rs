@@ -2,6 +2,7 @@
 //! upstream, and the response body, streamed from upstream or local,
 //! recorded (metrics, access log) when it ends.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,41 +16,126 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::Shared;
-use crate::cluster::{Endpoint, EndpointStats};
+use crate::cluster::{ClusterState, Endpoint, EndpointStats};
 use crate::connect::Stream;
 use crate::flags::Flags;
 use crate::metrics::{LabelSet, Protocol, RequestRecord};
 
-/// The downstream request body, counted on its way upstream. A frame read
-/// ahead (to catch a malformed body before anything goes upstream) is
-/// handed out first.
+/// The downstream request body, counted on its way upstream. Frames read
+/// ahead (to catch a malformed body before anything goes upstream, or to
+/// keep a copy for retries and mirrors) are handed out first.
 pub struct ReqBody {
-    inner: Incoming,
-    first: Option<Frame<Bytes>>,
-    bytes: Arc<AtomicU64>,
+    inner: Option<Incoming>,
+    pending: VecDeque<Frame<Bytes>>,
+    bytes: Option<Arc<AtomicU64>>,
+    /// A replayed body's length is announced (Content-Length) only when the
+    /// client announced it: a chunked request stays chunked.
+    exact: bool,
+}
+
+/// A whole request body kept for another try or a mirror.
+#[derive(Debug, Clone, Default)]
+pub struct Replay {
+    data: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    exact: bool,
+}
+
+fn copy(f: &Frame<Bytes>) -> Option<Frame<Bytes>> {
+    if let Some(d) = f.data_ref() {
+        return Some(Frame::data(d.clone()));
+    }
+    f.trailers_ref().map(|t| Frame::trailers(t.clone()))
 }
 
 impl ReqBody {
     pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
         ReqBody {
-            inner,
-            first: None,
-            bytes,
+            inner: Some(inner),
+            pending: VecDeque::new(),
+            bytes: Some(bytes),
+            exact: true,
+        }
+    }
+
+    /// A body sent again from a copy (counted once, when it was read).
+    pub fn replay(r: &Replay) -> Self {
+        let mut pending: VecDeque<Frame<Bytes>> =
+            r.data.iter().map(|d| Frame::data(d.clone())).collect();
+        if let Some(t) = &r.trailers {
+            pending.push_back(Frame::trailers(t.clone()));
+        }
+        ReqBody {
+            inner: None,
+            pending,
+            bytes: None,
+            exact: r.exact,
+        }
+    }
+
+    async fn read_frame(&mut self) -> Result<Option<Frame<Bytes>>, hyper::Error> {
+        use http_body_util::BodyExt;
+        let Some(inner) = self.inner.as_mut() else {
+            return Ok(None);
+        };
+        match inner.frame().await {
+            None => Ok(None),
+            Some(f) => {
+                let f = f?;
+                if let (Some(d), Some(b)) = (f.data_ref(), &self.bytes) {
+                    b.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                Ok(Some(f))
+            }
         }
     }
 
     /// Reads the first frame now (a bad chunk size fails here, before the
     /// request head is sent anywhere).
     pub async fn read_ahead(&mut self) -> Result<(), hyper::Error> {
-        use http_body_util::BodyExt;
-        if let Some(f) = self.inner.frame().await {
-            let f = f?;
-            if let Some(d) = f.data_ref() {
-                self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
-            }
-            self.first = Some(f);
+        if let Some(f) = self.read_frame().await? {
+            self.pending.push_back(f);
         }
         Ok(())
+    }
+
+    /// Reads the body while it fits in `cap` bytes: the whole body comes
+    /// back as a [`Replay`]; a larger one (`None`) keeps what was read and
+    /// streams the rest, and cannot be sent twice.
+    pub async fn buffer(
+        &mut self,
+        cap: usize,
+        idle: std::time::Duration,
+    ) -> Result<Option<Replay>, crate::error::ForwardError> {
+        use crate::error::ForwardError;
+        let exact = self.size_hint().exact().is_some();
+        let mut size = 0usize;
+        loop {
+            let f = match tokio::time::timeout(idle, self.read_frame()).await {
+                Err(_) => return Err(ForwardError::StreamIdle(idle)),
+                Ok(r) => r.map_err(|e| ForwardError::downstream(&e))?,
+            };
+            let Some(f) = f else {
+                break;
+            };
+            size += f.data_ref().map_or(0, Bytes::len);
+            self.pending.push_back(f);
+            if size > cap {
+                return Ok(None);
+            }
+        }
+        let mut r = Replay {
+            exact,
+            ..Replay::default()
+        };
+        for f in &self.pending {
+            match copy(f) {
+                Some(c) if c.is_data() => r.data.extend(c.into_data().ok()),
+                Some(c) => r.trailers = c.into_trailers().ok(),
+                None => {}
+            }
+        }
+        Ok(Some(r))
     }
 }
 
@@ -61,30 +147,42 @@ impl Body for ReqBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(f) = self.first.take() {
+        if let Some(f) = self.pending.pop_front() {
             return Poll::Ready(Some(Ok(f)));
         }
-        let f = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let f = ready!(Pin::new(inner).poll_frame(cx));
         if let Some(Ok(frame)) = &f
-            && let Some(d) = frame.data_ref()
+            && let (Some(d), Some(b)) = (frame.data_ref(), &this.bytes)
         {
-            self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            b.fetch_add(d.len() as u64, Ordering::Relaxed);
         }
         Poll::Ready(f)
     }
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.inner.is_end_stream()
+        self.pending.is_empty() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
     fn size_hint(&self) -> SizeHint {
-        let h = self.inner.size_hint();
-        let Some(n) = self
-            .first
-            .as_ref()
-            .and_then(|f| f.data_ref())
+        let n: u64 = self
+            .pending
+            .iter()
+            .filter_map(|f| f.data_ref())
             .map(|d| d.len() as u64)
-        else {
-            return h;
+            .sum();
+        let Some(inner) = &self.inner else {
+            return if self.exact {
+                SizeHint::with_exact(n)
+            } else {
+                SizeHint::default()
+            };
         };
+        let h = inner.size_hint();
+        if n == 0 {
+            return h;
+        }
         // Upper first: `set_lower` refuses a lower bound above the upper one.
         let mut out = SizeHint::new();
         if let Some(u) = h.upper() {
@@ -95,19 +193,43 @@ impl Body for ReqBody {
     }
 }
 
-/// Keeps the endpoint's in-flight count up until the response ends.
-pub struct ActiveGuard(Arc<EndpointStats>);
+/// Keeps the endpoint's in-flight count (and the cluster's, and an
+/// HTTP/1.1 connection slot of `maxConnections`) until the response ends.
+pub struct ActiveGuard {
+    endpoint: Arc<EndpointStats>,
+    cluster: Option<Arc<ClusterState>>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl ActiveGuard {
     pub fn new(e: &Endpoint) -> Self {
         e.stats.active.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(e.stats.clone())
+        ActiveGuard {
+            endpoint: e.stats.clone(),
+            cluster: None,
+            _slot: None,
+        }
+    }
+
+    pub fn with_cluster(
+        e: &Endpoint,
+        c: &Arc<ClusterState>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Self {
+        let mut g = Self::new(e);
+        c.active_requests.fetch_add(1, Ordering::Relaxed);
+        g.cluster = Some(c.clone());
+        g._slot = slot;
+        g
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(c) = &self.cluster {
+            c.active_requests.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -7,6 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use std::time::Duration;
+
+use http::HeaderMap;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{StatusCode, Version};
@@ -17,6 +20,7 @@ use crate::config::{Direction, ListenerKind, Snapshot};
 use crate::flags::Flags;
 use crate::http::headers::{cookie_value, is_upgrade};
 use crate::metrics::LabelSet;
+use crate::policy::{Abort, roll};
 use crate::route::{Action, HeaderOps, RequestView, Route, RouteAction, rewrite_path, strip_port};
 
 /// What the request path knows about the downstream connection.
@@ -48,6 +52,8 @@ pub struct LocalReply<'s> {
     pub location: Option<HeaderValue>,
     pub labels: Arc<LabelSet>,
     pub response_ops: Option<&'s HeaderOps>,
+    /// More headers (CORS preflight answers, gRPC status of a fault abort).
+    pub headers: Option<Box<HeaderMap>>,
 }
 
 /// Where and how to forward. The endpoint is picked by *forward* (load,
@@ -65,6 +71,14 @@ pub struct Plan<'s> {
     pub host: HeaderValue,
     pub upgrade: bool,
     pub use_h2: bool,
+    /// Fault injection: wait this long first (DI) ...
+    pub delay: Option<Duration>,
+    /// ... then abort instead of forwarding (FI).
+    pub abort: Option<Abort>,
+    /// CORS: the allowed `Origin` to echo on the response.
+    pub cors_origin: Option<HeaderValue>,
+    /// The request is gRPC (local replies become trailers-only gRPC).
+    pub grpc: bool,
 }
 
 pub enum Decision<'s> {
@@ -90,6 +104,7 @@ fn local<'s>(
         location: None,
         labels,
         response_ops: None,
+        headers: None,
     })
 }
 
@@ -184,6 +199,7 @@ pub fn decide<'s, R: Rng + ?Sized>(
                 location: None,
                 labels: no_route,
                 response_ops: Some(&route.response_ops),
+                headers: None,
             }));
         }
         Action::Redirect(r) => {
@@ -213,11 +229,66 @@ pub fn decide<'s, R: Rng + ?Sized>(
                 location: HeaderValue::try_from(loc).ok(),
                 labels: no_route,
                 response_ops: Some(&route.response_ops),
+                headers: None,
             }));
         }
         Action::Route(ra) => ra,
     };
     let cluster = ra.clusters.pick_with(rng);
+    let grpc = is_grpc(&head.headers);
+    let mut cors_origin = None;
+    if let Some(cors) = &ra.policy.cors
+        && let Some(origin) = head.headers.get(header::ORIGIN).filter(|o| !o.is_empty())
+    {
+        let allowed = cors.allows(origin.to_str().unwrap_or(""));
+        let acrm = head.headers.get(header::ACCESS_CONTROL_REQUEST_METHOD);
+        if head.method == http::Method::OPTIONS && acrm.is_some_and(|v| !v.is_empty()) {
+            // A preflight: answered here unless its origin does not match
+            // and unmatched preflights go upstream (Istio's FORWARD).
+            if allowed || !cors.forward_unmatched {
+                let mut h = cors.preflight_headers(
+                    origin,
+                    acrm,
+                    head.headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS),
+                );
+                if !allowed {
+                    h.remove(header::ACCESS_CONTROL_ALLOW_ORIGIN);
+                }
+                return decided(Decision::Local(LocalReply {
+                    status: StatusCode::OK,
+                    body: Bytes::new(),
+                    flags: Flags::None,
+                    location: None,
+                    labels: cluster.no_endpoint_labels.clone(),
+                    response_ops: Some(&route.response_ops),
+                    headers: Some(Box::new(h)),
+                }));
+            }
+        } else if allowed {
+            cors_origin = Some(origin.clone());
+        }
+    }
+    let mut delay = None;
+    let mut abort = None;
+    if let Some(f) = &ra.policy.fault {
+        if let Some((d, share)) = f.delay
+            && roll(share, rng)
+        {
+            delay = Some(d);
+        }
+        if let Some((a, share)) = &f.abort
+            && roll(*share, rng)
+        {
+            if delay.is_none() {
+                return decided(Decision::Local(fault_reply(
+                    a,
+                    grpc,
+                    cluster.no_endpoint_labels.clone(),
+                )));
+            }
+            abort = Some(a.clone());
+        }
+    }
     let mut set_cookie = None;
     let hash = match &cluster.hash {
         None => None,
@@ -292,7 +363,74 @@ pub fn decide<'s, R: Rng + ?Sized>(
         host: ra.authority_rewrite.clone().unwrap_or(authority_hv),
         upgrade,
         use_h2,
+        delay,
+        abort,
+        cors_origin,
+        grpc,
     }))
+}
+
+fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Envoy's HTTP status → gRPC status mapping for local replies to gRPC requests.
+fn grpc_of_http(s: StatusCode) -> u32 {
+    match s.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    }
+}
+
+/// A fault abort, as Envoy's fault filter answers: the status with body
+/// "fault filter abort", or for gRPC a trailers-only response (HTTP 200,
+/// `grpc-status`, `grpc-message`).
+pub fn fault_reply<'s>(a: &Abort, grpc: bool, labels: Arc<LabelSet>) -> LocalReply<'s> {
+    let code = match (a, grpc) {
+        (Abort::Grpc(c), _) => Some(*c),
+        (Abort::Http(s), true) => Some(grpc_of_http(*s)),
+        (Abort::Http(_), false) => None,
+    };
+    match code {
+        Some(c) => {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(c));
+            h.insert(
+                "grpc-message",
+                HeaderValue::from_static("fault filter abort"),
+            );
+            LocalReply {
+                status: StatusCode::OK,
+                body: Bytes::new(),
+                flags: Flags::FaultInjected,
+                location: None,
+                labels,
+                response_ops: None,
+                headers: Some(Box::new(h)),
+            }
+        }
+        None => LocalReply {
+            status: match a {
+                Abort::Http(s) => *s,
+                Abort::Grpc(_) => StatusCode::OK,
+            },
+            body: Bytes::from_static(b"fault filter abort"),
+            flags: Flags::FaultInjected,
+            location: None,
+            labels,
+            response_ops: None,
+            headers: None,
+        },
+    }
 }
 
 #[cfg(test)]
@@ -406,10 +544,11 @@ mod tests {
         let ctx = BuildContext {
             identity: &id,
             endpoints: &EndpointRegistry::default(),
-            pools: &Pools::new(PoolOptions {
-                connect_timeout: std::time::Duration::from_secs(1),
-                idle_timeout: std::time::Duration::from_secs(1),
-            }),
+            pools: &Pools::new(PoolOptions::new(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(1),
+            )),
+            dns: None,
         };
         Snapshot::build(cfg, &ctx).expect("valid snapshot")
     }

@@ -1,30 +1,128 @@
 //! *forward*: carries out a [`Plan`]. The upstream stack, in order:
 //!
 //! ```text
-//! (timeout → retry → fault → mirror: the places Istio's policies go)
-//! pick      endpoint by the cluster's LB (later: circuit breaker, outlier state)
-//! prepare   upstream URI and headers (hop-by-hop, Host, x-forwarded-*, request id)
+//! fault     the injected delay (DI), then an injected abort (FI)
+//! prepare   upstream headers (hop-by-hop, Host, x-forwarded-*, request id)
+//! limits    connectionPool: max requests → 503 UO
+//! body      kept (up to a cap) when retries or mirrors need it again
+//! mirror    fire-and-forget copies to the mirror clusters (`-shadow` host)
+//! timeout   the route timeout bounds every try and backoff (504 UT)
+//! retry     per try: pick (outlier state, locality priority, not a host
+//!           tried before), a connection slot (maxConnections, pending),
+//!           send with the per-try timeout, report to outlier detection;
+//!           a retriable answer is retried after a full-jitter backoff
+//!           within the attempts and the retry budget (URX, UO)
 //! send      the endpoint's pool: HTTP/1.1 in this task, HTTP/2 multiplexed,
 //!           upgrades on a fresh connection; every connection from `connect`
-//! respond   hop-by-hop stripped, route response headers, hash cookie, drain
+//! respond   hop-by-hop stripped, route response headers, CORS, hash cookie
 //! ```
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 
 use crate::Shared;
+use crate::cluster::{Cluster, Endpoint};
 use crate::error::ForwardError;
 use crate::flags::Flags;
 use crate::h1;
-use crate::http::body::{ActiveGuard, ReqBody, RespBody, RespKind};
-use crate::http::decide::{ConnContext, LocalReply, Plan};
+use crate::http::body::{ActiveGuard, Replay, ReqBody, RespBody, RespKind};
+use crate::http::decide::{ConnContext, LocalReply, Plan, fault_reply};
 use crate::http::headers::{request_id, strip_hop_by_hop};
 use crate::http::serve::Recorder;
+use crate::metrics::LabelSet;
+use crate::outlier::Outcome;
+use crate::policy::{RetryPolicy, TryFailure, roll};
+
+/// A request body kept for retries and mirrors is at most this (Envoy keeps
+/// up to its 1 MiB connection buffer; a larger body is sent once, streamed).
+pub const RETRY_BUFFER_BYTES: usize = 64 * 1024;
+
+const OVERFLOW: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+
+fn reply(
+    status: StatusCode,
+    body: &'static str,
+    flags: Flags,
+    labels: Arc<LabelSet>,
+) -> LocalReply<'static> {
+    LocalReply {
+        status,
+        body: bytes::Bytes::from_static(body.as_bytes()),
+        flags,
+        location: None,
+        labels,
+        response_ops: None,
+        headers: None,
+    }
+}
+
+fn overflow(labels: Arc<LabelSet>) -> LocalReply<'static> {
+    let mut r = reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        OVERFLOW,
+        Flags::UpstreamOverflow,
+        labels,
+    );
+    let mut h = http::HeaderMap::new();
+    h.insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    r.headers = Some(Box::new(h));
+    r
+}
+
+fn upstream_timeout(labels: Arc<LabelSet>) -> LocalReply<'static> {
+    reply(
+        StatusCode::GATEWAY_TIMEOUT,
+        "upstream request timeout",
+        Flags::UpstreamRequestTimeout,
+        labels,
+    )
+}
+
+/// A copy of a request head for one more try or a mirror.
+fn copy_head(p: &http::request::Parts) -> http::request::Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = p.method.clone();
+    *r.uri_mut() = p.uri.clone();
+    *r.version_mut() = p.version;
+    *r.headers_mut() = p.headers.clone();
+    r.into_parts().0
+}
+
+fn set_upstream_uri(parts: &mut http::request::Parts, e: &Endpoint) -> Result<(), ()> {
+    let mut uri_parts = http::uri::Parts::default();
+    uri_parts.scheme = Some(http::uri::Scheme::HTTP);
+    uri_parts.authority = Some(e.authority.clone());
+    uri_parts.path_and_query = parts.uri.path_and_query().cloned();
+    parts.uri = Uri::from_parts(uri_parts).map_err(|_| ())?;
+    Ok(())
+}
+
+/// The endpoint a try went to, counted in flight while its answer lasts.
+struct Attempt {
+    endpoint: Arc<Endpoint>,
+    active: ActiveGuard,
+}
+
+/// How one try ended.
+enum Tried {
+    Response(Box<Response<RespKind>>, Attempt),
+    Failed(ForwardError, Attempt),
+    /// The per-try timeout expired.
+    TimedOut(Attempt),
+    /// No endpoint could be picked.
+    NoEndpoint,
+    /// A circuit breaker was full.
+    Overflow,
+}
 
 pub async fn forward(
     shared: &Arc<Shared>,
@@ -35,38 +133,23 @@ pub async fn forward(
     downstream_upgrade: Option<OnUpgrade>,
     mut rec: Recorder,
 ) -> Response<RespBody> {
-    let Some(endpoint) = plan.cluster.pick(plan.hash) else {
-        return rec.local(LocalReply {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            body: bytes::Bytes::from_static(b"no healthy upstream"),
-            flags: Flags::NoHealthyUpstream,
-            location: None,
-            labels: plan.cluster.no_endpoint_labels.clone(),
-            response_ops: None,
-        });
-    };
-    let endpoint = endpoint.clone();
-    rec.set_upstream_host(&endpoint.addr_str);
-    let active = ActiveGuard::new(&endpoint);
+    let cluster = plan.cluster;
+    let policy = &plan.action.policy;
+    if let Some(d) = plan.delay {
+        rec.set_flags(Flags::DelayInjected);
+        tokio::time::sleep(d).await;
+    }
+    if let Some(a) = &plan.abort {
+        return rec.local(fault_reply(
+            a,
+            plan.grpc,
+            cluster.no_endpoint_labels.clone(),
+        ));
+    }
 
-    // The upstream URI: the endpoint's address as authority, the planned path.
-    let mut uri_parts = http::uri::Parts::default();
-    uri_parts.scheme = Some(http::uri::Scheme::HTTP);
-    uri_parts.authority = Some(endpoint.authority.clone());
-    uri_parts.path_and_query = Some(plan.path_and_query);
-    let Ok(uri) = Uri::from_parts(uri_parts) else {
-        return rec.local(LocalReply {
-            status: StatusCode::BAD_REQUEST,
-            body: bytes::Bytes::from_static(b"bad path"),
-            flags: Flags::DownstreamProtocolError,
-            location: None,
-            labels: endpoint.labels.clone(),
-            response_ops: None,
-        });
-    };
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, plan.upgrade);
-    headers.insert(header::HOST, plan.host);
+    headers.insert(header::HOST, plan.host.clone());
     let xff = HeaderName::from_static("x-forwarded-for");
     let new_xff = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
         Some(prev) => {
@@ -94,51 +177,371 @@ pub async fn forward(
     } else {
         Version::HTTP_11
     };
-    parts.uri = uri;
-    let mut req_body = ReqBody::new(body, rec.request_bytes());
+    let Ok(pq) = http::uri::PathAndQuery::try_from(plan.path_and_query.as_str()) else {
+        return rec.local(reply(
+            StatusCode::BAD_REQUEST,
+            "bad path",
+            Flags::DownstreamProtocolError,
+            cluster.no_endpoint_labels.clone(),
+        ));
+    };
+    parts.uri = Uri::from(pq);
 
-    let sent = if plan.use_h2 {
-        send_h2(&endpoint.pool, parts, req_body).await
-    } else if plan.upgrade {
-        send_upgrade(shared, &endpoint.pool, parts, req_body, downstream_upgrade).await
+    // connectionPool.http.http2MaxRequests: requests in flight to the cluster.
+    if cluster.limits.max_requests > 0
+        && cluster.state.active_requests.load(Ordering::Relaxed)
+            >= cluster.limits.max_requests as usize
+    {
+        return rec.local(overflow(cluster.no_endpoint_labels.clone()));
+    }
+
+    let stream_idle = shared.limits.stream_idle_timeout;
+    let mut req_body = ReqBody::new(body, rec.request_bytes());
+    // The body, kept whole when another try or a mirror needs it (and it
+    // fits); otherwise its first frame is read ahead: a malformed chunked
+    // body is refused before anything goes upstream.
+    let mut replay: Option<Replay> = None;
+    if http_body::Body::is_end_stream(&req_body) {
+        replay = Some(Replay::default());
+    } else if !plan.upgrade {
+        let ahead = if policy.replays_body() {
+            req_body
+                .buffer(RETRY_BUFFER_BYTES, stream_idle)
+                .await
+                .map(|r| replay = r)
+        } else if !plan.use_h2 {
+            match tokio::time::timeout(stream_idle, req_body.read_ahead()).await {
+                Ok(r) => r.map_err(|e| ForwardError::downstream(&e)),
+                Err(_) => Err(ForwardError::StreamIdle(stream_idle)),
+            }
+        } else {
+            Ok(())
+        };
+        if let Err(e) = ahead {
+            let (status, flags, msg) = e.reply();
+            return rec.local(reply(
+                status,
+                msg,
+                flags,
+                cluster.no_endpoint_labels.clone(),
+            ));
+        }
+    }
+
+    if let Some(body) = &replay {
+        for m in &policy.mirrors {
+            if roll(m.per_million, &mut rand::rng()) {
+                mirror(
+                    shared,
+                    &m.cluster,
+                    &parts,
+                    body,
+                    policy.timeout,
+                    plan.use_h2,
+                );
+            }
+        }
+    } else if !policy.mirrors.is_empty() {
+        tracing::debug!("request body over the retry buffer: not mirrored");
+    }
+
+    if plan.upgrade {
+        let Some(idx) = cluster.pick(plan.hash, &[]) else {
+            return rec.local(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+                Flags::NoHealthyUpstream,
+                cluster.no_endpoint_labels.clone(),
+            ));
+        };
+        let endpoint = cluster.endpoints[idx].clone();
+        rec.set_upstream_host(&endpoint.addr_str);
+        let active = ActiveGuard::with_cluster(&endpoint, &cluster.state, None);
+        if set_upstream_uri(&mut parts, &endpoint).is_err() {
+            return rec.local(reply(
+                StatusCode::BAD_REQUEST,
+                "bad path",
+                Flags::DownstreamProtocolError,
+                endpoint.labels.clone(),
+            ));
+        }
+        let sent = send_upgrade(shared, &endpoint.pool, parts, req_body, downstream_upgrade).await;
+        return respond(
+            &plan,
+            downstream_version,
+            shared,
+            rec,
+            sent,
+            &endpoint,
+            active,
+        );
+    }
+
+    let deadline = policy.timeout.map(|t| Instant::now() + t);
+    let retry: Option<&RetryPolicy> = policy.retry.as_ref().filter(|r| r.attempts > 0);
+    let avoid_tried = retry.is_some_and(|r| r.avoid_previous_hosts) && !cluster.lb.is_hash();
+    let retriable_headers = parts.headers.get("x-envoy-retriable-header-names").cloned();
+    let mut once = Some((parts, req_body));
+    let template = replay
+        .as_ref()
+        .and_then(|_| once.as_ref().map(|(p, _)| copy_head(p)));
+    let mut tried: Vec<usize> = Vec::new();
+    let mut retries = 0u32;
+    // Held from a retry's backoff through its try: the cluster's retries in flight.
+    let mut retrying: Option<RetryGuard> = None;
+    loop {
+        let last = match (retry, &replay) {
+            (Some(r), Some(_)) => retries >= r.attempts,
+            _ => true,
+        };
+        let (p, b) = match (&template, &replay) {
+            (Some(t), Some(r)) if !last => (copy_head(t), ReqBody::replay(r)),
+            _ => match once.take() {
+                Some(x) => x,
+                None => match (&template, &replay) {
+                    (Some(t), Some(r)) => (copy_head(t), ReqBody::replay(r)),
+                    _ => break,
+                },
+            },
+        };
+        let per_try = retry.and_then(|r| r.per_try_timeout);
+        let now = Instant::now();
+        let limit = match (per_try, deadline) {
+            (Some(t), Some(d)) => Some((t.min(d.saturating_duration_since(now)), false)),
+            (Some(t), None) => Some((t, false)),
+            (None, Some(d)) => Some((d.saturating_duration_since(now), true)),
+            (None, None) => None,
+        };
+        let at_deadline = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
+        let exclude: &[usize] = if avoid_tried { &tried } else { &[] };
+        let outcome = try_once(shared, &plan, p, b, exclude, limit.map(|l| l.0), &mut rec).await;
+        let (idx, tried_result) = outcome;
+        drop(retrying.take());
+        if let Some(i) = idx {
+            tried.push(i);
+        }
+        // What happened, and is it worth another try?
+        let retriable = match &tried_result {
+            Tried::Response(resp, _) => retry.is_some_and(|r| {
+                r.retriable_response(resp.status(), resp.headers(), retriable_headers.as_ref())
+            }),
+            Tried::Failed(e, _) => retry.is_some_and(|r| r.retriable_failure(TryFailure::of(e))),
+            Tried::TimedOut(_) => {
+                !at_deadline(deadline)
+                    && retry.is_some_and(|r| r.retriable_failure(TryFailure::Timeout))
+            }
+            Tried::NoEndpoint | Tried::Overflow => false,
+        };
+        let can_retry = retriable && !last && !at_deadline(deadline);
+        if can_retry && cluster.retry_allowed() {
+            retries += 1;
+            let wait = retry.map_or(Duration::ZERO, |r| r.backoff(retries - 1, &mut rand::rng()));
+            drop(tried_result);
+            if let Some(d) = deadline
+                && Instant::now() + wait >= d
+            {
+                tokio::time::sleep_until(d).await;
+                return rec.local(upstream_timeout(cluster.no_endpoint_labels.clone()));
+            }
+            let _ = retrying.replace(RetryGuard::new(cluster));
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        // The retry budget or maxRetries was full: UO; retries used up: URX.
+        let overflowed = can_retry;
+        let exhausted = !can_retry && retriable && retries > 0;
+        let flag = |own: Flags| {
+            if overflowed {
+                Some(Flags::UpstreamOverflow)
+            } else if exhausted {
+                Some(own.retries_exhausted())
+            } else {
+                None
+            }
+        };
+        return match tried_result {
+            Tried::Response(resp, a) => {
+                if let Some(f) = flag(Flags::None) {
+                    rec.set_flags(f);
+                }
+                respond(
+                    &plan,
+                    downstream_version,
+                    shared,
+                    rec,
+                    Ok(*resp),
+                    &a.endpoint,
+                    a.active,
+                )
+            }
+            Tried::Failed(e, a) => {
+                let (status, flags, msg) = e.reply();
+                tracing::debug!(cluster = %cluster.name, endpoint = %a.endpoint.addr, error = %e, %flags, "upstream request failed");
+                rec.local_with(
+                    reply(
+                        status,
+                        msg,
+                        flag(flags).unwrap_or(flags),
+                        a.endpoint.labels.clone(),
+                    ),
+                    Some(a.active),
+                )
+            }
+            Tried::TimedOut(a) => {
+                let mut r = upstream_timeout(a.endpoint.labels.clone());
+                if let Some(f) = flag(Flags::UpstreamRequestTimeout) {
+                    r.flags = f;
+                }
+                rec.local_with(r, Some(a.active))
+            }
+            Tried::NoEndpoint => rec.local(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+                Flags::NoHealthyUpstream,
+                cluster.no_endpoint_labels.clone(),
+            )),
+            Tried::Overflow => rec.local(overflow(cluster.no_endpoint_labels.clone())),
+        };
+    }
+    rec.local(reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no healthy upstream",
+        Flags::NoHealthyUpstream,
+        cluster.no_endpoint_labels.clone(),
+    ))
+}
+
+/// Counts a retry in flight against the cluster's retry budget.
+struct RetryGuard(Arc<crate::cluster::ClusterState>);
+
+impl RetryGuard {
+    fn new(c: &Cluster) -> Self {
+        c.state.active_retries.fetch_add(1, Ordering::Relaxed);
+        RetryGuard(c.state.clone())
+    }
+}
+
+impl Drop for RetryGuard {
+    fn drop(&mut self) {
+        self.0.active_retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One try: pick an endpoint, take a connection slot, send within `limit`,
+/// and report the outcome to outlier detection.
+async fn try_once(
+    shared: &Arc<Shared>,
+    plan: &Plan<'_>,
+    mut parts: http::request::Parts,
+    body: ReqBody,
+    exclude: &[usize],
+    limit: Option<Duration>,
+    rec: &mut Recorder,
+) -> (Option<usize>, Tried) {
+    let cluster = plan.cluster;
+    let Some(idx) = cluster.pick(plan.hash, exclude) else {
+        return (None, Tried::NoEndpoint);
+    };
+    let endpoint = cluster.endpoints[idx].clone();
+    rec.set_upstream_host(&endpoint.addr_str);
+    // connectionPool.tcp.maxConnections / http1MaxPendingRequests: an
+    // HTTP/1.1 request holds a connection slot; without one it waits as
+    // pending, unless the pending queue is full too.
+    let slot = match &cluster.conn_slots {
+        Some(s) if !plan.use_h2 => match s.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let pending = &cluster.state.pending;
+                let max = cluster.limits.max_pending as usize;
+                if pending.fetch_add(1, Ordering::Relaxed) >= max && max > 0 {
+                    pending.fetch_sub(1, Ordering::Relaxed);
+                    return (None, Tried::Overflow);
+                }
+                let wait = limit.unwrap_or(shared.limits.connect_timeout);
+                let got = tokio::time::timeout(wait, s.clone().acquire_owned()).await;
+                pending.fetch_sub(1, Ordering::Relaxed);
+                match got {
+                    Ok(Ok(p)) => Some(p),
+                    _ => return (None, Tried::Overflow),
+                }
+            }
+        },
+        _ => None,
+    };
+    let active = ActiveGuard::with_cluster(&endpoint, &cluster.state, slot);
+    if set_upstream_uri(&mut parts, &endpoint).is_err() {
+        let a = Attempt { endpoint, active };
+        return (
+            Some(idx),
+            Tried::Failed(ForwardError::UpstreamProtocol("bad upstream URI"), a),
+        );
+    }
+    let sending = send(shared, &endpoint, plan.use_h2, parts, body);
+    let sent = match limit {
+        Some(l) => match tokio::time::timeout(l, sending).await {
+            Ok(r) => r,
+            Err(_) => {
+                cluster.report(idx, Outcome::LocalFailure);
+                return (Some(idx), Tried::TimedOut(Attempt { endpoint, active }));
+            }
+        },
+        None => sending.await,
+    };
+    let a = Attempt { endpoint, active };
+    match sent {
+        Ok(resp) => {
+            cluster.report(idx, Outcome::Status(resp.status().as_u16()));
+            (Some(idx), Tried::Response(Box::new(resp), a))
+        }
+        Err(e) => {
+            if !matches!(
+                e,
+                ForwardError::DownstreamBody(_) | ForwardError::DownstreamGone(_)
+            ) {
+                cluster.report(idx, Outcome::LocalFailure);
+            }
+            (Some(idx), Tried::Failed(e, a))
+        }
+    }
+}
+
+async fn send(
+    shared: &Arc<Shared>,
+    endpoint: &Endpoint,
+    use_h2: bool,
+    parts: http::request::Parts,
+    body: ReqBody,
+) -> Result<Response<RespKind>, ForwardError> {
+    if use_h2 {
+        send_h2(&endpoint.pool, parts, body).await
     } else {
         let t = h1::Timeouts {
             stream_idle: shared.limits.stream_idle_timeout,
         };
-        // A body's first frame is read before anything goes upstream: a
-        // malformed chunked body is refused without reaching an upstream.
-        let ahead = if http_body::Body::is_end_stream(&req_body) {
-            Ok(())
-        } else {
-            match tokio::time::timeout(t.stream_idle, req_body.read_ahead()).await {
-                Ok(r) => r.map_err(|e| ForwardError::downstream(&e)),
-                Err(_) => Err(ForwardError::StreamIdle(t.stream_idle)),
-            }
-        };
-        match ahead {
-            Err(e) => Err(e),
-            Ok(()) => {
-                let pool = endpoint.pool.clone();
-                h1::send(&pool.h1, || pool.connect(), parts, req_body, t)
-                    .await
-                    .map(|r| r.map(RespKind::H1))
-            }
-        }
-    };
+        let pool = endpoint.pool.clone();
+        h1::send(&pool.h1, || pool.connect(), parts, body, t)
+            .await
+            .map(|r| r.map(RespKind::H1))
+    }
+}
+
+/// The upstream response (or failure) as the downstream response.
+fn respond(
+    plan: &Plan<'_>,
+    downstream_version: Version,
+    shared: &Arc<Shared>,
+    rec: Recorder,
+    sent: Result<Response<RespKind>, ForwardError>,
+    endpoint: &Endpoint,
+    active: ActiveGuard,
+) -> Response<RespBody> {
     let resp = match sent {
         Ok(r) => r,
         Err(e) => {
             let (status, flags, msg) = e.reply();
             tracing::debug!(cluster = %plan.cluster.name, endpoint = %endpoint.addr, error = %e, %flags, "upstream request failed");
             return rec.local_with(
-                LocalReply {
-                    status,
-                    body: bytes::Bytes::from_static(msg.as_bytes()),
-                    flags,
-                    location: None,
-                    labels: endpoint.labels.clone(),
-                    response_ops: None,
-                },
+                reply(status, msg, flags, endpoint.labels.clone()),
                 Some(active),
             );
         }
@@ -149,8 +552,11 @@ pub async fn forward(
         parts.version = downstream_version;
     }
     plan.route.response_ops.apply(&mut parts.headers);
-    if let Some(c) = plan.set_cookie {
-        parts.headers.append(header::SET_COOKIE, c);
+    if let (Some(origin), Some(cors)) = (&plan.cors_origin, &plan.action.policy.cors) {
+        cors.response_headers(origin, &mut parts.headers);
+    }
+    if let Some(c) = &plan.set_cookie {
+        parts.headers.append(header::SET_COOKIE, c.clone());
     }
     if shared.drain.is_draining() && downstream_version == Version::HTTP_11 {
         parts
@@ -158,6 +564,68 @@ pub async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     rec.upstream(parts, kind, endpoint.labels.clone(), active)
+}
+
+/// Sends a copy of the request to a mirror cluster, with `-shadow` after
+/// the host (Istio before 1.28, Envoy's default), and throws the answer
+/// away. Its own task: it never delays or fails the request it copies.
+fn mirror(
+    shared: &Arc<Shared>,
+    cluster: &Arc<Cluster>,
+    parts: &http::request::Parts,
+    body: &Replay,
+    timeout: Option<Duration>,
+    use_h2: bool,
+) {
+    let Some(idx) = cluster.pick(None, &[]) else {
+        return;
+    };
+    let endpoint = cluster.endpoints[idx].clone();
+    let mut p = copy_head(parts);
+    if let Some(host) = p.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+        let shadow = match host.rsplit_once(':') {
+            Some((h, port)) if !h.ends_with(']') || port.parse::<u16>().is_ok() => {
+                format!("{h}-shadow:{port}")
+            }
+            _ => format!("{host}-shadow"),
+        };
+        if let Ok(v) = HeaderValue::try_from(shadow) {
+            p.headers.insert(header::HOST, v);
+        }
+    }
+    if set_upstream_uri(&mut p, &endpoint).is_err() {
+        return;
+    }
+    let use_h2 = use_h2 || cluster.protocol == crate::cluster::UpstreamProtocol::Http2;
+    p.version = if use_h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let b = ReqBody::replay(body);
+    let shared = shared.clone();
+    let cluster = cluster.clone();
+    let limit = timeout.unwrap_or(shared.limits.stream_idle_timeout);
+    tokio::spawn(async move {
+        let _active = ActiveGuard::with_cluster(&endpoint, &cluster.state, None);
+        let work = async {
+            let resp = send(&shared, &endpoint, use_h2, p, b).await?;
+            // Read the answer to its end, so the connection can be reused.
+            use http_body_util::BodyExt;
+            let body = RespBody {
+                kind: resp.into_body(),
+                exchange: None,
+                inflight: None,
+            };
+            let _ = body.collect().await;
+            Ok::<(), ForwardError>(())
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(cluster = %cluster.name, error = %e, "mirror failed"),
+            Err(_) => tracing::debug!(cluster = %cluster.name, "mirror timed out"),
+        }
+    });
 }
 
 async fn send_h2(

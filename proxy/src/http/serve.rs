@@ -321,9 +321,15 @@ pub struct Recorder {
     log: Option<Box<LogInfo>>,
     h1: bool,
     inflight: InFlight,
+    /// A flag for a response that otherwise went well (DI, URX, UO).
+    flags: Flags,
 }
 
 impl Recorder {
+    pub fn set_flags(&mut self, f: Flags) {
+        self.flags = f;
+    }
+
     pub fn request_bytes(&self) -> Arc<AtomicU64> {
         self.request_bytes.clone()
     }
@@ -386,6 +392,9 @@ impl Recorder {
         if let Some(loc) = l.location {
             resp.headers_mut().insert(header::LOCATION, loc);
         }
+        if let Some(h) = l.headers {
+            resp.headers_mut().extend(*h);
+        }
         if !l.flags.is_none() {
             resp.headers_mut().insert(
                 HeaderName::from_static("x-bosun-response-flags"),
@@ -409,8 +418,9 @@ impl Recorder {
         labels: Arc<LabelSet>,
         active: ActiveGuard,
     ) -> Response<RespBody> {
+        let flags = self.flags;
         let (mut x, close, inflight) =
-            self.exchange(labels, parts.status.as_u16(), Flags::None, Some(active));
+            self.exchange(labels, parts.status.as_u16(), flags, Some(active));
         x.grpc_status = grpc_status(&parts.headers);
         if close {
             parts
@@ -480,6 +490,7 @@ async fn handle(
         log,
         h1: parts.version != Version::HTTP_2,
         inflight,
+        flags: Flags::None,
     };
     match decided.decision {
         Decision::Local(l) => rec.local(l),

@@ -1,0 +1,704 @@
+//! Istio's resilience fields end to end: a gateway in front of scripted
+//! backends on 127.0.0.1, each field proven by what a client sees and what
+//! the backends received.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::harness::*;
+
+/// What a scripted backend answers: status and how long it waits first.
+#[derive(Clone, Copy)]
+struct Answer {
+    status: u16,
+    delay: Duration,
+}
+
+fn ok() -> Answer {
+    Answer {
+        status: 200,
+        delay: Duration::ZERO,
+    }
+}
+
+fn status(s: u16) -> Answer {
+    Answer {
+        status: s,
+        delay: Duration::ZERO,
+    }
+}
+
+fn hang() -> Answer {
+    Answer {
+        status: 200,
+        delay: Duration::from_secs(30),
+    }
+}
+
+/// A backend whose answer to its n-th request (from 0) is `f(n)`; it
+/// records the Host of every request.
+struct Scripted {
+    addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    hosts: Arc<Mutex<Vec<String>>>,
+}
+
+async fn scripted<F>(name: &str, f: F) -> Scripted
+where
+    F: Fn(u64) -> Answer + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hits = Arc::new(AtomicU64::new(0));
+    let hosts = Arc::new(Mutex::new(Vec::new()));
+    let f = Arc::new(f);
+    let name: Arc<str> = Arc::from(name);
+    let (h, hs) = (hits.clone(), hosts.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (f, name, hits, hosts) = (f.clone(), name.clone(), h.clone(), hs.clone());
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (f, name, hits, hosts) =
+                            (f.clone(), name.clone(), hits.clone(), hosts.clone());
+                        async move {
+                            let n = hits.fetch_add(1, Ordering::SeqCst);
+                            let host = req
+                                .headers()
+                                .get("host")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            hosts.lock().expect("lock").push(host);
+                            let a = f(n);
+                            let _ = req.into_body().collect().await;
+                            if !a.delay.is_zero() {
+                                tokio::time::sleep(a.delay).await;
+                            }
+                            let body = format!("{{\"backend\":\"{name}\",\"n\":{n}}}");
+                            let resp = http::Response::builder()
+                                .status(a.status)
+                                .header("x-backend", &*name)
+                                .header("x-b", "exposed")
+                                .body(Full::new(Bytes::from(body)))
+                                .expect("response");
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Scripted { addr, hits, hosts }
+}
+
+/// A gateway on `port`; service `site.web` (HTTP port 80) with STATIC
+/// endpoints (address, locality); `http` is the VirtualService's `http:`
+/// list; `policy` (if any) the DestinationRule's `trafficPolicy`, both
+/// already indented.
+fn mesh(port: u16, eps: &[(SocketAddr, &str)], http: &str, policy: &str) -> String {
+    let mut y = gateway("web", port);
+    y.push_str(&site("site", eps));
+    y.push_str(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: site, namespace: web}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n{http}---\n"
+    ));
+    if !policy.is_empty() {
+        y.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: site, namespace: web}}\nspec:\n  host: site\n  trafficPolicy:\n{policy}---\n"
+        ));
+    }
+    y
+}
+
+/// A STATIC ServiceEntry `name.web.svc.cluster.local` (HTTP port 80).
+fn site(name: &str, eps: &[(SocketAddr, &str)]) -> String {
+    let mut s = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: web}}\nspec:\n  hosts: [{name}.web.svc.cluster.local]\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  endpoints:\n"
+    );
+    for (a, locality) in eps {
+        s.push_str(&format!(
+            "  - address: {}\n    ports: {{http: {}}}\n    labels: {{app: {name}}}\n",
+            a.ip(),
+            a.port()
+        ));
+        if !locality.is_empty() {
+            s.push_str(&format!("    locality: {locality}\n"));
+        }
+    }
+    s.push_str("---\n");
+    s
+}
+
+const ROUTE: &str = "    route: [{destination: {host: site}}]\n";
+
+fn flags(r: &Reply) -> String {
+    r.headers
+        .get("x-bosun-response-flags")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_that_never_answers_is_a_504_ut_at_the_route_timeout() {
+    let be = scripted("slow", |_| hang()).await;
+    let port = free_port();
+    let http = format!("  - timeout: 500ms\n{ROUTE}");
+    let _b = Bosun::gateway(&mesh(port, &[(be.addr, "")], &http, "")).await;
+    let c = client();
+    let t = Instant::now();
+    let r = get(&c, &format!("http://127.0.0.1:{port}/"), "site").await;
+    let took = t.elapsed();
+    assert_eq!((r.status, flags(&r).as_str()), (504, "UT"), "{}", r.body);
+    assert_eq!(r.body, "upstream request timeout");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_hide_a_backend_that_fails_every_other_request() {
+    let be = scripted("flaky", |n| if n % 2 == 1 { status(503) } else { ok() }).await;
+    let port = free_port();
+    let http = format!(
+        "  - match: [{{uri: {{prefix: /once}}}}]\n    retries: {{attempts: 0}}\n{ROUTE}  - retries: {{attempts: 2, retryOn: 5xx}}\n{ROUTE}"
+    );
+    let _b = Bosun::gateway(&mesh(port, &[(be.addr, "")], &http, "")).await;
+    let c = client();
+    let base = format!("http://127.0.0.1:{port}");
+    // Without retries the client sees every other failure ...
+    let mut failed = 0;
+    for _ in 0..40 {
+        if get(&c, &format!("{base}/once"), "site").await.status != 200 {
+            failed += 1;
+        }
+    }
+    assert!((15..=25).contains(&failed), "{failed} of 40 failed");
+    // ... with them, none.
+    for i in 0..200 {
+        let r = get(&c, &format!("{base}/"), "site").await;
+        assert_eq!(r.status, 200, "request {i}: {} {}", flags(&r), r.body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_try_timeout_retries_a_hung_try_and_exhaustion_is_ut_urx() {
+    // Every even try hangs; the odd ones answer at once.
+    let be = scripted("half-hung", |n| if n % 2 == 0 { hang() } else { ok() }).await;
+    let dead = scripted("hung", |_| hang()).await;
+    let port = free_port();
+    let mut y = mesh(
+        port,
+        &[(be.addr, "")],
+        &format!(
+            "  - match: [{{uri: {{prefix: /dead}}}}]\n    timeout: 10s\n    retries: {{attempts: 2, perTryTimeout: 200ms, retryOn: reset}}\n    route: [{{destination: {{host: dead}}}}]\n  - timeout: 10s\n    retries: {{attempts: 2, perTryTimeout: 200ms, retryOn: 5xx}}\n{ROUTE}"
+        ),
+        "",
+    );
+    y.push_str(&site("dead", &[(dead.addr, "")]));
+    let _b = Bosun::gateway(&y).await;
+    let c = client();
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..3 {
+        let t = Instant::now();
+        let r = get(&c, &format!("{base}/"), "site").await;
+        assert_eq!(r.status, 200, "{} {}", flags(&r), r.body);
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+    assert_eq!(
+        be.hits.load(Ordering::SeqCst),
+        6,
+        "one hung try and one good per request"
+    );
+    // Every try hangs: three tries of 200 ms, then 504 with UT and URX.
+    let t = Instant::now();
+    let r = get(&c, &format!("{base}/dead"), "site").await;
+    let took = t.elapsed();
+    assert_eq!(
+        (r.status, flags(&r).as_str()),
+        (504, "UT,URX"),
+        "{}",
+        r.body
+    );
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert_eq!(dead.hits.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_retry_budget_holds_retries_back_under_load() {
+    let be = scripted("down", |_| Answer {
+        status: 503,
+        delay: Duration::from_millis(50),
+    })
+    .await;
+    let port = free_port();
+    let http = format!("  - retries: {{attempts: 5, retryOn: 5xx}}\n{ROUTE}");
+    let policy = "    connectionPool: {http: {maxRetries: 1}}\n";
+    let b = Bosun::gateway(&mesh(port, &[(be.addr, "")], &http, policy)).await;
+    let base = format!("http://127.0.0.1:{port}/");
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            get(&c, &base, "site").await.status
+        }));
+    }
+    for t in tasks {
+        // The upstream's own 503 passes through, retried or not.
+        assert_eq!(t.await.expect("task"), 503);
+    }
+    // Flags of upstream responses are in metrics and the access log.
+    let m = b.metrics().await;
+    let overflowed = metric_sum(&m, "istio_requests_total", &["response_flags=\"UO\""]);
+    let exhausted = metric_sum(&m, "istio_requests_total", &["response_flags=\"URX\""]);
+    assert!(overflowed >= 10.0, "budget overflow (UO): {m}");
+    assert_eq!(overflowed + exhausted, 30.0, "{m}");
+    let hits = be.hits.load(Ordering::SeqCst);
+    // Unbounded, 30 requests with 5 retries each would be 180 tries.
+    assert!(hits < 90, "{hits} tries reached the backend");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fault_abort_at_50_percent_and_fault_delay() {
+    let be = scripted("ok", |_| ok()).await;
+    let port = free_port();
+    let http = format!(
+        "  - match: [{{uri: {{prefix: /slow}}}}]\n    fault: {{delay: {{fixedDelay: 300ms, percentage: {{value: 100}}}}}}\n{ROUTE}  - fault: {{abort: {{httpStatus: 503, percentage: {{value: 50}}}}}}\n{ROUTE}"
+    );
+    let b = Bosun::gateway(&mesh(port, &[(be.addr, "")], &http, "")).await;
+    let c = client();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut aborted = 0u64;
+    for _ in 0..2000 {
+        let r = get(&c, &format!("{base}/"), "site").await;
+        match r.status {
+            503 => {
+                assert_eq!(flags(&r), "FI");
+                assert_eq!(r.body, "fault filter abort");
+                aborted += 1;
+            }
+            200 => {}
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!((900..=1100).contains(&aborted), "{aborted} of 2000 aborted");
+    assert_eq!(be.hits.load(Ordering::SeqCst), 2000 - aborted);
+    let t = Instant::now();
+    let r = get(&c, &format!("{base}/slow"), "site").await;
+    assert_eq!(r.status, 200);
+    assert!(
+        t.elapsed() >= Duration::from_millis(290),
+        "{:?}",
+        t.elapsed()
+    );
+    let m = b.metrics().await;
+    assert!(
+        metric_sum(&m, "istio_requests_total", &["response_flags=\"DI\""]) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric_sum(&m, "istio_requests_total", &["response_flags=\"FI\""]) >= 900.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grpc_abort_is_a_trailers_only_grpc_status() {
+    let be = scripted("ok", |_| ok()).await;
+    let port = free_port();
+    let http = format!(
+        "  - fault: {{abort: {{grpcStatus: UNAVAILABLE, percentage: {{value: 100}}}}}}\n{ROUTE}"
+    );
+    let _b = Bosun::gateway(&mesh(port, &[(be.addr, "")], &http, "")).await;
+    let c = client();
+    let r = request(
+        &c,
+        "POST",
+        &format!("http://127.0.0.1:{port}/pkg.Svc/Call"),
+        "site",
+        &[("content-type", "application/grpc")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["grpc-status"], "14");
+    assert_eq!(r.headers["content-type"], "application/grpc");
+    assert_eq!(flags(&r), "FI");
+    assert_eq!(be.hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_mirror_never_slows_the_primary_and_a_healthy_one_gets_every_request() {
+    let primary = scripted("primary", |_| ok()).await;
+    let hung = scripted("hung-mirror", |_| hang()).await;
+    let healthy = scripted("mirror", |_| ok()).await;
+    let port = free_port();
+    let config = |mirror: &str| {
+        let mut y = mesh(
+            port,
+            &[(primary.addr, "")],
+            &format!("  - mirror: {{host: {mirror}}}\n{ROUTE}"),
+            "",
+        );
+        y.push_str(&site("hung", &[(hung.addr, "")]));
+        y.push_str(&site("shadow", &[(healthy.addr, "")]));
+        y
+    };
+    let b = Bosun::gateway(&config("hung")).await;
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/");
+    for _ in 0..50 {
+        let t = Instant::now();
+        let r = get(&c, &url, "site:8080").await;
+        assert_eq!(r.status, 200);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+    eventually("the hung mirror got copies", || async {
+        hung.hits.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    b.reconfigure(&config("shadow")).await;
+    for _ in 0..50 {
+        assert_eq!(get(&c, &url, "site:8080").await.status, 200);
+    }
+    eventually("the mirror got all 50", || async {
+        healthy.hits.load(Ordering::SeqCst) == 50
+    })
+    .await;
+    let hosts = healthy.hosts.lock().expect("lock").clone();
+    assert!(hosts.iter().all(|h| h == "site-shadow:8080"), "{hosts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_pool_overflow_is_an_immediate_503_uo() {
+    let be = scripted("busy", |_| Answer {
+        status: 200,
+        delay: Duration::from_millis(800),
+    })
+    .await;
+    let port = free_port();
+    let policy = "    connectionPool:\n      tcp: {maxConnections: 1}\n      http: {http1MaxPendingRequests: 1}\n";
+    let _b = Bosun::gateway(&mesh(port, &[(be.addr, "")], ROUTE_ONLY, policy)).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = get(&client(), &url, "site").await;
+            let overloaded = r.headers.contains_key("x-envoy-overloaded");
+            (r.status, flags(&r), t.elapsed(), overloaded)
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    let served = out.iter().filter(|o| o.0 == 200).count();
+    let overflow: Vec<_> = out.iter().filter(|o| o.0 == 503).collect();
+    assert_eq!(served, 2, "one in flight and one pending: {out:?}");
+    assert_eq!(overflow.len(), 3, "{out:?}");
+    for (_, f, took, overloaded) in overflow {
+        assert_eq!(f, "UO");
+        assert!(*overloaded);
+        assert!(
+            *took < Duration::from_millis(500),
+            "not immediate: {took:?}"
+        );
+    }
+}
+
+const ROUTE_ONLY: &str = "  - route: [{destination: {host: site}}]\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outlier_detection_ejects_a_failing_backend_and_brings_it_back() {
+    let good = scripted("good", |_| ok()).await;
+    let bad = scripted("bad", |_| status(500)).await;
+    let port = free_port();
+    let http = format!("  - retries: {{attempts: 0}}\n{ROUTE}");
+    let policy = "    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 50}\n";
+    let _b = Bosun::gateway(&mesh(
+        port,
+        &[(good.addr, ""), (bad.addr, "")],
+        &http,
+        policy,
+    ))
+    .await;
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut failures = 0;
+    for _ in 0..30 {
+        if get(&c, &url, "site").await.status == 500 {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 2, "ejected after two consecutive 500s");
+    assert_eq!(bad.hits.load(Ordering::SeqCst), 2);
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    for _ in 0..10 {
+        get(&c, &url, "site").await;
+    }
+    assert!(
+        bad.hits.load(Ordering::SeqCst) > 2,
+        "back after baseEjectionTime"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn locality_failover_moves_to_the_next_zone_and_back() {
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = failing.clone();
+    let local = scripted("local", move |_| {
+        if f.load(Ordering::SeqCst) {
+            status(503)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let remote = scripted("remote", |_| ok()).await;
+    let port = free_port();
+    let http = format!("  - retries: {{attempts: 0}}\n{ROUTE}");
+    let policy = "    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 100}\n";
+    let y = mesh(
+        port,
+        &[
+            (local.addr, "us-east/zone-a/1"),
+            (remote.addr, "us-east/zone-b/1"),
+        ],
+        &http,
+        policy,
+    );
+    let _b = Bosun::start(
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.1",
+            "--locality",
+            "us-east/zone-a/1",
+        ],
+        &y,
+    )
+    .await;
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/");
+    let who = |r: &Reply| {
+        r.headers
+            .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    for _ in 0..20 {
+        assert_eq!(who(&get(&c, &url, "site").await), "local");
+    }
+    failing.store(true, Ordering::SeqCst);
+    let r = get(&c, &url, "site").await;
+    assert_eq!(r.status, 503, "the local zone fails once and is ejected");
+    for _ in 0..20 {
+        let r = get(&c, &url, "site").await;
+        assert_eq!((r.status, who(&r).as_str()), (200, "remote"));
+    }
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    for _ in 0..20 {
+        assert_eq!(who(&get(&c, &url, "site").await), "local");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dns_service_entry_reaches_localhost() {
+    let be = scripted("dns", |_| ok()).await;
+    let port = free_port();
+    let bp = be.addr.port();
+    let mut y = gateway("web", port);
+    y.push_str(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: local, namespace: web}}\nspec:\n  hosts: [localhost]\n  resolution: DNS\n  ports: [{{number: {bp}, name: http, protocol: HTTP}}]\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: site, namespace: web}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{{destination: {{host: localhost}}}}]\n"
+    ));
+    let _b = Bosun::gateway(&y).await;
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/");
+    eventually("localhost resolved and reached", || async {
+        get(&c, &url, "site").await.status == 200
+    })
+    .await;
+    let hosts = be.hosts.lock().expect("lock").clone();
+    assert!(hosts.iter().all(|h| h == "site"), "{hosts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_preflight_is_answered_and_responses_carry_the_origin() {
+    let be = scripted("app", |_| ok()).await;
+    let port = free_port();
+    let http = format!(
+        "  - corsPolicy:\n      allowOrigins: [{{exact: \"https://ok.example\"}}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-a]\n      exposeHeaders: [x-b]\n      maxAge: 24h\n      allowCredentials: true\n{ROUTE}"
+    );
+    let _b = Bosun::gateway(&mesh(port, &[(be.addr, "")], &http, "")).await;
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/api");
+    let pre = |origin: &'static str| {
+        vec![
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+        ]
+    };
+    let r = request(&c, "OPTIONS", &url, "site", &pre("https://ok.example")).await;
+    assert_eq!(r.status, 200);
+    let h = |r: &Reply, n: &str| {
+        r.headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(h(&r, "access-control-allow-origin"), "https://ok.example");
+    assert_eq!(h(&r, "access-control-allow-methods"), "GET,POST");
+    assert_eq!(h(&r, "access-control-allow-headers"), "x-a");
+    assert_eq!(h(&r, "access-control-max-age"), "86400");
+    assert_eq!(h(&r, "access-control-allow-credentials"), "true");
+    assert_eq!(be.hits.load(Ordering::SeqCst), 0, "answered by the proxy");
+    // Another origin's preflight goes upstream (unmatchedPreflights FORWARD).
+    let r = request(&c, "OPTIONS", &url, "site", &pre("https://evil.example")).await;
+    assert_eq!(h(&r, "x-backend"), "app");
+    assert_eq!(h(&r, "access-control-allow-origin"), "");
+    // A request from the allowed origin gets the CORS response headers.
+    let r = request(&c, "GET", &url, "site", &[("origin", "https://ok.example")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h(&r, "access-control-allow-origin"), "https://ok.example");
+    assert_eq!(h(&r, "access-control-expose-headers"), "x-b");
+    let r = request(
+        &c,
+        "GET",
+        &url,
+        "site",
+        &[("origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(h(&r, "access-control-allow-origin"), "");
+}
+
+const BOOKINFO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/control/tests/data/bookinfo");
+
+/// bookinfo.yaml's Services (its Deployments and ServiceAccounts are not
+/// mesh config; Bosun refuses kinds it does not read).
+fn bookinfo_services() -> String {
+    let all = std::fs::read_to_string(format!("{BOOKINFO}/bookinfo.yaml")).expect("bookinfo.yaml");
+    all.split("\n---")
+        .filter(|d| d.lines().any(|l| l.trim() == "kind: Service"))
+        .map(|d| format!("{}\n---\n", d.trim_start_matches('\n')))
+        .collect()
+}
+
+fn validate_dir(files: &[(&str, String)]) -> (bool, String) {
+    let dir = TempDir::new("bookinfo");
+    for (name, text) in files {
+        std::fs::write(dir.0.join(name), text).expect("write");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
+        .args(["validate", dir.0.to_str().expect("utf8")])
+        .output()
+        .expect("run bosun validate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn istio_bookinfo_samples_validate_with_bookinfo_services() {
+    let services = bookinfo_services();
+    assert!(services.matches("kind: Service").count() >= 4, "{services}");
+    let rules = std::fs::read_to_string(format!("{BOOKINFO}/destination-rule-all.yaml"))
+        .expect("destination rules");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(BOOKINFO).expect("bookinfo dir") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
+        if !name.ends_with(".yaml") || name == "bookinfo.yaml" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read sample");
+        let mut files = vec![
+            ("services.yaml", services.clone()),
+            ("sample.yaml", text.clone()),
+        ];
+        if !text.contains("kind: DestinationRule") && !text.contains("kind: Gateway") {
+            files.push(("rules.yaml", rules.clone()));
+        }
+        let (ok, out) = validate_dir(&files);
+        match name.as_str() {
+            // TLS (mTLS, origination) arrives with the mTLS issue; the
+            // cert-manager sample routes to a host bookinfo does not define.
+            "destination-rule-all-mtls.yaml" | "egress-rule-google-apis.yaml" => {
+                assert!(!ok && out.contains("tls"), "{name}: {out}");
+            }
+            "certmanager-gateway.yaml" => {
+                assert!(
+                    !ok && out.contains("cert-manager-resolver"),
+                    "{name}: {out}"
+                );
+            }
+            _ => {
+                assert!(ok, "{name} should validate: {out}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 15, "{checked} samples validated");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bookinfo_ratings_test_abort_applies() {
+    let be = scripted("ratings-v1", |_| ok()).await;
+    let port = free_port();
+    let mut y = bookinfo_services();
+    y.push_str(
+        &std::fs::read_to_string(format!("{BOOKINFO}/destination-rule-all.yaml")).expect("rules"),
+    );
+    y.push_str("\n---\n");
+    y.push_str(
+        &std::fs::read_to_string(format!(
+            "{BOOKINFO}/virtual-service-ratings-test-abort.yaml"
+        ))
+        .expect("sample"),
+    );
+    y.push_str(&format!(
+        "\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ratings-x, namespace: default, labels: {{kubernetes.io/service-name: ratings}}}}\naddressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints:\n- addresses: [127.0.0.1]\n  targetRef: {{kind: Pod, name: ratings-v1-a, namespace: default}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: ratings-v1-a, namespace: default, labels: {{app: ratings, version: v1}}}}\nspec: {{containers: [{{name: app, image: ratings:1}}]}}\n",
+        be.addr.port()
+    ));
+    let outbound = format!("127.0.0.1:{port}");
+    let _b = Bosun::start(&["--outbound-address", &outbound], &y).await;
+    let c = client();
+    let url = format!("http://{outbound}/ratings/0");
+    let r = request(&c, "GET", &url, "ratings:9080", &[("end-user", "jason")]).await;
+    assert_eq!((r.status, flags(&r).as_str()), (500, "FI"), "{}", r.body);
+    let r = get(&c, &url, "ratings:9080").await;
+    assert_eq!(
+        (r.status, r.headers["x-backend"].to_str().ok()),
+        (200, Some("ratings-v1"))
+    );
+    assert_eq!(be.hits.load(Ordering::SeqCst), 1);
+}

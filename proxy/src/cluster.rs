@@ -611,6 +611,136 @@ mod tests {
         assert!((0.05..0.2).contains(&f), "moved {f}");
     }
 
+    fn cluster_with(n: usize, outlier: Option<OutlierConfig>) -> Cluster {
+        Cluster {
+            name: "c".into(),
+            protocol: UpstreamProtocol::Http1,
+            lb: Lb::round_robin(),
+            hash: None,
+            endpoints: eps(n),
+            no_endpoint_labels: Arc::new(LabelSet::unknown()),
+            state: Arc::new(ClusterState::default()),
+            limits: CircuitLimits::default(),
+            conn_slots: None,
+            outlier,
+            priorities: Vec::new(),
+        }
+    }
+
+    fn detector(max_ejection_percent: u32) -> OutlierConfig {
+        OutlierConfig {
+            consecutive_5xx: 2,
+            consecutive_gateway: 0,
+            consecutive_local: 0,
+            split: false,
+            interval: std::time::Duration::from_secs(1),
+            base_ejection: std::time::Duration::from_secs(10),
+            max_ejection_percent,
+            min_health_percent: 0,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_gets_no_picks_until_its_time_is_up() {
+        let c = cluster_with(3, Some(detector(50)));
+        c.report(1, Outcome::Status(500));
+        c.report(1, Outcome::Status(503));
+        for _ in 0..100 {
+            assert_ne!(c.pick(None, &[]), Some(1));
+        }
+        // A second endpoint may not go: 2 of 3 is over 50%.
+        c.report(2, Outcome::LocalFailure);
+        c.report(2, Outcome::LocalFailure);
+        assert!((0..100).any(|_| c.pick(None, &[]) == Some(2)));
+        tokio::time::advance(std::time::Duration::from_millis(9_900)).await;
+        assert!((0..100).all(|_| c.pick(None, &[]) != Some(1)));
+        tokio::time::advance(std::time::Duration::from_millis(200)).await;
+        assert!((0..100).any(|_| c.pick(None, &[]) == Some(1)));
+        // Ejected again at once: twice as long (20 s).
+        c.report(1, Outcome::Status(500));
+        c.report(1, Outcome::Status(500));
+        tokio::time::advance(std::time::Duration::from_secs(15)).await;
+        assert!((0..100).all(|_| c.pick(None, &[]) != Some(1)));
+        tokio::time::advance(std::time::Duration::from_secs(6)).await;
+        assert!((0..100).any(|_| c.pick(None, &[]) == Some(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_ejected_is_no_endpoint_and_panic_mode_ignores_ejections() {
+        let c = cluster_with(1, Some(detector(100)));
+        c.report(0, Outcome::Status(500));
+        c.report(0, Outcome::Status(500));
+        assert_eq!(
+            c.pick(None, &[]),
+            None,
+            "503 UH: panic off (minHealthPercent 0)"
+        );
+        let mut cfg = detector(100);
+        cfg.min_health_percent = 50;
+        let c = cluster_with(2, Some(cfg));
+        for i in 0..2 {
+            c.report(i, Outcome::Status(500));
+            c.report(i, Outcome::Status(500));
+        }
+        assert!(c.pick(None, &[]).is_some(), "below minHealthPercent: panic");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_avoids_endpoints_tried_while_others_are_left() {
+        let c = cluster_with(3, None);
+        for _ in 0..50 {
+            let p = c.pick(None, &[0, 2]);
+            assert_eq!(p, Some(1));
+        }
+        // Every endpoint tried: any may be picked again.
+        assert!(c.pick(None, &[0, 1, 2]).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_budget_is_20_percent_of_requests_at_least_3() {
+        let mut c = cluster_with(1, None);
+        c.state.active_requests.store(10, Ordering::Relaxed);
+        c.state.active_retries.store(2, Ordering::Relaxed);
+        assert!(c.retry_allowed());
+        c.state.active_retries.store(3, Ordering::Relaxed);
+        assert!(!c.retry_allowed(), "min 3 when 20% of 10 is 2");
+        c.state.active_requests.store(100, Ordering::Relaxed);
+        assert!(c.retry_allowed());
+        c.state.active_retries.store(20, Ordering::Relaxed);
+        assert!(!c.retry_allowed());
+        c.limits.max_retries = 50;
+        assert!(c.retry_allowed(), "maxRetries replaces the budget");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn locality_priorities_spill_as_health_drops() {
+        let mut c = cluster_with(3, Some(detector(100)));
+        c.priorities = vec![
+            vec![Group {
+                weight: 1,
+                members: vec![0, 1],
+            }],
+            vec![Group {
+                weight: 1,
+                members: vec![2],
+            }],
+        ];
+        for _ in 0..200 {
+            assert_ne!(c.pick(None, &[]), Some(2), "priority 0 is healthy");
+        }
+        // Half of priority 0 ejected: it keeps 1.4 × 50% = 70% of traffic.
+        c.report(0, Outcome::Status(500));
+        c.report(0, Outcome::Status(500));
+        let remote = (0..10_000).filter(|_| c.pick(None, &[]) == Some(2)).count();
+        assert!(
+            (2_600..3_400).contains(&remote),
+            "{remote} of 10000 spilled"
+        );
+        c.report(1, Outcome::Status(500));
+        c.report(1, Outcome::Status(500));
+        assert!((0..100).all(|_| c.pick(None, &[]) == Some(2)));
+    }
+
     #[test]
     fn maglev_rejects_non_prime() {
         assert!(Lb::maglev(&eps(2), 65536).is_err());

@@ -603,9 +603,12 @@ fn suite(backend: &str) {
     let total = m.values().sum::<usize>();
     assert_eq!(total, 2000, "{m:?}");
     let v1 = m.get("b1").copied().unwrap_or(0) as f64 / total as f64 * 100.0;
+    // ±5: a client port reused while conntrack still holds its old entry
+    // keeps the old backend, so the picks are not quite independent (3.7σ
+    // off once under a loaded machine with ±3).
     assert!(
-        (v1 - 80.0).abs() <= 3.0,
-        "{backend}: want 80/20 ±3, got {m:?}"
+        (v1 - 80.0).abs() <= 5.0,
+        "{backend}: want 80/20 ±5, got {m:?}"
     );
 
     // An endpoint removed, then one not ready: no more traffic to them.

@@ -249,18 +249,20 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
 
 /// `bosun validate PATH`: parse, then check as every proxy will see it.
 pub fn validate(path: &Path) -> anyhow::Result<ExitCode> {
-    let result =
-        bosun_control::load::load_path(path).and_then(|cfg| bosun_control::translate::check(&cfg));
-    match result {
-        Ok(()) => {
-            println!("{}: ok", path.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(errors) => {
-            for e in &errors.0 {
-                println!("{e}");
-            }
-            Ok(ExitCode::FAILURE)
-        }
+    // Every error in one pass: what could not be read, and the checks
+    // across resources on everything that could.
+    let (cfg, mut errors) = bosun_control::load::load_path_partial(path);
+    let readable = !errors.iter().any(|e| e.resource.is_empty() && e.line == 0);
+    if readable && let Err(more) = bosun_control::translate::check(&cfg) {
+        errors.extend(more.0);
     }
+    if errors.is_empty() {
+        println!("{}: ok", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    bosun_control::locate::refine_lines(&mut errors);
+    for e in &errors {
+        println!("{e}");
+    }
+    Ok(ExitCode::FAILURE)
 }

@@ -10,6 +10,7 @@ pub mod etcd;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod load;
+pub mod locate;
 pub mod model;
 pub mod node_services;
 pub mod source;

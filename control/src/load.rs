@@ -13,8 +13,8 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::model::{
-    Config, DestinationRule, EndpointSlice, Gateway, Origin, Pod, Service, ServiceEntry, Sidecar,
-    Sourced, TypeHeader, VirtualService, WorkloadEntry,
+    Config, DestinationRule, EndpointSlice, Gateway, Origin, Pod, Refused, Service, ServiceEntry,
+    Sidecar, Sourced, TypeHeader, VirtualService, WorkloadEntry,
 };
 
 pub use crate::error::{ConfigError, ConfigErrors, no_config};
@@ -44,21 +44,34 @@ pub fn config_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// Reads a file or directory into a [`Config`]; every error is reported.
 pub fn load_path(path: &Path) -> Result<Config, ConfigErrors> {
-    let files = config_files(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError::unreadable(
-            path.display().to_string(),
-            &e,
-        )])
-    })?;
+    let (config, errors) = load_path_partial(path);
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// As [`load_path`], but returns what could be read beside the errors.
+pub fn load_path_partial(path: &Path) -> (Config, Vec<ConfigError>) {
+    let files = match config_files(path) {
+        Ok(f) => f,
+        Err(e) => {
+            return (
+                Config::default(),
+                vec![ConfigError::unreadable(path.display().to_string(), &e)],
+            );
+        }
+    };
     let mut sources = Vec::new();
     for f in files {
         let name = f.display().to_string();
         match std::fs::read_to_string(&f) {
             Ok(text) => sources.push((name, text)),
-            Err(e) => return Err(ConfigErrors(vec![ConfigError::unreadable(name, &e)])),
+            Err(e) => return (Config::default(), vec![ConfigError::unreadable(name, &e)]),
         }
     }
-    load_sources(&sources)
+    ParseCache::default().load_partial(&sources)
 }
 
 /// Parses named YAML texts (file name, content) into one [`Config`].
@@ -87,7 +100,7 @@ pub fn parse_file(file: &str, text: &str) -> (Config, Vec<ConfigError>) {
     }
     for (first_line, doc) in docs {
         if let Err(e) = parse_document(file, first_line, doc, &mut config) {
-            errors.push(e);
+            errors.extend(e);
         }
     }
     (config, errors)
@@ -105,8 +118,19 @@ pub struct ParseCache {
 
 impl ParseCache {
     pub fn load(&mut self, sources: &[(String, String)]) -> Result<Config, ConfigErrors> {
+        let (config, errors) = self.load_partial(sources);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Every resource that could be read, and every error: `bosun
+    /// validate` checks what was read across resources too.
+    pub fn load_partial(&mut self, sources: &[(String, String)]) -> (Config, Vec<ConfigError>) {
         if sources.is_empty() {
-            return Err(no_config("the source"));
+            return (Config::default(), no_config("the source").0);
         }
         let mut config = Config::default();
         let mut errors = Vec::new();
@@ -130,11 +154,7 @@ impl ParseCache {
             errors.extend(parsed.1.iter().cloned());
         }
         self.files.retain(|f, _| seen.contains(f));
-        if errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        (config, errors)
     }
 }
 
@@ -167,7 +187,7 @@ fn parse_document(
     first_line: u32,
     doc: &str,
     config: &mut Config,
-) -> Result<(), ConfigError> {
+) -> Result<(), Vec<ConfigError>> {
     let header: TypeHeader = parse_typed(file, first_line, doc, "")?;
     let resource = format!(
         "{}/{}/{}",
@@ -184,7 +204,7 @@ fn parse_document(
         message,
     };
     if header.metadata.name.is_empty() {
-        return Err(err("metadata.name", "is required".into()));
+        return Err(vec![err("metadata.name", "is required".into())]);
     }
     let group = header
         .api_version
@@ -195,13 +215,30 @@ fn parse_document(
         file: file.to_string(),
         line: first_line,
     };
+    let ns = header
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     macro_rules! push {
         ($field:ident, $ty:ty) => {{
-            let value: $ty = parse_typed(file, first_line, doc, &resource)?;
-            config.$field.push(Sourced {
-                origin,
-                value: Arc::new(value),
-            });
+            match parse_typed::<$ty>(file, first_line, doc, &resource) {
+                Ok(value) => config.$field.push(Sourced {
+                    origin,
+                    value: Arc::new(value),
+                }),
+                Err(e) => {
+                    for host in refused_hosts(&header.kind, &header.metadata.name, &ns, doc) {
+                        config.refused.push(Refused {
+                            kind: header.kind.clone(),
+                            host,
+                            namespace: ns.clone(),
+                            id: resource.clone(),
+                        });
+                    }
+                    return Err(e);
+                }
+            }
         }};
     }
     let istio_networking = group == "networking.istio.io"
@@ -224,7 +261,7 @@ fn parse_document(
             push!(endpoint_slices, EndpointSlice)
         }
         _ => {
-            return Err(err(
+            return Err(vec![err(
                 "kind",
                 format!(
                     "Bosun does not support {} {} (supported: networking.istio.io/v1 \
@@ -232,18 +269,80 @@ fn parse_document(
                      Sidecar; v1 Service, Pod (labels only); discovery.k8s.io/v1 EndpointSlice)",
                     header.api_version, header.kind
                 ),
-            ));
+            )]);
         }
     }
     Ok(())
 }
 
+/// Parses a document as `T`, reporting every unsupported field of it in one
+/// pass: each unknown key (with its value) is blanked out and the document
+/// parsed again, so line numbers stay true. Stops at any other error.
 fn parse_typed<T: DeserializeOwned>(
     file: &str,
     first_line: u32,
     doc: &str,
     resource: &str,
-) -> Result<T, ConfigError> {
+) -> Result<T, Vec<ConfigError>> {
+    const MAX_ERRORS: usize = 32;
+    let mut text = std::borrow::Cow::Borrowed(doc);
+    let mut errors: Vec<ConfigError> = Vec::new();
+    while errors.len() < MAX_ERRORS {
+        match parse_once::<T>(file, first_line, &text, resource) {
+            Ok(v) if errors.is_empty() => return Ok(v),
+            Ok(_) => break,
+            Err(b) => {
+                let (e, unknown_at) = *b;
+                if errors
+                    .iter()
+                    .any(|x| x.line == e.line && x.field == e.field)
+                {
+                    break;
+                }
+                errors.push(e);
+                match unknown_at.and_then(|(l, c)| blank_key(&text, l, c)) {
+                    Some(t) => text = std::borrow::Cow::Owned(t),
+                    None => break,
+                }
+            }
+        }
+    }
+    Err(errors)
+}
+
+/// Blanks the block-style key at (1-based) `line`, `column` and the more
+/// indented lines of its value, keeping every line (and so every line
+/// number). `None` where that cannot be done safely (a flow mapping).
+fn blank_key(text: &str, line: usize, column: usize) -> Option<String> {
+    let lines: Vec<&str> = text.split('\n').collect();
+    let idx = line.checked_sub(1)?;
+    let l = lines.get(idx)?;
+    let key_at = column.checked_sub(1)?;
+    let prefix = l.get(..key_at)?;
+    if prefix.contains(['{', '[', '#', ':']) || !l[key_at..].contains(':') {
+        return None;
+    }
+    let mut out: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+    out[idx] = prefix.to_string();
+    for (j, next) in lines.iter().enumerate().skip(idx + 1) {
+        let indent = next.len() - next.trim_start().len();
+        if next.trim().is_empty() || indent > key_at {
+            out[j] = String::new();
+        } else {
+            break;
+        }
+    }
+    Some(out.join("\n"))
+}
+
+/// One parse: the value, or the error and, for an unknown field, where its
+/// key is in `doc` (line, column; 1-based).
+fn parse_once<T: DeserializeOwned>(
+    file: &str,
+    first_line: u32,
+    doc: &str,
+    resource: &str,
+) -> Result<T, Box<(ConfigError, Option<(usize, usize)>)>> {
     // The path of the bad field is kept aside: the YAML error itself must go
     // back to serde-saphyr so that it attaches the location.
     let mut field = String::new();
@@ -261,15 +360,44 @@ fn parse_typed<T: DeserializeOwned>(
         .location()
         .map_or((0, 0), |l| (l.line() as u32, l.column() as u32));
     let raw = first_message_line(&inner.to_string());
+    let unknown = raw.contains("unknown field `");
     let (field, message) = explain(field, &raw);
-    Err(ConfigError {
-        file: file.to_string(),
-        line: line.saturating_sub(1) + first_line,
-        column,
-        resource: resource.to_string(),
-        field,
-        message,
-    })
+    Err(Box::new((
+        ConfigError {
+            file: file.to_string(),
+            line: line.saturating_sub(1) + first_line,
+            column,
+            resource: resource.to_string(),
+            field,
+            message,
+        },
+        (unknown && line > 0).then_some((line as usize, column as usize)),
+    )))
+}
+
+/// The hosts a refused resource would have defined, read leniently (every
+/// other field ignored), so that references to them can say it was refused.
+fn refused_hosts(kind: &str, name: &str, ns: &str, doc: &str) -> Vec<String> {
+    #[derive(serde::Deserialize, Default)]
+    struct Spec {
+        #[serde(default)]
+        hosts: Vec<String>,
+        #[serde(default)]
+        host: Option<String>,
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct Doc {
+        #[serde(default)]
+        spec: Spec,
+    }
+    match kind {
+        "Service" => vec![format!("{name}.{ns}.svc.cluster.local")],
+        "ServiceEntry" | "DestinationRule" => {
+            let d: Doc = serde_saphyr::from_str(doc).unwrap_or_default();
+            d.spec.hosts.into_iter().chain(d.spec.host).collect()
+        }
+        _ => Vec::new(),
+    }
 }
 
 fn first_message_line(s: &str) -> String {
@@ -335,6 +463,24 @@ mod tests {
         assert_eq!(e.field, "spec.http[0].mirrorPercent");
         assert!(e.message.contains("not supported"), "{e}");
         assert_eq!(e.line, 8, "{e}");
+    }
+
+    #[test]
+    fn every_unknown_field_of_a_document_is_reported_at_once() {
+        let err = load(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: ns}\nspec:\n  hosts: [a]\n  delegate:\n    name: x\n  http:\n  - mirrorPercent: 5\n    route: [{destination: {host: a}}]\n  - name: b\n    bogus:\n      deep: 1\n    route: [{destination: {host: a}}]\n",
+        )
+        .expect_err("three unknown fields");
+        let fields: Vec<(&str, u32)> = err.0.iter().map(|e| (e.field.as_str(), e.line)).collect();
+        assert_eq!(
+            fields,
+            vec![
+                ("spec.delegate", 6),
+                ("spec.http[0].mirrorPercent", 9),
+                ("spec.http[1].bogus", 12)
+            ],
+            "{err}"
+        );
     }
 
     #[test]

@@ -843,6 +843,20 @@ pub struct Config {
     pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
     pub sidecars: Vec<Sourced<Sidecar>>,
     pub pods: Vec<Sourced<Pod>>,
+    /// Hosts of resources refused when they were read (a ServiceEntry's or
+    /// Service's host, a DestinationRule's `host`), with the resource that
+    /// was refused: a reference to one says so, not "unknown host".
+    pub refused: Vec<Refused>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    /// ServiceEntry, Service or DestinationRule.
+    pub kind: String,
+    pub host: String,
+    pub namespace: String,
+    /// `Kind/namespace/name`.
+    pub id: String,
 }
 
 impl Config {
@@ -862,6 +876,7 @@ impl Config {
             .extend(other.endpoint_slices.iter().cloned());
         self.sidecars.extend(other.sidecars.iter().cloned());
         self.pods.extend(other.pods.iter().cloned());
+        self.refused.extend(other.refused.iter().cloned());
     }
 }
 

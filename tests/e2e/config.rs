@@ -87,6 +87,40 @@ async fn bad_config_is_refused_and_the_old_one_keeps_serving() {
     assert_eq!(get(&c, &url, "x").await.backend(), "new");
 }
 
+#[test]
+fn validate_reports_every_error_in_one_pass_at_the_fields_line() {
+    let dir = TempDir::new("validate-all");
+    // Two unsupported fields in one document, and a ServiceEntry refused
+    // for its resolution ...
+    std::fs::write(
+        dir.0.join("a.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: ns}\nspec:\n  hosts: [a]\n  http:\n  - mirrorPercent: 5\n    delegate: {name: x}\n    route: [{destination: {host: a.example}}]\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext, namespace: ns}\nspec:\n  hosts: [ext.example]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n",
+    )
+    .expect("write");
+    // ... and, in another file, routes to that ServiceEntry and to nothing.
+    std::fs::write(
+        dir.0.join("b.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: b, namespace: ns}\nspec:\n  hosts: [b]\n  http:\n  - route:\n    - destination:\n        host: ext.example\n  - route:\n    - destination:\n        host: nowhere.example\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
+        .args(["validate", dir.0.to_str().expect("utf8")])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "a.yaml:7:5: VirtualService/ns/a: spec.http[0].mirrorPercent",
+        "a.yaml:8:5: VirtualService/ns/a: spec.http[0].delegate",
+        "ServiceEntry/ns/ext: spec.resolution: resolution is not set, and Istio's default is NONE",
+        "b.yaml:8:1: VirtualService/ns/b: spec.http[0].route[0].destination: host ext.example is defined by ServiceEntry/ns/ext, which was refused",
+        "b.yaml:11:1: VirtualService/ns/b: spec.http[1].route[0].destination: host nowhere.example is not a known Service",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn validate_command_names_file_line_resource_and_field() {
     let dir = TempDir::new("validate");

@@ -89,10 +89,15 @@ impl Ctx<'_> {
         let selector = if subset.is_empty() {
             Labels::new()
         } else {
-            let dr = self
-                .drs
-                .get(&svc.host)
-                .ok_or_else(|| format!("subset {subset}: no DestinationRule for {}", svc.host))?;
+            let dr = self.drs.get(&svc.host).ok_or_else(|| {
+                match self.reg.refused_rules.get(&svc.host) {
+                    Some(id) => format!(
+                        "subset {subset}: the DestinationRule for {} ({id}) was refused (see its error)",
+                        svc.host
+                    ),
+                    None => format!("subset {subset}: no DestinationRule for {}", svc.host),
+                }
+            })?;
             dr.value
                 .spec
                 .subsets

@@ -181,6 +181,21 @@ pub(super) fn resolve_host(host: &str, namespace: &str, known: &HashMap<String, 
 pub(super) struct Registry {
     pub(super) services: Vec<Arc<Svc>>,
     pub(super) by_host: Arc<HashMap<String, usize>>,
+    /// Hosts of Services and ServiceEntries that were refused (when read,
+    /// or here), with the refused resource.
+    pub(super) refused: Arc<HashMap<String, String>>,
+    /// Hosts of DestinationRules refused when read.
+    pub(super) refused_rules: Arc<HashMap<String, String>>,
+}
+
+impl Registry {
+    /// The refused resource that would have defined `host` (as written, or
+    /// qualified in `ns`).
+    pub(super) fn refused_for(&self, host: &str, ns: &str) -> Option<&String> {
+        self.refused
+            .get(host)
+            .or_else(|| self.refused.get(&format!("{host}.{ns}.svc.cluster.local")))
+    }
 }
 
 /// What building a service's endpoints looks up, indexed once per config.
@@ -501,9 +516,31 @@ pub(super) fn build_registry(cfg: &Config, errors: &mut Vec<ConfigError>) -> Reg
             ));
         }
     }
+    let mut refused = HashMap::new();
+    let mut refused_rules = HashMap::new();
+    for r in &cfg.refused {
+        match r.kind.as_str() {
+            "DestinationRule" => {
+                let host = resolve_host(&r.host, &r.namespace, &by_host);
+                refused_rules.insert(host, r.id.clone());
+            }
+            _ => {
+                refused.insert(r.host.clone(), r.id.clone());
+            }
+        }
+    }
+    for s in &cfg.service_entries {
+        for h in &s.value.spec.hosts {
+            if !by_host.contains_key(h) {
+                refused.insert(h.clone(), s.value.id());
+            }
+        }
+    }
     Registry {
         services,
         by_host: Arc::new(by_host),
+        refused: Arc::new(refused),
+        refused_rules: Arc::new(refused_rules),
     }
 }
 

@@ -20,11 +20,15 @@ impl Ctx<'_> {
         listener_port: Option<u32>,
     ) -> Result<String, String> {
         let host = resolve_host(&d.host, ns, &self.reg.by_host);
-        let idx = *self
-            .reg
-            .by_host
-            .get(&host)
-            .ok_or_else(|| format!("host {} is not a known Service or ServiceEntry", d.host))?;
+        let idx = *self.reg.by_host.get(&host).ok_or_else(|| {
+            match self.reg.refused_for(&d.host, ns) {
+                Some(id) => format!(
+                    "host {} is defined by {id}, which was refused (see its error)",
+                    d.host
+                ),
+                None => format!("host {} is not a known Service or ServiceEntry", d.host),
+            }
+        })?;
         let svc = &self.reg.services[idx];
         let port = match &d.port {
             Some(p) => p.number,

@@ -335,6 +335,9 @@ fn blank_key(text: &str, line: usize, column: usize) -> Option<String> {
     Some(out.join("\n"))
 }
 
+/// A parse error and, for an unknown field, where its key is (line, column).
+type ParseFailure = (ConfigError, Option<(usize, usize)>);
+
 /// One parse: the value, or the error and, for an unknown field, where its
 /// key is in `doc` (line, column; 1-based).
 fn parse_once<T: DeserializeOwned>(
@@ -342,7 +345,7 @@ fn parse_once<T: DeserializeOwned>(
     first_line: u32,
     doc: &str,
     resource: &str,
-) -> Result<T, Box<(ConfigError, Option<(usize, usize)>)>> {
+) -> Result<T, Box<ParseFailure>> {
     // The path of the bad field is kept aside: the YAML error itself must go
     // back to serde-saphyr so that it attaches the location.
     let mut field = String::new();

@@ -13,6 +13,7 @@ pub mod load;
 pub mod locate;
 pub mod model;
 pub mod node_services;
+pub mod services;
 pub mod source;
 pub mod translate;
 pub mod validate;

@@ -2,11 +2,13 @@
 //! DestinationRules and VirtualServices: one [`ServicePort`] per
 //! (service, port, protocol), with the endpoints a connection may go to.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::error::{ConfigError, ConfigErrors};
 use crate::model::{self, Config, IntOrString, Labels};
+pub use crate::services::DEFAULT_AFFINITY_TIMEOUT;
+use crate::services::{KubeIndex, Live, Liveness, liveness, session_affinity};
 use bosun_xds_proto::config as pb;
 
 /// A transport protocol a Service port can carry.
@@ -186,9 +188,6 @@ impl ServicePort {
 /// Everything node mode programs, by [`ServicePort::id`].
 pub type ServiceMap = BTreeMap<String, std::sync::Arc<ServicePort>>;
 
-/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
-pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
-
 fn parse_ip(
     s: &str,
     origin: &model::Origin,
@@ -286,30 +285,8 @@ fn subset_split(cfg: &Config, svc_ns: &str, svc_name: &str) -> Option<Vec<(Label
 pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigErrors> {
     let mut errors = Vec::new();
     let mut out = ServiceMap::new();
-    let pods: HashMap<(&str, &str), &Labels> = cfg
-        .pods
-        .iter()
-        .map(|p| {
-            (
-                (
-                    p.value.metadata.namespace.as_deref().unwrap_or("default"),
-                    p.value.metadata.name.as_str(),
-                ),
-                &p.value.metadata.labels,
-            )
-        })
-        .collect();
-    // Slices by (namespace, service name): one pass, not one per service port.
-    let mut slices: HashMap<(&str, &str), Vec<&model::Sourced<model::EndpointSlice>>> =
-        HashMap::new();
-    for sl in &cfg.endpoint_slices {
-        if let Some(svc) = sl.value.metadata.labels.get("kubernetes.io/service-name") {
-            slices
-                .entry((sl.value.namespace(), svc.as_str()))
-                .or_default()
-                .push(sl);
-        }
-    }
+    // Pods, slices and the liveness rule are the proxies' (`services`).
+    let ix = KubeIndex::new(cfg);
     for s in &cfg.services {
         let obj = &s.value;
         let spec = &obj.spec;
@@ -348,35 +325,13 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
                 ));
             }
         }
-        let affinity_timeout = match spec.session_affinity.as_deref() {
-            None | Some("None") => None,
-            Some("ClientIP") => Some(
-                spec.session_affinity_config
-                    .as_ref()
-                    .and_then(|c| c.client_ip.as_ref())
-                    .and_then(|c| c.timeout_seconds)
-                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT),
-            ),
-            Some(other) => {
-                errors.push(ConfigError::at(
-                    origin,
-                    id.clone(),
-                    "spec.sessionAffinity",
-                    format!("{other:?}: want None or ClientIP"),
-                ));
+        let affinity_timeout = match session_affinity(spec) {
+            Ok(t) => t,
+            Err((field, m)) => {
+                errors.push(ConfigError::at(origin, id.clone(), field, m));
                 None
             }
         };
-        if let Some(t) = affinity_timeout
-            && !(1..=86_400).contains(&t)
-        {
-            errors.push(ConfigError::at(
-                origin,
-                id.clone(),
-                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                format!("{t}: want 1 to 86400"),
-            ));
-        }
         let policy =
             |v: &Option<String>, field: &str, errors: &mut Vec<ConfigError>| match v.as_deref() {
                 None | Some("Cluster") => false,
@@ -430,9 +385,8 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
             };
             let port_name = p.name.clone().unwrap_or_default();
             // Endpoints: every slice of this service, the port of the same name.
-            let mut ready = Vec::new();
-            let mut fallback = Vec::new();
-            for sl in slices.get(&(ns, name)).map_or(&[][..], Vec::as_slice) {
+            let mut live = Live::default();
+            for sl in ix.slices(ns, name) {
                 let slice = &sl.value;
                 if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
                     continue; // FQDN slices: nothing to program
@@ -455,14 +409,11 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
                     continue;
                 };
                 for (ei, e) in slice.endpoints.iter().enumerate() {
-                    let c = e.conditions.clone().unwrap_or_default();
-                    let is_ready = c.ready.unwrap_or(true);
-                    let serving = c.serving.unwrap_or(is_ready);
-                    let terminating = c.terminating.unwrap_or(false);
-                    let labels = e.target_ref.as_ref().and_then(|r| {
-                        let pns = r.namespace.as_deref().unwrap_or(ns);
-                        pods.get(&(pns, r.name.as_deref().unwrap_or("")))
-                    });
+                    let state = liveness(e);
+                    if state == Liveness::Out {
+                        continue;
+                    }
+                    let labels = ix.pod_labels(ns, e);
                     for a in &e.addresses {
                         let Some(ip) = parse_ip(
                             a,
@@ -494,15 +445,11 @@ pub fn service_map(cfg: &Config, node_name: &str) -> Result<ServiceMap, ConfigEr
                             node: e.node_name.clone().unwrap_or_default(),
                             weight,
                         };
-                        if is_ready {
-                            ready.push(ep);
-                        } else if serving && terminating {
-                            fallback.push(ep);
-                        }
+                        live.push(state, ep);
                     }
                 }
             }
-            let mut endpoints = if ready.is_empty() { fallback } else { ready };
+            let mut endpoints = live.into_vec();
             // A split gives each subset its weight, shared by its endpoints.
             if split.is_some() {
                 let mut per_weight: BTreeMap<u32, u32> = BTreeMap::new();

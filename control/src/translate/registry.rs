@@ -8,6 +8,7 @@ use bosun_xds_proto::config as pb;
 
 use crate::error::ConfigError;
 use crate::model::{self, Config, Labels, Origin, Sourced};
+use crate::services::{KubeIndex, Live, Liveness, liveness, session_affinity};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum PortProtocol {
@@ -200,38 +201,15 @@ impl Registry {
 
 /// What building a service's endpoints looks up, indexed once per config.
 pub(super) struct Index<'a> {
-    pods: HashMap<(String, String), &'a model::Pod>,
-    slices: HashMap<(&'a str, &'a str), Vec<&'a model::EndpointSlice>>,
+    /// Pods and EndpointSlices: the index node mode reads too.
+    kube: KubeIndex<'a>,
     workloads: HashMap<&'a str, Vec<&'a model::WorkloadEntry>>,
     interner: std::cell::RefCell<Interner>,
 }
 
 impl<'a> Index<'a> {
     pub(super) fn new(cfg: &'a Config) -> Index<'a> {
-        let pods: HashMap<(String, String), &'a model::Pod> = cfg
-            .pods
-            .iter()
-            .map(|p| {
-                let ns = p
-                    .value
-                    .metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into());
-                ((ns, p.value.metadata.name.clone()), &*p.value)
-            })
-            .collect();
-        // Slices by (namespace, service name) and workload entries by namespace:
-        // one pass over each instead of one per Service.
-        let mut slices: HashMap<(&'a str, &'a str), Vec<&'a model::EndpointSlice>> = HashMap::new();
-        for sl in &cfg.endpoint_slices {
-            if let Some(svc) = sl.value.metadata.labels.get("kubernetes.io/service-name") {
-                slices
-                    .entry((sl.value.namespace(), svc.as_str()))
-                    .or_default()
-                    .push(&sl.value);
-            }
-        }
+        // Workload entries by namespace: one pass instead of one per Service.
         let mut workloads: HashMap<&'a str, Vec<&'a model::WorkloadEntry>> = HashMap::new();
         for we in &cfg.workload_entries {
             workloads
@@ -240,8 +218,7 @@ impl<'a> Index<'a> {
                 .push(&we.value);
         }
         Index {
-            pods,
-            slices,
+            kube: KubeIndex::new(cfg),
             workloads,
             interner: Default::default(),
         }
@@ -259,16 +236,10 @@ pub(super) fn service_svc(
     let ns = obj.namespace().to_string();
     // ClientIP affinity: consistent hashing on the source address, as
     // Istio does (a DestinationRule's loadBalancer takes precedence).
-    let client_ip_affinity = match obj.spec.session_affinity.as_deref() {
-        None | Some("None") => false,
-        Some("ClientIP") => true,
-        Some(other) => {
-            errors.push(ConfigError::at(
-                &s.origin,
-                obj.id(),
-                "spec.sessionAffinity",
-                format!("{other:?}: want None or ClientIP"),
-            ));
+    let client_ip_affinity = match session_affinity(&obj.spec) {
+        Ok(t) => t.is_some(),
+        Err((field, m)) => {
+            errors.push(ConfigError::at(&s.origin, obj.id(), field, m));
             false
         }
     };
@@ -311,12 +282,10 @@ pub(super) fn service_svc(
             )),
         }
     }
-    let mut endpoints = Vec::new();
-    let own = ix
-        .slices
-        .get(&(ns.as_str(), obj.metadata.name.as_str()))
-        .map_or(&[][..], Vec::as_slice);
-    for sl in own {
+    // Endpoints by the one liveness rule (see `services`).
+    let mut live = Live::default();
+    for sl in ix.kube.slices(&ns, &obj.metadata.name) {
+        let sl = &sl.value;
         let named_ports: BTreeMap<String, u32> = sl
             .ports
             .iter()
@@ -324,38 +293,38 @@ pub(super) fn service_svc(
             .collect();
         let named_ports = ix.interner.borrow_mut().ports(&named_ports);
         for e in &sl.endpoints {
-            // Ready endpoints only; Bosun has no health checks of its own yet.
-            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+            let state = liveness(e);
+            if state == Liveness::Out {
                 continue;
             }
             // Subsets select on the labels of the Pod behind the endpoint.
-            let pod = e
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| {
-                    let pns = r.namespace.as_deref().unwrap_or(&ns);
-                    ix.pods
-                        .get(&(pns.to_string(), r.name.clone().unwrap_or_default()))
-                });
+            let pod = ix.kube.pod(&ns, e);
             for a in &e.addresses {
-                endpoints.push(Ep {
-                    address: a.clone(),
-                    named_ports: named_ports.clone(),
-                    labels: ix
-                        .interner
-                        .borrow_mut()
-                        .labels(pod.map_or(&Labels::new(), |p| &p.metadata.labels)),
-                    workload: pod
-                        .map(|p| p.metadata.name.clone())
-                        .or_else(|| e.hostname.clone())
-                        .unwrap_or_default(),
-                    namespace: ns.clone(),
-                    locality: slice_locality(pod.map(|p| &p.metadata.labels), e.zone.as_deref()),
-                });
+                let labels = ix
+                    .interner
+                    .borrow_mut()
+                    .labels(pod.map_or(&Labels::new(), |p| &p.metadata.labels));
+                live.push(
+                    state,
+                    Ep {
+                        address: a.clone(),
+                        named_ports: named_ports.clone(),
+                        labels,
+                        workload: pod
+                            .map(|p| p.metadata.name.clone())
+                            .or_else(|| e.hostname.clone())
+                            .unwrap_or_default(),
+                        namespace: ns.clone(),
+                        locality: slice_locality(
+                            pod.map(|p| &p.metadata.labels),
+                            e.zone.as_deref(),
+                        ),
+                    },
+                );
             }
         }
     }
+    let mut endpoints = live.into_vec();
     if !obj.spec.selector.is_empty() {
         for w in ix.workloads.get(ns.as_str()).map_or(&[][..], Vec::as_slice) {
             if labels_match(&obj.spec.selector, &w.spec.labels) {

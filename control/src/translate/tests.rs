@@ -453,3 +453,42 @@ fn client_ip_affinity_hashes_on_the_source_address_unless_a_destination_rule_dec
     let err = translate(&cfg, &ProxyParams::default()).expect_err("refused");
     assert!(err.to_string().contains("spec.sessionAffinity"), "{err}");
 }
+
+/// Sidecars and node mode read endpoints by the same liveness rule: ready
+/// ones, or serving-terminating ones when nothing is ready.
+#[test]
+fn sidecars_and_node_mode_agree_on_which_endpoints_are_live() {
+    let slice = |eps: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{clusterIP: 10.96.0.9, ports: [{{name: http, port: 80}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{eps}"
+        )
+    };
+    let terminating = "- addresses: [10.0.0.1]\n  conditions: {ready: false, serving: true, terminating: true}\n\
+                       - addresses: [10.0.0.2]\n  conditions: {ready: false, serving: false, terminating: true}\n";
+    let with_ready =
+        format!("{terminating}- addresses: [10.0.0.3]\n  conditions: {{ready: true}}\n");
+    for (eps, want) in [
+        (terminating.to_string(), vec!["10.0.0.1"]),
+        (with_ready, vec!["10.0.0.3"]),
+    ] {
+        let cfg = load_sources(&[("s.yaml".into(), slice(&eps))]).expect("parses");
+        let out = translate(&cfg, &ProxyParams::default()).expect("valid");
+        let sidecar: Vec<&str> = out
+            .load_assignments
+            .iter()
+            .find(|a| a.cluster.ends_with("web.shop.svc.cluster.local"))
+            .expect("cluster")
+            .endpoints
+            .iter()
+            .map(|e| e.address.as_str())
+            .collect();
+        assert_eq!(sidecar, want);
+        let map = crate::node_services::service_map(&cfg, "n1").expect("node map");
+        let node: Vec<String> = map
+            .values()
+            .flat_map(|sp| sp.endpoints.iter().map(|e| e.ip.to_string()))
+            .collect();
+        assert_eq!(node, want);
+    }
+}

@@ -27,6 +27,8 @@
 #   SKIP_BOSUN [0]     1 = drop bosun from PROXIES
 #   BOSUN [target/release/bosun]     bosun binary (built with cargo if missing)
 #   BOSUN_EXTRA_ARGS [] extra args appended to the bosun command line
+#   BOSUN_ROUTE [] YAML lines added to bosun's route (4-space indent), e.g.
+#                  "    timeout: 10s" (issue 11's retries+timeout comparison)
 #   CPU_LOAD [0] CPU_PROXY [1]       cores used for pinning
 #   KEEP_TMP [0]       1 = keep the temp dir (configs, logs, h2load logs)
 #   NO_INSTALL [0]     1 = never call apt-get
@@ -47,6 +49,7 @@ SKIP_BOSUN=${SKIP_BOSUN:-0}
 BOSUN_DEFAULT="$ROOT/target/release/bosun"
 BOSUN=${BOSUN:-$BOSUN_DEFAULT}
 BOSUN_EXTRA_ARGS=${BOSUN_EXTRA_ARGS:-}
+BOSUN_ROUTE=${BOSUN_ROUTE:-}
 CPU_LOAD=${CPU_LOAD:-0}
 CPU_PROXY=${CPU_PROXY:-1}
 KEEP_TMP=${KEEP_TMP:-0}
@@ -331,6 +334,7 @@ spec:
   gateways: [bench]
   http:
   - route: [{destination: {host: upstream.bench}}]
+$BOSUN_ROUTE
 EOF
 }
 

@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bosun_xds_proto::config as pb;
@@ -43,7 +42,15 @@ pub fn names(cfg: &pb::ProxyConfig) -> BTreeMap<String, Duration> {
 #[derive(Debug, Default)]
 pub struct DnsCache {
     map: Mutex<BTreeMap<String, Vec<IpAddr>>>,
-    pub failures: AtomicU64,
+}
+
+/// What one lookup did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    Changed,
+    Same,
+    /// Failed or empty: the last good addresses stay.
+    Failed,
 }
 
 impl DnsCache {
@@ -52,9 +59,8 @@ impl DnsCache {
         map.get(name).cloned().unwrap_or_default()
     }
 
-    /// Resolves `name`; true when its addresses changed. A failure keeps
-    /// the old ones.
-    pub async fn refresh(&self, name: &str) -> bool {
+    /// Resolves `name`. A failure keeps the old addresses.
+    pub async fn refresh(&self, name: &str) -> Refresh {
         let found: Result<BTreeSet<IpAddr>, std::io::Error> =
             tokio::net::lookup_host((name, 0u16)).await.map(|it| {
                 it.map(|sa| sa.ip())
@@ -64,19 +70,21 @@ impl DnsCache {
         let ips: Vec<IpAddr> = match found {
             Ok(s) if !s.is_empty() => s.into_iter().collect(),
             Ok(_) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%name, "DNS: no IPv4 address; keeping the last good ones");
-                return false;
+                return Refresh::Failed;
             }
             Err(e) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%name, error = %e, "DNS lookup failed; keeping the last good addresses");
-                return false;
+                return Refresh::Failed;
             }
         };
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let old = map.insert(name.to_string(), ips.clone());
-        old.as_ref() != Some(&ips)
+        if old.as_ref() == Some(&ips) {
+            Refresh::Same
+        } else {
+            Refresh::Changed
+        }
     }
 
     /// Forgets names no config asks for any more.

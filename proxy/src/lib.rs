@@ -261,7 +261,16 @@ async fn dns_loop(proxy: std::sync::Weak<Proxy>, wake: Arc<tokio::sync::Notify>)
             for (name, every) in &names {
                 let now = Instant::now();
                 if due.get(name).is_none_or(|t| *t <= now) {
-                    changed |= p.shared.dns.refresh(name).await;
+                    match p.shared.dns.refresh(name).await {
+                        dns::Refresh::Changed => changed = true,
+                        dns::Refresh::Same => {}
+                        dns::Refresh::Failed => {
+                            p.shared
+                                .metrics
+                                .dns_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     due.insert(name.clone(), now + *every);
                 }
             }

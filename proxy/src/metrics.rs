@@ -270,6 +270,8 @@ pub struct Metrics {
     tcp: Mutex<HashMap<TcpKey, TcpSeries>>,
     pub config_applied: AtomicU64,
     pub config_rejected: AtomicU64,
+    /// DNS endpoint lookups that failed (the last good addresses kept).
+    pub dns_failures: AtomicU64,
     pub config_version: Mutex<String>,
     pub downstream_connections: AtomicU64,
 }
@@ -435,6 +437,16 @@ impl Metrics {
             out,
             "bosun_config_rejected_total {}",
             self.config_rejected.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bosun_dns_failures_total DNS endpoint lookups that failed; the last good addresses kept serving."
+        );
+        let _ = writeln!(out, "# TYPE bosun_dns_failures_total counter");
+        let _ = writeln!(
+            out,
+            "bosun_dns_failures_total {}",
+            self.dns_failures.load(Ordering::Relaxed)
         );
         let version = self
             .config_version

@@ -487,6 +487,47 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_this_proxy_cannot_apply_is_refused() {
+        let no_cluster = |n: &str| -> Result<Arc<Cluster>, RejectError> {
+            Err(reject("r", "mirrors", format!("unknown cluster {n:?}")))
+        };
+        let no_match = |_: &pb::StringMatch| -> Result<StrMatch, RejectError> {
+            Ok(StrMatch::Exact(String::new()))
+        };
+        let route = |rp: pb::RetryPolicy| pb::Route {
+            retry_policy: Some(rp),
+            ..Default::default()
+        };
+        let bad = route(pb::RetryPolicy {
+            attempts: 1,
+            retry_on: vec!["5xx".into(), "when-the-moon-is-full".into()],
+            ..Default::default()
+        });
+        let e = RoutePolicy::build(&bad, "r", &no_cluster, &no_match).expect_err("NACK");
+        assert_eq!(e.field, "retry_policy.retry_on");
+        assert!(e.message.contains("when-the-moon-is-full"), "{e}");
+        let good = route(pb::RetryPolicy {
+            attempts: 2,
+            retry_on: vec!["gateway-error".into()],
+            ..Default::default()
+        });
+        let p = RoutePolicy::build(&good, "r", &no_cluster, &no_match).expect("valid");
+        let r = p.retry.expect("retry");
+        assert_eq!(
+            (r.backoff_base, r.backoff_max),
+            (BACKOFF_BASE, BACKOFF_BASE * 10)
+        );
+        let mirror = pb::Route {
+            mirrors: vec![pb::Mirror {
+                cluster: "gone".into(),
+                per_million: 1,
+            }],
+            ..Default::default()
+        };
+        assert!(RoutePolicy::build(&mirror, "r", &no_cluster, &no_match).is_err());
+    }
+
+    #[test]
     fn roll_matches_its_share() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let hits = (0..100_000).filter(|_| roll(250_000, &mut rng)).count();

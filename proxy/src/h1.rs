@@ -222,7 +222,7 @@ async fn idle_bounded<T>(
 pub async fn send<S, B, C, F>(
     idle: &Arc<Idle<S>>,
     connect: C,
-    parts: http::request::Parts,
+    parts: &http::request::Parts,
     mut body: B,
     t: Timeouts,
 ) -> Result<Response<H1Body<S>>, ForwardError>
@@ -242,7 +242,7 @@ where
         }
     };
     let replayable = matches!(framing, Framing::Empty);
-    let head = encode_head(&parts, &framing).freeze();
+    let head = encode_head(parts, &framing).freeze();
     let head_request = parts.method == Method::HEAD;
     let mut reused_failed = false;
     loop {

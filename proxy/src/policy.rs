@@ -41,6 +41,9 @@ impl RoutePolicy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RetryOn(u16);
 
+/// Every gRPC condition's bit.
+const GRPC_ANY: u16 = 0b1_1111 << 8;
+
 impl RetryOn {
     pub const FIVE_XX: RetryOn = RetryOn(1);
     pub const GATEWAY_ERROR: RetryOn = RetryOn(1 << 1);
@@ -181,6 +184,9 @@ impl RetryPolicy {
             return true;
         }
         // gRPC: a trailers-only response carries grpc-status in its head.
+        if on.0 & GRPC_ANY == 0 {
+            return false;
+        }
         if let Some(g) = headers
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())

@@ -434,7 +434,7 @@ async fn outlier_detection_ejects_a_failing_backend_and_brings_it_back() {
     let port = free_port();
     let http = format!("  - retries: {{attempts: 0}}\n{ROUTE}");
     let policy = "    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 50}\n";
-    let _b = Bosun::gateway(&mesh(
+    let b = Bosun::gateway(&mesh(
         port,
         &[(good.addr, ""), (bad.addr, "")],
         &http,
@@ -450,6 +450,15 @@ async fn outlier_detection_ejects_a_failing_backend_and_brings_it_back() {
         }
     }
     assert_eq!(failures, 2, "ejected after two consecutive 500s");
+    // /config_dump shows the policy as the proxy applies it.
+    let (code, dump) = admin_get(b.admin, "/config_dump")
+        .await
+        .expect("config_dump");
+    assert_eq!(code, 200);
+    assert!(
+        dump.contains("\"outlier_detection\"") && dump.contains("\"base_ejection_time_ms\""),
+        "{dump}"
+    );
     assert_eq!(bad.hits.load(Ordering::SeqCst), 2);
     tokio::time::sleep(Duration::from_millis(2300)).await;
     for _ in 0..10 {

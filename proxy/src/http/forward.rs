@@ -39,7 +39,7 @@ use crate::http::headers::{request_id, strip_hop_by_hop};
 use crate::http::serve::Recorder;
 use crate::metrics::LabelSet;
 use crate::outlier::Outcome;
-use crate::policy::{RetryPolicy, TryFailure, roll};
+use crate::policy::{RetryOn, RetryPolicy, TryFailure, roll};
 
 /// A request body kept for retries and mirrors is at most this (Envoy keeps
 /// up to its 1 MiB connection buffer; a larger body is sent once, streamed).
@@ -112,9 +112,27 @@ struct Attempt {
     active: ActiveGuard,
 }
 
+/// A try's request head: lent by the request (HTTP/1.1, or a try that may
+/// be followed by another) or handed over (the last HTTP/2 try).
+#[allow(clippy::large_enum_variant)] // one per try, on the stack; boxing costs an allocation per request
+enum Head<'a> {
+    Lent(&'a mut http::request::Parts),
+    Owned(http::request::Parts),
+}
+
+impl Head<'_> {
+    fn parts_mut(&mut self) -> &mut http::request::Parts {
+        match self {
+            Head::Lent(p) => p,
+            Head::Owned(p) => p,
+        }
+    }
+}
+
 /// How one try ended.
+#[allow(clippy::large_enum_variant)] // one per try, on the stack; boxing costs an allocation per request
 enum Tried {
-    Response(Box<Response<RespKind>>, Attempt),
+    Response(Response<RespKind>, Attempt),
     Failed(ForwardError, Attempt),
     /// The per-try timeout expired.
     TimedOut(Attempt),
@@ -177,15 +195,7 @@ pub async fn forward(
     } else {
         Version::HTTP_11
     };
-    let Ok(pq) = http::uri::PathAndQuery::try_from(plan.path_and_query.as_str()) else {
-        return rec.local(reply(
-            StatusCode::BAD_REQUEST,
-            "bad path",
-            Flags::DownstreamProtocolError,
-            cluster.no_endpoint_labels.clone(),
-        ));
-    };
-    parts.uri = Uri::from(pq);
+    parts.uri = Uri::from(plan.path_and_query.clone());
 
     // connectionPool.http.http2MaxRequests: requests in flight to the cluster.
     if cluster.limits.max_requests > 0
@@ -280,12 +290,16 @@ pub async fn forward(
     let deadline = policy.timeout.map(|t| Instant::now() + t);
     let retry: Option<&RetryPolicy> = policy.retry.as_ref().filter(|r| r.attempts > 0);
     let avoid_tried = retry.is_some_and(|r| r.avoid_previous_hosts) && !cluster.lb.is_hash();
-    let retriable_headers = parts.headers.get("x-envoy-retriable-header-names").cloned();
-    let mut once = Some((parts, req_body));
-    let template = replay
-        .as_ref()
-        .and_then(|_| once.as_ref().map(|(p, _)| copy_head(p)));
-    let mut tried: Vec<usize> = Vec::new();
+    let retriable_headers = retry
+        .filter(|r| r.on.has(RetryOn::HEADERS))
+        .and_then(|_| parts.headers.get("x-envoy-retriable-header-names").cloned());
+    // The head stays here: an HTTP/1.1 try borrows it (its bytes are
+    // written from it), an HTTP/2 try takes a copy unless it is the last.
+    let mut head = Some(parts);
+    let mut body_once = Some(req_body);
+    // Endpoints tried so far (the first few: enough to steer retries away).
+    let mut tried = [0usize; 8];
+    let mut n_tried = 0;
     let mut retries = 0u32;
     // Held from a retry's backoff through its try: the cluster's retries in flight.
     let mut retrying: Option<RetryGuard> = None;
@@ -294,31 +308,42 @@ pub async fn forward(
             (Some(r), Some(_)) => retries >= r.attempts,
             _ => true,
         };
-        let (p, b) = match (&template, &replay) {
-            (Some(t), Some(r)) if !last => (copy_head(t), ReqBody::replay(r)),
-            _ => match once.take() {
-                Some(x) => x,
-                None => match (&template, &replay) {
-                    (Some(t), Some(r)) => (copy_head(t), ReqBody::replay(r)),
-                    _ => break,
-                },
+        let b = match (&replay, body_once.take()) {
+            (Some(r), _) => ReqBody::replay(r),
+            (None, Some(b)) => b,
+            (None, None) => break,
+        };
+        let p = match head.as_mut() {
+            Some(h) if !plan.use_h2 || !last => Head::Lent(h),
+            Some(_) => match head.take() {
+                Some(h) => Head::Owned(h),
+                None => break,
             },
+            None => break,
         };
         let per_try = retry.and_then(|r| r.per_try_timeout);
-        let now = Instant::now();
+        // This try's bound: the per-try timeout within what is left of the route's.
         let limit = match (per_try, deadline) {
-            (Some(t), Some(d)) => Some((t.min(d.saturating_duration_since(now)), false)),
-            (Some(t), None) => Some((t, false)),
-            (None, Some(d)) => Some((d.saturating_duration_since(now), true)),
             (None, None) => None,
+            (t, d) => {
+                let left = d.map(|d| d.saturating_duration_since(Instant::now()));
+                match (t, left) {
+                    (Some(t), Some(l)) => Some(t.min(l)),
+                    (t, l) => t.or(l),
+                }
+            }
         };
         let at_deadline = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
-        let exclude: &[usize] = if avoid_tried { &tried } else { &[] };
-        let outcome = try_once(shared, &plan, p, b, exclude, limit.map(|l| l.0), &mut rec).await;
+        let exclude: &[usize] = if avoid_tried { &tried[..n_tried] } else { &[] };
+        let outcome = try_once(shared, &plan, p, b, exclude, limit, &mut rec).await;
         let (idx, tried_result) = outcome;
         drop(retrying.take());
-        if let Some(i) = idx {
-            tried.push(i);
+        if let Some(i) = idx
+            && avoid_tried
+            && n_tried < tried.len()
+        {
+            tried[n_tried] = i;
+            n_tried += 1;
         }
         // What happened, and is it worth another try?
         let retriable = match &tried_result {
@@ -369,7 +394,7 @@ pub async fn forward(
                     downstream_version,
                     shared,
                     rec,
-                    Ok(*resp),
+                    Ok(resp),
                     &a.endpoint,
                     a.active,
                 )
@@ -432,7 +457,7 @@ impl Drop for RetryGuard {
 async fn try_once(
     shared: &Arc<Shared>,
     plan: &Plan<'_>,
-    mut parts: http::request::Parts,
+    mut head: Head<'_>,
     body: ReqBody,
     exclude: &[usize],
     limit: Option<Duration>,
@@ -469,14 +494,14 @@ async fn try_once(
         _ => None,
     };
     let active = ActiveGuard::with_cluster(&endpoint, &cluster.state, slot);
-    if set_upstream_uri(&mut parts, &endpoint).is_err() {
+    if set_upstream_uri(head.parts_mut(), &endpoint).is_err() {
         let a = Attempt { endpoint, active };
         return (
             Some(idx),
             Tried::Failed(ForwardError::UpstreamProtocol("bad upstream URI"), a),
         );
     }
-    let sending = send(shared, &endpoint, plan.use_h2, parts, body);
+    let sending = send(shared, &endpoint, plan.use_h2, head, body);
     let sent = match limit {
         Some(l) => match tokio::time::timeout(l, sending).await {
             Ok(r) => r,
@@ -491,7 +516,7 @@ async fn try_once(
     match sent {
         Ok(resp) => {
             cluster.report(idx, Outcome::Status(resp.status().as_u16()));
-            (Some(idx), Tried::Response(Box::new(resp), a))
+            (Some(idx), Tried::Response(resp, a))
         }
         Err(e) => {
             if !matches!(
@@ -509,12 +534,20 @@ async fn send(
     shared: &Arc<Shared>,
     endpoint: &Endpoint,
     use_h2: bool,
-    parts: http::request::Parts,
+    head: Head<'_>,
     body: ReqBody,
 ) -> Result<Response<RespKind>, ForwardError> {
     if use_h2 {
+        let parts = match head {
+            Head::Lent(p) => copy_head(p),
+            Head::Owned(p) => p,
+        };
         send_h2(&endpoint.pool, parts, body).await
     } else {
+        let parts: &http::request::Parts = match &head {
+            Head::Lent(p) => p,
+            Head::Owned(p) => p,
+        };
         let t = h1::Timeouts {
             stream_idle: shared.limits.stream_idle_timeout,
         };
@@ -609,7 +642,7 @@ fn mirror(
     tokio::spawn(async move {
         let _active = ActiveGuard::with_cluster(&endpoint, &cluster.state, None);
         let work = async {
-            let resp = send(&shared, &endpoint, use_h2, p, b).await?;
+            let resp = send(&shared, &endpoint, use_h2, Head::Owned(p), b).await?;
             // Read the answer to its end, so the connection can be reused.
             use http_body_util::BodyExt;
             let body = RespBody {

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# A/B of two bosun route configs, interleaved, same machine and load: CPU µs
+# per request of the proxy (utime+stime from /proc across a wrk run).
+# Issue 11's bar: a route with retries and a timeout configured (no retry
+# happening) costs within 5% of one without.
+#
+#   bench/route_ab.sh [ROUNDS]
+#   A_ROUTE / B_ROUTE: YAML lines added to the route (4-space indent)
+#   BOSUN [target/release/bosun]  DURATION [10]  CONNS [64]
+#   CPU_LOAD [0] (upstream + wrk)  CPU_PROXY [1] (the proxy)
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROUNDS=${1:-6}
+BOSUN=${BOSUN:-$ROOT/target/release/bosun}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+CPU_LOAD=${CPU_LOAD:-0}
+CPU_PROXY=${CPU_PROXY:-1}
+A_ROUTE=${A_ROUTE:-$'    retries: {attempts: 0}'}
+B_ROUTE=${B_ROUTE:-$'    timeout: 10s\n    retries: {attempts: 3, perTryTimeout: 2s, retryOn: 5xx}'}
+UP_PORT=18480
+PX_PORT=18482
+ADMIN=127.0.0.1:18483
+TMP=$(mktemp -d)
+trap 'kill $UP 2>/dev/null || true; rm -rf "$TMP"' EXIT
+
+taskset -c "$CPU_LOAD" "$BOSUN" echo --listen "127.0.0.1:$UP_PORT" --name up >/dev/null 2>&1 &
+UP=$!
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+run() {  # run ROUTE -> CPU µs per request
+  local route=$1 d=$TMP/c pid t0 t1 n hz
+  rm -rf "$d"
+  mkdir -p "$d"
+  cat >"$d/bench.yaml" <<YAML
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bench, namespace: bench}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: $PX_PORT, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: upstream, namespace: bench}
+spec:
+  hosts: [upstream.bench]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.0.1, ports: {http: $UP_PORT}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: upstream, namespace: bench}
+spec:
+  hosts: ["*"]
+  gateways: [bench]
+  http:
+  - route: [{destination: {host: upstream.bench}}]
+$route
+YAML
+  taskset -c "$CPU_PROXY" "$BOSUN" proxy --mode gateway --config "$d" \
+    --gateway-address 127.0.0.1 --admin-address "$ADMIN" --workers 1 >/dev/null 2>&1 &
+  pid=$!
+  for _ in $(seq 1 50); do
+    curl -s -o /dev/null "http://127.0.0.1:$PX_PORT/" && break
+    sleep 0.1
+  done
+  taskset -c "$CPU_LOAD" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$PX_PORT/" >/dev/null
+  t0=$(ticks $pid)
+  n=$(taskset -c "$CPU_LOAD" wrk -t1 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:$PX_PORT/" |
+    awk '/requests in/ {print $1}')
+  t1=$(ticks $pid)
+  kill -INT $pid
+  wait $pid 2>/dev/null || true
+  hz=$(getconf CLK_TCK)
+  awk -v t="$((t1 - t0))" -v hz="$hz" -v n="$n" 'BEGIN {printf "%.2f\n", t / hz * 1e6 / n}'
+}
+
+a=() b=()
+for r in $(seq 1 "$ROUNDS"); do
+  if (( r % 2 )); then
+    a+=("$(run "$A_ROUTE")"); b+=("$(run "$B_ROUTE")")
+  else
+    b+=("$(run "$B_ROUTE")"); a+=("$(run "$A_ROUTE")")
+  fi
+  echo "round $r: A ${a[-1]} µs/req, B ${b[-1]} µs/req" >&2
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
+ma=$(median "${a[@]}") mb=$(median "${b[@]}")
+echo "A (without): median $ma µs/req over $ROUNDS runs: ${a[*]}"
+echo "B (with):    median $mb µs/req over $ROUNDS runs: ${b[*]}"
+awk -v a="$ma" -v b="$mb" 'BEGIN {printf "B / A = %.3f\n", b / a}'

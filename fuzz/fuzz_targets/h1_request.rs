@@ -66,10 +66,11 @@ fn snapshot() -> &'static Snapshot {
         let ctx = BuildContext {
             identity: &id,
             endpoints: &EndpointRegistry::default(),
-            pools: &Pools::new(PoolOptions {
-                connect_timeout: std::time::Duration::from_secs(1),
-                idle_timeout: std::time::Duration::from_secs(1),
-            }),
+            pools: &Pools::new(PoolOptions::new(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(1),
+            )),
+            dns: None,
         };
         Snapshot::build(cfg, &ctx).expect("fuzz snapshot")
     })

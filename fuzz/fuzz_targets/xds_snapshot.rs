@@ -17,14 +17,15 @@ fuzz_target!(|data: &[u8]| {
     };
     let id = ProxyIdentity::default();
     let endpoints = EndpointRegistry::default();
-    let pools = Pools::new(PoolOptions {
-        connect_timeout: std::time::Duration::from_secs(1),
-        idle_timeout: std::time::Duration::from_secs(1),
-    });
+    let pools = Pools::new(PoolOptions::new(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(1),
+    ));
     let ctx = BuildContext {
         identity: &id,
         endpoints: &endpoints,
         pools: &pools,
+        dns: None,
     };
     let _ = Snapshot::build(cfg, &ctx);
 });

@@ -52,6 +52,9 @@ pub enum ForwardError {
     /// The upstream sent nothing for the stream idle timeout.
     #[error("upstream sent nothing for {0:?}")]
     StreamIdle(std::time::Duration),
+    /// The try's time (route timeout, per-try timeout) ran out.
+    #[error("upstream request timeout")]
+    TryTimeout,
     /// The client's request body was malformed (bad chunked framing).
     #[error("malformed request body: {0}")]
     DownstreamBody(String),
@@ -121,6 +124,11 @@ impl ForwardError {
                 StatusCode::GATEWAY_TIMEOUT,
                 Flags::StreamIdleTimeout,
                 "stream timeout",
+            ),
+            ForwardError::TryTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                Flags::UpstreamRequestTimeout,
+                "upstream request timeout",
             ),
             ForwardError::DownstreamBody(_) => (
                 StatusCode::BAD_REQUEST,

@@ -201,20 +201,36 @@ fn encode_head(parts: &http::request::Parts, framing: &Framing) -> BytesMut {
     b
 }
 
-/// How long the upstream may stay silent (Envoy's stream idle timeout).
+/// How long the upstream may stay silent (Envoy's stream idle timeout), and
+/// when the try must be over (the route's or the per-try timeout). One
+/// timer bounds each wait by whichever comes first.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub stream_idle: Duration,
+    pub deadline: Option<tokio::time::Instant>,
+}
+
+impl Timeouts {
+    /// Until when the next wait may last, and the error when it expires.
+    fn bound(&self) -> (tokio::time::Instant, ForwardError) {
+        let idle = tokio::time::Instant::now() + self.stream_idle;
+        match self.deadline {
+            Some(d) if d < idle => (d, ForwardError::TryTimeout),
+            _ => (idle, ForwardError::StreamIdle(self.stream_idle)),
+        }
+    }
+
+    async fn run<T>(&self, f: impl Future<Output = T>) -> Result<T, ForwardError> {
+        let (at, expired) = self.bound();
+        tokio::time::timeout_at(at, f).await.map_err(|_| expired)
+    }
 }
 
 async fn idle_bounded<T>(
-    limit: Duration,
+    t: &Timeouts,
     f: impl Future<Output = io::Result<T>>,
 ) -> Result<T, ForwardError> {
-    match tokio::time::timeout(limit, f).await {
-        Ok(r) => r.map_err(ForwardError::Reset),
-        Err(_) => Err(ForwardError::StreamIdle(limit)),
-    }
+    t.run(f).await?.map_err(ForwardError::Reset)
 }
 
 /// Sends one request over a pooled HTTP/1.1 connection (`connect` opens a
@@ -249,9 +265,17 @@ where
         let idle_conn = if reused_failed { None } else { idle.checkout() };
         let (mut conn, reused) = match idle_conn {
             Some(c) => (c, true),
-            None => (Conn::new(connect().await?), false),
+            None => {
+                let opened = match t.deadline {
+                    Some(d) => tokio::time::timeout_at(d, connect())
+                        .await
+                        .map_err(|_| ForwardError::TryTimeout)??,
+                    None => connect().await?,
+                };
+                (Conn::new(opened), false)
+            }
         };
-        if let Err(e) = idle_bounded(t.stream_idle, conn.stream.write_all(&head)).await {
+        if let Err(e) = idle_bounded(&t, conn.stream.write_all(&head)).await {
             if reused && replayable && !reused_failed {
                 reused_failed = true;
                 continue;
@@ -263,8 +287,8 @@ where
             // reused: the upstream holds half a request.
             write_body(&mut conn, &mut body, &framing, t).await?;
         }
-        match tokio::time::timeout(t.stream_idle, read_head(&mut conn, head_request)).await {
-            Err(_) => return Err(ForwardError::StreamIdle(t.stream_idle)),
+        match t.run(read_head(&mut conn, head_request)).await {
+            Err(e) => return Err(e),
             Ok(Ok((resp, state, keep_alive))) => {
                 let mut body = H1Body {
                     conn: Some(conn),
@@ -303,10 +327,10 @@ where
     B::Error: std::error::Error + 'static,
 {
     let chunked = matches!(framing, Framing::Chunked);
-    let limit = t.stream_idle;
+    let limit = &t;
     loop {
-        let frame = match tokio::time::timeout(limit, body.frame()).await {
-            Err(_) => return Err(ForwardError::StreamIdle(limit)),
+        let frame = match t.run(body.frame()).await {
+            Err(e) => return Err(e),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(ForwardError::downstream(&e)),
             Ok(Some(Ok(f))) => f,

@@ -322,20 +322,17 @@ pub async fn forward(
             None => break,
         };
         let per_try = retry.and_then(|r| r.per_try_timeout);
-        // This try's bound: the per-try timeout within what is left of the route's.
-        let limit = match (per_try, deadline) {
-            (None, None) => None,
-            (t, d) => {
-                let left = d.map(|d| d.saturating_duration_since(Instant::now()));
-                match (t, left) {
-                    (Some(t), Some(l)) => Some(t.min(l)),
-                    (t, l) => t.or(l),
-                }
+        // When this try must be over: the per-try timeout within the route's.
+        let until = match (per_try, deadline) {
+            (None, d) => d,
+            (Some(t), d) => {
+                let p = Instant::now() + t;
+                Some(d.map_or(p, |d| d.min(p)))
             }
         };
         let at_deadline = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
         let exclude: &[usize] = if avoid_tried { &tried[..n_tried] } else { &[] };
-        let outcome = try_once(shared, &plan, p, b, exclude, limit, &mut rec).await;
+        let outcome = try_once(shared, &plan, p, b, exclude, until, &mut rec).await;
         let (idx, tried_result) = outcome;
         drop(retrying.take());
         if let Some(i) = idx
@@ -452,15 +449,15 @@ impl Drop for RetryGuard {
     }
 }
 
-/// One try: pick an endpoint, take a connection slot, send within `limit`,
-/// and report the outcome to outlier detection.
+/// One try: pick an endpoint, take a connection slot, send by `until`, and
+/// report the outcome to outlier detection.
 async fn try_once(
     shared: &Arc<Shared>,
     plan: &Plan<'_>,
     mut head: Head<'_>,
     body: ReqBody,
     exclude: &[usize],
-    limit: Option<Duration>,
+    until: Option<Instant>,
     rec: &mut Recorder,
 ) -> (Option<usize>, Tried) {
     let cluster = plan.cluster;
@@ -482,8 +479,8 @@ async fn try_once(
                     pending.fetch_sub(1, Ordering::Relaxed);
                     return (None, Tried::Overflow);
                 }
-                let wait = limit.unwrap_or(shared.limits.connect_timeout);
-                let got = tokio::time::timeout(wait, s.clone().acquire_owned()).await;
+                let by = until.unwrap_or_else(|| Instant::now() + shared.limits.connect_timeout);
+                let got = tokio::time::timeout_at(by, s.clone().acquire_owned()).await;
                 pending.fetch_sub(1, Ordering::Relaxed);
                 match got {
                     Ok(Ok(p)) => Some(p),
@@ -501,19 +498,21 @@ async fn try_once(
             Tried::Failed(ForwardError::UpstreamProtocol("bad upstream URI"), a),
         );
     }
-    let sending = send(shared, &endpoint, plan.use_h2, head, body);
-    let sent = match limit {
-        Some(l) => match tokio::time::timeout(l, sending).await {
-            Ok(r) => r,
-            Err(_) => {
-                cluster.report(idx, Outcome::LocalFailure);
-                return (Some(idx), Tried::TimedOut(Attempt { endpoint, active }));
-            }
-        },
-        None => sending.await,
+    // HTTP/1.1 folds `until` into the timers it sets anyway (one per wait);
+    // HTTP/2 gets a timer of its own.
+    let sending = send(shared, &endpoint, plan.use_h2, head, body, until);
+    let sent = match until {
+        Some(u) if plan.use_h2 => tokio::time::timeout_at(u, sending)
+            .await
+            .unwrap_or(Err(ForwardError::TryTimeout)),
+        _ => sending.await,
     };
     let a = Attempt { endpoint, active };
     match sent {
+        Err(ForwardError::TryTimeout) => {
+            cluster.report(idx, Outcome::LocalFailure);
+            (Some(idx), Tried::TimedOut(a))
+        }
         Ok(resp) => {
             cluster.report(idx, Outcome::Status(resp.status().as_u16()));
             (Some(idx), Tried::Response(resp, a))
@@ -536,6 +535,7 @@ async fn send(
     use_h2: bool,
     head: Head<'_>,
     body: ReqBody,
+    until: Option<Instant>,
 ) -> Result<Response<RespKind>, ForwardError> {
     if use_h2 {
         let parts = match head {
@@ -550,6 +550,7 @@ async fn send(
         };
         let t = h1::Timeouts {
             stream_idle: shared.limits.stream_idle_timeout,
+            deadline: until,
         };
         let pool = endpoint.pool.clone();
         h1::send(&pool.h1, || pool.connect(), parts, body, t)
@@ -642,7 +643,7 @@ fn mirror(
     tokio::spawn(async move {
         let _active = ActiveGuard::with_cluster(&endpoint, &cluster.state, None);
         let work = async {
-            let resp = send(&shared, &endpoint, use_h2, Head::Owned(p), b).await?;
+            let resp = send(&shared, &endpoint, use_h2, Head::Owned(p), b, None).await?;
             // Read the answer to its end, so the connection can be reused.
             use http_body_util::BodyExt;
             let body = RespBody {

@@ -79,3 +79,35 @@ impl ConfigError {
         }
     }
 }
+
+/// Why a reference from one resource to another (a route destination, a
+/// subset, a policy) cannot be resolved. Rendered into a [`ConfigError`] at
+/// the field that holds the reference.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RefError {
+    #[error("host {0} is not a known Service or ServiceEntry")]
+    UnknownHost(String),
+    #[error("host {host} is defined by {by}, which was refused (see its error)")]
+    RefusedHost { host: String, by: String },
+    #[error("{0} has several ports: set destination.port.number")]
+    SeveralPorts(String),
+    #[error("{host} has no port {port}")]
+    NoPort { host: String, port: u32 },
+    #[error("subset {subset}: no DestinationRule for {host}")]
+    NoRule { subset: String, host: String },
+    #[error("subset {subset}: the DestinationRule for {host} ({by}) was refused (see its error)")]
+    RefusedRule {
+        subset: String,
+        host: String,
+        by: String,
+    },
+    #[error("subset {subset} is not defined in DestinationRule {rule}")]
+    NoSubset { subset: String, rule: String },
+    /// A traffic policy field of the host's DestinationRule.
+    #[error("DestinationRule for {host}: trafficPolicy.{field}: {message}")]
+    Policy {
+        host: String,
+        field: String,
+        message: String,
+    },
+}

@@ -7,6 +7,7 @@ use super::Ctx;
 use super::duration::parse_duration_secs;
 use super::prepared::load_assignment;
 use super::resilience;
+use crate::error::RefError;
 use crate::model::{self, Labels, LoadBalancerSettings};
 
 /// Deterministic content hash: the same config gives the same version anywhere.
@@ -76,7 +77,7 @@ impl Ctx<'_> {
         svc_idx: usize,
         port: u32,
         subset: &str,
-    ) -> Result<String, String> {
+    ) -> Result<String, RefError> {
         let svc = &self.reg.services[svc_idx];
         let name = cluster_name(port, subset, &svc.host);
         if self.clusters.contains_key(&name) {
@@ -84,18 +85,25 @@ impl Ctx<'_> {
         }
         let sp = svc
             .port(port)
-            .ok_or_else(|| format!("{} has no port {port}", svc.host))?
+            .ok_or_else(|| RefError::NoPort {
+                host: svc.host.clone(),
+                port,
+            })?
             .clone();
         let selector = if subset.is_empty() {
             Labels::new()
         } else {
             let dr = self.drs.get(&svc.host).ok_or_else(|| {
                 match self.reg.refused_rules.get(&svc.host) {
-                    Some(id) => format!(
-                        "subset {subset}: the DestinationRule for {} ({id}) was refused (see its error)",
-                        svc.host
-                    ),
-                    None => format!("subset {subset}: no DestinationRule for {}", svc.host),
+                    Some(id) => RefError::RefusedRule {
+                        subset: subset.to_string(),
+                        host: svc.host.clone(),
+                        by: id.clone(),
+                    },
+                    None => RefError::NoRule {
+                        subset: subset.to_string(),
+                        host: svc.host.clone(),
+                    },
                 }
             })?;
             dr.value
@@ -103,11 +111,9 @@ impl Ctx<'_> {
                 .subsets
                 .iter()
                 .find(|s| s.name == subset)
-                .ok_or_else(|| {
-                    format!(
-                        "subset {subset} is not defined in DestinationRule {}",
-                        dr.value.id()
-                    )
+                .ok_or_else(|| RefError::NoSubset {
+                    subset: subset.to_string(),
+                    rule: dr.value.id(),
                 })?
                 .labels
                 .clone()
@@ -136,8 +142,8 @@ impl Ctx<'_> {
             |t| t.connection_pool.as_ref(),
             |p| p.connection_pool.as_ref(),
         ) {
-            let (pool, h2) = resilience::connection_pool(&cp)
-                .map_err(|(f, m)| format!("DestinationRule for {host}: trafficPolicy.{f}: {m}"))?;
+            let (pool, h2) =
+                resilience::connection_pool(&cp).map_err(|e| policy_error(&host, e))?;
             if h2.is_some() && cluster.protocol == pb::UpstreamProtocol::Http1 as i32 {
                 cluster.protocol = pb::UpstreamProtocol::Http2 as i32;
             }
@@ -151,18 +157,22 @@ impl Ctx<'_> {
             |p| p.outlier_detection.as_ref(),
         ) {
             cluster.outlier_detection =
-                Some(resilience::outlier(&od).map_err(|(f, m)| {
-                    format!("DestinationRule for {host}: trafficPolicy.{f}: {m}")
-                })?);
+                Some(resilience::outlier(&od).map_err(|e| policy_error(&host, e))?);
         }
         let svc = &self.reg.services[svc_idx];
         let lb = self.lb_settings(&svc.host, subset, port);
+        let lb_error = |message: String| RefError::Policy {
+            host: host.clone(),
+            field: "loadBalancer".into(),
+            message,
+        };
         cluster.locality_lb = locality_lb(
             lb.as_ref().and_then(|l| l.locality_lb_setting.as_ref()),
             cluster.outlier_detection.is_some(),
-        )?;
+        )
+        .map_err(lb_error)?;
         if let Some(lb) = lb {
-            apply_lb(&mut cluster, &lb)?;
+            apply_lb(&mut cluster, &lb).map_err(lb_error)?;
         } else if svc.client_ip_affinity {
             cluster.lb_policy = pb::LbPolicy::RingHash as i32;
             cluster.hash_policy = Some(pb::HashPolicy {
@@ -180,6 +190,14 @@ impl Ctx<'_> {
         self.assignments.insert(name.clone(), assignment);
         self.clusters.insert(name.clone(), cluster);
         Ok(name)
+    }
+}
+
+fn policy_error(host: &str, (field, message): (String, String)) -> RefError {
+    RefError::Policy {
+        host: host.to_string(),
+        field,
+        message,
     }
 }
 

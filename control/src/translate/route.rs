@@ -7,7 +7,7 @@ use bosun_xds_proto::config as pb;
 
 use super::Ctx;
 use super::registry::{labels_match, resolve_host};
-use crate::error::ConfigError;
+use crate::error::{ConfigError, RefError};
 use crate::model::{self, HttpMatchRequest, Sourced, StringMatch};
 
 impl Ctx<'_> {
@@ -18,15 +18,15 @@ impl Ctx<'_> {
         d: &model::Destination,
         ns: &str,
         listener_port: Option<u32>,
-    ) -> Result<String, String> {
+    ) -> Result<String, RefError> {
         let host = resolve_host(&d.host, ns, &self.reg.by_host);
         let idx = *self.reg.by_host.get(&host).ok_or_else(|| {
             match self.reg.refused_for(&d.host, ns) {
-                Some(id) => format!(
-                    "host {} is defined by {id}, which was refused (see its error)",
-                    d.host
-                ),
-                None => format!("host {} is not a known Service or ServiceEntry", d.host),
+                Some(id) => RefError::RefusedHost {
+                    host: d.host.clone(),
+                    by: id.clone(),
+                },
+                None => RefError::UnknownHost(d.host.clone()),
             }
         })?;
         let svc = &self.reg.services[idx];
@@ -35,15 +35,11 @@ impl Ctx<'_> {
             None if svc.ports.len() == 1 => svc.ports[0].number,
             None => match listener_port.filter(|p| svc.port(*p).is_some()) {
                 Some(p) => p,
-                None => {
-                    return Err(format!(
-                        "{host} has several ports: set destination.port.number"
-                    ));
-                }
+                None => return Err(RefError::SeveralPorts(host)),
             },
         };
         if svc.port(port).is_none() {
-            return Err(format!("{host} has no port {port}"));
+            return Err(RefError::NoPort { host, port });
         }
         self.cluster(idx, port, d.subset.as_deref().unwrap_or(""))
     }
@@ -165,7 +161,7 @@ impl Ctx<'_> {
                             &vs.origin,
                             vs.value.id(),
                             &format!("{field}.route[{di}].destination"),
-                            m,
+                            m.to_string(),
                         )),
                     }
                     if let Some(h) = &d.headers {
@@ -248,7 +244,7 @@ impl Ctx<'_> {
                         &vs.origin,
                         vs.value.id(),
                         &format!("spec.tcp[{ri}].route[{di}].destination"),
-                        m,
+                        m.to_string(),
                     )),
                 }
             }
@@ -328,7 +324,7 @@ impl Ctx<'_> {
                     cluster,
                     per_million,
                 }),
-                (Err(m), _) => errs.push((f, m)),
+                (Err(m), _) => errs.push((f, m.to_string())),
                 (_, Err(e)) => errs.push(e),
             }
         }

@@ -87,7 +87,7 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                             &svc.origin,
                             svc.id.clone(),
                             "spec.ports",
-                            m,
+                            m.to_string(),
                         )),
                     }
                 }
@@ -129,7 +129,7 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                         &svc.origin,
                         svc.id.clone(),
                         "spec.ports",
-                        m,
+                        m.to_string(),
                     )),
                 }
             }

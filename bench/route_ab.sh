@@ -27,9 +27,9 @@ trap 'kill $UP 2>/dev/null || true; rm -rf "$TMP"' EXIT
 taskset -c "$CPU_LOAD" "$BOSUN" echo --listen "127.0.0.1:$UP_PORT" --name up >/dev/null 2>&1 &
 UP=$!
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }  # utime stime
 
-run() {  # run ROUTE -> CPU µs per request
+run() {  # run ROUTE -> "total user" CPU µs per request
   local route=$1 d=$TMP/c pid t0 t1 n hz
   rm -rf "$d"
   mkdir -p "$d"
@@ -77,20 +77,28 @@ YAML
   kill -INT $pid
   wait $pid 2>/dev/null || true
   hz=$(getconf CLK_TCK)
-  awk -v t="$((t1 - t0))" -v hz="$hz" -v n="$n" 'BEGIN {printf "%.2f\n", t / hz * 1e6 / n}'
+  awk -v a="$t0" -v b="$t1" -v hz="$hz" -v n="$n" 'BEGIN {
+    split(a, x, " "); split(b, y, " ");
+    u = y[1] - x[1]; s = y[2] - x[2];
+    printf "%.2f %.2f\n", (u + s) / hz * 1e6 / n, u / hz * 1e6 / n }'
 }
 
-a=() b=()
+a=() b=() au=() bu=()
 for r in $(seq 1 "$ROUNDS"); do
   if (( r % 2 )); then
-    a+=("$(run "$A_ROUTE")"); b+=("$(run "$B_ROUTE")")
+    read -r x xu < <(run "$A_ROUTE"); read -r y yu < <(run "$B_ROUTE")
   else
-    b+=("$(run "$B_ROUTE")"); a+=("$(run "$A_ROUTE")")
+    read -r y yu < <(run "$B_ROUTE"); read -r x xu < <(run "$A_ROUTE")
   fi
-  echo "round $r: A ${a[-1]} µs/req, B ${b[-1]} µs/req" >&2
+  a+=("$x") au+=("$xu") b+=("$y") bu+=("$yu")
+  echo "round $r: A $x µs/req (user $xu), B $y µs/req (user $yu)" >&2
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
-ma=$(median "${a[@]}") mb=$(median "${b[@]}")
-echo "A (without): median $ma µs/req over $ROUNDS runs: ${a[*]}"
-echo "B (with):    median $mb µs/req over $ROUNDS runs: ${b[*]}"
-awk -v a="$ma" -v b="$mb" 'BEGIN {printf "B / A = %.3f\n", b / a}'
+minimum() { printf '%s\n' "$@" | sort -n | head -1; }
+for what in total user; do
+  if [ $what = total ]; then xs=("${a[@]}") ys=("${b[@]}"); else xs=("${au[@]}") ys=("${bu[@]}"); fi
+  ma=$(median "${xs[@]}") mb=$(median "${ys[@]}") na=$(minimum "${xs[@]}") nb=$(minimum "${ys[@]}")
+  awk -v w=$what -v ma="$ma" -v mb="$mb" -v na="$na" -v nb="$nb" 'BEGIN {
+    printf "%s CPU µs/req: A median %.2f min %.2f; B median %.2f min %.2f; B/A median %.3f, min %.3f\n",
+      w, ma, na, mb, nb, mb / ma, nb / na }'
+done

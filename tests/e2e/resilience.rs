@@ -48,6 +48,9 @@ struct Scripted {
     addr: SocketAddr,
     hits: Arc<AtomicU64>,
     hosts: Arc<Mutex<Vec<String>>>,
+    /// Connections accepted, and the HTTP version of every request.
+    conns: Arc<AtomicU64>,
+    versions: Arc<Mutex<Vec<http::Version>>>,
 }
 
 async fn scripted<F>(name: &str, f: F) -> Scripted
@@ -58,6 +61,9 @@ where
     let addr = listener.local_addr().expect("addr");
     let hits = Arc::new(AtomicU64::new(0));
     let hosts = Arc::new(Mutex::new(Vec::new()));
+    let conns = Arc::new(AtomicU64::new(0));
+    let versions = Arc::new(Mutex::new(Vec::new()));
+    let (cs, vs) = (conns.clone(), versions.clone());
     let f = Arc::new(f);
     let name: Arc<str> = Arc::from(name);
     let (h, hs) = (hits.clone(), hosts.clone());
@@ -66,12 +72,15 @@ where
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            cs.fetch_add(1, Ordering::SeqCst);
+            let vs = vs.clone();
             let (f, name, hits, hosts) = (f.clone(), name.clone(), h.clone(), hs.clone());
             tokio::spawn(async move {
                 let svc =
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let (f, name, hits, hosts) =
                             (f.clone(), name.clone(), hits.clone(), hosts.clone());
+                        vs.lock().expect("lock").push(req.version());
                         async move {
                             let n = hits.fetch_add(1, Ordering::SeqCst);
                             let host = req
@@ -102,7 +111,13 @@ where
             });
         }
     });
-    Scripted { addr, hits, hosts }
+    Scripted {
+        addr,
+        hits,
+        hosts,
+        conns,
+        versions,
+    }
 }
 
 /// A gateway on `port`; service `site.web` (HTTP port 80) with STATIC
@@ -710,4 +725,68 @@ async fn bookinfo_ratings_test_abort_applies() {
         (200, Some("ratings-v1"))
     );
     assert_eq!(be.hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_pool_retires_connections_and_upgrades_to_h2() {
+    let per_conn = scripted("per-conn", |_| ok()).await;
+    let aged = scripted("aged", |_| ok()).await;
+    let idle = scripted("idle", |_| ok()).await;
+    let h2 = scripted("h2", |_| ok()).await;
+    let port = free_port();
+    let mut y = gateway("web", port);
+    for (name, be) in [("a", &per_conn), ("b", &aged), ("c", &idle), ("d", &h2)] {
+        y.push_str(&site(name, &[(be.addr, "")]));
+    }
+    y.push_str(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n",
+    );
+    for p in ["a", "b", "c"] {
+        y.push_str(&format!(
+            "  - match: [{{uri: {{prefix: /{p}}}}}]\n    route: [{{destination: {{host: {p}}}}}]\n"
+        ));
+    }
+    y.push_str("  - route: [{destination: {host: d}}]\n---\n");
+    for (host, policy) in [
+        ("a", "{http: {maxRequestsPerConnection: 2}}"),
+        ("b", "{tcp: {maxConnectionDuration: 300ms}}"),
+        (
+            "c",
+            "{http: {idleTimeout: 200ms}, tcp: {tcpKeepalive: {time: 30s, interval: 5s, probes: 3}}}",
+        ),
+        ("d", "{http: {h2UpgradePolicy: UPGRADE}}"),
+    ] {
+        y.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {host}, namespace: web}}\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool: {policy}\n---\n"
+        ));
+    }
+    let _b = Bosun::gateway(&y).await;
+    let c = client();
+    let base = format!("http://127.0.0.1:{port}");
+    // maxRequestsPerConnection 2: six requests, three connections.
+    for _ in 0..6 {
+        assert_eq!(get(&c, &format!("{base}/a"), "site").await.status, 200);
+    }
+    assert_eq!(per_conn.conns.load(Ordering::SeqCst), 3);
+    // maxConnectionDuration 300 ms: a connection older than that is not reused.
+    for _ in 0..3 {
+        assert_eq!(get(&c, &format!("{base}/b"), "site").await.status, 200);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(aged.conns.load(Ordering::SeqCst), 3);
+    // idleTimeout 200 ms: back to back they reuse one; after 300 ms idle, a new one.
+    for _ in 0..3 {
+        assert_eq!(get(&c, &format!("{base}/c"), "site").await.status, 200);
+    }
+    assert_eq!(idle.conns.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&c, &format!("{base}/c"), "site").await.status, 200);
+    assert_eq!(idle.conns.load(Ordering::SeqCst), 2);
+    // h2UpgradePolicy UPGRADE: an HTTP port spoken to as h2c.
+    for _ in 0..3 {
+        assert_eq!(get(&c, &format!("{base}/"), "site").await.status, 200);
+    }
+    let v = h2.versions.lock().expect("lock").clone();
+    assert!(v.iter().all(|v| *v == http::Version::HTTP_2), "{v:?}");
+    assert_eq!(h2.conns.load(Ordering::SeqCst), 1);
 }

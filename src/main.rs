@@ -159,6 +159,10 @@ pub struct ProxyArgs {
     /// Node mode: how long the userspace backend's connections get before its routes go.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_duration: Duration,
+    /// How often DNS ServiceEntry names are looked up again (Istio's meshConfig
+    /// dnsRefreshRate, 60s); a cluster's own shorter interval wins.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    dns_refresh_rate: Duration,
 }
 
 impl ProxyArgs {
@@ -173,6 +177,7 @@ impl ProxyArgs {
             stream_idle_timeout: self.stream_idle_timeout,
             upstream_idle_timeout: self.upstream_idle_timeout,
             connect_timeout: self.connect_timeout,
+            dns_refresh_rate: self.dns_refresh_rate.max(Duration::from_millis(100)),
         }
     }
 }

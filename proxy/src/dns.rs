@@ -19,7 +19,7 @@ pub fn names(cfg: &pb::ProxyConfig) -> BTreeMap<String, Duration> {
         .clusters
         .iter()
         .filter(|c| c.dns != pb::DnsLookup::None as i32)
-        .map(|c| (c.name.as_str(), c.dns_refresh_ms.max(1000)))
+        .map(|c| (c.name.as_str(), c.dns_refresh_ms.max(100)))
         .collect();
     let mut out: BTreeMap<String, Duration> = BTreeMap::new();
     for a in &cfg.load_assignments {

@@ -85,6 +85,8 @@ pub struct Limits {
     /// Idle upstream connections are closed after this.
     pub upstream_idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// DNS endpoint names are looked up again at least this often.
+    pub dns_refresh_rate: Duration,
 }
 
 impl Default for Limits {
@@ -99,6 +101,7 @@ impl Default for Limits {
             stream_idle_timeout: Duration::from_secs(300),
             upstream_idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            dns_refresh_rate: Duration::from_secs(60),
         }
     }
 }
@@ -254,7 +257,10 @@ async fn dns_loop(proxy: std::sync::Weak<Proxy>, wake: Arc<tokio::sync::Notify>)
                 return;
             };
             let source = p.shared.snapshot.load_full();
-            let names = dns::names(&source.source);
+            let mut names = dns::names(&source.source);
+            for every in names.values_mut() {
+                *every = (*every).min(p.shared.limits.dns_refresh_rate);
+            }
             p.shared.dns.retain(&names);
             due.retain(|k, _| names.contains_key(k));
             let mut changed = false;

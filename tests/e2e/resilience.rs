@@ -790,3 +790,163 @@ async fn connection_pool_retires_connections_and_upgrades_to_h2() {
     assert!(v.iter().all(|v| *v == http::Version::HTTP_2), "{v:?}");
     assert_eq!(h2.conns.load(Ordering::SeqCst), 1);
 }
+
+/// A network namespace of its own (loopback only) whose `/etc/hosts` the
+/// test writes (`ip netns exec` mounts `/etc/netns/NAME/hosts` over it),
+/// with processes; all removed on drop.
+struct HostsNs {
+    name: String,
+    hosts: std::path::PathBuf,
+    procs: Vec<std::process::Child>,
+}
+
+impl HostsNs {
+    fn new() -> HostsNs {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "bosun-dns-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("run ip");
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        run(&["netns", "add", &name]);
+        run(&["-n", &name, "link", "set", "lo", "up"]);
+        let dir = std::path::PathBuf::from(format!("/etc/netns/{name}"));
+        std::fs::create_dir_all(&dir).expect("mkdir /etc/netns/NAME");
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").expect("hosts");
+        HostsNs {
+            name,
+            hosts,
+            procs: Vec::new(),
+        }
+    }
+
+    /// Rewrites the namespace's `/etc/hosts` in place (same file, so the
+    /// mount over `/etc/hosts` shows the new text).
+    fn set_hosts(&self, text: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&self.hosts)
+            .expect("open hosts");
+        f.write_all(text.as_bytes()).expect("write hosts");
+    }
+
+    fn spawn(&mut self, args: &[&str]) {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn in netns");
+        self.procs.push(child);
+    }
+
+    fn curl(&self, url: &str) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "curl", "-s", "--max-time", "5"])
+            .args(["-H", "Host: site", url])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for HostsNs {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        if let Some(dir) = self.hosts.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// `resolution: DNS` follows the name: a changed answer moves traffic, a
+/// failed lookup keeps the last good address (and is counted).
+#[test]
+fn a_dns_endpoint_follows_its_name_and_keeps_the_last_good_address() {
+    let mut ns = HostsNs::new();
+    ns.set_hosts("127.0.0.1 localhost\n127.0.0.11 svc.test\n");
+    let bosun = env!("CARGO_BIN_EXE_bosun");
+    ns.spawn(&[
+        bosun,
+        "echo",
+        "--listen",
+        "127.0.0.11:8080",
+        "--name",
+        "first",
+    ]);
+    ns.spawn(&[
+        bosun,
+        "echo",
+        "--listen",
+        "127.0.0.12:8080",
+        "--name",
+        "second",
+    ]);
+    let dir = TempDir::new("dns-ns");
+    let mut y = gateway("web", 18500);
+    y.push_str(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: svc, namespace: web}\nspec:\n  hosts: [svc.test]\n  resolution: DNS\n  ports: [{number: 8080, name: http, protocol: HTTP}]\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: svc.test}}]\n",
+    );
+    std::fs::write(dir.0.join("mesh.yaml"), y).expect("config");
+    let cfg = dir.0.to_str().expect("utf8").to_string();
+    ns.spawn(&[
+        bosun,
+        "proxy",
+        "--mode",
+        "gateway",
+        "--gateway-address",
+        "127.0.0.1",
+        "--admin-address",
+        "127.0.0.1:15000",
+        "--config",
+        &cfg,
+        "--dns-refresh-rate",
+        "300ms",
+    ]);
+    let url = "http://127.0.0.1:18500/";
+    let until = |want: &str| {
+        let by = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = ns.curl(url);
+            if got.starts_with(want) {
+                return;
+            }
+            assert!(Instant::now() < by, "wanted {want:?}, got {got:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    until("first");
+    ns.set_hosts("127.0.0.1 localhost\n127.0.0.12 svc.test\n");
+    until("second");
+    // The name is gone: lookups fail, the last good address keeps serving.
+    ns.set_hosts("127.0.0.1 localhost\n");
+    std::thread::sleep(Duration::from_millis(1500));
+    for _ in 0..5 {
+        assert!(ns.curl(url).starts_with("second"));
+    }
+    let metrics = ns.curl("http://127.0.0.1:15000/stats/prometheus");
+    let failures: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("bosun_dns_failures_total "))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(failures >= 1.0, "{metrics}");
+}

@@ -206,6 +206,15 @@ impl Proxy {
         Ok(())
     }
 
+    /// Builds the current config again (DNS answers changed). Under the
+    /// apply lock, so a config applied meanwhile is never replaced by an
+    /// older one.
+    pub fn rebuild(&self) -> Result<(), RejectError> {
+        let _g = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.shared.snapshot.load_full();
+        self.apply_locked(current.source.clone())
+    }
+
     /// Counts a config refused before it reached the proxy (bad YAML).
     pub fn note_rejected(&self) {
         self.shared
@@ -281,8 +290,7 @@ async fn dns_loop(proxy: std::sync::Weak<Proxy>, wake: Arc<tokio::sync::Notify>)
                 }
             }
             if changed {
-                let latest = p.shared.snapshot.load_full();
-                if let Err(e) = p.apply(latest.source.clone()) {
+                if let Err(e) = p.rebuild() {
                     tracing::warn!(error = %e, "DNS answer changed but the config could not be rebuilt");
                 }
             }

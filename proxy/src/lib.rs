@@ -289,10 +289,8 @@ async fn dns_loop(proxy: std::sync::Weak<Proxy>, wake: Arc<tokio::sync::Notify>)
                     due.insert(name.clone(), now + *every);
                 }
             }
-            if changed {
-                if let Err(e) = p.rebuild() {
-                    tracing::warn!(error = %e, "DNS answer changed but the config could not be rebuilt");
-                }
+            if changed && let Err(e) = p.rebuild() {
+                tracing::warn!(error = %e, "DNS answer changed but the config could not be rebuilt");
             }
             due.values().min().copied()
         };

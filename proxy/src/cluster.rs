@@ -332,6 +332,13 @@ impl Cluster {
     /// `tried` are endpoints earlier tries used, avoided while others are
     /// left. Ejected endpoints and lower locality priorities are honoured.
     pub fn pick(&self, key: Option<u64>, tried: &[usize]) -> Option<usize> {
+        self.pick_retry(key, tried, false)
+    }
+
+    /// As [`Cluster::pick`]; `remote`: a retry that has tried every
+    /// endpoint of its locality priority may go to the next one
+    /// (`retryRemoteLocalities`). Without it, as in Envoy, it stays.
+    pub fn pick_retry(&self, key: Option<u64>, tried: &[usize], remote: bool) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
@@ -410,6 +417,11 @@ impl Cluster {
                 .map(|(_, l)| *l)
                 .sum();
             let level = if total == 0 {
+                if avoid_tried && !remote && !tried.is_empty() {
+                    // Only priorities with no share of traffic are left
+                    // untried: stay in this one.
+                    continue;
+                }
                 candidates.iter().position(|c| !c.is_empty())
             } else {
                 let mut r = rng.random_range(0..total);
@@ -739,6 +751,25 @@ mod tests {
         c.report(1, Outcome::Status(500));
         c.report(1, Outcome::Status(500));
         assert!((0..100).all(|_| c.pick(None, &[]) == Some(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_leaves_its_locality_only_with_retry_remote_localities() {
+        let mut c = cluster_with(3, Some(detector(100)));
+        c.priorities = vec![
+            vec![Group {
+                weight: 1,
+                members: vec![0, 1],
+            }],
+            vec![Group {
+                weight: 1,
+                members: vec![2],
+            }],
+        ];
+        for _ in 0..50 {
+            assert_ne!(c.pick_retry(None, &[0, 1], false), Some(2));
+            assert_eq!(c.pick_retry(None, &[0, 1], true), Some(2));
+        }
     }
 
     #[test]

@@ -461,7 +461,13 @@ async fn try_once(
     rec: &mut Recorder,
 ) -> (Option<usize>, Tried) {
     let cluster = plan.cluster;
-    let Some(idx) = cluster.pick(plan.hash, exclude) else {
+    let remote = plan
+        .action
+        .policy
+        .retry
+        .as_ref()
+        .is_some_and(|r| r.remote_localities);
+    let Some(idx) = cluster.pick_retry(plan.hash, exclude, remote) else {
         return (None, Tried::NoEndpoint);
     };
     let endpoint = cluster.endpoints[idx].clone();

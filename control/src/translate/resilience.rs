@@ -278,10 +278,12 @@ pub fn connection_pool(
             h.max_requests_per_connection,
         )?;
         out.max_retries = count("connectionPool.http.maxRetries", h.max_retries)?;
-        out.max_concurrent_streams = count(
-            "connectionPool.http.maxConcurrentStreams",
-            h.max_concurrent_streams,
-        )?;
+        if h.max_concurrent_streams.is_some_and(|n| n > 0) {
+            return Err(err(
+                "connectionPool.http.maxConcurrentStreams",
+                "not supported by Bosun yet (an HTTP/2 upstream's own SETTINGS bound its streams)",
+            ));
+        }
         if let Some(i) = &h.idle_timeout {
             out.idle_timeout_ms = ms("connectionPool.http.idleTimeout", i)?;
         }

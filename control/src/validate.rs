@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::error::ConfigError;
-use crate::model::{Config, Origin, StringMatch};
+use crate::model::{self, Config, Origin, StringMatch};
 
 pub fn validate(cfg: &Config) -> Vec<ConfigError> {
     let mut errors = Vec::new();
@@ -108,6 +108,33 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
         }
     }
     for dr in &cfg.destination_rules {
+        let spec = &dr.value.spec;
+        let policies = spec
+            .traffic_policy
+            .iter()
+            .map(|tp| ("spec.trafficPolicy".to_string(), tp))
+            .chain(spec.subsets.iter().enumerate().filter_map(|(i, s)| {
+                Some((
+                    format!("spec.subsets[{i}].trafficPolicy"),
+                    s.traffic_policy.as_ref()?,
+                ))
+            }));
+        for (base, tp) in policies {
+            check_policy(
+                tp.connection_pool.as_ref(),
+                tp.outlier_detection.as_ref(),
+                &base,
+                &mut |f, m| errors.push(ConfigError::at(&dr.origin, dr.value.id(), &f, m)),
+            );
+            for (i, p) in tp.port_level_settings.iter().enumerate() {
+                check_policy(
+                    p.connection_pool.as_ref(),
+                    p.outlier_detection.as_ref(),
+                    &format!("{base}.portLevelSettings[{i}]"),
+                    &mut |f, m| errors.push(ConfigError::at(&dr.origin, dr.value.id(), &f, m)),
+                );
+            }
+        }
         let mut names = HashMap::new();
         for (i, s) in dr.value.spec.subsets.iter().enumerate() {
             // Cluster names are `outbound|port|subset|host`.
@@ -130,6 +157,23 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
         }
     }
     errors
+}
+
+/// `connectionPool` and `outlierDetection` of one traffic policy, checked
+/// the way the translation reads them.
+fn check_policy(
+    cp: Option<&model::ConnectionPoolSettings>,
+    od: Option<&model::OutlierDetection>,
+    base: &str,
+    push: &mut dyn FnMut(String, String),
+) {
+    use crate::translate::resilience;
+    if let Some(Err((f, m))) = cp.map(resilience::connection_pool) {
+        push(format!("{base}.{f}"), m);
+    }
+    if let Some(Err((f, m))) = od.map(resilience::outlier) {
+        push(format!("{base}.{f}"), m);
+    }
 }
 
 fn check_weights(

@@ -142,12 +142,13 @@ impl Ctx<'_> {
             |t| t.connection_pool.as_ref(),
             |p| p.connection_pool.as_ref(),
         ) {
-            let (pool, h2) =
-                resilience::connection_pool(&cp).map_err(|e| policy_error(&host, e))?;
-            if h2.is_some() && cluster.protocol == pb::UpstreamProtocol::Http1 as i32 {
-                cluster.protocol = pb::UpstreamProtocol::Http2 as i32;
+            // A bad policy is reported at its DestinationRule by `validate`.
+            if let Ok((pool, h2)) = resilience::connection_pool(&cp) {
+                if h2.is_some() && cluster.protocol == pb::UpstreamProtocol::Http1 as i32 {
+                    cluster.protocol = pb::UpstreamProtocol::Http2 as i32;
+                }
+                cluster.connection_pool = Some(pool);
             }
-            cluster.connection_pool = Some(pool);
         }
         if let Some(od) = self.policy(
             &host,
@@ -156,8 +157,7 @@ impl Ctx<'_> {
             |t| t.outlier_detection.as_ref(),
             |p| p.outlier_detection.as_ref(),
         ) {
-            cluster.outlier_detection =
-                Some(resilience::outlier(&od).map_err(|e| policy_error(&host, e))?);
+            cluster.outlier_detection = resilience::outlier(&od).ok();
         }
         let svc = &self.reg.services[svc_idx];
         let lb = self.lb_settings(&svc.host, subset, port);
@@ -190,14 +190,6 @@ impl Ctx<'_> {
         self.assignments.insert(name.clone(), assignment);
         self.clusters.insert(name.clone(), cluster);
         Ok(name)
-    }
-}
-
-fn policy_error(host: &str, (field, message): (String, String)) -> RefError {
-    RefError::Policy {
-        host: host.to_string(),
-        field,
-        message,
     }
 }
 

@@ -12,7 +12,7 @@ mod duration;
 mod gateway;
 mod prepared;
 mod registry;
-mod resilience;
+pub(crate) mod resilience;
 mod route;
 mod sidecar;
 #[cfg(test)]

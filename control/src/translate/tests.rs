@@ -492,3 +492,37 @@ fn sidecars_and_node_mode_agree_on_which_endpoints_are_live() {
         assert_eq!(node, want);
     }
 }
+
+/// A bad traffic policy is reported once, at its DestinationRule's field,
+/// even where no route uses the rule.
+#[test]
+fn bad_traffic_policies_are_reported_at_the_destination_rule() {
+    let y = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r, namespace: shop}
+spec:
+  host: nowhere-routed
+  trafficPolicy:
+    connectionPool: {http: {maxConcurrentStreams: 10}}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      portLevelSettings:
+      - port: {number: 80}
+        outlierDetection: {maxEjectionPercent: 150}
+"#;
+    let cfg = load_sources(&[("dr.yaml".into(), y.into())]).expect("parses");
+    let err = check(&cfg).expect_err("two bad fields");
+    let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        vec![
+            "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams",
+            "spec.subsets[0].trafficPolicy.portLevelSettings[0].outlierDetection.maxEjectionPercent"
+        ],
+        "{err}"
+    );
+    assert!(err.0.iter().all(|e| e.resource == "DestinationRule/shop/r"));
+}

@@ -19,12 +19,15 @@ use crate::harness::*;
 struct Answer {
     status: u16,
     delay: Duration,
+    /// One more response header.
+    header: Option<(&'static str, &'static str)>,
 }
 
 fn ok() -> Answer {
     Answer {
         status: 200,
         delay: Duration::ZERO,
+        header: None,
     }
 }
 
@@ -32,6 +35,7 @@ fn status(s: u16) -> Answer {
     Answer {
         status: s,
         delay: Duration::ZERO,
+        header: None,
     }
 }
 
@@ -39,6 +43,7 @@ fn hang() -> Answer {
     Answer {
         status: 200,
         delay: Duration::from_secs(30),
+        header: None,
     }
 }
 
@@ -99,9 +104,13 @@ where
                             let resp = http::Response::builder()
                                 .status(a.status)
                                 .header("x-backend", &*name)
-                                .header("x-b", "exposed")
-                                .body(Full::new(Bytes::from(body)))
-                                .expect("response");
+                                .header("x-b", "exposed");
+                            let resp = match a.header {
+                                Some((k, v)) => resp.header(k, v),
+                                None => resp,
+                            }
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("response");
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
@@ -261,6 +270,7 @@ async fn the_retry_budget_holds_retries_back_under_load() {
     let be = scripted("down", |_| Answer {
         status: 503,
         delay: Duration::from_millis(50),
+        header: None,
     })
     .await;
     let port = free_port();
@@ -406,6 +416,7 @@ async fn connection_pool_overflow_is_an_immediate_503_uo() {
     let be = scripted("busy", |_| Answer {
         status: 200,
         delay: Duration::from_millis(800),
+        header: None,
     })
     .await;
     let port = free_port();
@@ -949,4 +960,93 @@ fn a_dns_endpoint_follows_its_name_and_keeps_the_last_good_address() {
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0.0);
     assert!(failures >= 1.0, "{metrics}");
+}
+
+fn with_header(status: u16, header: (&'static str, &'static str)) -> Answer {
+    Answer {
+        status,
+        delay: Duration::ZERO,
+        header: Some(header),
+    }
+}
+
+/// retryOn conditions beyond 5xx: a status code, retriable-4xx (409), a
+/// gRPC status in a trailers-only head, and a response header the client
+/// named; each against a backend failing that way every other time.
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_on_codes_4xx_grpc_status_and_named_headers() {
+    let code = scripted("code", |n| if n % 2 == 0 { status(418) } else { ok() }).await;
+    let conflict = scripted("conflict", |n| if n % 2 == 0 { status(409) } else { ok() }).await;
+    let grpc = scripted("grpc", |n| {
+        if n % 2 == 0 {
+            with_header(200, ("grpc-status", "14"))
+        } else {
+            with_header(200, ("grpc-status", "0"))
+        }
+    })
+    .await;
+    let named = scripted("named", |n| {
+        if n % 2 == 0 {
+            with_header(200, ("x-try-again", "1"))
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let port = free_port();
+    let mut y = gateway("web", port);
+    for (name, be) in [("a", &code), ("b", &conflict), ("c", &grpc), ("d", &named)] {
+        y.push_str(&site(name, &[(be.addr, "")]));
+    }
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n");
+    for (p, on) in [
+        ("a", "\"418\""),
+        ("b", "retriable-4xx"),
+        ("c", "unavailable"),
+        ("d", "retriable-headers"),
+    ] {
+        y.push_str(&format!(
+            "  - match: [{{uri: {{prefix: /{p}}}}}]\n    retries: {{attempts: 1, retryOn: {on}}}\n    route: [{{destination: {{host: {p}}}}}]\n"
+        ));
+    }
+    let _b = Bosun::gateway(&y).await;
+    let c = client();
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..10 {
+        let r = get(&c, &format!("{base}/a"), "site").await;
+        assert_eq!(r.status, 200);
+        let r = get(&c, &format!("{base}/b"), "site").await;
+        assert_eq!(r.status, 200);
+        let r = request(
+            &c,
+            "POST",
+            &format!("{base}/c"),
+            "site",
+            &[("content-type", "application/grpc")],
+        )
+        .await;
+        assert_eq!(r.headers["grpc-status"], "0");
+        let r = request(
+            &c,
+            "GET",
+            &format!("{base}/d"),
+            "site",
+            &[("x-envoy-retriable-header-names", "x-try-again")],
+        )
+        .await;
+        assert!(!r.headers.contains_key("x-try-again"));
+    }
+    for be in [&code, &conflict, &grpc, &named] {
+        assert_eq!(
+            be.hits.load(Ordering::SeqCst),
+            20,
+            "every request tried twice"
+        );
+    }
+    // Without the header naming it, a response header is not a reason to retry.
+    let r = get(&c, &format!("{base}/d"), "site").await;
+    assert_eq!(
+        r.headers.get("x-try-again").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
 }

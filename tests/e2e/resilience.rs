@@ -585,7 +585,7 @@ async fn cors_preflight_is_answered_and_responses_carry_the_origin() {
     let be = scripted("app", |_| ok()).await;
     let port = free_port();
     let http = format!(
-        "  - corsPolicy:\n      allowOrigins: [{{exact: \"https://ok.example\"}}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-a]\n      exposeHeaders: [x-b]\n      maxAge: 24h\n      allowCredentials: true\n{ROUTE}"
+        "  - match: [{{uri: {{prefix: /ignore}}}}]\n    corsPolicy:\n      allowOrigins: [{{prefix: \"https://ok.\"}}]\n      allowMethods: [\"*\"]\n      unmatchedPreflights: IGNORE\n{ROUTE}  - corsPolicy:\n      allowOrigins: [{{exact: \"https://ok.example\"}}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-a]\n      exposeHeaders: [x-b]\n      maxAge: 24h\n      allowCredentials: true\n{ROUTE}"
     );
     let _b = Bosun::gateway(&mesh(port, &[(be.addr, "")], &http, "")).await;
     let c = client();
@@ -629,6 +629,21 @@ async fn cors_preflight_is_answered_and_responses_carry_the_origin() {
     )
     .await;
     assert_eq!(h(&r, "access-control-allow-origin"), "");
+    // unmatchedPreflights IGNORE: answered here, without Allow-Origin; a
+    // prefix match and `*` methods (the asked method echoed).
+    let hits = be.hits.load(Ordering::SeqCst);
+    let ignore = format!("http://127.0.0.1:{port}/ignore");
+    let r = request(&c, "OPTIONS", &ignore, "site", &pre("https://evil.example")).await;
+    assert_eq!((r.status, h(&r, "x-backend").as_str()), (200, ""));
+    assert_eq!(h(&r, "access-control-allow-origin"), "");
+    let r = request(&c, "OPTIONS", &ignore, "site", &pre("https://ok.other")).await;
+    assert_eq!(h(&r, "access-control-allow-origin"), "https://ok.other");
+    assert_eq!(h(&r, "access-control-allow-methods"), "POST");
+    assert_eq!(
+        be.hits.load(Ordering::SeqCst),
+        hits,
+        "neither went upstream"
+    );
 }
 
 const BOOKINFO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/control/tests/data/bookinfo");

@@ -241,6 +241,9 @@ fn build_cluster(
         }
     }
     let mut endpoints = Vec::new();
+    // The config endpoint behind each endpoint kept (duplicates dropped):
+    // localities are read from these, index for index.
+    let mut kept: Vec<&pb::Endpoint> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (i, (ip, e)) in resolved.iter().enumerate() {
         let field = format!("endpoints[{i}]");
@@ -249,6 +252,7 @@ fn build_cluster(
         if !seen.insert(addr) {
             continue;
         }
+        kept.push(e);
         let workload = WorkloadLabels {
             workload: &e.workload,
             namespace: &e.namespace,
@@ -273,9 +277,7 @@ fn build_cluster(
             l,
             &ctx.identity.locality,
             &ctx.identity.labels,
-            resolved
-                .iter()
-                .map(|(_, e)| (e.locality.as_str(), &e.labels)),
+            kept.iter().map(|e| (e.locality.as_str(), &e.labels)),
         ),
         None => Vec::new(),
     };

@@ -61,14 +61,16 @@ impl DnsCache {
 
     /// Resolves `name`. A failure keeps the old addresses.
     pub async fn refresh(&self, name: &str) -> Refresh {
-        let found: Result<BTreeSet<IpAddr>, std::io::Error> =
+        // In the resolver's order (LOGICAL takes the first), duplicates dropped.
+        let found: Result<Vec<IpAddr>, std::io::Error> =
             tokio::net::lookup_host((name, 0u16)).await.map(|it| {
+                let mut seen = BTreeSet::new();
                 it.map(|sa| sa.ip())
-                    .filter(IpAddr::is_ipv4)
-                    .collect::<BTreeSet<_>>()
+                    .filter(|ip| ip.is_ipv4() && seen.insert(*ip))
+                    .collect()
             });
         let ips: Vec<IpAddr> = match found {
-            Ok(s) if !s.is_empty() => s.into_iter().collect(),
+            Ok(s) if !s.is_empty() => s,
             Ok(_) => {
                 tracing::warn!(%name, "DNS: no IPv4 address; keeping the last good ones");
                 return Refresh::Failed;

@@ -44,12 +44,16 @@ impl Ctx<'_> {
         let dr = &self.drs.get(host)?.value.spec;
         let from = |tp: &Option<model::TrafficPolicy>| -> Option<T> {
             let tp = tp.as_ref()?;
-            tp.port_level_settings
+            // A matching port-level entry replaces the policy's fields
+            // wholesale (Istio: port-level settings do not inherit).
+            match tp
+                .port_level_settings
                 .iter()
                 .find(|p| p.port.number == port)
-                .and_then(&get_port)
-                .or_else(|| get(tp))
-                .cloned()
+            {
+                Some(p) => get_port(p).cloned(),
+                None => get(tp).cloned(),
+            }
         };
         let subset_tp = dr
             .subsets

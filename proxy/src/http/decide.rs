@@ -675,4 +675,50 @@ mod tests {
         let d = decide(&snap, &other, &get("/canary", "shop.example"), &mut rng());
         assert_eq!(local_status(&d), Some((404, Flags::NoRoute)));
     }
+
+    /// Duplicate endpoints (one address under two names, as DNS can give)
+    /// are kept once, and locality priorities index the endpoints kept.
+    #[test]
+    fn duplicate_endpoints_with_localities_stay_in_bounds() {
+        let (mut c, mut a) = cluster("dup", 9001);
+        c.locality_lb = Some(pb::LocalityLb::default());
+        c.outlier_detection = Some(pb::OutlierDetection {
+            max_ejection_percent: 100,
+            ..Default::default()
+        });
+        let ep = |locality: &str| pb::Endpoint {
+            address: "127.0.0.1".into(),
+            port: 9001,
+            locality: locality.into(),
+            ..Default::default()
+        };
+        a.endpoints = vec![ep("r/z/a"), ep("r/z/b"), ep("r/y/a")];
+        let id = ProxyIdentity {
+            locality: "r/y/a".into(),
+            ..Default::default()
+        };
+        let cfg = pb::ProxyConfig {
+            clusters: vec![c],
+            load_assignments: vec![a],
+            ..Default::default()
+        };
+        let ctx = BuildContext {
+            identity: &id,
+            endpoints: &EndpointRegistry::default(),
+            pools: &Pools::new(PoolOptions::new(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(1),
+            )),
+            dns: None,
+        };
+        let snap = Snapshot::build(cfg, &ctx).expect("valid");
+        let cl = &snap.clusters["dup"];
+        assert_eq!(cl.endpoints.len(), 1);
+        for level in &cl.priorities {
+            for g in level {
+                assert!(g.members.iter().all(|m| (*m as usize) < cl.endpoints.len()));
+            }
+        }
+        assert_eq!(cl.pick(None, &[]), Some(0));
+    }
 }

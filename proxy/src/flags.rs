@@ -35,6 +35,8 @@ pub enum Flags {
     DelayInjected,
     /// Fault injection aborted the request.
     FaultInjected,
+    /// Fault injection delayed, then aborted the request (`DI,FI`).
+    DelayedThenAborted,
     /// Retries used up, the last try failing to connect (`UF,URX`).
     ConnectFailureRetriesExhausted,
     /// Retries used up, the last try reset (`UC,URX`).
@@ -61,6 +63,7 @@ impl Flags {
             Flags::UpstreamOverflow => "UO",
             Flags::DelayInjected => "DI",
             Flags::FaultInjected => "FI",
+            Flags::DelayedThenAborted => "DI,FI",
             Flags::ConnectFailureRetriesExhausted => "UF,URX",
             Flags::TerminationRetriesExhausted => "UC,URX",
             Flags::TimeoutRetriesExhausted => "UT,URX",
@@ -110,6 +113,7 @@ mod tests {
             (Flags::UpstreamOverflow, "UO"),
             (Flags::DelayInjected, "DI"),
             (Flags::FaultInjected, "FI"),
+            (Flags::DelayedThenAborted, "DI,FI"),
             (Flags::ConnectFailureRetriesExhausted, "UF,URX"),
             (Flags::TerminationRetriesExhausted, "UC,URX"),
             (Flags::TimeoutRetriesExhausted, "UT,URX"),

@@ -88,10 +88,12 @@ where
                         vs.lock().expect("lock").push(req.version());
                         async move {
                             let n = hits.fetch_add(1, Ordering::SeqCst);
+                            // HTTP/2 carries it as :authority.
                             let host = req
                                 .headers()
                                 .get("host")
                                 .and_then(|v| v.to_str().ok())
+                                .or_else(|| req.uri().authority().map(|a| a.as_str()))
                                 .unwrap_or("")
                                 .to_string();
                             hosts.lock().expect("lock").push(host);
@@ -815,6 +817,9 @@ async fn connection_pool_retires_connections_and_upgrades_to_h2() {
     let v = h2.versions.lock().expect("lock").clone();
     assert!(v.iter().all(|v| *v == http::Version::HTTP_2), "{v:?}");
     assert_eq!(h2.conns.load(Ordering::SeqCst), 1);
+    // The Host is the h2 :authority, not the endpoint's address.
+    let hosts = h2.hosts.lock().expect("lock").clone();
+    assert!(hosts.iter().all(|h| h == "site"), "{hosts:?}");
 }
 
 /// A network namespace of its own (loopback only) whose `/etc/hosts` the

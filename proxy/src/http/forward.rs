@@ -97,10 +97,26 @@ fn copy_head(p: &http::request::Parts) -> http::request::Parts {
     r.into_parts().0
 }
 
+/// The upstream URI of a try: HTTP/1.1 names the endpoint (the Host header
+/// names the service); HTTP/2 carries the Host as `:authority` (RFC 9113
+/// 8.3.1), so the Host header moves there.
 fn set_upstream_uri(parts: &mut http::request::Parts, e: &Endpoint) -> Result<(), ()> {
+    let authority = if parts.version == Version::HTTP_2 {
+        match parts.headers.remove(header::HOST) {
+            Some(h) => http::uri::Authority::try_from(h.as_bytes()).map_err(|_| ())?,
+            // A later try: the first one moved it.
+            None => parts
+                .uri
+                .authority()
+                .cloned()
+                .unwrap_or_else(|| e.authority.clone()),
+        }
+    } else {
+        e.authority.clone()
+    };
     let mut uri_parts = http::uri::Parts::default();
     uri_parts.scheme = Some(http::uri::Scheme::HTTP);
-    uri_parts.authority = Some(e.authority.clone());
+    uri_parts.authority = Some(authority);
     uri_parts.path_and_query = parts.uri.path_and_query().cloned();
     parts.uri = Uri::from_parts(uri_parts).map_err(|_| ())?;
     Ok(())
@@ -158,11 +174,9 @@ pub async fn forward(
         tokio::time::sleep(d).await;
     }
     if let Some(a) = &plan.abort {
-        return rec.local(fault_reply(
-            a,
-            plan.grpc,
-            cluster.no_endpoint_labels.clone(),
-        ));
+        let mut r = fault_reply(a, plan.grpc, cluster.no_endpoint_labels.clone());
+        r.flags = Flags::DelayedThenAborted;
+        return rec.local(r);
     }
 
     let headers = &mut parts.headers;
@@ -433,6 +447,28 @@ pub async fn forward(
     ))
 }
 
+/// A request waiting for a `maxConnections` slot, counted against
+/// `http1MaxPendingRequests` while it waits (also when it is cancelled).
+struct PendingGuard(Arc<crate::cluster::ClusterState>);
+
+impl PendingGuard {
+    /// `None` when the pending queue is full.
+    fn enter(c: &Cluster) -> Option<Self> {
+        let max = c.limits.max_pending as usize;
+        if c.state.pending.fetch_add(1, Ordering::Relaxed) >= max && max > 0 {
+            c.state.pending.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(PendingGuard(c.state.clone()))
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts a retry in flight against the cluster's retry budget.
 struct RetryGuard(Arc<crate::cluster::ClusterState>);
 
@@ -479,18 +515,24 @@ async fn try_once(
         Some(s) if !plan.use_h2 => match s.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
-                let pending = &cluster.state.pending;
-                let max = cluster.limits.max_pending as usize;
-                if pending.fetch_add(1, Ordering::Relaxed) >= max && max > 0 {
-                    pending.fetch_sub(1, Ordering::Relaxed);
+                let Some(_pending) = PendingGuard::enter(cluster) else {
                     return (None, Tried::Overflow);
-                }
-                let by = until.unwrap_or_else(|| Instant::now() + shared.limits.connect_timeout);
-                let got = tokio::time::timeout_at(by, s.clone().acquire_owned()).await;
-                pending.fetch_sub(1, Ordering::Relaxed);
+                };
+                // Waits for a slot as long as the try may last (Envoy: until
+                // the route timeout), then it is the try's timeout.
+                let got = match until {
+                    Some(by) => tokio::time::timeout_at(by, s.clone().acquire_owned())
+                        .await
+                        .ok(),
+                    None => Some(s.clone().acquire_owned().await),
+                };
                 match got {
-                    Ok(Ok(p)) => Some(p),
-                    _ => return (None, Tried::Overflow),
+                    Some(Ok(p)) => Some(p),
+                    Some(Err(_)) => return (None, Tried::Overflow),
+                    None => {
+                        let active = ActiveGuard::with_cluster(&endpoint, &cluster.state, None);
+                        return (Some(idx), Tried::TimedOut(Attempt { endpoint, active }));
+                    }
                 }
             }
         },
@@ -606,6 +648,17 @@ fn respond(
     rec.upstream(parts, kind, endpoint.labels.clone(), active)
 }
 
+/// Envoy's shadow host: `-shadow` after the host, before any port
+/// (`a:8080` → `a-shadow:8080`, `[::1]:80` → `[::1]-shadow:80`).
+fn shadow_host(host: &str) -> String {
+    let split = match host.find(']') {
+        Some(end) => end + 1,
+        None => host.rfind(':').unwrap_or(host.len()),
+    };
+    let (h, port) = host.split_at(split);
+    format!("{h}-shadow{port}")
+}
+
 /// Sends a copy of the request to a mirror cluster, with `-shadow` after
 /// the host (Istio before 1.28, Envoy's default), and throws the answer
 /// away. Its own task: it never delays or fails the request it copies.
@@ -622,19 +675,10 @@ fn mirror(
     };
     let endpoint = cluster.endpoints[idx].clone();
     let mut p = copy_head(parts);
-    if let Some(host) = p.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        let shadow = match host.rsplit_once(':') {
-            Some((h, port)) if !h.ends_with(']') || port.parse::<u16>().is_ok() => {
-                format!("{h}-shadow:{port}")
-            }
-            _ => format!("{host}-shadow"),
-        };
-        if let Ok(v) = HeaderValue::try_from(shadow) {
-            p.headers.insert(header::HOST, v);
-        }
-    }
-    if set_upstream_uri(&mut p, &endpoint).is_err() {
-        return;
+    if let Some(host) = p.headers.get(header::HOST).and_then(|h| h.to_str().ok())
+        && let Ok(v) = HeaderValue::try_from(shadow_host(host))
+    {
+        p.headers.insert(header::HOST, v);
     }
     let use_h2 = use_h2 || cluster.protocol == crate::cluster::UpstreamProtocol::Http2;
     p.version = if use_h2 {
@@ -642,6 +686,9 @@ fn mirror(
     } else {
         Version::HTTP_11
     };
+    if set_upstream_uri(&mut p, &endpoint).is_err() {
+        return;
+    }
     let b = ReqBody::replay(body);
     let shared = shared.clone();
     let cluster = cluster.clone();
@@ -712,4 +759,17 @@ async fn send_upgrade(
         });
     }
     Ok(resp.map(RespKind::Upstream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shadow_host;
+
+    #[test]
+    fn shadow_hosts() {
+        assert_eq!(shadow_host("a.b:8080"), "a.b-shadow:8080");
+        assert_eq!(shadow_host("a.b"), "a.b-shadow");
+        assert_eq!(shadow_host("[::1]:80"), "[::1]-shadow:80");
+        assert_eq!(shadow_host("[::1]"), "[::1]-shadow");
+    }
 }

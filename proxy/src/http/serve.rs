@@ -381,7 +381,13 @@ impl Recorder {
         // A malformed request ends its HTTP/1.1 connection (its framing
         // cannot be trusted any more), as nginx does.
         let malformed = self.h1 && l.flags == Flags::DownstreamProtocolError;
-        let (mut x, close, inflight) = self.exchange(l.labels, l.status.as_u16(), l.flags, active);
+        // A reply with no flag of its own keeps the request's (DI).
+        let flags = if l.flags.is_none() {
+            self.flags
+        } else {
+            l.flags
+        };
+        let (mut x, close, inflight) = self.exchange(l.labels, l.status.as_u16(), flags, active);
         x.response_bytes = l.body.len() as u64;
         let mut resp = Response::new(RespBody {
             kind: RespKind::Full((!l.body.is_empty()).then_some(l.body)),
@@ -395,10 +401,10 @@ impl Recorder {
         if let Some(h) = l.headers {
             resp.headers_mut().extend(*h);
         }
-        if !l.flags.is_none() {
+        if !flags.is_none() {
             resp.headers_mut().insert(
                 HeaderName::from_static("x-bosun-response-flags"),
-                HeaderValue::from_static(l.flags.as_str()),
+                HeaderValue::from_static(flags.as_str()),
             );
         }
         if let Some(ops) = l.response_ops {

@@ -1070,3 +1070,68 @@ async fn retry_on_codes_4xx_grpc_status_and_named_headers() {
         Some(&b"1"[..])
     );
 }
+
+/// A client that sends part of a body and waits for the answer before it
+/// ends, as a gRPC stream does, is not held back by Istio's default retry
+/// policy keeping bodies: the stream flows, the upstream's answer comes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_never_hold_back_an_http2_stream_still_being_sent() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                // Answers at once, before reading the body.
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        Bytes::from_static(b"early"),
+                    )))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let port = free_port();
+    let mut y = gateway("web", port);
+    y.push_str(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: grpc, namespace: web}}\nspec:\n  hosts: [grpc.web.svc.cluster.local]\n  resolution: STATIC\n  ports: [{{number: 80, name: grpc, protocol: GRPC}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{grpc: {}}}}}]\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: grpc, namespace: web}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{{destination: {{host: grpc}}}}]\n",
+        up.port()
+    ));
+    let _b = Bosun::gateway(&y).await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let (body_tx, body_rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+    >(4);
+    body_tx
+        .send(Ok(hyper::body::Frame::data(Bytes::from_static(
+            b"first message",
+        ))))
+        .await
+        .expect("send");
+    let body =
+        http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body_rx));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://site:{port}/pkg.Svc/Stream"))
+        .header("content-type", "application/grpc")
+        .body(body)
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(3), tx.send_request(req))
+        .await
+        .expect("answered while the request stream is still open")
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let got = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&got[..], b"early");
+    drop(body_tx);
+}

@@ -139,6 +139,59 @@ impl ReqBody {
     }
 }
 
+impl ReqBody {
+    /// Frames read ahead and not yet handed out.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// As [`ReqBody::buffer`], but only what has already arrived: the body
+    /// comes back whole if it has ended (within `cap`); otherwise what was
+    /// read stays pending and the rest streams (`None`), never waiting for
+    /// the client.
+    pub async fn buffer_ready(
+        &mut self,
+        cap: usize,
+    ) -> Result<Option<Replay>, crate::error::ForwardError> {
+        use futures_util::FutureExt;
+        let mut size = 0usize;
+        let mut yielded = false;
+        loop {
+            let ready = self.read_frame().now_or_never();
+            let f = match ready {
+                Some(r) => r.map_err(|e| crate::error::ForwardError::downstream(&e))?,
+                // Let the connection's own task read what is in its buffers, once.
+                None if !yielded => {
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                None => return Ok(None),
+            };
+            let Some(f) = f else {
+                break;
+            };
+            size += f.data_ref().map_or(0, Bytes::len);
+            self.pending.push_back(f);
+            if size > cap {
+                return Ok(None);
+            }
+        }
+        let mut r = Replay {
+            exact: false,
+            ..Replay::default()
+        };
+        for f in &self.pending {
+            match copy(f) {
+                Some(c) if c.is_data() => r.data.extend(c.into_data().ok()),
+                Some(c) => r.trailers = c.into_trailers().ok(),
+                None => {}
+            }
+        }
+        Ok(Some(r))
+    }
+}
+
 impl Body for ReqBody {
     type Data = Bytes;
     type Error = hyper::Error;

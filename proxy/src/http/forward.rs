@@ -228,19 +228,31 @@ pub async fn forward(
     if http_body::Body::is_end_stream(&req_body) {
         replay = Some(Replay::default());
     } else if !plan.upgrade {
-        let ahead = if policy.replays_body() {
-            req_body
-                .buffer(RETRY_BUFFER_BYTES, stream_idle)
-                .await
-                .map(|r| replay = r)
-        } else if !plan.use_h2 {
-            match tokio::time::timeout(stream_idle, req_body.read_ahead()).await {
-                Ok(r) => r.map_err(|e| ForwardError::downstream(&e)),
-                Err(_) => Err(ForwardError::StreamIdle(stream_idle)),
+        let ahead = async {
+            if policy.replays_body() {
+                let announced = http_body::Body::size_hint(&req_body).exact();
+                replay = match announced {
+                    // The client committed to this many bytes: wait for them.
+                    Some(n) if n <= RETRY_BUFFER_BYTES as u64 => {
+                        req_body.buffer(RETRY_BUFFER_BYTES, stream_idle).await?
+                    }
+                    Some(_) => None,
+                    // A stream of unknown length (chunked, HTTP/2, gRPC) is
+                    // kept only if it has already ended: a client that waits
+                    // for an answer before it ends (a gRPC stream) must not
+                    // be held back; it is streamed and not retried.
+                    None => req_body.buffer_ready(RETRY_BUFFER_BYTES).await?,
+                };
             }
-        } else {
-            Ok(())
-        };
+            if replay.is_none() && !plan.use_h2 && !req_body.has_pending() {
+                match tokio::time::timeout(stream_idle, req_body.read_ahead()).await {
+                    Ok(r) => r.map_err(|e| ForwardError::downstream(&e))?,
+                    Err(_) => return Err(ForwardError::StreamIdle(stream_idle)),
+                }
+            }
+            Ok::<(), ForwardError>(())
+        }
+        .await;
         if let Err(e) = ahead {
             let (status, flags, msg) = e.reply();
             return rec.local(reply(

@@ -55,6 +55,9 @@ pub enum ForwardError {
     /// The try's time (route timeout, per-try timeout) ran out.
     #[error("upstream request timeout")]
     TryTimeout,
+    /// The client stopped sending its request body (not the upstream's fault).
+    #[error("client sent nothing of its body for {0:?}")]
+    DownstreamStalled(std::time::Duration),
     /// The client's request body was malformed (bad chunked framing).
     #[error("malformed request body: {0}")]
     DownstreamBody(String),
@@ -122,6 +125,11 @@ impl ForwardError {
             ),
             ForwardError::StreamIdle(_) => (
                 StatusCode::GATEWAY_TIMEOUT,
+                Flags::StreamIdleTimeout,
+                "stream timeout",
+            ),
+            ForwardError::DownstreamStalled(_) => (
+                StatusCode::REQUEST_TIMEOUT,
                 Flags::StreamIdleTimeout,
                 "stream timeout",
             ),

@@ -329,8 +329,9 @@ where
     let chunked = matches!(framing, Framing::Chunked);
     let limit = &t;
     loop {
+        // Waiting for the client: its silence is not the upstream's failure.
         let frame = match t.run(body.frame()).await {
-            Err(e) => return Err(e),
+            Err(_) => return Err(ForwardError::DownstreamStalled(t.stream_idle)),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(ForwardError::downstream(&e)),
             Ok(Some(Ok(f))) => f,

@@ -58,6 +58,10 @@ impl RetryOn {
     pub const GRPC_INTERNAL: RetryOn = RetryOn(1 << 10);
     pub const GRPC_EXHAUSTED: RetryOn = RetryOn(1 << 11);
     pub const GRPC_UNAVAILABLE: RetryOn = RetryOn(1 << 12);
+    /// A reset before any of the request went out (a failed connect).
+    pub const RESET_BEFORE_REQUEST: RetryOn = RetryOn(1 << 13);
+    /// A response carrying `x-envoy-ratelimited`.
+    pub const RATE_LIMITED: RetryOn = RetryOn(1 << 14);
 
     pub fn parse(name: &str) -> Option<RetryOn> {
         Some(match name {
@@ -74,6 +78,8 @@ impl RetryOn {
             "internal" => Self::GRPC_INTERNAL,
             "resource-exhausted" => Self::GRPC_EXHAUSTED,
             "unavailable" => Self::GRPC_UNAVAILABLE,
+            "reset-before-request" => Self::RESET_BEFORE_REQUEST,
+            "envoy-ratelimited" => Self::RATE_LIMITED,
             _ => return None,
         })
     }
@@ -142,7 +148,9 @@ impl RetryPolicy {
         let any5 = on.has(RetryOn::FIVE_XX) || on.has(RetryOn::GATEWAY_ERROR);
         match f {
             TryFailure::ConnectFailure => {
-                any5 || on.has(RetryOn::CONNECT_FAILURE) || on.has(RetryOn::RESET)
+                any5 || on.has(RetryOn::CONNECT_FAILURE)
+                    || on.has(RetryOn::RESET)
+                    || on.has(RetryOn::RESET_BEFORE_REQUEST)
             }
             TryFailure::Reset { refused } => {
                 any5 || on.has(RetryOn::RESET) || (refused && on.has(RetryOn::REFUSED_STREAM))
@@ -169,6 +177,9 @@ impl RetryPolicy {
             return true;
         }
         if on.has(RetryOn::RETRIABLE_4XX) && code == 409 {
+            return true;
+        }
+        if on.has(RetryOn::RATE_LIMITED) && headers.contains_key("x-envoy-ratelimited") {
             return true;
         }
         if on.has(RetryOn::STATUS_CODES) && self.status_codes.contains(&code) {
@@ -457,6 +468,14 @@ mod tests {
         assert!(p.retriable_failure(TryFailure::ConnectFailure));
         assert!(!p.retriable_failure(TryFailure::Reset { refused: false }));
         assert!(!p.retriable_failure(TryFailure::Timeout));
+
+        let p = policy(&["reset-before-request", "envoy-ratelimited"], &[]);
+        assert!(p.retriable_failure(TryFailure::ConnectFailure));
+        assert!(!p.retriable_failure(TryFailure::Reset { refused: false }));
+        let mut rl = HeaderMap::new();
+        rl.insert("x-envoy-ratelimited", HeaderValue::from_static("true"));
+        assert!(p.retriable_response(StatusCode::TOO_MANY_REQUESTS, &rl, None));
+        assert!(!p.retriable_response(StatusCode::TOO_MANY_REQUESTS, &none, None));
 
         let p = policy(&["refused-stream"], &[]);
         assert!(p.retriable_failure(TryFailure::Reset { refused: true }));

@@ -24,6 +24,8 @@ pub const RETRY_ON: &[&str] = &[
     "internal",
     "resource-exhausted",
     "unavailable",
+    "reset-before-request",
+    "envoy-ratelimited",
 ];
 
 fn err(field: impl Into<String>, msg: impl Into<String>) -> FieldError {

@@ -561,11 +561,18 @@ async fn try_once(
     // HTTP/1.1 folds `until` into the timers it sets anyway (one per wait);
     // HTTP/2 gets a timer of its own.
     let sending = send(shared, &endpoint, plan.use_h2, head, body, until);
-    let sent = match until {
-        Some(u) if plan.use_h2 => tokio::time::timeout_at(u, sending)
+    let sent = if plan.use_h2 {
+        // Until the response head: the try's deadline, or the stream idle timeout.
+        let idle = shared.limits.stream_idle_timeout;
+        let (at, expired) = match until {
+            Some(u) if u < Instant::now() + idle => (u, ForwardError::TryTimeout),
+            _ => (Instant::now() + idle, ForwardError::StreamIdle(idle)),
+        };
+        tokio::time::timeout_at(at, sending)
             .await
-            .unwrap_or(Err(ForwardError::TryTimeout)),
-        _ => sending.await,
+            .unwrap_or(Err(expired))
+    } else {
+        sending.await
     };
     let a = Attempt { endpoint, active };
     match sent {
@@ -580,7 +587,9 @@ async fn try_once(
         Err(e) => {
             if !matches!(
                 e,
-                ForwardError::DownstreamBody(_) | ForwardError::DownstreamGone(_)
+                ForwardError::DownstreamBody(_)
+                    | ForwardError::DownstreamGone(_)
+                    | ForwardError::DownstreamStalled(_)
             ) {
                 cluster.report(idx, Outcome::LocalFailure);
             }

@@ -208,7 +208,22 @@ fn encode_head(parts: &http::request::Parts, framing: &Framing) -> BytesMut {
 pub struct Timeouts {
     pub stream_idle: Duration,
     pub deadline: Option<tokio::time::Instant>,
+    /// The route timeout: it bounds the response body too (Envoy's route
+    /// timeout ends with the response).
+    pub response_deadline: Option<tokio::time::Instant>,
 }
+
+/// The route timeout expired while the response body was being read.
+#[derive(Debug)]
+pub struct RouteTimeout;
+
+impl std::fmt::Display for RouteTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream request timeout")
+    }
+}
+
+impl std::error::Error for RouteTimeout {}
 
 impl Timeouts {
     /// Until when the next wait may last, and the error when it expires.
@@ -296,6 +311,7 @@ where
                     keep_alive,
                     idle: idle.clone(),
                     stream_idle: t.stream_idle,
+                    response_deadline: t.response_deadline,
                     timer: None,
                 };
                 if matches!(body.state, State::Done) {
@@ -665,6 +681,7 @@ pub struct H1Body<S> {
     keep_alive: bool,
     idle: Arc<Idle<S>>,
     stream_idle: Duration,
+    response_deadline: Option<tokio::time::Instant>,
     /// Armed only when the upstream keeps us waiting.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -749,15 +766,20 @@ impl<S: AsyncRead + Unpin> Body for H1Body<S> {
                 }
                 Poll::Pending => {
                     let limit = this.stream_idle;
-                    let timer = this
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                    let deadline = this.response_deadline;
+                    let timer = this.timer.get_or_insert_with(|| {
+                        let idle = tokio::time::Instant::now() + limit;
+                        let at = deadline.map_or(idle, |d| d.min(idle));
+                        Box::pin(tokio::time::sleep_until(at))
+                    });
                     ready!(timer.as_mut().poll(cx));
                     this.conn = None;
-                    return Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "upstream stream idle timeout",
-                    ))));
+                    let route = deadline.is_some_and(|d| d <= tokio::time::Instant::now());
+                    return Poll::Ready(Some(Err(if route {
+                        io::Error::new(io::ErrorKind::TimedOut, RouteTimeout)
+                    } else {
+                        io::Error::new(io::ErrorKind::TimedOut, "upstream stream idle timeout")
+                    })));
                 }
             }
         }

@@ -1135,3 +1135,44 @@ async fn retries_never_hold_back_an_http2_stream_still_being_sent() {
     assert_eq!(&got[..], b"early");
     drop(body_tx);
 }
+
+/// The route timeout covers the whole response, as Envoy's does: a body
+/// still trickling in when it expires is cut (`UT` in the metrics).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_route_timeout_cuts_a_response_body_still_coming() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 4096];
+                let _ = s.read(&mut b).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await;
+                for _ in 0..20 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if s.write_all(b"1\r\nx\r\n").await.is_err() {
+                        return;
+                    }
+                }
+                let _ = s.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    let port = free_port();
+    let http = format!("  - timeout: 500ms\n{ROUTE}");
+    let b = Bosun::gateway(&mesh(port, &[(up, "")], &http, "")).await;
+    let t = Instant::now();
+    let r = get(&client(), &format!("http://127.0.0.1:{port}/"), "site").await;
+    let took = t.elapsed();
+    assert_eq!(r.status, 200, "the head came in time");
+    assert!(r.body.len() < 20, "the body was cut: {:?}", r.body);
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    let m = b.metrics().await;
+    assert!(
+        metric_sum(&m, "istio_requests_total", &["response_flags=\"UT\""]) >= 1.0,
+        "{m}"
+    );
+}

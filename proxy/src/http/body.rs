@@ -467,6 +467,12 @@ impl Body for RespBody {
                 let f = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 let end = inner.is_end_stream();
                 this.observe(&f, end, |e| match e.kind() {
+                    std::io::ErrorKind::TimedOut
+                        if e.get_ref()
+                            .is_some_and(|i| i.is::<crate::h1::RouteTimeout>()) =>
+                    {
+                        Flags::UpstreamRequestTimeout
+                    }
                     std::io::ErrorKind::TimedOut => Flags::StreamIdleTimeout,
                     std::io::ErrorKind::InvalidData => Flags::UpstreamProtocolError,
                     _ => Flags::UpstreamConnectionTermination,

@@ -358,7 +358,11 @@ pub async fn forward(
         };
         let at_deadline = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
         let exclude: &[usize] = if avoid_tried { &tried[..n_tried] } else { &[] };
-        let outcome = try_once(shared, &plan, p, b, exclude, until, &mut rec).await;
+        let bounds = Bounds {
+            until,
+            route: deadline,
+        };
+        let outcome = try_once(shared, &plan, p, b, exclude, bounds, &mut rec).await;
         let (idx, tried_result) = outcome;
         drop(retrying.take());
         if let Some(i) = idx
@@ -459,6 +463,14 @@ pub async fn forward(
     ))
 }
 
+/// When a try must have its response head (`until`: the per-try timeout
+/// within the route's) and when the whole response must be over (`route`).
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    until: Option<Instant>,
+    route: Option<Instant>,
+}
+
 /// A request waiting for a `maxConnections` slot, counted against
 /// `http1MaxPendingRequests` while it waits (also when it is cancelled).
 struct PendingGuard(Arc<crate::cluster::ClusterState>);
@@ -505,9 +517,13 @@ async fn try_once(
     mut head: Head<'_>,
     body: ReqBody,
     exclude: &[usize],
-    until: Option<Instant>,
+    bounds: Bounds,
     rec: &mut Recorder,
 ) -> (Option<usize>, Tried) {
+    let Bounds {
+        until,
+        route: route_deadline,
+    } = bounds;
     let cluster = plan.cluster;
     let remote = plan
         .action
@@ -560,7 +576,15 @@ async fn try_once(
     }
     // HTTP/1.1 folds `until` into the timers it sets anyway (one per wait);
     // HTTP/2 gets a timer of its own.
-    let sending = send(shared, &endpoint, plan.use_h2, head, body, until);
+    let sending = send(
+        shared,
+        &endpoint,
+        plan.use_h2,
+        head,
+        body,
+        until,
+        route_deadline,
+    );
     let sent = if plan.use_h2 {
         // Until the response head: the try's deadline, or the stream idle timeout.
         let idle = shared.limits.stream_idle_timeout;
@@ -605,6 +629,7 @@ async fn send(
     head: Head<'_>,
     body: ReqBody,
     until: Option<Instant>,
+    route_deadline: Option<Instant>,
 ) -> Result<Response<RespKind>, ForwardError> {
     if use_h2 {
         let parts = match head {
@@ -620,6 +645,7 @@ async fn send(
         let t = h1::Timeouts {
             stream_idle: shared.limits.stream_idle_timeout,
             deadline: until,
+            response_deadline: route_deadline,
         };
         let pool = endpoint.pool.clone();
         h1::send(&pool.h1, || pool.connect(), parts, body, t)
@@ -717,7 +743,7 @@ fn mirror(
     tokio::spawn(async move {
         let _active = ActiveGuard::with_cluster(&endpoint, &cluster.state, None);
         let work = async {
-            let resp = send(&shared, &endpoint, use_h2, Head::Owned(p), b, None).await?;
+            let resp = send(&shared, &endpoint, use_h2, Head::Owned(p), b, None, None).await?;
             // Read the answer to its end, so the connection can be reused.
             use http_body_util::BodyExt;
             let body = RespBody {

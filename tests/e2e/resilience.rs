@@ -1176,3 +1176,56 @@ async fn the_route_timeout_cuts_a_response_body_still_coming() {
         "{m}"
     );
 }
+
+/// The same over HTTP/2 to the upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_route_timeout_cuts_an_http2_response_body_still_coming() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    let (tx, rx) = tokio::sync::mpsc::channel::<
+                        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+                    >(1);
+                    tokio::spawn(async move {
+                        for _ in 0..20 {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            let frame = hyper::body::Frame::data(Bytes::from_static(b"x"));
+                            if tx.send(Ok(frame)).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let body = http_body_util::StreamBody::new(
+                        tokio_stream::wrappers::ReceiverStream::new(rx),
+                    );
+                    Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let port = free_port();
+    let mut y = gateway("web", port);
+    y.push_str(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: slow, namespace: web}}\nspec:\n  hosts: [slow.web.svc.cluster.local]\n  resolution: STATIC\n  ports: [{{number: 80, name: http2, protocol: HTTP2}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{http2: {}}}}}]\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: slow, namespace: web}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - timeout: 500ms\n    route: [{{destination: {{host: slow}}}}]\n",
+        up.port()
+    ));
+    let b = Bosun::gateway(&y).await;
+    let t = Instant::now();
+    let r = get(&client(), &format!("http://127.0.0.1:{port}/"), "site").await;
+    let took = t.elapsed();
+    assert_eq!(r.status, 200, "the head came in time");
+    assert!(r.body.len() < 20, "the body was cut: {:?}", r.body);
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    let m = b.metrics().await;
+    assert!(
+        metric_sum(&m, "istio_requests_total", &["response_flags=\"UT\""]) >= 1.0,
+        "{m}"
+    );
+}

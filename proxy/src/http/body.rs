@@ -360,6 +360,8 @@ impl Exchange {
 pub enum RespKind {
     /// From hyper's client connection (HTTP/2 upstreams, upgrades).
     Upstream(Incoming),
+    /// As `Upstream`, cut when the route timeout expires.
+    Bounded(Incoming, Pin<Box<tokio::time::Sleep>>),
     /// From Bosun's own HTTP/1.1 upstream connection.
     H1(crate::h1::H1Body<Stream>),
     Full(Option<Bytes>),
@@ -386,7 +388,7 @@ impl RespBody {
     fn kind_ended(&self) -> bool {
         match &self.kind {
             RespKind::Full(_) => true,
-            RespKind::Upstream(b) => b.is_end_stream(),
+            RespKind::Upstream(b) | RespKind::Bounded(b, _) => b.is_end_stream(),
             RespKind::H1(b) => b.is_end_stream(),
         }
     }
@@ -443,6 +445,16 @@ impl Body for RespBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let RespKind::Bounded(_, deadline) = &mut this.kind
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            // The route timeout: the rest of the body is cut.
+            let cut: Option<Result<Frame<Bytes>, crate::h1::RouteTimeout>> =
+                Some(Err(crate::h1::RouteTimeout));
+            this.observe(&cut, true, |_| Flags::UpstreamRequestTimeout);
+            this.kind = RespKind::Full(None);
+            return Poll::Ready(Some(Err(BoxError::from(crate::h1::RouteTimeout))));
+        }
         match &mut this.kind {
             RespKind::Full(b) => {
                 let f = b.take().map(|b| Ok(Frame::data(b)));
@@ -451,7 +463,7 @@ impl Body for RespBody {
                 }
                 Poll::Ready(f)
             }
-            RespKind::Upstream(inner) => {
+            RespKind::Upstream(inner) | RespKind::Bounded(inner, _) => {
                 let f = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 let end = inner.is_end_stream();
                 this.observe(&f, end, |e| {
@@ -484,7 +496,7 @@ impl Body for RespBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             RespKind::Full(b) => b.is_none(),
-            RespKind::Upstream(b) => b.is_end_stream(),
+            RespKind::Upstream(b) | RespKind::Bounded(b, _) => b.is_end_stream(),
             RespKind::H1(b) => b.is_end_stream(),
         }
     }
@@ -492,7 +504,7 @@ impl Body for RespBody {
         match &self.kind {
             RespKind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             RespKind::Full(None) => SizeHint::with_exact(0),
-            RespKind::Upstream(b) => b.size_hint(),
+            RespKind::Upstream(b) | RespKind::Bounded(b, _) => b.size_hint(),
             RespKind::H1(b) => b.size_hint(),
         }
     }

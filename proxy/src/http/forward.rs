@@ -636,7 +636,17 @@ async fn send(
             Head::Lent(p) => copy_head(p),
             Head::Owned(p) => p,
         };
-        send_h2(&endpoint.pool, parts, body).await
+        let resp = send_h2(&endpoint.pool, parts, body).await?;
+        // The route timeout bounds the body too.
+        Ok(match route_deadline {
+            Some(d) => resp.map(|k| match k {
+                RespKind::Upstream(b) => {
+                    RespKind::Bounded(b, Box::pin(tokio::time::sleep_until(d)))
+                }
+                other => other,
+            }),
+            None => resp,
+        })
     } else {
         let parts: &http::request::Parts = match &head {
             Head::Lent(p) => p,

@@ -11,6 +11,8 @@
 #   BOSUN [target/release/bosun]
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/bosun-config.sh
+. "$ROOT/bench/bosun-config.sh"
 N=${1:-20000}
 ROUTE=${2:-}
 BOSUN=${BOSUN:-$ROOT/target/release/bosun}
@@ -22,35 +24,7 @@ count() {  # count REQUESTS -> total instructions of the proxy process
   local n=$1 d vp
   d=$(mktemp -d)
   mkdir -p "$d/c"
-  cat >"$d/c/bench.yaml" <<YAML
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: bench, namespace: bench}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: $PX_PORT, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: upstream, namespace: bench}
-spec:
-  hosts: [upstream.bench]
-  resolution: STATIC
-  ports: [{number: 80, name: http, protocol: HTTP}]
-  endpoints: [{address: 127.0.0.1, ports: {http: $UP_PORT}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: upstream, namespace: bench}
-spec:
-  hosts: ["*"]
-  gateways: [bench]
-  http:
-  - route: [{destination: {host: upstream.bench}}]
-$ROUTE
-YAML
+  bosun_bench_config "$PX_PORT" "$UP_PORT" "$ROUTE" >"$d/c/bench.yaml"
   valgrind --tool=callgrind --callgrind-out-file="$d/cg.out" "$BOSUN" proxy --mode gateway \
     --config "$d/c" --gateway-address 127.0.0.1 --admin-address "$ADMIN" --workers 1 \
     >/dev/null 2>"$d/err" &

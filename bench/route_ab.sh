@@ -10,6 +10,8 @@
 #   CPU_LOAD [0] (upstream + wrk)  CPU_PROXY [1] (the proxy)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/bosun-config.sh
+. "$ROOT/bench/bosun-config.sh"
 ROUNDS=${1:-6}
 BOSUN=${BOSUN:-$ROOT/target/release/bosun}
 DURATION=${DURATION:-10}
@@ -33,35 +35,7 @@ run() {  # run ROUTE -> "total user" CPU µs per request
   local route=$1 d=$TMP/c pid t0 t1 n hz
   rm -rf "$d"
   mkdir -p "$d"
-  cat >"$d/bench.yaml" <<YAML
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: bench, namespace: bench}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: $PX_PORT, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: upstream, namespace: bench}
-spec:
-  hosts: [upstream.bench]
-  resolution: STATIC
-  ports: [{number: 80, name: http, protocol: HTTP}]
-  endpoints: [{address: 127.0.0.1, ports: {http: $UP_PORT}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: upstream, namespace: bench}
-spec:
-  hosts: ["*"]
-  gateways: [bench]
-  http:
-  - route: [{destination: {host: upstream.bench}}]
-$route
-YAML
+  bosun_bench_config "$PX_PORT" "$UP_PORT" "$route" >"$d/bench.yaml"
   taskset -c "$CPU_PROXY" "$BOSUN" proxy --mode gateway --config "$d" \
     --gateway-address 127.0.0.1 --admin-address "$ADMIN" --workers 1 >/dev/null 2>&1 &
   pid=$!

@@ -35,6 +35,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/bosun-config.sh
+. "$ROOT/bench/bosun-config.sh"
 OUT_MD="$ROOT/bench/last-run.md"
 
 ROUNDS=${ROUNDS:-3}
@@ -307,35 +309,7 @@ EOF
 
 write_bosun_conf() {
   local d=$TMP/bosun/config; mkdir -p "$d"
-  cat >"$d/bench.yaml" <<EOF
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: bench, namespace: bench}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: $PROXY_PORT, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: upstream, namespace: bench}
-spec:
-  hosts: [upstream.bench]
-  resolution: STATIC
-  ports: [{number: 80, name: http, protocol: HTTP}]
-  endpoints: [{address: 127.0.0.1, ports: {http: $UPSTREAM_PORT}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: upstream, namespace: bench}
-spec:
-  hosts: ["*"]
-  gateways: [bench]
-  http:
-  - route: [{destination: {host: upstream.bench}}]
-$BOSUN_ROUTE
-EOF
+  bosun_bench_config "$PROXY_PORT" "$UPSTREAM_PORT" "$BOSUN_ROUTE" >"$d/bench.yaml"
 }
 
 # start_proxy NAME -> sets PROXY_PID

@@ -724,8 +724,8 @@ mod tests {
         assert!(c.retry_allowed(), "maxRetries replaces the budget");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn locality_priorities_spill_as_health_drops() {
+    /// Endpoints 0 and 1 in the proxy's locality (priority 0), 2 in the next.
+    fn local_and_remote() -> Cluster {
         let mut c = cluster_with(3, Some(detector(100)));
         c.priorities = vec![
             vec![Group {
@@ -737,6 +737,12 @@ mod tests {
                 members: vec![2],
             }],
         ];
+        c
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn locality_priorities_spill_as_health_drops() {
+        let c = local_and_remote();
         for _ in 0..200 {
             assert_ne!(c.pick(None, &[]), Some(2), "priority 0 is healthy");
         }
@@ -755,17 +761,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_leaves_its_locality_only_with_retry_remote_localities() {
-        let mut c = cluster_with(3, Some(detector(100)));
-        c.priorities = vec![
-            vec![Group {
-                weight: 1,
-                members: vec![0, 1],
-            }],
-            vec![Group {
-                weight: 1,
-                members: vec![2],
-            }],
-        ];
+        let c = local_and_remote();
         for _ in 0..50 {
             assert_ne!(c.pick_retry(None, &[0, 1], false), Some(2));
             assert_eq!(c.pick_retry(None, &[0, 1], true), Some(2));

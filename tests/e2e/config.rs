@@ -104,12 +104,8 @@ fn validate_reports_every_error_in_one_pass_at_the_fields_line() {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: b, namespace: ns}\nspec:\n  hosts: [b]\n  http:\n  - route:\n    - destination:\n        host: ext.example\n  - route:\n    - destination:\n        host: nowhere.example\n",
     )
     .expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
-        .args(["validate", dir.0.to_str().expect("utf8")])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (ok, text) = validate(&dir.0);
+    assert!(!ok);
     for want in [
         "a.yaml:7:5: VirtualService/ns/a: spec.http[0].mirrorPercent",
         "a.yaml:8:5: VirtualService/ns/a: spec.http[0].delegate",
@@ -129,12 +125,8 @@ async fn validate_command_names_file_line_resource_and_field() {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: ns}\nspec:\n  hosts: [r]\n  http:\n  - mirrorPercent: 5\n    route: [{destination: {host: r}}]\n",
     )
     .expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
-        .args(["validate", dir.0.to_str().expect("utf8")])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (ok, text) = validate(&dir.0);
+    assert!(!ok);
     assert!(text.contains("vs.yaml:7:"), "{text}");
     assert!(
         text.contains("VirtualService/ns/r: spec.http[0].mirrorPercent"),
@@ -307,16 +299,8 @@ async fn every_example_validates() {
     let mut n = 0;
     for entry in std::fs::read_dir(&root).expect("examples/") {
         let dir = entry.expect("entry").path();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
-            .args(["validate", dir.to_str().expect("utf8")])
-            .output()
-            .expect("run");
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stdout)
-        );
+        let (ok, text) = validate(&dir);
+        assert!(ok, "{}: {text}", dir.display());
         n += 1;
     }
     assert!(n >= 2);

@@ -681,3 +681,15 @@ fn b64(data: &[u8]) -> String {
     }
     out
 }
+
+/// `bosun validate PATH`: whether it passed, and what it printed.
+pub fn validate(path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bosun"))
+        .args(["validate", path.to_str().expect("utf8")])
+        .output()
+        .expect("run bosun validate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}

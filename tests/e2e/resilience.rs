@@ -138,9 +138,7 @@ where
 fn mesh(port: u16, eps: &[(SocketAddr, &str)], http: &str, policy: &str) -> String {
     let mut y = gateway("web", port);
     y.push_str(&site("site", eps));
-    y.push_str(&format!(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: site, namespace: web}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n{http}---\n"
-    ));
+    y.push_str(&routes(http));
     if !policy.is_empty() {
         y.push_str(&format!(
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: site, namespace: web}}\nspec:\n  host: site\n  trafficPolicy:\n{policy}---\n"
@@ -149,10 +147,23 @@ fn mesh(port: u16, eps: &[(SocketAddr, &str)], http: &str, policy: &str) -> Stri
     y
 }
 
+/// The gateway's VirtualService: every host, the `http:` list given
+/// (already indented).
+fn routes(http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: site, namespace: web}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n{http}---\n"
+    )
+}
+
 /// A STATIC ServiceEntry `name.web.svc.cluster.local` (HTTP port 80).
 fn site(name: &str, eps: &[(SocketAddr, &str)]) -> String {
+    site_with(name, "HTTP", eps)
+}
+
+/// As `site`, with the port's protocol (HTTP, HTTP2, GRPC).
+fn site_with(name: &str, protocol: &str, eps: &[(SocketAddr, &str)]) -> String {
     let mut s = format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: web}}\nspec:\n  hosts: [{name}.web.svc.cluster.local]\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  endpoints:\n"
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: web}}\nspec:\n  hosts: [{name}.web.svc.cluster.local]\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: {protocol}}}]\n  endpoints:\n"
     );
     for (a, locality) in eps {
         s.push_str(&format!(
@@ -568,9 +579,9 @@ async fn a_dns_service_entry_reaches_localhost() {
     let bp = be.addr.port();
     let mut y = gateway("web", port);
     y.push_str(&format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: local, namespace: web}}\nspec:\n  hosts: [localhost]\n  resolution: DNS\n  ports: [{{number: {bp}, name: http, protocol: HTTP}}]\n---\n\
-         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: site, namespace: web}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{{destination: {{host: localhost}}}}]\n"
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: local, namespace: web}}\nspec:\n  hosts: [localhost]\n  resolution: DNS\n  ports: [{{number: {bp}, name: http, protocol: HTTP}}]\n---\n"
     ));
+    y.push_str(&routes("  - route: [{destination: {host: localhost}}]\n"));
     let _b = Bosun::gateway(&y).await;
     let c = client();
     let url = format!("http://127.0.0.1:{port}/");
@@ -665,14 +676,7 @@ fn validate_dir(files: &[(&str, String)]) -> (bool, String) {
     for (name, text) in files {
         std::fs::write(dir.0.join(name), text).expect("write");
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
-        .args(["validate", dir.0.to_str().expect("utf8")])
-        .output()
-        .expect("run bosun validate");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    validate(&dir.0)
 }
 
 #[test]
@@ -766,15 +770,14 @@ async fn connection_pool_retires_connections_and_upgrades_to_h2() {
     for (name, be) in [("a", &per_conn), ("b", &aged), ("c", &idle), ("d", &h2)] {
         y.push_str(&site(name, &[(be.addr, "")]));
     }
-    y.push_str(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n",
-    );
-    for p in ["a", "b", "c"] {
-        y.push_str(&format!(
-            "  - match: [{{uri: {{prefix: /{p}}}}}]\n    route: [{{destination: {{host: {p}}}}}]\n"
-        ));
-    }
-    y.push_str("  - route: [{destination: {host: d}}]\n---\n");
+    let mut http: String = ["a", "b", "c"]
+        .iter()
+        .map(|p| {
+            format!("  - match: [{{uri: {{prefix: /{p}}}}}]\n    route: [{{destination: {{host: {p}}}}}]\n")
+        })
+        .collect();
+    http.push_str("  - route: [{destination: {host: d}}]\n");
+    y.push_str(&routes(&http));
     for (host, policy) in [
         ("a", "{http: {maxRequestsPerConnection: 2}}"),
         ("b", "{tcp: {maxConnectionDuration: 300ms}}"),
@@ -933,9 +936,9 @@ fn a_dns_endpoint_follows_its_name_and_keeps_the_last_good_address() {
     let dir = TempDir::new("dns-ns");
     let mut y = gateway("web", 18500);
     y.push_str(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: svc, namespace: web}\nspec:\n  hosts: [svc.test]\n  resolution: DNS\n  ports: [{number: 8080, name: http, protocol: HTTP}]\n---\n\
-         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: svc.test}}]\n",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: svc, namespace: web}\nspec:\n  hosts: [svc.test]\n  resolution: DNS\n  ports: [{number: 8080, name: http, protocol: HTTP}]\n---\n",
     );
+    y.push_str(&routes("  - route: [{destination: {host: svc.test}}]\n"));
     std::fs::write(dir.0.join("mesh.yaml"), y).expect("config");
     let cfg = dir.0.to_str().expect("utf8").to_string();
     ns.spawn(&[
@@ -1018,17 +1021,18 @@ async fn retry_on_codes_4xx_grpc_status_and_named_headers() {
     for (name, be) in [("a", &code), ("b", &conflict), ("c", &grpc), ("d", &named)] {
         y.push_str(&site(name, &[(be.addr, "")]));
     }
-    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n");
-    for (p, on) in [
+    let http: String = [
         ("a", "\"418\""),
         ("b", "retriable-4xx"),
         ("c", "unavailable"),
         ("d", "retriable-headers"),
-    ] {
-        y.push_str(&format!(
-            "  - match: [{{uri: {{prefix: /{p}}}}}]\n    retries: {{attempts: 1, retryOn: {on}}}\n    route: [{{destination: {{host: {p}}}}}]\n"
-        ));
-    }
+    ]
+    .iter()
+    .map(|(p, on)| {
+        format!("  - match: [{{uri: {{prefix: /{p}}}}}]\n    retries: {{attempts: 1, retryOn: {on}}}\n    route: [{{destination: {{host: {p}}}}}]\n")
+    })
+    .collect();
+    y.push_str(&routes(&http));
     let _b = Bosun::gateway(&y).await;
     let c = client();
     let base = format!("http://127.0.0.1:{port}");
@@ -1076,30 +1080,12 @@ async fn retry_on_codes_4xx_grpc_status_and_named_headers() {
 /// policy keeping bodies: the stream flows, the upstream's answer comes back.
 #[tokio::test(flavor = "multi_thread")]
 async fn retries_never_hold_back_an_http2_stream_still_being_sent() {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let up = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                // Answers at once, before reading the body.
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                        Bytes::from_static(b"early"),
-                    )))
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    // Answers at once, before reading the body.
+    let up = h2_trickle(vec![(Duration::ZERO, b"early")]).await;
     let port = free_port();
     let mut y = gateway("web", port);
-    y.push_str(&format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: grpc, namespace: web}}\nspec:\n  hosts: [grpc.web.svc.cluster.local]\n  resolution: STATIC\n  ports: [{{number: 80, name: grpc, protocol: GRPC}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{grpc: {}}}}}]\n---\n\
-         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: grpc, namespace: web}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{{destination: {{host: grpc}}}}]\n",
-        up.port()
-    ));
+    y.push_str(&site_with("grpc", "GRPC", &[(up, "")]));
+    y.push_str(&routes("  - route: [{destination: {host: grpc}}]\n"));
     let _b = Bosun::gateway(&y).await;
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -1180,41 +1166,12 @@ async fn the_route_timeout_cuts_a_response_body_still_coming() {
 /// The same over HTTP/2 to the upstream.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_route_timeout_cuts_an_http2_response_body_still_coming() {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let up = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    let (tx, rx) = tokio::sync::mpsc::channel::<
-                        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
-                    >(1);
-                    tokio::spawn(async move {
-                        for _ in 0..20 {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            let frame = hyper::body::Frame::data(Bytes::from_static(b"x"));
-                            if tx.send(Ok(frame)).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                    let body = http_body_util::StreamBody::new(
-                        tokio_stream::wrappers::ReceiverStream::new(rx),
-                    );
-                    Ok::<_, std::convert::Infallible>(http::Response::new(body))
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    let up = h2_trickle(vec![(Duration::from_millis(100), b"x"); 20]).await;
     let port = free_port();
     let mut y = gateway("web", port);
-    y.push_str(&format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: slow, namespace: web}}\nspec:\n  hosts: [slow.web.svc.cluster.local]\n  resolution: STATIC\n  ports: [{{number: 80, name: http2, protocol: HTTP2}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{http2: {}}}}}]\n---\n\
-         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: slow, namespace: web}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - timeout: 500ms\n    route: [{{destination: {{host: slow}}}}]\n",
-        up.port()
+    y.push_str(&site_with("slow", "HTTP2", &[(up, "")]));
+    y.push_str(&routes(
+        "  - timeout: 500ms\n    route: [{destination: {host: slow}}]\n",
     ));
     let b = Bosun::gateway(&y).await;
     let t = Instant::now();
@@ -1228,4 +1185,43 @@ async fn the_route_timeout_cuts_an_http2_response_body_still_coming() {
         metric_sum(&m, "istio_requests_total", &["response_flags=\"UT\""]) >= 1.0,
         "{m}"
     );
+}
+
+/// An h2c upstream that answers every request at once, then sends its body
+/// as these frames, each after its wait (without reading the request body).
+async fn h2_trickle(frames: Vec<(Duration, &'static [u8])>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let frames = frames.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let frames = frames.clone();
+                    async move {
+                        let (tx, rx) = tokio::sync::mpsc::channel::<
+                            Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+                        >(1);
+                        tokio::spawn(async move {
+                            for (wait, data) in frames {
+                                tokio::time::sleep(wait).await;
+                                let frame = hyper::body::Frame::data(Bytes::from_static(data));
+                                if tx.send(Ok(frame)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                        let body = http_body_util::StreamBody::new(
+                            tokio_stream::wrappers::ReceiverStream::new(rx),
+                        );
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    up
 }

@@ -198,11 +198,7 @@ impl RetryPolicy {
         if on.0 & GRPC_ANY == 0 {
             return false;
         }
-        if let Some(g) = headers
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u32>().ok())
-        {
+        if let Some(g) = crate::http::body::grpc_status(headers) {
             let want = match g {
                 1 => RetryOn::GRPC_CANCELLED,
                 4 => RetryOn::GRPC_DEADLINE,

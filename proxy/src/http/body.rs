@@ -41,13 +41,6 @@ pub struct Replay {
     exact: bool,
 }
 
-fn copy(f: &Frame<Bytes>) -> Option<Frame<Bytes>> {
-    if let Some(d) = f.data_ref() {
-        return Some(Frame::data(d.clone()));
-    }
-    f.trailers_ref().map(|t| Frame::trailers(t.clone()))
-}
-
 impl ReqBody {
     pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
         ReqBody {
@@ -99,23 +92,46 @@ impl ReqBody {
         Ok(())
     }
 
+    /// Frames read ahead and not yet handed out.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Reads the body while it fits in `cap` bytes: the whole body comes
     /// back as a [`Replay`]; a larger one (`None`) keeps what was read and
-    /// streams the rest, and cannot be sent twice.
+    /// streams the rest, and cannot be sent twice. With `idle`, it waits
+    /// for the client (up to `idle` per frame); without, it takes only what
+    /// has already arrived, never waiting for the client, and a body that
+    /// has not ended by then also streams (`None`).
     pub async fn buffer(
         &mut self,
         cap: usize,
-        idle: std::time::Duration,
+        idle: Option<std::time::Duration>,
     ) -> Result<Option<Replay>, crate::error::ForwardError> {
         use crate::error::ForwardError;
+        use futures_util::FutureExt;
         let exact = self.size_hint().exact().is_some();
         let mut size = 0usize;
+        let mut yielded = false;
         loop {
-            let f = match tokio::time::timeout(idle, self.read_frame()).await {
-                Err(_) => return Err(ForwardError::StreamIdle(idle)),
-                Ok(r) => r.map_err(|e| ForwardError::downstream(&e))?,
+            let read = match idle {
+                Some(idle) => match tokio::time::timeout(idle, self.read_frame()).await {
+                    Err(_) => return Err(ForwardError::StreamIdle(idle)),
+                    Ok(r) => r,
+                },
+                None => match self.read_frame().now_or_never() {
+                    Some(r) => r,
+                    // Let the connection's own task read what is in its
+                    // buffers, once.
+                    None if !yielded => {
+                        yielded = true;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    None => return Ok(None),
+                },
             };
-            let Some(f) = f else {
+            let Some(f) = read.map_err(|e| ForwardError::downstream(&e))? else {
                 break;
             };
             size += f.data_ref().map_or(0, Bytes::len);
@@ -129,63 +145,10 @@ impl ReqBody {
             ..Replay::default()
         };
         for f in &self.pending {
-            match copy(f) {
-                Some(c) if c.is_data() => r.data.extend(c.into_data().ok()),
-                Some(c) => r.trailers = c.into_trailers().ok(),
-                None => {}
-            }
-        }
-        Ok(Some(r))
-    }
-}
-
-impl ReqBody {
-    /// Frames read ahead and not yet handed out.
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
-    /// As [`ReqBody::buffer`], but only what has already arrived: the body
-    /// comes back whole if it has ended (within `cap`); otherwise what was
-    /// read stays pending and the rest streams (`None`), never waiting for
-    /// the client.
-    pub async fn buffer_ready(
-        &mut self,
-        cap: usize,
-    ) -> Result<Option<Replay>, crate::error::ForwardError> {
-        use futures_util::FutureExt;
-        let mut size = 0usize;
-        let mut yielded = false;
-        loop {
-            let ready = self.read_frame().now_or_never();
-            let f = match ready {
-                Some(r) => r.map_err(|e| crate::error::ForwardError::downstream(&e))?,
-                // Let the connection's own task read what is in its buffers, once.
-                None if !yielded => {
-                    yielded = true;
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-                None => return Ok(None),
-            };
-            let Some(f) = f else {
-                break;
-            };
-            size += f.data_ref().map_or(0, Bytes::len);
-            self.pending.push_back(f);
-            if size > cap {
-                return Ok(None);
-            }
-        }
-        let mut r = Replay {
-            exact: false,
-            ..Replay::default()
-        };
-        for f in &self.pending {
-            match copy(f) {
-                Some(c) if c.is_data() => r.data.extend(c.into_data().ok()),
-                Some(c) => r.trailers = c.into_trailers().ok(),
-                None => {}
+            if let Some(d) = f.data_ref() {
+                r.data.push(d.clone());
+            } else if let Some(t) = f.trailers_ref() {
+                r.trailers = Some(t.clone());
             }
         }
         Ok(Some(r))

@@ -370,7 +370,8 @@ pub fn decide<'s, R: Rng + ?Sized>(
     }))
 }
 
-fn is_grpc(h: &http::HeaderMap) -> bool {
+/// A gRPC request (or response): `content-type: application/grpc[+...]`.
+pub fn is_grpc(h: &http::HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }

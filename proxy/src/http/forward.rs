@@ -234,14 +234,16 @@ pub async fn forward(
                 replay = match announced {
                     // The client committed to this many bytes: wait for them.
                     Some(n) if n <= RETRY_BUFFER_BYTES as u64 => {
-                        req_body.buffer(RETRY_BUFFER_BYTES, stream_idle).await?
+                        req_body
+                            .buffer(RETRY_BUFFER_BYTES, Some(stream_idle))
+                            .await?
                     }
                     Some(_) => None,
                     // A stream of unknown length (chunked, HTTP/2, gRPC) is
                     // kept only if it has already ended: a client that waits
                     // for an answer before it ends (a gRPC stream) must not
                     // be held back; it is streamed and not retried.
-                    None => req_body.buffer_ready(RETRY_BUFFER_BYTES).await?,
+                    None => req_body.buffer(RETRY_BUFFER_BYTES, None).await?,
                 };
             }
             if replay.is_none() && !plan.use_h2 && !req_body.has_pending() {

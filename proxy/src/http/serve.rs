@@ -452,11 +452,7 @@ async fn handle(
 ) -> Response<RespBody> {
     let start = Instant::now();
     let inflight = state.begin();
-    let protocol = if req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-    {
+    let protocol = if crate::http::decide::is_grpc(req.headers()) {
         Protocol::Grpc
     } else {
         Protocol::Http

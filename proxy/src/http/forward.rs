@@ -78,6 +78,16 @@ fn overflow(labels: Arc<LabelSet>) -> LocalReply<'static> {
     r
 }
 
+/// 503 `UH`: the cluster had no endpoint to pick.
+fn no_healthy_upstream(cluster: &Cluster) -> LocalReply<'static> {
+    reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no healthy upstream",
+        Flags::NoHealthyUpstream,
+        cluster.no_endpoint_labels.clone(),
+    )
+}
+
 fn upstream_timeout(labels: Arc<LabelSet>) -> LocalReply<'static> {
     reply(
         StatusCode::GATEWAY_TIMEOUT,
@@ -285,12 +295,7 @@ pub async fn forward(
 
     if plan.upgrade {
         let Some(idx) = cluster.pick(plan.hash, &[]) else {
-            return rec.local(reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy upstream",
-                Flags::NoHealthyUpstream,
-                cluster.no_endpoint_labels.clone(),
-            ));
+            return rec.local(no_healthy_upstream(cluster));
         };
         let endpoint = cluster.endpoints[idx].clone();
         rec.set_upstream_host(&endpoint.addr_str);
@@ -448,21 +453,11 @@ pub async fn forward(
                 }
                 rec.local_with(r, Some(a.active))
             }
-            Tried::NoEndpoint => rec.local(reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy upstream",
-                Flags::NoHealthyUpstream,
-                cluster.no_endpoint_labels.clone(),
-            )),
+            Tried::NoEndpoint => rec.local(no_healthy_upstream(cluster)),
             Tried::Overflow => rec.local(overflow(cluster.no_endpoint_labels.clone())),
         };
     }
-    rec.local(reply(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "no healthy upstream",
-        Flags::NoHealthyUpstream,
-        cluster.no_endpoint_labels.clone(),
-    ))
+    rec.local(no_healthy_upstream(cluster))
 }
 
 /// When a try must have its response head (`until`: the per-try timeout

@@ -3,6 +3,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/bosun/config/v1/config.proto",
         "proto/bosun/testing/v1/echo.proto",
         "proto/envoy/service/discovery/v3/ads.proto",
+        "proto/istio/v1/auth/ca.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

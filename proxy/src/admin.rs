@@ -93,7 +93,9 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/stats/prometheus" | "/metrics" | "/stats" => text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            shared.metrics.render(),
+            shared
+                .metrics
+                .render(&shared.tls.spiffe().unwrap_or_default()),
         ),
         "/config_dump" => {
             let snap = shared.snapshot.load();

@@ -47,6 +47,15 @@ pub struct Listener {
     pub addr: SocketAddr,
     pub direction: Direction,
     pub kind: ListenerKind,
+    /// Inbound mutual TLS (PeerAuthentication).
+    pub peer_mtls: PeerMtls,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerMtls {
+    Disable,
+    Permissive,
+    Strict,
 }
 
 /// One complete, immutable configuration. Swapped whole with `ArcSwap`.
@@ -92,6 +101,8 @@ pub struct BuildContext<'a> {
     pub pools: &'a Pools,
     /// Addresses of DNS endpoints, as last resolved.
     pub dns: Option<&'a crate::dns::DnsCache>,
+    /// The workload certificate, for mesh TLS to upstreams.
+    pub tls: &'a Arc<crate::tls::Store>,
 }
 
 impl Snapshot {
@@ -151,11 +162,25 @@ impl Snapshot {
                 },
                 _ => return Err(reject(&id, "protocol", "must be HTTP or TCP")),
             };
+            let peer_mtls = match pb::PeerMtls::try_from(l.peer_mtls) {
+                Ok(pb::PeerMtls::Disable) => PeerMtls::Disable,
+                Ok(pb::PeerMtls::Permissive) => PeerMtls::Permissive,
+                Ok(pb::PeerMtls::Strict) => PeerMtls::Strict,
+                Err(_) => return Err(reject(&id, "peer_mtls", "unknown mode")),
+            };
+            if peer_mtls != PeerMtls::Disable && !matches!(kind, ListenerKind::Http { .. }) {
+                return Err(reject(
+                    &id,
+                    "peer_mtls",
+                    "mutual TLS is supported on HTTP listeners only",
+                ));
+            }
             let listener = Listener {
                 name: l.name.clone(),
                 addr: SocketAddr::new(ip, port),
                 direction,
                 kind,
+                peer_mtls,
             };
             if let Some(other) = listeners.insert(listener.addr, Arc::new(listener)) {
                 return Err(reject(
@@ -240,6 +265,24 @@ fn build_cluster(
             }
         }
     }
+    // TLS: a DestinationRule's for every endpoint; without one, auto mTLS
+    // (Istio mutual TLS to endpoints labelled tlsMode=istio).
+    let tls_err = |e: String| reject(&id, "tls", e);
+    let cluster_tls = match &c.tls {
+        Some(t) => Some(
+            crate::tls::origin::from_config(t, ctx.tls, &c.name, &c.service_host, &c.identities)
+                .map_err(tls_err)?
+                .map(|o| Transport::Tls(Arc::new(o)))
+                .unwrap_or(Transport::Plaintext),
+        ),
+        None => None,
+    };
+    let auto_mtls = if c.tls.is_none() && assigned.iter().any(|e| e.istio_mtls) {
+        let o = crate::tls::origin::mesh(ctx.tls, &c.name, "", &c.identities).map_err(tls_err)?;
+        Some(Transport::Tls(Arc::new(o)))
+    } else {
+        None
+    };
     let mut endpoints = Vec::new();
     // The config endpoint behind each endpoint kept (duplicates dropped):
     // localities are read from these, index for index.
@@ -260,9 +303,14 @@ fn build_cluster(
             version: e.labels.get("version").map(String::as_str).unwrap_or(""),
         };
         let labels = LabelSet::destination(ctx.identity, &service_labels(c), &workload, inbound);
+        let transport = match (&cluster_tls, &auto_mtls) {
+            (Some(t), _) => t.clone(),
+            (None, Some(t)) if e.istio_mtls => t.clone(),
+            _ => Transport::Plaintext,
+        };
         let pool = ctx.pools.get(PoolKey {
             addr,
-            transport: Transport::Plaintext,
+            transport,
             opts: pool_opts,
         });
         endpoints.push(Arc::new(Endpoint::new(

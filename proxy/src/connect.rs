@@ -1,6 +1,7 @@
 //! The one connector: every upstream connection (HTTP/1.1, HTTP/2, TCP,
-//! upgrades) is opened here, and comes back as a [`Stream`], the type TLS
-//! will wrap next (a `Tls` variant beside `Plain`).
+//! upgrades) is opened here, and comes back as a [`Stream`]: plain TCP, or
+//! TLS (Istio mutual TLS to a mesh peer, or a DestinationRule's SIMPLE or
+//! MUTUAL origination).
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,13 +12,18 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use std::sync::Arc;
+
 use crate::error::ConnectError;
 use crate::pool::Keepalive;
+use crate::tls::Alpn;
+use crate::tls::origin::Origin;
 
 /// An open upstream connection.
 #[derive(Debug)]
 pub enum Stream {
     Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// What a pooled connection carries besides its endpoint. Connections are
@@ -26,16 +32,21 @@ pub enum Stream {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Transport {
     Plaintext,
+    Tls(Arc<Origin>),
 }
 
-/// Opens a connection to `addr` within `timeout`, with TCP keepalive when asked.
+/// Opens a connection to `addr` within `timeout` (TLS handshake
+/// included), with TCP keepalive when asked; `alpn` says what it will
+/// carry, for the ALPN a TLS connection offers.
 pub async fn connect(
     addr: SocketAddr,
     transport: &Transport,
     timeout: Duration,
     keepalive: Option<&Keepalive>,
+    alpn: Alpn,
 ) -> Result<Stream, ConnectError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| ConnectError::Timeout(timeout))??;
     let _ = stream.set_nodelay(true);
@@ -56,6 +67,17 @@ pub async fn connect(
     }
     match transport {
         Transport::Plaintext => Ok(Stream::Plain(stream)),
+        Transport::Tls(origin) => {
+            let connector = tokio_rustls::TlsConnector::from(origin.config(alpn));
+            let tls = tokio::time::timeout_at(
+                deadline,
+                connector.connect(origin.server_name.clone(), stream),
+            )
+            .await
+            .map_err(|_| ConnectError::Timeout(timeout))?
+            .map_err(ConnectError::Tls)?;
+            Ok(Stream::Tls(Box::new(tls)))
+        }
     }
 }
 
@@ -67,6 +89,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -79,6 +102,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_write_vectored(
@@ -88,21 +112,25 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -36,6 +36,9 @@ pub enum ConnectError {
     Timeout(std::time::Duration),
     #[error("connect: {0}")]
     Io(#[from] io::Error),
+    /// The TLS handshake failed (certificate refused, no common protocol).
+    #[error("TLS handshake: {0}")]
+    Tls(io::Error),
 }
 
 /// Why a request could not be forwarded, or its response not read.

@@ -26,6 +26,7 @@ pub mod policy;
 pub mod pool;
 pub mod route;
 pub mod tcp;
+pub mod tls;
 pub mod xds;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +59,10 @@ pub struct Shared {
     /// DNS endpoints' addresses; the resolver task refreshes them.
     pub dns: dns::DnsCache,
     dns_wake: Arc<tokio::sync::Notify>,
+    /// The workload certificate and trust bundle.
+    pub tls: Arc<tls::Store>,
+    /// Inbound mesh listeners' server config (reads `tls` at each handshake).
+    pub mesh_server: Arc<rustls::ServerConfig>,
 }
 
 /// The proxy's limits, each a flag of `bosun proxy` (defaults as Envoy's
@@ -111,6 +116,8 @@ pub struct ProxyOptions {
     pub identity: ProxyIdentity,
     pub access_log: bool,
     pub limits: Limits,
+    /// The workload certificate (empty: no mTLS until one arrives).
+    pub tls: Arc<tls::Store>,
 }
 
 /// A running proxy. Cheap to share; `apply` may be called from any task.
@@ -138,6 +145,8 @@ impl Proxy {
             ready: AtomicBool::new(false),
             dns: dns::DnsCache::default(),
             dns_wake: Arc::new(tokio::sync::Notify::new()),
+            mesh_server: tls::mesh_server_config(&opts.tls),
+            tls: opts.tls,
         });
         let proxy = Arc::new(Proxy {
             shared,
@@ -181,6 +190,7 @@ impl Proxy {
             endpoints: &self.shared.endpoints,
             pools: &self.shared.pools,
             dns: Some(&self.shared.dns),
+            tls: &self.shared.tls,
         };
         let has_dns = cfg
             .clusters

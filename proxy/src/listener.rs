@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::sync::Semaphore;
 
 use crate::Shared;
-use crate::config::{ListenerKind, Snapshot};
+use crate::config::{ListenerKind, PeerMtls, Snapshot};
 use crate::error::RejectError;
 
 #[derive(Default)]
@@ -167,9 +167,21 @@ fn serve(
     let shared = shared.clone();
     match l.kind {
         ListenerKind::Http { .. } => {
+            let mtls = l.peer_mtls;
             drop(snap);
             tokio::spawn(async move {
-                crate::http::serve_connection(shared, stream, peer, addr, tracked).await;
+                match mtls {
+                    PeerMtls::Disable => {
+                        crate::http::serve_connection(shared, stream, peer, addr, tracked).await
+                    }
+                    PeerMtls::Permissive | PeerMtls::Strict => {
+                        let strict = mtls == PeerMtls::Strict;
+                        crate::http::serve::serve_inbound(
+                            shared, stream, peer, addr, strict, tracked,
+                        )
+                        .await
+                    }
+                }
                 drop(permit);
             });
         }

@@ -186,13 +186,16 @@ pub enum Protocol {
     Grpc,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ReqKey {
     labels: usize,
     code: u16,
     flags: Flags,
     protocol: Protocol,
     grpc_status: Option<u16>,
+    /// Mutual TLS downstream: the peer's SPIFFE ID (by value: one series
+    /// per peer identity, not per connection).
+    peer: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone)]
@@ -262,6 +265,7 @@ pub struct RequestRecord<'a> {
     pub duration_ms: f64,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    pub peer_principal: Option<&'a Arc<str>>,
 }
 
 #[derive(Debug, Default)]
@@ -274,6 +278,9 @@ pub struct Metrics {
     pub dns_failures: AtomicU64,
     pub config_version: Mutex<String>,
     pub downstream_connections: AtomicU64,
+    /// Inbound connections refused by PeerAuthentication (plaintext under
+    /// STRICT, a failed mutual TLS handshake).
+    pub mtls_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -284,6 +291,7 @@ impl Metrics {
             flags: r.flags,
             protocol: r.protocol,
             grpc_status: r.grpc_status,
+            peer: r.peer_principal.cloned(),
         };
         let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         let s = map.entry(key).or_insert_with(|| ReqSeries {
@@ -330,7 +338,8 @@ impl Metrics {
         });
     }
 
-    pub fn render(&self) -> String {
+    /// `own_principal`: this proxy's SPIFFE ID ("" if it has none).
+    pub fn render(&self, own_principal: &str) -> String {
         let mut out = String::with_capacity(16 * 1024);
         // Series from old snapshots carry the same label text: merge them.
         let mut reqs: BTreeMap<String, ReqSeries> = BTreeMap::new();
@@ -342,9 +351,28 @@ impl Metrics {
                     Protocol::Grpc => "grpc",
                 };
                 let grpc = k.grpc_status.map_or("".to_string(), |g| g.to_string());
+                // Istio's labels for a request that came over mutual TLS
+                // (reporter destination): the peer's and our principals.
+                let (labels, policy) = match &k.peer {
+                    Some(peer) => (
+                        s.labels
+                            .text
+                            .replacen(
+                                "source_principal=\"unknown\"",
+                                &format!("source_principal=\"{}\"", esc(peer)),
+                                1,
+                            )
+                            .replacen(
+                                "destination_principal=\"unknown\"",
+                                &format!("destination_principal=\"{}\"", esc(own_principal)),
+                                1,
+                            ),
+                        "mutual_tls",
+                    ),
+                    None => (s.labels.text.clone(), "none"),
+                };
                 let text = format!(
-                    "{},request_protocol=\"{proto}\",response_code=\"{}\",grpc_response_status=\"{grpc}\",response_flags=\"{}\",connection_security_policy=\"none\"",
-                    s.labels.text,
+                    "{labels},request_protocol=\"{proto}\",response_code=\"{}\",grpc_response_status=\"{grpc}\",response_flags=\"{}\",connection_security_policy=\"{policy}\"",
                     k.code,
                     k.flags.as_str()
                 );
@@ -464,6 +492,16 @@ impl Metrics {
             out,
             "bosun_downstream_connections_total {}",
             self.downstream_connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bosun_inbound_mtls_refused_total Inbound connections PeerAuthentication refused (plaintext under STRICT, failed mutual TLS handshakes)."
+        );
+        let _ = writeln!(out, "# TYPE bosun_inbound_mtls_refused_total counter");
+        let _ = writeln!(
+            out,
+            "bosun_inbound_mtls_refused_total {}",
+            self.mtls_refused.load(Ordering::Relaxed)
         );
         out
     }

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::connect::{Stream, Transport, connect};
 use crate::error::{ConnectError, ForwardError};
 use crate::http::body::ReqBody;
+use crate::tls::Alpn;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -100,13 +101,14 @@ impl Pool {
         }
     }
 
-    /// A new connection for this key.
-    pub async fn connect(&self) -> Result<Stream, ConnectError> {
+    /// A new connection for this key, to carry `alpn`.
+    pub async fn connect(&self, alpn: Alpn) -> Result<Stream, ConnectError> {
         connect(
             self.key.addr,
             &self.key.transport,
             self.opts.connect_timeout,
             self.opts.keepalive.as_ref(),
+            alpn,
         )
         .await
     }
@@ -131,7 +133,7 @@ impl Pool {
                 *slot = None;
             }
         }
-        let stream = self.connect().await?;
+        let stream = self.connect(Alpn::H2).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))

@@ -61,7 +61,7 @@ pub async fn serve_connection(
     let endpoint = cluster.endpoints[idx].clone();
     let _active = ActiveGuard::with_cluster(&endpoint, &cluster.state, slot);
     let labels = endpoint.labels.clone();
-    let mut up = match endpoint.pool.connect().await {
+    let mut up = match endpoint.pool.connect(crate::tls::Alpn::Tcp).await {
         Ok(s) => {
             cluster.report(idx, Outcome::Status(200));
             s

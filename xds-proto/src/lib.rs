@@ -32,6 +32,17 @@ pub mod envoy {
     }
 }
 
+/// Istio's certificate API (`istio.v1.auth.IstioCertificateService`).
+#[allow(clippy::all, missing_docs)]
+pub mod istio {
+    pub mod v1 {
+        pub mod auth {
+            tonic::include_proto!("istio.v1.auth");
+        }
+    }
+}
+pub use istio::v1::auth as ca;
+
 /// `google.rpc.Status`, carried in NACKs.
 #[allow(clippy::all, missing_docs)]
 pub mod google {

@@ -278,6 +278,8 @@ pub struct Exchange {
     pub response_bytes: u64,
     pub active: Option<ActiveGuard>,
     pub log: Option<Box<LogInfo>>,
+    /// Mutual TLS downstream: the peer's SPIFFE ID ("" if none).
+    pub peer_principal: Option<Arc<str>>,
 }
 
 impl Exchange {
@@ -293,6 +295,7 @@ impl Exchange {
             duration_ms,
             request_bytes,
             response_bytes: self.response_bytes,
+            peer_principal: self.peer_principal.as_ref(),
         });
         if let (Some(log), Some(sink)) = (self.log, &self.shared.access_log) {
             sink.write(serde_json::json!({
@@ -315,6 +318,7 @@ impl Exchange {
                 "route_name": &*log.route_name,
                 "downstream_remote_address": log.downstream_remote.to_string(),
                 "downstream_local_address": log.downstream_local.to_string(),
+                "downstream_peer_uri_san": self.peer_principal.as_deref(),
             }));
         }
     }

@@ -31,6 +31,8 @@ pub struct ConnContext {
     pub local: SocketAddr,
     /// The peer's IP, rendered once for `x-forwarded-for`.
     pub peer_ip: HeaderValue,
+    /// Set when the connection is TLS: who the peer proved to be.
+    pub tls: Option<Arc<crate::http::serve::DownstreamTls>>,
 }
 
 impl ConnContext {
@@ -40,6 +42,7 @@ impl ConnContext {
             local,
             peer_ip: HeaderValue::try_from(peer.ip().to_string())
                 .unwrap_or(HeaderValue::from_static("unknown")),
+            tls: None,
         }
     }
 }
@@ -550,6 +553,7 @@ mod tests {
                 std::time::Duration::from_secs(1),
             )),
             dns: None,
+            tls: &crate::tls::Store::new(),
         };
         Snapshot::build(cfg, &ctx).expect("valid snapshot")
     }
@@ -711,6 +715,7 @@ mod tests {
                 std::time::Duration::from_secs(1),
             )),
             dns: None,
+            tls: &crate::tls::Store::new(),
         };
         let snap = Snapshot::build(cfg, &ctx).expect("valid");
         let cl = &snap.clusters["dup"];

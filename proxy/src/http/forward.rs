@@ -40,6 +40,7 @@ use crate::http::serve::Recorder;
 use crate::metrics::LabelSet;
 use crate::outlier::Outcome;
 use crate::policy::{RetryOn, RetryPolicy, TryFailure, roll};
+use crate::tls::Alpn;
 
 /// A request body kept for retries and mirrors is at most this (Envoy keeps
 /// up to its 1 MiB connection buffer; a larger body is sent once, streamed).
@@ -204,7 +205,28 @@ pub async fn forward(
     }
     let xfp = HeaderName::from_static("x-forwarded-proto");
     if !headers.contains_key(&xfp) {
-        headers.insert(xfp, HeaderValue::from_static("http"));
+        let proto = if conn.tls.is_some() { "https" } else { "http" };
+        headers.insert(xfp, HeaderValue::from_static(proto));
+    }
+    // x-forwarded-client-cert as Istio's sidecars set it (Envoy's
+    // APPEND_FORWARD): over mutual TLS our element for the peer is
+    // appended; otherwise any the client sent is dropped, so nobody can
+    // claim an identity by writing a header.
+    let xfcc = HeaderName::from_static("x-forwarded-client-cert");
+    match conn.tls.as_ref().and_then(|t| t.xfcc.as_ref()) {
+        Some(mine) => {
+            let v = match headers.get(&xfcc).and_then(|v| v.to_str().ok()) {
+                Some(prev) => {
+                    HeaderValue::try_from(format!("{prev},{}", mine.to_str().unwrap_or("")))
+                        .unwrap_or_else(|_| mine.clone())
+                }
+                None => mine.clone(),
+            };
+            headers.insert(xfcc, v);
+        }
+        None => {
+            headers.remove(&xfcc);
+        }
     }
     let rid = HeaderName::from_static("x-request-id");
     if !headers.contains_key(&rid) {
@@ -655,7 +677,7 @@ async fn send(
             response_deadline: route_deadline,
         };
         let pool = endpoint.pool.clone();
-        h1::send(&pool.h1, || pool.connect(), parts, body, t)
+        h1::send(&pool.h1, || pool.connect(Alpn::Http1), parts, body, t)
             .await
             .map(|r| r.map(RespKind::H1))
     }
@@ -789,7 +811,7 @@ async fn send_upgrade(
     body: ReqBody,
     downstream: Option<OnUpgrade>,
 ) -> Result<Response<RespKind>, ForwardError> {
-    let stream = pool.connect().await?;
+    let stream = pool.connect(Alpn::Http1).await?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;

@@ -75,14 +75,14 @@ impl ConnState {
 }
 
 /// The stream with the bytes protocol detection read put back in front.
-struct Prefixed {
+struct Prefixed<S> {
     head: [u8; 24],
     pos: usize,
     len: usize,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -99,7 +99,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -127,7 +127,10 @@ impl AsyncWrite for Prefixed {
 
 /// Reads until the bytes are, or cannot be, the HTTP/2 preface. `None`:
 /// the peer closed or sent too little before the deadline.
-async fn detect(mut stream: TcpStream, deadline: tokio::time::Instant) -> Option<(bool, Prefixed)> {
+async fn detect<S: AsyncRead + Unpin>(
+    mut stream: S,
+    deadline: tokio::time::Instant,
+) -> Option<(bool, Prefixed<S>)> {
     let mut head = [0u8; 24];
     let mut len = 0;
     let h2 = loop {
@@ -266,15 +269,112 @@ pub async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    _tracked: Tracked,
+    tracked: Tracked,
 ) {
     let state = ConnState::new();
+    serve_io(
+        shared,
+        state,
+        stream,
+        ConnContext::new(peer, local),
+        tracked,
+    )
+    .await
+}
+
+/// Serves a sidecar's inbound connection under PeerAuthentication: a TLS
+/// ClientHello (first byte 0x16, peeked, nothing consumed) is Istio mutual
+/// TLS: the handshake requires a client certificate from the mesh roots
+/// and the peer's identity goes with every request; anything else is
+/// plaintext, refused under STRICT. Both within the head timeout.
+pub async fn serve_inbound(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    strict: bool,
+    tracked: Tracked,
+) {
+    let state = ConnState::new();
+    let deadline = state.start + shared.limits.request_head_timeout;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == 0x16 => {}
+        Ok(Ok(1)) if !strict => {
+            let conn = ConnContext::new(peer, local);
+            return serve_io(shared, state, stream, conn, tracked).await;
+        }
+        Ok(Ok(1)) => {
+            shared.metrics.mtls_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "plaintext refused: mutual TLS is STRICT here");
+            return;
+        }
+        _ => return,
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(shared.mesh_server.clone());
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            shared.metrics.mtls_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, error = %e, "mutual TLS handshake refused");
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut conn = ConnContext::new(peer, local);
+    let peer_id = crate::tls::PeerIdentity::from_certs(tls.get_ref().1.peer_certificates());
+    conn.tls = Some(Arc::new(DownstreamTls::new(peer_id, shared.tls.spiffe())));
+    serve_io(shared, state, tls, conn, tracked).await
+}
+
+/// What a downstream TLS connection proved, rendered once for its requests.
+#[derive(Debug)]
+pub struct DownstreamTls {
+    /// The peer's SPIFFE ID (`source_principal`).
+    pub principal: Option<Arc<str>>,
+    /// Envoy's `x-forwarded-client-cert` element for this peer.
+    pub xfcc: Option<HeaderValue>,
+}
+
+impl DownstreamTls {
+    pub fn new(peer: Option<crate::tls::PeerIdentity>, own: Option<String>) -> DownstreamTls {
+        let Some(peer) = peer else {
+            return DownstreamTls {
+                principal: None,
+                xfcc: None,
+            };
+        };
+        let mut x = String::new();
+        if let Some(own) = &own {
+            x.push_str(&format!("By={own};"));
+        }
+        x.push_str(&format!("Hash={}", peer.hash));
+        if let Some(uri) = &peer.spiffe {
+            x.push_str(&format!(";URI={uri}"));
+        }
+        DownstreamTls {
+            principal: peer.spiffe.map(Arc::from),
+            xfcc: HeaderValue::try_from(x).ok(),
+        }
+    }
+}
+
+async fn serve_io<S>(
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+    stream: S,
+    conn: ConnContext,
+    _tracked: Tracked,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let limits = shared.limits.clone();
+    let peer = conn.peer;
     let Some((h2, io)) = detect(stream, state.start + limits.request_head_timeout).await else {
         tracing::debug!(%peer, "no request within the head timeout; closing");
         return;
     };
-    let conn = Arc::new(ConnContext::new(peer, local));
+    let conn = Arc::new(conn);
     let (sh, st) = (shared.clone(), state.clone());
     let svc = hyper::service::service_fn(move |req| {
         use futures_util::FutureExt;
@@ -323,6 +423,8 @@ pub struct Recorder {
     inflight: InFlight,
     /// A flag for a response that otherwise went well (DI, URX, UO).
     flags: Flags,
+    /// Mutual TLS downstream: the peer's SPIFFE ID ("" if none).
+    peer_principal: Option<Arc<str>>,
 }
 
 impl Recorder {
@@ -367,6 +469,7 @@ impl Recorder {
                 response_bytes: 0,
                 active,
                 log: self.log,
+                peer_principal: self.peer_principal,
             }),
             close,
             self.inflight,
@@ -493,6 +596,10 @@ async fn handle(
         h1: parts.version != Version::HTTP_2,
         inflight,
         flags: Flags::None,
+        peer_principal: conn
+            .tls
+            .as_ref()
+            .map(|t| t.principal.clone().unwrap_or_else(|| Arc::from(""))),
     };
     match decided.decision {
         Decision::Local(l) => rec.local(l),

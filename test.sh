@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test Bosun has. Installs the outside clients the tests
 # use when they are missing: curl, h2load (nghttp2-client), wrk, etcd (etcd-server),
-# nftables, iptables and iproute2 (node mode, in network namespaces), and Python's
+# nftables, iptables and iproute2 (node mode, in network namespaces), openssl (certificates
+# from another PKI for the mTLS tests), and Python's
 # grpcio + xds-protos for the xDS conformance test.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,6 +17,8 @@ command -v etcd >/dev/null || missing+=(etcd-server)
 command -v nft >/dev/null || missing+=(nftables)
 command -v iptables-restore >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
+# mTLS tests make certificates with a PKI that is not Bosun's.
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}"
     sudo=""

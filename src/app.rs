@@ -36,7 +36,46 @@ pub fn params(args: &ProxyArgs) -> anyhow::Result<ProxyParams> {
         }),
         gateway_address: args.gateway_address.clone(),
         check_only: false,
+        trust_domain: args.trust_domain.clone(),
     })
+}
+
+/// Where the workload certificate comes from: files (--cert-dir), the CA
+/// (--ca-address, or an https:// --xds), or nowhere (no mTLS).
+fn start_identity(args: &ProxyArgs, store: &Arc<bosun_proxy::tls::Store>) -> anyhow::Result<()> {
+    use bosun_proxy::tls;
+    if let Some(dir) = &args.cert_dir {
+        tls::source::watch(dir.clone(), store.clone()).map_err(anyhow::Error::msg)?;
+        return Ok(());
+    }
+    let ca = args.ca_address.clone().or_else(|| {
+        args.xds
+            .as_ref()
+            .and_then(|x| x.split(',').next())
+            .map(|a| a.trim().to_string())
+            .filter(|a| a.starts_with("https://"))
+    });
+    let Some(address) = ca else {
+        return Ok(());
+    };
+    let (Some(root), Some(token)) = (&args.ca_root_cert, &args.token_file) else {
+        anyhow::bail!("a certificate from the CA {address} needs --ca-root-cert and --token-file");
+    };
+    tls::ca::start(
+        tls::ca::CaOptions {
+            address,
+            server_name: args.control_name.clone(),
+            root_cert: root.clone(),
+            token_file: token.clone(),
+            spiffe: format!(
+                "spiffe://{}/ns/{}/sa/{}",
+                args.trust_domain, args.namespace, args.service_account
+            ),
+            ttl: args.cert_ttl,
+        },
+        store.clone(),
+    );
+    Ok(())
 }
 
 /// Starts a proxy fed by the watched config path. Returns once the admin
@@ -51,10 +90,13 @@ pub async fn start_proxy(args: &ProxyArgs) -> anyhow::Result<Arc<Proxy>> {
         locality: args.locality.clone(),
         labels: params.labels.clone(),
     };
+    let store = bosun_proxy::tls::Store::new();
+    start_identity(args, &store)?;
     let proxy = Proxy::new(ProxyOptions {
         identity,
         access_log: args.access_log,
         limits: args.limits(),
+        tls: store.clone(),
     });
     let admin = bosun_proxy::admin::bind(args.admin_address)
         .await
@@ -76,8 +118,25 @@ pub async fn start_proxy(args: &ProxyArgs) -> anyhow::Result<Arc<Proxy>> {
                 .collect(),
             node: node(args, &params),
             delta: !args.xds_sotw,
+            tls: args
+                .ca_root_cert
+                .as_ref()
+                .map(|root| bosun_proxy::xds::XdsTls {
+                    server_name: args.control_name.clone(),
+                    root_cert: root.clone(),
+                    store: store.clone(),
+                }),
         };
-        tokio::spawn(bosun_proxy::xds::run(proxy.clone(), opts));
+        let p = proxy.clone();
+        let wait_for_cert = xds.trim_start().starts_with("https://") && args.cert_dir.is_none();
+        tokio::spawn(async move {
+            // Over TLS the control service wants the workload certificate
+            // (it authenticates xDS by it): ask for config once it is here.
+            while wait_for_cert && store.get().is_none() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            bosun_proxy::xds::run(p, opts).await
+        });
         return Ok(proxy);
     }
     let Some(config) = args.config.clone() else {

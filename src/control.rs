@@ -32,9 +32,35 @@ pub struct ControlArgs {
     /// Keys are <prefix>/<kind>/<namespace>/<name>; values are YAML or JSON documents.
     #[arg(long, default_value = "/bosun")]
     etcd_prefix: String,
-    /// Where proxies connect for xDS (ADS over gRPC, plaintext).
-    #[arg(long, default_value = "0.0.0.0:15010")]
+    /// Plaintext xDS (ADS over gRPC, nothing authenticated): loopback by default, for a proxy
+    /// on the same host and for tools. Proxies elsewhere use --xds-tls-addr.
+    #[arg(long, default_value = "127.0.0.1:15010")]
     xds_addr: SocketAddr,
+    /// Be the mesh's CA, with its files in this directory (Istio's plugged-in CA names:
+    /// ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem; made on first start if it has
+    /// none). Serves Istio's CSR API and authenticated xDS over TLS on --xds-tls-addr.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// With --ca-dir: xDS and the CA over TLS; every caller proves a workload identity.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    xds_tls_addr: SocketAddr,
+    /// Bootstrap tokens for workloads outside Kubernetes: YAML `tokens: [{token, namespace,
+    /// serviceAccount}]`, read at each check. With --kubernetes, ServiceAccount tokens are
+    /// checked by TokenReview as well.
+    #[arg(long)]
+    ca_tokens: Option<PathBuf>,
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// The longest workload certificate lifetime a proxy may ask for (Istio's 90 days).
+    #[arg(long, default_value = "2160h", value_parser = crate::parse_duration)]
+    max_cert_ttl: std::time::Duration,
+    /// DNS names in the control's serving certificate, comma-separated.
+    #[arg(
+        long,
+        default_value = "bosun-control.istio-system.svc,bosun-control,istiod.istio-system.svc,localhost"
+    )]
+    serving_names: String,
     /// Admin: /ready, /healthz, /metrics, /debug/proxies (JSON, for `bosun status`).
     #[arg(long, default_value = "127.0.0.1:15014")]
     admin_address: SocketAddr,
@@ -87,7 +113,21 @@ impl ControlArgs {
             etcd_prefix: "/bosun".into(),
             xds_addr,
             admin_address,
+            ca_dir: None,
+            xds_tls_addr: "127.0.0.1:15012".parse().unwrap_or(xds_addr),
+            ca_tokens: None,
+            trust_domain: "cluster.local".into(),
+            max_cert_ttl: std::time::Duration::from_secs(90 * 24 * 3600),
+            serving_names: "bosun-control.istio-system.svc,localhost".into(),
         }
+    }
+
+    /// Makes it the CA too, with its files in `dir`, on `tls_addr`.
+    pub fn with_ca(mut self, dir: PathBuf, tls_addr: SocketAddr, tokens: PathBuf) -> ControlArgs {
+        self.ca_dir = Some(dir);
+        self.xds_tls_addr = tls_addr;
+        self.ca_tokens = Some(tokens);
+        self
     }
 }
 
@@ -97,6 +137,12 @@ pub async fn start(args: &ControlArgs) -> anyhow::Result<Running> {
     let (tx, rx) = watch::channel::<Option<Arc<Prepared>>>(None);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let ads = Ads::new(rx.clone()).with_shutdown(shutdown_rx.clone());
+    // Checked before anything listens: a bad CA directory or tokens file
+    // stops the start with the file named.
+    let tls = match &args.ca_dir {
+        Some(dir) => Some(ca_server(args, dir, &ads).await?),
+        None => None,
+    };
     let registry = ads.registry.clone();
     let counters = Arc::new(Counters::default());
 
@@ -161,6 +207,23 @@ pub async fn start(args: &ControlArgs) -> anyhow::Result<Running> {
         .await
         .map_err(|e| anyhow::anyhow!("xDS listener {}: {e}", args.xds_addr))?;
     tracing::info!(addr = %args.xds_addr, "xDS (ADS) listening");
+    if let Some((incoming, ads_tls, ca)) = tls {
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(ads_tls.into_service())
+                .add_service(ca.into_service())
+                .serve_with_incoming_shutdown(incoming, async move {
+                    if stop.wait_for(|s| *s).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "xDS/CA TLS server stopped");
+            }
+        });
+    }
     let mut stop = shutdown_rx;
     let server = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
@@ -179,6 +242,58 @@ pub async fn start(args: &ControlArgs) -> anyhow::Result<Running> {
         }
     });
     Ok(Running { shutdown, server })
+}
+
+type TlsIncoming = tokio_stream::wrappers::ReceiverStream<
+    Result<bosun_control::identity::TlsConn, std::io::Error>,
+>;
+
+/// The CA and the authenticated xDS listener: loads (or makes) the CA,
+/// issues the serving certificate, binds --xds-tls-addr.
+async fn ca_server(
+    args: &ControlArgs,
+    dir: &std::path::Path,
+    ads: &Ads,
+) -> anyhow::Result<(TlsIncoming, Ads, bosun_control::ca::CaService)> {
+    use bosun_control::{ca, identity};
+    let mut authority =
+        ca::Ca::load_or_create(dir, &args.trust_domain).map_err(anyhow::Error::msg)?;
+    authority.max_ttl = args.max_cert_ttl;
+    let auth = identity::Authenticator::new(args.trust_domain.clone(), args.ca_tokens.clone())
+        .map_err(anyhow::Error::msg)?;
+    let auth = if args.kubernetes {
+        auth.with_ambient_kubernetes()
+            .await
+            .map_err(anyhow::Error::msg)?
+    } else {
+        auth
+    };
+    let auth = Arc::new(auth);
+    let names: Vec<String> = args
+        .serving_names
+        .split(',')
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let (chain, key) = authority
+        .serving(&names, std::time::Duration::from_secs(365 * 24 * 3600))
+        .map_err(anyhow::Error::msg)?;
+    let config =
+        identity::server_config(&chain, &key, authority.roots_pem()).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(args.xds_tls_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("xDS/CA TLS listener {}: {e}", args.xds_tls_addr))?;
+    tracing::info!(addr = %args.xds_tls_addr, ca = %dir.display(), "xDS and CA listening (TLS, authenticated)");
+    let service = ca::CaService {
+        ca: Arc::new(authority),
+        auth: auth.clone(),
+        issued: Arc::default(),
+    };
+    Ok((
+        identity::incoming(listener, config),
+        ads.clone().with_auth(auth),
+        service,
+    ))
 }
 
 async fn serve_admin(
@@ -225,8 +340,8 @@ pub async fn status(control: &str) -> anyhow::Result<ExitCode> {
     let body = resp.into_body().collect().await?.to_bytes();
     let proxies: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
     println!(
-        "{:<40} {:<6} {:<18} {:<18} {:<8} LAST NACK",
-        "NODE", "STREAM", "ACKED", "LATEST", "SYNCED"
+        "{:<40} {:<48} {:<6} {:<18} {:<18} {:<8} LAST NACK",
+        "NODE", "IDENTITY", "STREAM", "ACKED", "LATEST", "SYNCED"
     );
     for p in &proxies {
         let s = |k: &str| p[k].as_str().unwrap_or("").to_string();
@@ -240,9 +355,14 @@ pub async fn status(control: &str) -> anyhow::Result<ExitCode> {
             .as_str()
             .or(p["translate_error"].as_str())
             .unwrap_or("-");
+        let identity = match s("identity") {
+            i if i.is_empty() => "-".to_string(),
+            i => i,
+        };
         println!(
-            "{:<40} {:<6} {:<18} {:<18} {:<8} {}",
+            "{:<40} {:<48} {:<6} {:<18} {:<18} {:<8} {}",
             s("node_id"),
+            identity,
             s("stream"),
             s("acked_version"),
             s("latest_version"),

@@ -1,10 +1,15 @@
-//! `bosun demo`: a live canary on loopback, nothing to install.
+//! `bosun demo`: a live canary on loopback, over mutual TLS, nothing to install.
 //!
-//! Two backends (v1 on :18081, v2 on :18082), a control service (xDS on
-//! :15010) watching a directory that holds `examples/canary/canary.yaml`
-//! (embedded), a gateway on :8080 configured by it over xDS, and a load
-//! loop. The demo rewrites the VirtualService weights in the watched
-//! directory while traffic flows, exactly as a user would, and reports each step.
+//! Two backends (v1 on :18081, v2 on :18082), each behind its sidecar
+//! (inbound :18091, :18092), a control service that is also the mesh's CA
+//! (authenticated xDS and certificates on :15012) watching a directory that
+//! holds `examples/canary/canary.yaml` (embedded), a gateway on :8080
+//! configured by it over xDS, and a load loop. Every proxy gets its
+//! certificate from the CA with a bootstrap token; the gateway speaks
+//! Istio mutual TLS to the sidecars (STRICT), and each backend echoes the
+//! identity its sidecar saw. The demo rewrites the VirtualService weights
+//! in the watched directory while traffic flows, exactly as a user would,
+//! and reports each step.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,7 +28,27 @@ const GATEWAY: &str = "127.0.0.1:8080";
 const BACKENDS: [(&str, &str); 2] = [("v1", "127.0.0.1:18081"), ("v2", "127.0.0.1:18082")];
 const STEPS: [(u32, u32); 3] = [(90, 10), (50, 50), (0, 100)];
 const CONTROL_XDS: &str = "127.0.0.1:15010";
+const CONTROL_TLS: &str = "127.0.0.1:15012";
 const CONTROL_ADMIN: &str = "127.0.0.1:15014";
+/// The sidecars: (version, inbound, app, admin, outbound).
+const SIDECARS: [(&str, &str, u16, &str, &str); 2] = [
+    (
+        "v1",
+        "127.0.0.1:18091",
+        18081,
+        "127.0.0.1:15100",
+        "127.0.0.1:15101",
+    ),
+    (
+        "v2",
+        "127.0.0.1:18092",
+        18082,
+        "127.0.0.1:15110",
+        "127.0.0.1:15111",
+    ),
+];
+const GATEWAY_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway";
+const REVIEWS_ID: &str = "spiffe://cluster.local/ns/demo/sa/reviews";
 
 /// The embedded canary config with the v1/v2 weights replaced.
 pub fn canary_config(v1: u32, v2: u32) -> String {
@@ -44,10 +69,23 @@ async fn backend(version: &'static str, addr: &str) -> anyhow::Result<()> {
                 continue;
             };
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| async move {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                        Bytes::from_static(version.as_bytes()),
-                    )))
+                // "<version> <caller's SPIFFE ID>", from the XFCC header
+                // the sidecar set ("-" if none).
+                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| async move {
+                    let caller = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| {
+                            v.rsplit(";URI=")
+                                .next()
+                                .filter(|u| u.starts_with("spiffe://"))
+                        })
+                        .unwrap_or("-")
+                        .to_string();
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                        format!("{version} {caller}"),
+                    ))))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -90,6 +128,8 @@ struct Stats {
     v1: u64,
     v2: u64,
     errors: u64,
+    /// Answers whose backend saw the gateway's identity (mutual TLS).
+    mtls: u64,
     latencies_us: Vec<u32>,
 }
 
@@ -115,24 +155,79 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
         backend(v, addr).await?;
     }
     let dir = std::env::temp_dir().join(format!("bosun-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("config");
+    std::fs::create_dir_all(&config)?;
     let _cleanup = Cleanup(dir.clone());
-    write_config(&dir, STEPS[0].0, STEPS[0].1)?;
-    // The control service watches the directory; the gateway gets its
-    // config from it over xDS, as in a cluster.
-    let control =
-        crate::control::ControlArgs::new(dir.clone(), CONTROL_XDS.parse()?, CONTROL_ADMIN.parse()?);
+    write_config(&config, STEPS[0].0, STEPS[0].1)?;
+    // One bootstrap token per proxy: the CA signs only the identity a token maps to.
+    let tokens = dir.join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        "tokens:\n\
+         - {token: demo-gateway-token-0001, namespace: istio-system, serviceAccount: istio-ingressgateway}\n\
+         - {token: demo-reviews-token-0001, namespace: demo, serviceAccount: reviews}\n",
+    )?;
+    std::fs::write(dir.join("gateway.token"), "demo-gateway-token-0001")?;
+    std::fs::write(dir.join("reviews.token"), "demo-reviews-token-0001")?;
+    // The control service watches the directory and is the mesh's CA;
+    // the proxies get certificates and config from it, as in a cluster.
+    let control = crate::control::ControlArgs::new(
+        config.clone(),
+        CONTROL_XDS.parse()?,
+        CONTROL_ADMIN.parse()?,
+    )
+    .with_ca(dir.join("ca"), CONTROL_TLS.parse()?, tokens);
     let _control = crate::control::start(&control).await?;
-    // Parsed like the command line, so every default is the flag's default.
-    let cli = <crate::Cli as clap::Parser>::try_parse_from([
-        "bosun",
-        "proxy",
+    let root = dir.join("ca").join("root-cert.pem");
+    let root = root.to_str().unwrap_or_default();
+    let xds = format!("https://{CONTROL_TLS}");
+    let mut sidecars = Vec::new();
+    for (version, inbound, app, admin, outbound) in SIDECARS {
+        let token = dir.join("reviews.token");
+        let args = proxy_args(&[
+            "--mode",
+            "sidecar",
+            "--xds",
+            &xds,
+            "--ca-root-cert",
+            root,
+            "--token-file",
+            token.to_str().unwrap_or_default(),
+            "--namespace",
+            "demo",
+            "--service-account",
+            "reviews",
+            "--workload",
+            &format!("reviews-{version}"),
+            "--node-id",
+            &format!("sidecar~reviews-{version}"),
+            "--labels",
+            &format!("app=reviews,version={version}"),
+            "--app-port",
+            &app.to_string(),
+            "--inbound-address",
+            inbound,
+            "--admin-address",
+            admin,
+            "--outbound-address",
+            outbound,
+        ])?;
+        sidecars.push(crate::app::start_proxy(&args).await?);
+    }
+    let token = dir.join("gateway.token");
+    let args = proxy_args(&[
         "--mode",
         "gateway",
         "--xds",
-        CONTROL_XDS,
+        &xds,
+        "--ca-root-cert",
+        root,
+        "--token-file",
+        token.to_str().unwrap_or_default(),
         "--namespace",
         "istio-system",
+        "--service-account",
+        "istio-ingressgateway",
         "--workload",
         "istio-ingressgateway",
         "--admin-address",
@@ -140,28 +235,27 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
         "--gateway-address",
         "127.0.0.1",
     ])?;
-    let crate::Command::Proxy(args) = cli.command else {
-        anyhow::bail!("demo: proxy arguments did not parse as a proxy command");
-    };
     let proxy = crate::app::start_proxy(&args).await?;
-    let ready_by = Instant::now() + Duration::from_secs(5);
-    while proxy.listening_on().is_empty() {
+    let ready_by = Instant::now() + Duration::from_secs(10);
+    let all = || std::iter::once(&proxy).chain(sidecars.iter());
+    while all().any(|p| p.listening_on().is_empty() || p.shared().tls.get().is_none()) {
         if Instant::now() > ready_by {
-            // e.g. another program holds the gateway port: the NACK says so.
-            anyhow::bail!("the gateway did not come up: see the log above");
+            // e.g. another program holds a port: the log says so.
+            anyhow::bail!("the proxies did not come up with certificates and config within 10 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!(
-        "bosun demo: gateway http://{GATEWAY}/reviews  backends v1 {} v2 {}",
-        BACKENDS[0].1, BACKENDS[1].1
+        "bosun demo: gateway http://{GATEWAY}/reviews -> sidecars {} {} -> backends v1 {} v2 {}",
+        SIDECARS[0].1, SIDECARS[1].1, BACKENDS[0].1, BACKENDS[1].1
+    );
+    println!("            mutual TLS (STRICT): {GATEWAY_ID} -> {REVIEWS_ID}");
+    println!(
+        "            certificates and xDS from the control service's CA https://{CONTROL_TLS} (bootstrap tokens); bosun status --control {CONTROL_ADMIN}"
     );
     println!(
         "            metrics http://127.0.0.1:15000/stats/prometheus  config {}",
-        dir.display()
-    );
-    println!(
-        "            control service xDS {CONTROL_XDS}; bosun status --control {CONTROL_ADMIN}"
+        config.display()
     );
 
     let stats = Arc::new(Mutex::new(Stats::default()));
@@ -182,11 +276,19 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
                     _ => None,
                 };
                 let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                let text = result.as_deref().map(String::from_utf8_lossy);
+                let (version, caller) = text
+                    .as_deref()
+                    .and_then(|t| t.split_once(' '))
+                    .unwrap_or(("", ""));
                 let mut s = stats.lock().await;
-                match result.as_deref() {
-                    Some(b"v1") => s.v1 += 1,
-                    Some(b"v2") => s.v2 += 1,
+                match version {
+                    "v1" => s.v1 += 1,
+                    "v2" => s.v2 += 1,
                     _ => s.errors += 1,
+                }
+                if caller == GATEWAY_ID {
+                    s.mtls += 1;
                 }
                 s.latencies_us.push(us);
             }
@@ -196,7 +298,7 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
     for (i, (w1, w2)) in STEPS.iter().enumerate() {
         let before = proxy.version();
         if i > 0 {
-            write_config(&dir, *w1, *w2)?;
+            write_config(&config, *w1, *w2)?;
             let by = Instant::now() + Duration::from_secs(3);
             while proxy.version() == before {
                 if Instant::now() > by {
@@ -222,12 +324,13 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
         };
         let p99 = percentile(&mut s.latencies_us, 0.99);
         println!(
-            "step {}/{}  weights v1={w1:<3} v2={w2:<3} | observed v1={:5.1}% v2={:5.1}% | requests {n:>7} | errors {} | p99 {p99:.2} ms | config {}",
+            "step {}/{}  weights v1={w1:<3} v2={w2:<3} | observed v1={:5.1}% v2={:5.1}% | requests {n:>7} | errors {} | mTLS {:5.1}% | p99 {p99:.2} ms | config {}",
             i + 1,
             STEPS.len(),
             pct(s.v1),
             pct(s.v2),
             s.errors,
+            pct(s.mtls),
             proxy.version()
         );
         merge(&mut *total.lock().await, s);
@@ -243,14 +346,15 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
     let p99 = percentile(&mut t.latencies_us, 0.99);
     let p50 = percentile(&mut t.latencies_us, 0.50);
     println!(
-        "summary: {n} requests in {:.1} s, {} failed, v1 {} v2 {}, p50 {p50:.2} ms p99 {p99:.2} ms, {} weight changes applied with traffic flowing",
+        "summary: {n} requests in {:.1} s, {} failed, v1 {} v2 {}, {} over mutual TLS, p50 {p50:.2} ms p99 {p99:.2} ms, {} weight changes applied with traffic flowing",
         started.elapsed().as_secs_f64(),
         t.errors,
         t.v1,
         t.v2,
+        t.mtls,
         STEPS.len() - 1
     );
-    Ok(if t.errors == 0 && n > 0 {
+    Ok(if t.errors == 0 && n > 0 && t.mtls == n {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -258,10 +362,22 @@ pub async fn run(step_seconds: u64, connections: usize) -> anyhow::Result<ExitCo
 }
 
 fn merge(into: &mut Stats, s: Stats) {
+    into.mtls += s.mtls;
     into.v1 += s.v1;
     into.v2 += s.v2;
     into.errors += s.errors;
     into.latencies_us.extend(s.latencies_us);
+}
+
+/// Proxy flags parsed as the command line parses them, so every default
+/// is the flag's default.
+fn proxy_args(args: &[&str]) -> anyhow::Result<Box<crate::ProxyArgs>> {
+    let argv = ["bosun", "proxy"].into_iter().chain(args.iter().copied());
+    let cli = <crate::Cli as clap::Parser>::try_parse_from(argv)?;
+    match cli.command {
+        crate::Command::Proxy(args) => Ok(args),
+        _ => anyhow::bail!("demo: proxy arguments did not parse as a proxy command"),
+    }
 }
 
 struct Cleanup(std::path::PathBuf);

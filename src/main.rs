@@ -159,6 +159,35 @@ pub struct ProxyArgs {
     /// Node mode: how long the userspace backend's connections get before its routes go.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_duration: Duration,
+    /// Workload certificate from files with Istio's file-mounted names (cert-chain.pem, key.pem,
+    /// root-cert.pem), reloaded when they change: mTLS without a CA (cert-manager, your own PKI).
+    #[arg(long, conflicts_with = "ca_address")]
+    cert_dir: Option<PathBuf>,
+    /// The CA to ask for a workload certificate (Bosun's control, or istiod), https://host:port.
+    /// Default: the --xds address when it is https://.
+    #[arg(long)]
+    ca_address: Option<String>,
+    /// PEM roots the control service's certificate must chain to (Istio's istio-ca-root-cert);
+    /// needed for an https:// --xds or --ca-address. They are trusted for mesh peers too.
+    #[arg(long)]
+    ca_root_cert: Option<PathBuf>,
+    /// The bearer token the CA checks: a projected ServiceAccount token (audience istio-ca) or a
+    /// bootstrap token from the control's --ca-tokens file. Read at each request.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The service account this workload runs as; its SPIFFE ID is
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+    #[arg(long, default_value = "default")]
+    service_account: String,
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Workload certificate lifetime asked of the CA (renewed at 40-60% of it).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+    /// The DNS name the control service's certificate is checked for.
+    #[arg(long, default_value = "bosun-control.istio-system.svc")]
+    control_name: String,
     /// How often DNS ServiceEntry names are looked up again (Istio's meshConfig
     /// dnsRefreshRate, 60s); a cluster's own shorter interval wins.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
@@ -237,7 +266,7 @@ enum Command {
         connections: usize,
     },
     /// The control service: reads the config, validates it, and pushes it to proxies over xDS.
-    Control(control::ControlArgs),
+    Control(Box<control::ControlArgs>),
     /// Each proxy connected to a control service, its ACKed version and last NACK.
     Status {
         /// The control service's admin address.
@@ -285,11 +314,18 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own lines; its components' logs show warnings
+    // only (RUST_LOG still overrides).
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .init();
     let result = match cli.command {
@@ -311,7 +347,7 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(demo::echo(listen, name))),
         Command::Control(args) => runtime(None)
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(control::run(args))),
+            .and_then(|rt| rt.block_on(control::run(*args))),
         Command::Status { control } => runtime(Some(1))
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(control::status(&control))),

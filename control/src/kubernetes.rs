@@ -20,7 +20,7 @@ use crate::load::ParseCache;
 use crate::source::Reading;
 
 /// (group, version, kind, plural) of everything Bosun reads.
-pub const KINDS: [(&str, &str, &str, &str); 9] = [
+pub const KINDS: [(&str, &str, &str, &str); 10] = [
     (
         "networking.istio.io",
         "v1",
@@ -47,6 +47,12 @@ pub const KINDS: [(&str, &str, &str, &str); 9] = [
         "workloadentries",
     ),
     ("networking.istio.io", "v1", "Sidecar", "sidecars"),
+    (
+        "security.istio.io",
+        "v1",
+        "PeerAuthentication",
+        "peerauthentications",
+    ),
     ("", "v1", "Service", "services"),
     ("", "v1", "Pod", "pods"),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
@@ -125,4 +131,37 @@ pub fn watch_with(client: kube::Client) -> mpsc::Receiver<Reading> {
         }
     });
     rx
+}
+
+/// Checks a ServiceAccount token with a TokenReview (audience `istio-ca`,
+/// as Istio's projected tokens carry): the namespace and service account
+/// it belongs to, or why not.
+pub async fn token_review(client: &kube::Client, token: &str) -> Result<(String, String), String> {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: token.to_string(),
+            audiences: Some(vec!["istio-ca".into()]),
+        },
+        ..Default::default()
+    };
+    let api: Api<TokenReview> = Api::all(client.clone());
+    let done = api
+        .create(&kube::api::PostParams::default(), &review)
+        .await
+        .map_err(|e| format!("TokenReview: {e}"))?;
+    let status = done.status.ok_or("TokenReview: no status")?;
+    if status.authenticated != Some(true) {
+        return Err(format!(
+            "token not authenticated: {}",
+            status.error.unwrap_or_default()
+        ));
+    }
+    let user = status.user.and_then(|u| u.username).unwrap_or_default();
+    // system:serviceaccount:<namespace>:<name>
+    let mut parts = user.splitn(4, ':');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("system"), Some("serviceaccount"), Some(ns), Some(sa)) => Ok((ns.into(), sa.into())),
+        _ => Err(format!("token of {user:?}, not a service account")),
+    }
 }

@@ -5,8 +5,10 @@
 //! [`xds`] serves the translated resources to proxies over Envoy's ADS.
 
 pub mod admin;
+pub mod ca;
 pub mod error;
 pub mod etcd;
+pub mod identity;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod load;

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::model::{
-    Config, DestinationRule, EndpointSlice, Gateway, Origin, Pod, Refused, Service, ServiceEntry,
-    Sidecar, Sourced, TypeHeader, VirtualService, WorkloadEntry,
+    Config, DestinationRule, EndpointSlice, Gateway, Origin, PeerAuthentication, Pod, Refused,
+    Service, ServiceEntry, Sidecar, Sourced, TypeHeader, VirtualService, WorkloadEntry,
 };
 
 pub use crate::error::{ConfigError, ConfigErrors, no_config};
@@ -255,6 +255,14 @@ fn parse_document(
         ("ServiceEntry", true) => push!(service_entries, ServiceEntry),
         ("WorkloadEntry", true) => push!(workload_entries, WorkloadEntry),
         ("Sidecar", true) => push!(sidecars, Sidecar),
+        ("PeerAuthentication", _)
+            if matches!(
+                header.api_version.as_str(),
+                "security.istio.io/v1" | "security.istio.io/v1beta1"
+            ) =>
+        {
+            push!(peer_authentications, PeerAuthentication)
+        }
         ("Service", _) if header.api_version == "v1" => push!(services, Service),
         ("Pod", _) if header.api_version == "v1" => push!(pods, Pod),
         ("EndpointSlice", _) if header.api_version == "discovery.k8s.io/v1" => {
@@ -266,7 +274,8 @@ fn parse_document(
                 format!(
                     "Bosun does not support {} {} (supported: networking.istio.io/v1 \
                      VirtualService, DestinationRule, Gateway, ServiceEntry, WorkloadEntry, \
-                     Sidecar; v1 Service, Pod (labels only); discovery.k8s.io/v1 EndpointSlice)",
+                     Sidecar; security.istio.io/v1 PeerAuthentication; v1 Service, Pod \
+                     (labels and service account only); discovery.k8s.io/v1 EndpointSlice)",
                     header.api_version, header.kind
                 ),
             )]);

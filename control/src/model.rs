@@ -622,6 +622,35 @@ pub struct WorkloadEntrySpec {
     pub locality: Option<String>,
 }
 
+// ---------------------------------------------------------------- PeerAuthentication
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<LabelSelector>,
+    #[serde(default)]
+    pub mtls: Option<PeerMtls>,
+    /// Keyed by the workload's port number.
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<String, PeerMtls>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: Labels,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerMtls {
+    /// UNSET, DISABLE, PERMISSIVE or STRICT.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
 // ---------------------------------------------------------------- Sidecar
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -774,6 +803,17 @@ pub struct Pod {
     pub kind: String,
     #[serde(default)]
     pub metadata: Metadata,
+    /// Read for its service account (the workload's SPIFFE identity).
+    #[serde(default)]
+    pub spec: PodSpec,
+}
+
+/// The part of a Pod's spec Bosun reads; the rest is not configuration.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default)]
+    pub service_account_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -830,6 +870,7 @@ pub type ServiceEntry = Object<ServiceEntrySpec>;
 pub type WorkloadEntry = Object<WorkloadEntrySpec>;
 pub type Service = Object<ServiceSpec>;
 pub type Sidecar = Object<SidecarSpec>;
+pub type PeerAuthentication = Object<PeerAuthenticationSpec>;
 
 /// Every resource read from one source, typed.
 #[derive(Debug, Clone, Default)]
@@ -842,6 +883,7 @@ pub struct Config {
     pub services: Vec<Sourced<Service>>,
     pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
     pub sidecars: Vec<Sourced<Sidecar>>,
+    pub peer_authentications: Vec<Sourced<PeerAuthentication>>,
     pub pods: Vec<Sourced<Pod>>,
     /// Hosts of resources refused when they were read (a ServiceEntry's or
     /// Service's host, a DestinationRule's `host`), with the resource that
@@ -875,6 +917,8 @@ impl Config {
         self.endpoint_slices
             .extend(other.endpoint_slices.iter().cloned());
         self.sidecars.extend(other.sidecars.iter().cloned());
+        self.peer_authentications
+            .extend(other.peer_authentications.iter().cloned());
         self.pods.extend(other.pods.iter().cloned());
         self.refused.extend(other.refused.iter().cloned());
     }

@@ -33,8 +33,55 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
         workload_entries,
         services,
         endpoint_slices,
-        sidecars
+        sidecars,
+        peer_authentications
     );
+
+    for pa in &cfg.peer_authentications {
+        let v = &pa.value;
+        let err = |field: String, msg: String| ConfigError::at(&pa.origin, v.id(), &field, msg);
+        let mode_ok = |m: &crate::model::PeerMtls| {
+            matches!(
+                m.mode.as_deref(),
+                None | Some("UNSET" | "DISABLE" | "PERMISSIVE" | "STRICT")
+            )
+        };
+        if let Some(m) = &v.spec.mtls
+            && !mode_ok(m)
+        {
+            errors.push(err(
+                "spec.mtls.mode".into(),
+                format!(
+                    "{:?}: want UNSET, DISABLE, PERMISSIVE or STRICT",
+                    m.mode.as_deref().unwrap_or("")
+                ),
+            ));
+        }
+        if !v.spec.port_level_mtls.is_empty() && v.spec.selector.is_none() {
+            errors.push(err(
+                "spec.portLevelMtls".into(),
+                "needs a selector (Istio applies port-level mTLS to selected workloads only)"
+                    .into(),
+            ));
+        }
+        for (port, m) in &v.spec.port_level_mtls {
+            if port.parse::<u16>().map_or(true, |p| p == 0) {
+                errors.push(err(
+                    format!("spec.portLevelMtls.{port}"),
+                    "not a port number".into(),
+                ));
+            }
+            if !mode_ok(m) {
+                errors.push(err(
+                    format!("spec.portLevelMtls.{port}.mode"),
+                    format!(
+                        "{:?}: want UNSET, DISABLE, PERMISSIVE or STRICT",
+                        m.mode.as_deref().unwrap_or("")
+                    ),
+                ));
+            }
+        }
+    }
 
     for vs in &cfg.virtual_services {
         let v = &vs.value;

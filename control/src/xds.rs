@@ -259,6 +259,8 @@ pub fn params_from_node(node: &Node) -> Result<ProxyParams, String> {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ProxyStatus {
     pub node_id: String,
+    /// The SPIFFE ID it proved (empty: the plaintext listener).
+    pub identity: String,
     pub stream: String,
     pub acked_version: String,
     pub latest_version: String,
@@ -326,6 +328,9 @@ pub struct Ads {
     diffs: Arc<Mutex<DiffCache>>,
     full_pushes: Arc<tokio::sync::Semaphore>,
     shutdown: watch::Receiver<bool>,
+    /// Checks callers on the TLS listener (absent: nothing is checked).
+    auth: Option<Arc<crate::identity::Authenticator>>,
+    trust_domain: String,
 }
 
 /// How many first (full) pushes may be in flight at once.
@@ -340,6 +345,27 @@ impl Ads {
             diffs: Arc::default(),
             full_pushes: Arc::new(tokio::sync::Semaphore::new(MAX_FULL_PUSHES)),
             shutdown: watch::channel(false).1,
+            auth: None,
+            trust_domain: "cluster.local".into(),
+        }
+    }
+
+    /// Callers on the TLS listener must prove an identity; a proxy gets
+    /// the config of the namespace it proved, and its node id is bound to
+    /// that identity while it is connected.
+    pub fn with_auth(mut self, auth: Arc<crate::identity::Authenticator>) -> Ads {
+        self.trust_domain = auth.trust_domain.clone();
+        self.auth = Some(auth);
+        self
+    }
+
+    async fn caller<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<Option<crate::identity::WorkloadId>, Status> {
+        match &self.auth {
+            Some(a) => a.authenticate(req).await,
+            None => Ok(None),
         }
     }
 
@@ -359,24 +385,63 @@ impl Ads {
         &self,
         node: Option<Node>,
         stream: &str,
+        caller: Option<&crate::identity::WorkloadId>,
     ) -> Result<(Node, ProxyParams, u64, Deregister), Status> {
         let node = node.unwrap_or_default();
-        let params = params_from_node(&node).map_err(Status::invalid_argument)?;
-        let (id, dereg) = self.register(&node, stream);
+        let mut params = params_from_node(&node).map_err(Status::invalid_argument)?;
+        params.trust_domain.clone_from(&self.trust_domain);
+        if let Some(c) = caller {
+            let says = node
+                .metadata
+                .as_ref()
+                .and_then(|m| meta_str(m, meta::NAMESPACE));
+            if says.as_ref().is_some_and(|ns| *ns != c.namespace) {
+                return Err(Status::permission_denied(format!(
+                    "node metadata NAMESPACE {:?}, but the caller proved {}",
+                    says.unwrap_or_default(),
+                    c.spiffe()
+                )));
+            }
+            params.namespace.clone_from(&c.namespace);
+        }
+        let (id, dereg) = self.register(&node, stream, caller)?;
         Ok((node, params, id, dereg))
     }
 
-    fn register(&self, node: &Node, stream: &str) -> (u64, Deregister) {
+    fn register(
+        &self,
+        node: &Node,
+        stream: &str,
+        caller: Option<&crate::identity::WorkloadId>,
+    ) -> Result<(u64, Deregister), Status> {
+        let identity = caller.map(|c| c.spiffe()).unwrap_or_default();
         let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
         let mut m = self
             .registry
             .proxies
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // A node id is held by the identity that connected with it: another
+        // caller cannot stand in for it (and write its status).
+        if let Some(other) = m
+            .values()
+            .find(|s| s.node_id == node.id && s.identity != identity)
+        {
+            return Err(Status::permission_denied(format!(
+                "node id {:?} is connected as {:?}",
+                node.id,
+                if other.identity.is_empty() {
+                    "an unauthenticated proxy"
+                } else {
+                    &other.identity
+                }
+            )));
+        }
         m.insert(
             id,
             ProxyStatus {
                 node_id: node.id.clone(),
+                identity,
                 stream: stream.into(),
                 acked_version: String::new(),
                 latest_version: String::new(),
@@ -384,7 +449,7 @@ impl Ads {
                 translate_error: None,
             },
         );
-        (id, Deregister(self.registry.clone(), id))
+        Ok((id, Deregister(self.registry.clone(), id)))
     }
 
     /// The proxy's resources for the current config, or why there are none.
@@ -586,11 +651,12 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let caller = self.caller(&request).await?;
         let mut inbound = Requests::new(request.into_inner());
         let this = self.clone();
         Ok(Response::new(serve_stream(
             self.shutdown.clone(),
-            move |tx| async move { this.sotw(&mut inbound, &tx).await },
+            move |tx| async move { this.sotw(&mut inbound, &tx, caller).await },
         )))
     }
 
@@ -598,11 +664,12 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let caller = self.caller(&request).await?;
         let mut inbound = Requests::new(request.into_inner());
         let this = self.clone();
         Ok(Response::new(serve_stream(
             self.shutdown.clone(),
-            move |tx| async move { this.delta(&mut inbound, &tx).await },
+            move |tx| async move { this.delta(&mut inbound, &tx, caller).await },
         )))
     }
 }
@@ -694,11 +761,12 @@ impl Ads {
         &self,
         inbound: &mut Requests<DiscoveryRequest>,
         tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+        caller: Option<crate::identity::WorkloadId>,
     ) -> Result<(), Status> {
         let Some(first) = inbound.message().await? else {
             return Ok(());
         };
-        let (node, params, id, _dereg) = self.begin(first.node.clone(), "sotw")?;
+        let (node, params, id, _dereg) = self.begin(first.node.clone(), "sotw", caller.as_ref())?;
         let mut cfg_rx = self.config.clone();
         let mut current = self.current(id, &mut cfg_rx, &params).await;
         let mut types: BTreeMap<String, SotwType> = BTreeMap::new();
@@ -770,11 +838,13 @@ impl Ads {
         &self,
         inbound: &mut Requests<DeltaDiscoveryRequest>,
         tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+        caller: Option<crate::identity::WorkloadId>,
     ) -> Result<(), Status> {
         let Some(first) = inbound.message().await? else {
             return Ok(());
         };
-        let (node, params, id, _dereg) = self.begin(first.node.clone(), "delta")?;
+        let (node, params, id, _dereg) =
+            self.begin(first.node.clone(), "delta", caller.as_ref())?;
         // A first push is the big message: at most MAX_FULL_PUSHES streams
         // have one in flight (until the client ACKs it, or 10 s), so memory
         // does not grow with the number of proxies connecting at once.

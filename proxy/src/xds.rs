@@ -30,6 +30,18 @@ pub struct XdsOptions {
     pub node: Node,
     /// Incremental (delta) ADS; false: state of the world.
     pub delta: bool,
+    /// For `https://` addresses: how the control is checked, and the
+    /// workload certificate the proxy authenticates with.
+    pub tls: Option<XdsTls>,
+}
+
+#[derive(Clone, Debug)]
+pub struct XdsTls {
+    /// The name the control's serving certificate carries.
+    pub server_name: String,
+    /// PEM roots it must chain to.
+    pub root_cert: std::path::PathBuf,
+    pub store: Arc<crate::tls::Store>,
 }
 
 type TypeState = BTreeMap<String, (String, Any)>;
@@ -104,7 +116,16 @@ type SessionResult = Result<bool, (bool, String)>;
 
 async fn connect(
     address: &str,
+    tls: Option<&XdsTls>,
 ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, String> {
+    if address.starts_with("https://") {
+        let tls = tls.ok_or_else(|| format!("{address}: TLS needs --ca-root-cert"))?;
+        let roots = crate::tls::source::roots_file(&tls.root_cert)?;
+        let channel =
+            crate::tls::ca::channel(address, &tls.server_name, roots, Some(&tls.store)).await?;
+        return Ok(AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024));
+    }
     let endpoint = tonic::transport::Endpoint::from_shared(address.to_string())
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
@@ -171,7 +192,9 @@ async fn delta_session(
     address: &str,
     applied: &mut Applied,
 ) -> SessionResult {
-    let mut client = connect(address).await.map_err(|e| (false, e))?;
+    let mut client = connect(address, opts.tls.as_ref())
+        .await
+        .map_err(|e| (false, e))?;
     let (tx, rx) = mpsc::channel(16);
     for t in type_url::ALL {
         let initial = applied
@@ -248,7 +271,9 @@ async fn sotw_session(
     address: &str,
     applied: &mut Applied,
 ) -> SessionResult {
-    let mut client = connect(address).await.map_err(|e| (false, e))?;
+    let mut client = connect(address, opts.tls.as_ref())
+        .await
+        .map_err(|e| (false, e))?;
     let (tx, rx) = mpsc::channel(16);
     for t in type_url::ALL {
         let _ = tx

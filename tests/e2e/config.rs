@@ -308,8 +308,9 @@ async fn every_example_validates() {
 
 #[test]
 fn the_demo_shifts_weights_with_no_failed_request() {
-    // Uses the demo's fixed ports (8080, 15000, 18081, 18082); the other
-    // tests only use ephemeral ports.
+    // Uses the demo's fixed ports (8080, 15000, 15010, 15012, 15014,
+    // 15100-15111, 18081, 18082, 18091, 18092); the other tests only use
+    // ephemeral ports.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bosun"))
         .args(["demo", "--step-seconds", "1", "--connections", "4"])
         .output()
@@ -326,4 +327,9 @@ fn the_demo_shifts_weights_with_no_failed_request() {
         "{text}"
     );
     assert!(text.contains(", 0 failed,"), "{text}");
+    // Every answer came over mutual TLS (the backends saw the gateway's
+    // identity), and the demo's lines are its own: no log lines between.
+    assert_eq!(text.matches("| mTLS 100.0% |").count(), 3, "{text}");
+    assert!(text.contains("spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway"));
+    assert!(text.lines().all(|l| !l.contains(" INFO ")), "{text}");
 }

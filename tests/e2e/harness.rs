@@ -451,6 +451,14 @@ impl Control {
         Control::start_with(&["--config-dir", &d], dir, xds, &[]).await
     }
 
+    /// As `start`, with more flags.
+    pub async fn start_args(dir: &std::path::Path, extra: &[&str]) -> Control {
+        let d = dir.to_str().expect("utf8").to_string();
+        let mut args = vec!["--config-dir", d.as_str()];
+        args.extend_from_slice(extra);
+        Control::start_with(&args, dir, None, &[]).await
+    }
+
     /// Starts a control service on the Kubernetes API named by `kubeconfig`.
     pub async fn start_kubernetes(kubeconfig: &std::path::Path, logs: &std::path::Path) -> Control {
         let k = kubeconfig.to_str().expect("utf8");

@@ -7,6 +7,7 @@ mod config;
 mod hardening;
 mod harness;
 mod kube;
+mod mtls;
 mod node;
 mod protocols;
 mod resilience;

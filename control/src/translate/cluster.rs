@@ -183,6 +183,16 @@ impl Ctx<'_> {
                 key: Some(pb::hash_policy::Key::SourceIp(true)),
             });
         }
+        // Auto mTLS checks the peer is one of the service's workloads.
+        let identities: std::collections::BTreeSet<String> = svc
+            .endpoints
+            .iter()
+            .filter(|e| !e.service_account.is_empty())
+            .map(|e| {
+                super::security::spiffe(&self.params.trust_domain, &e.namespace, &e.service_account)
+            })
+            .collect();
+        cluster.identities = identities.into_iter().collect();
         let assignment = if self.params.check_only {
             pb::ClusterLoadAssignment {
                 cluster: name.clone(),

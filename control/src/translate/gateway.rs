@@ -97,6 +97,7 @@ pub(super) fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                 direction: pb::TrafficDirection::Gateway as i32,
                 route_configuration: String::new(),
                 tcp_routes,
+                peer_mtls: 0,
             });
             continue;
         }
@@ -141,6 +142,7 @@ pub(super) fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
             direction: pb::TrafficDirection::Gateway as i32,
             route_configuration: rc.clone(),
             tcp_routes: vec![],
+            peer_mtls: 0,
         });
         out.route_configurations.push(pb::RouteConfiguration {
             name: rc,

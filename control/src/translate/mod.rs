@@ -14,6 +14,7 @@ mod prepared;
 mod registry;
 pub(crate) mod resilience;
 mod route;
+pub mod security;
 mod sidecar;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -54,6 +55,8 @@ pub struct ProxyParams {
     /// listed (they cannot be wrong, and at 10k services they are most of
     /// the work and memory of a translation).
     pub check_only: bool,
+    /// The mesh's SPIFFE trust domain (Istio's default `cluster.local`).
+    pub trust_domain: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +78,7 @@ impl Default for ProxyParams {
             inbound: None,
             gateway_address: "0.0.0.0".into(),
             check_only: false,
+            trust_domain: "cluster.local".into(),
         }
     }
 }

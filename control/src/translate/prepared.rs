@@ -72,6 +72,7 @@ fn endpoint_changes(old: &Config, new: &Config) -> Option<Vec<EndpointsOf>> {
         && same(&old.workload_entries, &new.workload_entries)
         && same(&old.services, &new.services)
         && same(&old.sidecars, &new.sidecars)
+        && same(&old.peer_authentications, &new.peer_authentications)
         && same(&old.pods, &new.pods)
         && old.service_entries.len() == new.service_entries.len()
         && old.endpoint_slices.len() == new.endpoint_slices.len())
@@ -257,6 +258,10 @@ impl Prepared {
     }
 }
 
+/// The label that marks a workload with an Istio (or Bosun) sidecar: auto
+/// mTLS speaks Istio mutual TLS to it.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
 /// The endpoints of one cluster: the service's endpoints that the subset's
 /// labels select, on the service port's target.
 pub(super) fn load_assignment(
@@ -280,6 +285,7 @@ pub(super) fn load_assignment(
             workload: e.workload.clone(),
             namespace: e.namespace.clone(),
             locality: e.locality.clone(),
+            istio_mtls: e.labels.get(TLS_MODE_LABEL).is_some_and(|v| v == "istio"),
         })
         .collect();
     pb::ClusterLoadAssignment {

@@ -84,6 +84,9 @@ pub(super) struct Ep {
     pub(super) namespace: String,
     /// region/zone/subzone; empty when unknown.
     pub(super) locality: String,
+    /// Its service account (Pod `serviceAccountName`, WorkloadEntry
+    /// `serviceAccount`); empty when unknown.
+    pub(super) service_account: String,
 }
 
 /// Shares equal label and port maps between endpoints: a service's
@@ -315,6 +318,14 @@ pub(super) fn service_svc(
                             .or_else(|| e.hostname.clone())
                             .unwrap_or_default(),
                         namespace: ns.clone(),
+                        service_account: pod
+                            .map(|p| {
+                                p.spec
+                                    .service_account_name
+                                    .clone()
+                                    .unwrap_or_else(|| "default".into())
+                            })
+                            .unwrap_or_default(),
                         locality: slice_locality(
                             pod.map(|p| &p.metadata.labels),
                             e.zone.as_deref(),
@@ -442,6 +453,7 @@ pub(super) fn service_entry_svcs(
                 workload: String::new(),
                 namespace: ns.clone(),
                 locality: String::new(),
+                service_account: String::new(),
             }]
         } else {
             endpoints.clone()
@@ -522,6 +534,7 @@ fn ep_from_workload(ix: &Index, w: &model::WorkloadEntrySpec, name: &str, ns: &s
         workload: name.to_string(),
         namespace: ns.to_string(),
         locality: w.locality.clone().unwrap_or_default(),
+        service_account: w.service_account.clone().unwrap_or_default(),
     }
 }
 

@@ -99,6 +99,7 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                     direction: pb::TrafficDirection::Outbound as i32,
                     route_configuration: String::new(),
                     tcp_routes,
+                    peer_mtls: 0,
                 });
                 continue;
             }
@@ -164,12 +165,13 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
         direction: pb::TrafficDirection::Outbound as i32,
         route_configuration: "outbound".into(),
         tcp_routes: vec![],
+        peer_mtls: 0,
     });
     out.route_configurations.push(pb::RouteConfiguration {
         name: "outbound".into(),
         virtual_hosts: vhosts,
     });
-    if let Some((addr, port, app_port)) = p.inbound {
+    if let Some((addr, port, app_port)) = p.inbound.clone() {
         let cluster = format!("inbound|{app_port}||");
         ctx.clusters.insert(
             cluster.clone(),
@@ -193,6 +195,7 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                     workload: String::new(),
                     namespace: p.namespace.clone(),
                     locality: String::new(),
+                    istio_mtls: false,
                 }],
             },
         );
@@ -204,6 +207,7 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
             direction: pb::TrafficDirection::Inbound as i32,
             route_configuration: "inbound".into(),
             tcp_routes: vec![],
+            peer_mtls: super::security::peer_mtls(ctx.cfg, &p, app_port) as i32,
         });
         out.route_configurations.push(pb::RouteConfiguration {
             name: "inbound".into(),

@@ -147,43 +147,54 @@ pub async fn request(opts: &CaOptions) -> Result<Identity, String> {
     Ok(id)
 }
 
-/// When to renew a certificate: 40–60% into its lifetime.
+/// When to renew a certificate: 40–60% into what is left of its life when
+/// it arrived (a CA backdates `notBefore` for clock skew; that part of the
+/// window is not life to spend).
 pub fn renew_at(id: &Identity) -> SystemTime {
+    let now = SystemTime::now();
+    let start = id.not_before.max(now);
     let life = id
         .not_after
-        .duration_since(id.not_before)
-        .unwrap_or(Duration::from_secs(60));
+        .duration_since(start)
+        .unwrap_or(Duration::from_secs(1));
     let share = rand::rng().random_range(0.4..0.6);
-    id.not_before + life.mul_f64(share)
+    start + life.mul_f64(share)
 }
 
-/// Gets the first certificate (an error if the CA refuses it), then keeps
-/// renewing in the background.
-pub async fn start(opts: CaOptions, store: Arc<Store>) -> Result<(), String> {
-    let id = request(&opts).await?;
-    let mut next = renew_at(&id);
-    let mut expiry = id.not_after;
-    store.set(id);
+/// Keeps the store holding a certificate from the CA: the first request
+/// at once, then renewals at about half the lifetime; failures are logged
+/// and retried with backoff (1 s doubling to 30 s). Until the first
+/// certificate arrives mesh TLS fails closed: inbound handshakes and
+/// outbound mTLS connections are refused.
+pub fn start(opts: CaOptions, store: Arc<Store>) {
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = Duration::from_secs(1);
+        let mut next = SystemTime::now();
+        let mut expiry: Option<SystemTime> = None;
         loop {
             let wait = next.duration_since(SystemTime::now()).unwrap_or_default();
             tokio::time::sleep(wait).await;
             match request(&opts).await {
                 Ok(id) => {
                     next = renew_at(&id);
-                    expiry = id.not_after;
+                    expiry = Some(id.not_after);
                     store.set(id);
-                    backoff = Duration::from_millis(500);
+                    backoff = Duration::from_secs(1);
                 }
                 Err(e) => {
-                    let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
-                    tracing::warn!(error = %e, left_s = left.as_secs(), "certificate renewal failed; retrying");
+                    let left = expiry
+                        .and_then(|x| x.duration_since(SystemTime::now()).ok())
+                        .map_or(0, |d| d.as_secs());
+                    tracing::warn!(
+                        error = %e,
+                        certificate_left_s = left,
+                        retry_in_s = backoff.as_secs(),
+                        "no certificate from the CA"
+                    );
                     next = SystemTime::now() + backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }
         }
     });
-    Ok(())
 }

@@ -20,7 +20,7 @@ use crate::load::ParseCache;
 use crate::source::Reading;
 
 /// (group, version, kind, plural) of everything Bosun reads.
-pub const KINDS: [(&str, &str, &str, &str); 10] = [
+pub const KINDS: [(&str, &str, &str, &str); 11] = [
     (
         "networking.istio.io",
         "v1",
@@ -55,6 +55,7 @@ pub const KINDS: [(&str, &str, &str, &str); 10] = [
     ),
     ("", "v1", "Service", "services"),
     ("", "v1", "Pod", "pods"),
+    ("", "v1", "Secret", "secrets"),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
 ];
 

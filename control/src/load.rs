@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::model::{
     Config, DestinationRule, EndpointSlice, Gateway, Origin, PeerAuthentication, Pod, Refused,
-    Service, ServiceEntry, Sidecar, Sourced, TypeHeader, VirtualService, WorkloadEntry,
+    Secret, Service, ServiceEntry, Sidecar, Sourced, TypeHeader, VirtualService, WorkloadEntry,
 };
 
 pub use crate::error::{ConfigError, ConfigErrors, no_config};
@@ -265,6 +265,7 @@ fn parse_document(
         }
         ("Service", _) if header.api_version == "v1" => push!(services, Service),
         ("Pod", _) if header.api_version == "v1" => push!(pods, Pod),
+        ("Secret", _) if header.api_version == "v1" => push!(secrets, Secret),
         ("EndpointSlice", _) if header.api_version == "discovery.k8s.io/v1" => {
             push!(endpoint_slices, EndpointSlice)
         }
@@ -275,7 +276,8 @@ fn parse_document(
                     "Bosun does not support {} {} (supported: networking.istio.io/v1 \
                      VirtualService, DestinationRule, Gateway, ServiceEntry, WorkloadEntry, \
                      Sidecar; security.istio.io/v1 PeerAuthentication; v1 Service, Pod \
-                     (labels and service account only); discovery.k8s.io/v1 EndpointSlice)",
+                     (labels and service account only), Secret (TLS credentials); \
+                     discovery.k8s.io/v1 EndpointSlice)",
                     header.api_version, header.kind
                 ),
             )]);

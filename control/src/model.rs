@@ -107,7 +107,33 @@ pub struct VirtualServiceSpec {
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
     #[serde(default)]
+    pub tls: Vec<TlsRoute>,
+    #[serde(default)]
     pub export_to: Vec<String>,
+}
+
+/// A VirtualService `tls` route: TLS passed through, matched by SNI.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsRoute {
+    #[serde(rename = "match")]
+    pub matches: Vec<TlsMatchAttributes>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsMatchAttributes {
+    pub sni_hosts: Vec<String>,
+    #[serde(default)]
+    pub destination_subnets: Vec<String>,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub source_labels: Labels,
+    #[serde(default)]
+    pub gateways: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -350,7 +376,34 @@ pub struct TrafficPolicy {
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default)]
+    pub tls: Option<ClientTlsSettings>,
+    #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+/// DestinationRule `trafficPolicy.tls`: how the proxy speaks TLS upstream.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTlsSettings {
+    /// DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Paths on the proxy's file system.
+    #[serde(default)]
+    pub client_certificate: Option<String>,
+    #[serde(default)]
+    pub private_key: Option<String>,
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    /// A Secret in the DestinationRule's namespace (tls.crt, tls.key, ca.crt).
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default)]
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub insecure_skip_verify: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -461,6 +514,8 @@ pub struct LocalityFailover {
 pub struct PortTrafficPolicy {
     pub port: PortSelector,
     #[serde(default)]
+    pub tls: Option<ClientTlsSettings>,
+    #[serde(default)]
     pub load_balancer: Option<LoadBalancerSettings>,
     #[serde(default)]
     pub connection_pool: Option<ConnectionPoolSettings>,
@@ -553,6 +608,39 @@ pub struct Server {
     pub name: Option<String>,
     #[serde(default)]
     pub bind: Option<String>,
+    #[serde(default)]
+    pub tls: Option<ServerTlsSettings>,
+}
+
+/// A Gateway server's `tls`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerTlsSettings {
+    #[serde(default)]
+    pub https_redirect: Option<bool>,
+    /// PASSTHROUGH, SIMPLE, MUTUAL, AUTO_PASSTHROUGH, ISTIO_MUTUAL, OPTIONAL_MUTUAL.
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub server_certificate: Option<String>,
+    #[serde(default)]
+    pub private_key: Option<String>,
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default)]
+    pub verify_certificate_spki: Vec<String>,
+    #[serde(default)]
+    pub verify_certificate_hash: Vec<String>,
+    #[serde(default)]
+    pub min_protocol_version: Option<String>,
+    #[serde(default)]
+    pub max_protocol_version: Option<String>,
+    #[serde(default)]
+    pub cipher_suites: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -816,6 +904,46 @@ pub struct PodSpec {
     pub service_account_name: Option<String>,
 }
 
+/// A Secret, read for TLS credentials (`credentialName`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Secret {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: Metadata,
+    #[serde(default, rename = "type")]
+    pub secret_type: Option<String>,
+    /// base64 values.
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+    #[serde(default)]
+    pub string_data: BTreeMap<String, String>,
+}
+
+impl Secret {
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+    pub fn id(&self) -> String {
+        format!("Secret/{}/{}", self.namespace(), self.metadata.name)
+    }
+    /// A key's value, decoded (`stringData` wins, as the API server does).
+    pub fn value(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        use base64::Engine;
+        if let Some(v) = self.string_data.get(key) {
+            return Ok(Some(v.as_bytes().to_vec()));
+        }
+        match self.data.get(key) {
+            None => Ok(None),
+            Some(v) => base64::engine::general_purpose::STANDARD
+                .decode(v.trim())
+                .map(Some)
+                .map_err(|e| format!("data.{key}: not base64: {e}")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Conditions {
@@ -884,6 +1012,7 @@ pub struct Config {
     pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
     pub sidecars: Vec<Sourced<Sidecar>>,
     pub peer_authentications: Vec<Sourced<PeerAuthentication>>,
+    pub secrets: Vec<Sourced<Secret>>,
     pub pods: Vec<Sourced<Pod>>,
     /// Hosts of resources refused when they were read (a ServiceEntry's or
     /// Service's host, a DestinationRule's `host`), with the resource that
@@ -919,6 +1048,7 @@ impl Config {
         self.sidecars.extend(other.sidecars.iter().cloned());
         self.peer_authentications
             .extend(other.peer_authentications.iter().cloned());
+        self.secrets.extend(other.secrets.iter().cloned());
         self.pods.extend(other.pods.iter().cloned());
         self.refused.extend(other.refused.iter().cloned());
     }

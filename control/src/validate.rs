@@ -86,6 +86,14 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
     for vs in &cfg.virtual_services {
         let v = &vs.value;
         let err = |field: String, msg: String| ConfigError::at(&vs.origin, v.id(), &field, msg);
+        if !v.spec.tls.is_empty()
+            && (v.spec.gateways.is_empty() || v.spec.gateways.iter().any(|g| g == "mesh"))
+        {
+            errors.push(err(
+                "spec.tls".into(),
+                "tls routes are implemented at gateways only (for sidecars they need transparent capture); bind the VirtualService to a Gateway".into(),
+            ));
+        }
         if v.spec.hosts.is_empty() {
             errors.push(err(
                 "spec.hosts".into(),

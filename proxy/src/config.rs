@@ -49,6 +49,8 @@ pub struct Listener {
     pub kind: ListenerKind,
     /// Inbound mutual TLS (PeerAuthentication).
     pub peer_mtls: PeerMtls,
+    /// Gateway TLS servers, by SNI.
+    pub tls: Option<Arc<crate::tls::server::TlsListener>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,12 +177,40 @@ impl Snapshot {
                     "mutual TLS is supported on HTTP listeners only",
                 ));
             }
+            let tls = if l.tls_servers.is_empty() {
+                None
+            } else {
+                let http = matches!(kind, ListenerKind::Http { .. });
+                let mut servers = Vec::new();
+                for (i, ts) in l.tls_servers.iter().enumerate() {
+                    let field = format!("tls_servers[{i}]");
+                    let kind = if ts.mode == pb::TlsServerMode::Passthrough as i32 {
+                        crate::tls::server::ServerKind::Passthrough(weighted(
+                            &ts.passthrough,
+                            &clusters,
+                            &id,
+                            &format!("{field}.passthrough"),
+                        )?)
+                    } else {
+                        crate::tls::server::ServerKind::Terminate(
+                            crate::tls::server::server_config(ts, ctx.tls, http)
+                                .map_err(|e| reject(&id, &field, e))?,
+                        )
+                    };
+                    servers.push(crate::tls::server::ServerEntry {
+                        names: ts.server_names.clone(),
+                        kind,
+                    });
+                }
+                Some(Arc::new(crate::tls::server::TlsListener { servers }))
+            };
             let listener = Listener {
                 name: l.name.clone(),
                 addr: SocketAddr::new(ip, port),
                 direction,
                 kind,
                 peer_mtls,
+                tls,
             };
             if let Some(other) = listeners.insert(listener.addr, Arc::new(listener)) {
                 return Err(reject(

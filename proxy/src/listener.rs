@@ -165,6 +165,13 @@ fn serve(
         return;
     };
     let shared = shared.clone();
+    if l.tls.is_some() {
+        tokio::spawn(async move {
+            crate::http::serve::serve_gateway_tls(shared, snap, stream, peer, addr, tracked).await;
+            drop(permit);
+        });
+        return;
+    }
     match l.kind {
         ListenerKind::Http { .. } => {
             let mtls = l.peer_mtls;

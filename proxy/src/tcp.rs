@@ -6,10 +6,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::Shared;
-use crate::cluster::{HashKey, hash_bytes};
+use crate::cluster::{Cluster, HashKey, hash_bytes};
 use crate::config::{ListenerKind, Snapshot};
 use crate::drain::Tracked;
 use crate::flags::Flags;
@@ -19,7 +20,7 @@ use crate::outlier::Outcome;
 pub async fn serve_connection(
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
-    mut down: TcpStream,
+    down: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     _tracked: Tracked,
@@ -31,7 +32,17 @@ pub async fn serve_connection(
         tracing::debug!(%local, "no TCP route; closing");
         return;
     };
-    let cluster = route.pick_with(&mut rand::rng());
+    let cluster = route.pick_with(&mut rand::rng()).clone();
+    drop(snap);
+    proxy(shared, cluster, down, peer).await
+}
+
+/// Copies `down` to an endpoint of `cluster` and back (a TCP listener's
+/// connection, a gateway's PASSTHROUGH or terminated TLS).
+pub async fn proxy<S>(shared: Arc<Shared>, cluster: Arc<Cluster>, mut down: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let key = matches!(cluster.hash, Some(HashKey::SourceIp))
         .then(|| hash_bytes(peer.ip().to_string().as_bytes()));
     let Some(idx) = cluster.pick(key, &[]) else {
@@ -56,8 +67,6 @@ pub async fn serve_connection(
             }
         },
     };
-    let cluster = cluster.clone();
-    drop(snap);
     let endpoint = cluster.endpoints[idx].clone();
     let _active = ActiveGuard::with_cluster(&endpoint, &cluster.state, slot);
     let labels = endpoint.labels.clone();

@@ -4,6 +4,7 @@
 
 mod balancing;
 mod config;
+mod gateway_tls;
 mod hardening;
 mod harness;
 mod kube;

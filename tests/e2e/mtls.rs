@@ -346,12 +346,12 @@ use tokio_stream::StreamExt as _;
 
 /// openssl: a CA (another PKI than Bosun's) and leaf certificates with
 /// SPIFFE URI SANs, in Istio's file-mounted layout.
-struct OpensslPki {
-    dir: PathBuf,
+pub struct OpensslPki {
+    pub dir: PathBuf,
 }
 
 impl OpensslPki {
-    fn new(dir: &Path, name: &str) -> OpensslPki {
+    pub fn new(dir: &Path, name: &str) -> OpensslPki {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).expect("mkdir");
         run_openssl(
@@ -378,12 +378,17 @@ impl OpensslPki {
     }
 
     /// A leaf for `spiffe`, written as cert-chain.pem, key.pem, root-cert.pem in `out`.
-    fn leaf(&self, spiffe: &str, out: &Path) {
+    pub fn leaf(&self, spiffe: &str, out: &Path) {
+        self.issue(&format!("URI:{spiffe}"), out)
+    }
+
+    /// A leaf with `sans` (openssl's syntax: `DNS:a.example.com,URI:...`).
+    pub fn issue(&self, sans: &str, out: &Path) {
         std::fs::create_dir_all(out).expect("mkdir");
         let ext = self.dir.join("ext.cnf");
         std::fs::write(
             &ext,
-            format!("subjectAltName=URI:{spiffe}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n"),
+            format!("subjectAltName={sans}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n"),
         )
         .expect("ext");
         let key = out.join("key.pem.new");
@@ -434,7 +439,7 @@ impl OpensslPki {
     }
 }
 
-fn run_openssl(args: &[&str], dir: &Path) {
+pub fn run_openssl(args: &[&str], dir: &Path) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)

@@ -163,6 +163,21 @@ impl Ctx<'_> {
         ) {
             cluster.outlier_detection = resilience::outlier(&od).ok();
         }
+        if let Some(t) = self.policy(&host, subset, port, |t| t.tls.as_ref(), |p| p.tls.as_ref()) {
+            let ns = self
+                .drs
+                .get(&host)
+                .map(|d| d.value.namespace().to_string())
+                .unwrap_or_default();
+            cluster.tls =
+                Some(
+                    client_tls(self.cfg, &ns, &t).map_err(|message| RefError::Policy {
+                        host: host.clone(),
+                        field: "tls".into(),
+                        message,
+                    })?,
+                );
+        }
         let svc = &self.reg.services[svc_idx];
         let lb = self.lb_settings(&svc.host, subset, port);
         let lb_error = |message: String| RefError::Policy {
@@ -205,6 +220,55 @@ impl Ctx<'_> {
         self.clusters.insert(name.clone(), cluster);
         Ok(name)
     }
+}
+
+/// A DestinationRule's `tls` as the proxy applies it. Files stay paths
+/// (the proxy reads them); a `credentialName` Secret is resolved and
+/// checked here.
+fn client_tls(
+    cfg: &crate::model::Config,
+    ns: &str,
+    t: &model::ClientTlsSettings,
+) -> Result<pb::UpstreamTls, String> {
+    let mode = match t.mode.as_deref().unwrap_or("DISABLE") {
+        "DISABLE" => pb::UpstreamTlsMode::Disable,
+        "SIMPLE" => pb::UpstreamTlsMode::Simple,
+        "MUTUAL" => pb::UpstreamTlsMode::Mutual,
+        "ISTIO_MUTUAL" => pb::UpstreamTlsMode::IstioMutual,
+        other => {
+            return Err(format!(
+                "mode {other:?}: want DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL"
+            ));
+        }
+    };
+    let mut out = pb::UpstreamTls {
+        mode: mode as i32,
+        sni: t.sni.clone().unwrap_or_default(),
+        subject_alt_names: t.subject_alt_names.clone(),
+        insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+        ca_certificates_file: t.ca_certificates.clone().unwrap_or_default(),
+        client_certificate_file: t.client_certificate.clone().unwrap_or_default(),
+        private_key_file: t.private_key.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    if let Some(name) = &t.credential_name {
+        let cred =
+            super::credentials::credential(cfg, ns, name, mode == pb::UpstreamTlsMode::Mutual)
+                .map_err(|e| match e.secret {
+                    Some(s) => format!("credentialName: {}: {}", s.value.id(), e.message),
+                    None => format!("credentialName: {}", e.message),
+                })?;
+        out.client_certificate = cred.cert;
+        out.private_key = cred.key;
+        out.ca_certificates = cred.ca;
+    }
+    if mode == pb::UpstreamTlsMode::Mutual
+        && out.client_certificate.is_empty()
+        && out.client_certificate_file.is_empty()
+    {
+        return Err("MUTUAL needs clientCertificate and privateKey (or credentialName)".into());
+    }
+    Ok(out)
 }
 
 /// Istio's locality load balancing: on by default, but endpoints fail over

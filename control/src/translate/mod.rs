@@ -8,6 +8,7 @@
 
 mod check;
 mod cluster;
+pub mod credentials;
 mod duration;
 mod gateway;
 mod prepared;

@@ -73,6 +73,7 @@ fn endpoint_changes(old: &Config, new: &Config) -> Option<Vec<EndpointsOf>> {
         && same(&old.services, &new.services)
         && same(&old.sidecars, &new.sidecars)
         && same(&old.peer_authentications, &new.peer_authentications)
+        && same(&old.secrets, &new.secrets)
         && same(&old.pods, &new.pods)
         && old.service_entries.len() == new.service_entries.len()
         && old.endpoint_slices.len() == new.endpoint_slices.len())

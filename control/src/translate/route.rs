@@ -254,6 +254,112 @@ impl Ctx<'_> {
     }
 }
 
+impl Ctx<'_> {
+    /// A VirtualService's `tls` routes that apply to `gateway` on `port`
+    /// (bound at `bind`): (SNI hosts, weighted clusters), in order.
+    pub(super) fn tls_routes(
+        &mut self,
+        vs: &Sourced<model::VirtualService>,
+        gateway: &str,
+        port: u32,
+        bind: &str,
+    ) -> Vec<(Vec<String>, Vec<pb::WeightedCluster>)> {
+        let ns = vs.value.namespace().to_string();
+        let vs_gateways = Self::vs_gateways(&vs.value);
+        let bind_ip: Option<std::net::IpAddr> = bind.parse().ok();
+        let mut out = Vec::new();
+        for (ri, r) in vs.value.spec.tls.iter().enumerate() {
+            let mut sni: Vec<String> = Vec::new();
+            for (mi, m) in r.matches.iter().enumerate() {
+                let gws: Vec<String> = if m.gateways.is_empty() {
+                    vs_gateways.clone()
+                } else {
+                    m.gateways.iter().map(|g| qualify_gateway(g, &ns)).collect()
+                };
+                let mut subnet_ok = m.destination_subnets.is_empty();
+                for (si, sub) in m.destination_subnets.iter().enumerate() {
+                    match parse_cidr(sub) {
+                        Some((net, len)) => {
+                            subnet_ok |= bind_ip.is_some_and(|ip| in_cidr(ip, net, len));
+                        }
+                        None => self.errors.push(ConfigError::at(
+                            &vs.origin,
+                            vs.value.id(),
+                            &format!("spec.tls[{ri}].match[{mi}].destinationSubnets[{si}]"),
+                            format!("{sub:?} is not an IP or CIDR"),
+                        )),
+                    }
+                }
+                if gws.iter().any(|g| g == gateway)
+                    && m.port.is_none_or(|p| p == port)
+                    && labels_match(&m.source_labels, &self.params.labels)
+                    && subnet_ok
+                {
+                    sni.extend(m.sni_hosts.iter().cloned());
+                }
+            }
+            if sni.is_empty() {
+                continue;
+            }
+            let mut clusters = Vec::new();
+            for (di, d) in r.route.iter().enumerate() {
+                match self.destination(&d.destination, &ns, Some(port)) {
+                    Ok(c) => clusters.push(pb::WeightedCluster {
+                        cluster: c,
+                        weight: d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }) as u32,
+                    }),
+                    Err(m) => self.errors.push(ConfigError::at(
+                        &vs.origin,
+                        vs.value.id(),
+                        &format!("spec.tls[{ri}].route[{di}].destination"),
+                        m.to_string(),
+                    )),
+                }
+            }
+            out.push((sni, clusters));
+        }
+        out
+    }
+}
+
+fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip.parse().ok()?, len.parse().ok()?),
+        None => {
+            let ip: std::net::IpAddr = s.parse().ok()?;
+            (ip, if ip.is_ipv4() { 32 } else { 128 })
+        }
+    };
+    let max = if matches!(ip, std::net::IpAddr::V4(_)) {
+        32
+    } else {
+        128
+    };
+    (len <= max).then_some((ip, len))
+}
+
+fn in_cidr(ip: std::net::IpAddr, net: std::net::IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
 /// The first resilience field a route sets, for refusing it where it cannot apply.
 fn policy_field(r: &model::HttpRoute) -> Option<&'static str> {
     [

@@ -100,6 +100,7 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                     route_configuration: String::new(),
                     tcp_routes,
                     peer_mtls: 0,
+                    tls_servers: vec![],
                 });
                 continue;
             }
@@ -166,6 +167,7 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
         route_configuration: "outbound".into(),
         tcp_routes: vec![],
         peer_mtls: 0,
+        tls_servers: vec![],
     });
     out.route_configurations.push(pb::RouteConfiguration {
         name: "outbound".into(),
@@ -208,6 +210,7 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
             route_configuration: "inbound".into(),
             tcp_routes: vec![],
             peer_mtls: super::security::peer_mtls(ctx.cfg, &p, app_port) as i32,
+            tls_servers: vec![],
         });
         out.route_configurations.push(pb::RouteConfiguration {
             name: "inbound".into(),

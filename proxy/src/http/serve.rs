@@ -51,7 +51,7 @@ impl Drop for InFlight {
 }
 
 impl ConnState {
-    fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(ConnState {
             start: tokio::time::Instant::now(),
             inflight: AtomicUsize::new(0),
@@ -327,9 +327,73 @@ pub async fn serve_inbound(
     serve_io(shared, state, tls, conn, tracked).await
 }
 
+/// A gateway listener with TLS servers: the ClientHello (peeked) picks
+/// the server by SNI; PASSTHROUGH forwards the raw connection, the others
+/// terminate TLS and serve HTTP (or TCP, for TLS-protocol servers).
+pub async fn serve_gateway_tls(
+    shared: Arc<Shared>,
+    snap: Arc<crate::config::Snapshot>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tracked: Tracked,
+) {
+    use crate::config::ListenerKind;
+    use crate::tls::server::ServerKind;
+    let state = ConnState::new();
+    let deadline = state.start + shared.limits.request_head_timeout;
+    let Some(l) = snap.listeners.get(&local).cloned() else {
+        return;
+    };
+    let Some(tls) = l.tls.clone() else {
+        return;
+    };
+    let Some(hello) = crate::tls::server::peek_hello(&stream, deadline).await else {
+        tracing::debug!(%peer, "no TLS ClientHello; closing");
+        return;
+    };
+    let Some(server) = tls.choose(hello.sni.as_deref()) else {
+        tracing::debug!(%peer, sni = ?hello.sni, "no server for this SNI; closing");
+        return;
+    };
+    let config = match &server.kind {
+        ServerKind::Passthrough(route) => {
+            let cluster = route.pick_with(&mut rand::rng()).clone();
+            drop(snap);
+            return crate::tcp::proxy(shared, cluster, stream, peer).await;
+        }
+        ServerKind::Terminate(c) => c.clone(),
+    };
+    drop(snap);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    match &l.kind {
+        ListenerKind::Http { .. } => {
+            let mut conn = ConnContext::new(peer, local);
+            let peer_id = crate::tls::PeerIdentity::from_certs(tls.get_ref().1.peer_certificates());
+            conn.tls = Some(Arc::new(DownstreamTls::new(peer_id, shared.tls.spiffe())));
+            serve_io(shared, state, tls, conn, tracked).await
+        }
+        ListenerKind::Tcp { route: Some(route) } => {
+            let cluster = route.pick_with(&mut rand::rng()).clone();
+            crate::tcp::proxy(shared, cluster, tls, peer).await
+        }
+        ListenerKind::Tcp { route: None } => {}
+    }
+}
+
 /// What a downstream TLS connection proved, rendered once for its requests.
 #[derive(Debug)]
 pub struct DownstreamTls {
+    /// The client presented a certificate (mutual TLS).
+    pub mutual: bool,
     /// The peer's SPIFFE ID (`source_principal`).
     pub principal: Option<Arc<str>>,
     /// Envoy's `x-forwarded-client-cert` element for this peer.
@@ -340,6 +404,7 @@ impl DownstreamTls {
     pub fn new(peer: Option<crate::tls::PeerIdentity>, own: Option<String>) -> DownstreamTls {
         let Some(peer) = peer else {
             return DownstreamTls {
+                mutual: false,
                 principal: None,
                 xfcc: None,
             };
@@ -353,13 +418,14 @@ impl DownstreamTls {
             x.push_str(&format!(";URI={uri}"));
         }
         DownstreamTls {
+            mutual: true,
             principal: peer.spiffe.map(Arc::from),
             xfcc: HeaderValue::try_from(x).ok(),
         }
     }
 }
 
-async fn serve_io<S>(
+pub(crate) async fn serve_io<S>(
     shared: Arc<Shared>,
     state: Arc<ConnState>,
     stream: S,
@@ -599,6 +665,7 @@ async fn handle(
         peer_principal: conn
             .tls
             .as_ref()
+            .filter(|t| t.mutual)
             .map(|t| t.principal.clone().unwrap_or_else(|| Arc::from(""))),
     };
     match decided.decision {

@@ -11,6 +11,7 @@
 
 pub mod ca;
 pub mod origin;
+pub mod server;
 pub mod source;
 mod verify;
 

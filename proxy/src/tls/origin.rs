@@ -143,6 +143,22 @@ pub fn from_config(
             mesh(store, cluster, &tls.sni, sans).map(Some)
         }
         pb::UpstreamTlsMode::Simple | pb::UpstreamTlsMode::Mutual => {
+            // Files named by the DestinationRule are read now: a file that
+            // cannot be read refuses the config.
+            let mut tls = tls.clone();
+            let read = |path: &str, field: &str| {
+                std::fs::read(path).map_err(|e| format!("tls.{field} {path}: {e}"))
+            };
+            if !tls.ca_certificates_file.is_empty() {
+                tls.ca_certificates = read(&tls.ca_certificates_file, "caCertificates")?;
+            }
+            if !tls.client_certificate_file.is_empty() {
+                tls.client_certificate = read(&tls.client_certificate_file, "clientCertificate")?;
+            }
+            if !tls.private_key_file.is_empty() {
+                tls.private_key = read(&tls.private_key_file, "privateKey")?;
+            }
+            let tls = &tls;
             let roots = if tls.ca_certificates.is_empty() {
                 system_roots()
             } else {

@@ -293,3 +293,89 @@ impl IstioCertificateService for CaService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("bosun-ca-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn csr_for(uri: &str) -> String {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(
+            rcgen::string::Ia5String::try_from(uri.to_string()).expect("uri"),
+        )];
+        p.serialize_request(&key).expect("csr").pem().expect("pem")
+    }
+
+    fn id(sa: &str) -> WorkloadId {
+        WorkloadId {
+            trust_domain: "cluster.local".into(),
+            namespace: "default".into(),
+            service_account: sa.into(),
+        }
+    }
+
+    #[test]
+    fn the_ca_signs_the_proven_identity_only_and_keeps_its_root() {
+        let dir = tmp("sign");
+        let ca = Ca::load_or_create(&dir, "cluster.local").expect("made");
+        let root = ca.roots_pem().to_string();
+        let chain = ca
+            .sign(
+                &csr_for("spiffe://cluster.local/ns/default/sa/a"),
+                &id("a"),
+                Duration::from_secs(3600),
+            )
+            .expect("signed");
+        assert_eq!(chain.len(), 2, "leaf and root");
+        assert_eq!(chain[1], root);
+        let (_, leaf) = x509_parser::pem::parse_x509_pem(chain[0].as_bytes()).expect("pem");
+        let cert = leaf.parse_x509().expect("x509");
+        let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert!((3600..=3700).contains(&life), "{life}");
+        assert_eq!(
+            crate::identity::spiffe_of(&leaf.contents).map(|w| w.spiffe()),
+            Some("spiffe://cluster.local/ns/default/sa/a".into())
+        );
+        // A CSR for someone else is refused.
+        let e = ca
+            .sign(
+                &csr_for("spiffe://cluster.local/ns/default/sa/b"),
+                &id("a"),
+                Duration::from_secs(60),
+            )
+            .expect_err("another identity");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        // A restart keeps the root.
+        let again = Ca::load_or_create(&dir, "cluster.local").expect("loaded");
+        assert_eq!(again.roots_pem(), root);
+        // Half a CA is refused, naming what is missing.
+        std::fs::remove_file(dir.join(CA_KEY)).expect("rm");
+        let e = Ca::load_or_create(&dir, "cluster.local").expect_err("half a CA");
+        assert!(e.contains("ca-key.pem"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn spiffe_ids_parse_strictly() {
+        assert_eq!(
+            WorkloadId::parse("spiffe://td/ns/a/sa/b").map(|w| w.spiffe()),
+            Some("spiffe://td/ns/a/sa/b".into())
+        );
+        for bad in [
+            "spiffe://td/ns/a",
+            "spiffe://td/sa/b/ns/a",
+            "https://td/ns/a/sa/b",
+            "spiffe://td/ns//sa/b",
+            "spiffe://td/ns/a/sa/b/c",
+        ] {
+            assert!(WorkloadId::parse(bad).is_none(), "{bad}");
+        }
+    }
+}

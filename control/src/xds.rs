@@ -1195,9 +1195,11 @@ mod tests {
         let old = Prepared::new(prepared(CANARY, SHOP));
         old.check().expect("valid");
         // ServiceEntry endpoints move and one is added; a slice endpoint moves.
-        let canary = CANARY.replace("18082", "18092").replace(
-            "    labels: {app: reviews, version: v2}\n",
-            "    labels: {app: reviews, version: v2}\n  - address: 127.0.0.2\n    ports: {http: 18083}\n    labels: {app: reviews, version: v2}\n",
+        let v2 = "    labels: {app: reviews, version: v2, security.istio.io/tlsMode: istio}\n";
+        assert!(CANARY.contains(v2) && CANARY.contains("18092"));
+        let canary = CANARY.replace("18092", "18094").replace(
+            v2,
+            &format!("{v2}  - address: 127.0.0.2\n    ports: {{http: 18083}}\n{v2}"),
         );
         let shop = SHOP.replace("10.0.0.2", "10.0.0.3");
         let new = Prepared::update(&old, prepared(&canary, &shop));

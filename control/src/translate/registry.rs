@@ -41,16 +41,15 @@ pub(super) fn select_protocol(
             "http" => Some(PortProtocol::Http),
             "http2" | "kubernetes.io/h2c" | "h2c" => Some(PortProtocol::Http2),
             "grpc" | "grpc-web" => Some(PortProtocol::Grpc),
-            "tcp" | "mongo" | "mysql" | "redis" => Some(PortProtocol::Tcp),
+            // TLS from the app (HTTPS, TLS) is opaque to a sidecar: its bytes
+            // go through as TCP, as Istio passes them through by SNI.
+            "tcp" | "mongo" | "mysql" | "redis" | "https" | "tls" => Some(PortProtocol::Tcp),
             _ => None,
         }
     };
     if let Some(p) = explicit {
         return match from(p) {
             Some(proto) => Ok(proto),
-            None if matches!(p.to_ascii_uppercase().as_str(), "HTTPS" | "TLS") => Err(format!(
-                "protocol {p} is not supported by Bosun yet (TLS arrives with mTLS and gateway TLS)"
-            )),
             None => Err(format!(
                 "protocol {p} is not supported (use HTTP, HTTP2, GRPC or TCP)"
             )),

@@ -52,3 +52,62 @@ pub fn peer_mtls(cfg: &Config, params: &ProxyParams, port: u32) -> pb::PeerMtls 
 pub fn spiffe(trust_domain: &str, namespace: &str, service_account: &str) -> String {
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::load_sources;
+
+    fn cfg(yaml: &str) -> Config {
+        load_sources(&[("pa.yaml".into(), yaml.into())]).expect("parses")
+    }
+
+    fn pa(ns: &str, name: &str, body: &str) -> String {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{body}---\n"
+        )
+    }
+
+    fn proxy(ns: &str, app: &str) -> ProxyParams {
+        ProxyParams {
+            namespace: ns.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn peer_authentication_resolves_workload_then_namespace_then_mesh() {
+        let c = cfg(&[
+            pa("istio-system", "mesh", "  mtls: {mode: STRICT}\n"),
+            pa("shop", "ns", "  mtls: {mode: PERMISSIVE}\n"),
+            pa(
+                "shop",
+                "cart",
+                "  selector: {matchLabels: {app: cart}}\n  mtls: {mode: UNSET}\n  portLevelMtls:\n    \"8080\": {mode: DISABLE}\n",
+            ),
+        ]
+        .concat());
+        // No policy of its own, none in its namespace: the mesh-wide one.
+        assert_eq!(peer_mtls(&c, &proxy("web", "x"), 80), pb::PeerMtls::Strict);
+        // The namespace's beats the mesh's.
+        assert_eq!(
+            peer_mtls(&c, &proxy("shop", "x"), 80),
+            pb::PeerMtls::Permissive
+        );
+        // The workload's port-level setting for its port; UNSET defers to the namespace.
+        assert_eq!(
+            peer_mtls(&c, &proxy("shop", "cart"), 8080),
+            pb::PeerMtls::Disable
+        );
+        assert_eq!(
+            peer_mtls(&c, &proxy("shop", "cart"), 9090),
+            pb::PeerMtls::Permissive
+        );
+        // Nothing at all: Istio's default.
+        assert_eq!(
+            peer_mtls(&Config::default(), &proxy("web", "x"), 80),
+            pb::PeerMtls::Permissive
+        );
+    }
+}

@@ -345,3 +345,46 @@ pub async fn peek_hello(stream: &TcpStream, deadline: tokio::time::Instant) -> O
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(names: &[&str]) -> ServerEntry {
+        ServerEntry {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            kind: ServerKind::Passthrough(WeightedClusters {
+                clusters: vec![],
+                total: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn sni_picks_exact_then_longest_wildcard_then_catch_all() {
+        let l = TlsListener {
+            servers: vec![
+                entry(&["*.example.com"]),
+                entry(&["*.api.example.com"]),
+                entry(&["www.example.com"]),
+                entry(&["*"]),
+            ],
+        };
+        let pick = |sni: Option<&str>| {
+            l.choose(sni)
+                .map(|s| s.names[0].clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(pick(Some("www.example.com")), "www.example.com");
+        assert_eq!(pick(Some("WWW.Example.com.")), "www.example.com");
+        assert_eq!(pick(Some("v1.api.example.com")), "*.api.example.com");
+        assert_eq!(pick(Some("shop.example.com")), "*.example.com");
+        assert_eq!(pick(Some("example.org")), "*");
+        assert_eq!(pick(None), "*");
+        let strict = TlsListener {
+            servers: vec![entry(&["a.example.com"])],
+        };
+        assert!(strict.choose(None).is_none());
+        assert!(strict.choose(Some("b.example.com")).is_none());
+    }
+}

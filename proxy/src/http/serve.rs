@@ -312,7 +312,7 @@ pub async fn serve_inbound(
         _ => return,
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.mesh_server.clone());
-    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+    let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             shared.metrics.mtls_refused.fetch_add(1, Ordering::Relaxed);
@@ -321,6 +321,9 @@ pub async fn serve_inbound(
         }
         Err(_) => return,
     };
+    // Session tickets are queued after the handshake: send them now, not
+    // with the first response (a client may reconnect before that).
+    let _ = tokio::io::AsyncWriteExt::flush(&mut tls).await;
     let mut conn = ConnContext::new(peer, local);
     let peer_id = crate::tls::PeerIdentity::from_certs(tls.get_ref().1.peer_certificates());
     conn.tls = Some(Arc::new(DownstreamTls::new(peer_id, shared.tls.spiffe())));
@@ -366,7 +369,7 @@ pub async fn serve_gateway_tls(
     };
     drop(snap);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+    let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -374,6 +377,7 @@ pub async fn serve_gateway_tls(
         }
         Err(_) => return,
     };
+    let _ = tokio::io::AsyncWriteExt::flush(&mut tls).await;
     match &l.kind {
         ListenerKind::Http { .. } => {
             let mut conn = ConnContext::new(peer, local);

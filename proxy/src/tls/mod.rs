@@ -279,7 +279,18 @@ pub fn mesh_server_config(store: &Arc<Store>) -> Arc<rustls::ServerConfig> {
         .with_client_cert_verifier(Arc::new(MeshClientVerifier::new(store.clone())))
         .with_cert_resolver(Arc::new(StoreCert(store.clone())));
     c.alpn_protocols = ALPN_MESH_SERVER.iter().map(|p| p.to_vec()).collect();
+    enable_tickets(&mut c);
     Arc::new(c)
+}
+
+/// Session resumption by stateless tickets (a client may resume more than
+/// once, and no cache is shared between connections), besides rustls'
+/// stateful cache. Ticket keys rotate every 6 hours.
+pub fn enable_tickets(c: &mut rustls::ServerConfig) {
+    match rustls::crypto::aws_lc_rs::Ticketer::new() {
+        Ok(t) => c.ticketer = t,
+        Err(e) => tracing::warn!(error = %e, "no session tickets"),
+    }
 }
 
 /// What an upstream connection speaks inside the tunnel: picks the ALPN.

@@ -211,6 +211,7 @@ pub fn server_config(
             .with_single_cert(chain, key)
             .map_err(|e| format!("privateKey: {e} (does it match serverCertificate?)"))?
     };
+    super::enable_tickets(&mut config);
     config.alpn_protocols = if http {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {

@@ -465,6 +465,18 @@ impl Control {
         Control::start_with(&["--kubernetes"], logs, None, &[("KUBECONFIG", k)]).await
     }
 
+    /// As `start_kubernetes`, with more flags.
+    pub async fn start_kubernetes_args(
+        kubeconfig: &std::path::Path,
+        logs: &std::path::Path,
+        extra: &[&str],
+    ) -> Control {
+        let k = kubeconfig.to_str().expect("utf8");
+        let mut args = vec!["--kubernetes"];
+        args.extend_from_slice(extra);
+        Control::start_with(&args, logs, None, &[("KUBECONFIG", k)]).await
+    }
+
     /// Starts a control service reading etcd at `url`, keys under `prefix`.
     pub async fn start_etcd(url: &str, prefix: &str, logs: &std::path::Path) -> Control {
         Control::start_with(&["--etcd", url, "--etcd-prefix", prefix], logs, None, &[]).await

@@ -51,6 +51,10 @@ async fn stand_in(lists: HashMap<String, Vec<Value>>) -> StandIn {
                         let (lists, ev) = (lists.clone(), ev.clone());
                         async move {
                             let path = req.uri().path().to_string();
+                            if req.method() == http::Method::POST && path.ends_with("/tokenreviews")
+                            {
+                                return Ok::<_, Infallible>(token_review(req).await);
+                            }
                             let watch = req.uri().query().is_some_and(|q| {
                                 q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1")
                             });
@@ -113,6 +117,67 @@ async fn stand_in(lists: HashMap<String, Vec<Value>>) -> StandIn {
     StandIn { addr, events }
 }
 
+/// Every kind Bosun watches, with no objects.
+fn empty_lists() -> HashMap<String, Vec<Value>> {
+    let mut lists = HashMap::new();
+    for (group, version, _, plural) in bosun_control::kubernetes::KINDS {
+        let path = if group.is_empty() {
+            format!("/api/{version}/{plural}")
+        } else {
+            format!("/apis/{group}/{version}/{plural}")
+        };
+        lists.insert(path, vec![]);
+    }
+    lists
+}
+
+/// A kubeconfig in `dir` for the stand-in at `addr`.
+fn kubeconfig(dir: &std::path::Path, addr: SocketAddr) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster: {{server: \"http://{addr}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: standin, user: u}}\ncurrent-context: c\n"
+        ),
+    )
+    .expect("kubeconfig");
+    path
+}
+
+/// The stand-in's TokenReview: one known ServiceAccount token, valid for
+/// the audience `istio-ca` only.
+const SA_TOKEN: &str = "k8s-projected-token-of-productpage";
+
+async fn token_review(req: http::Request<hyper::body::Incoming>) -> http::Response<Body> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let token = review["spec"]["token"].as_str().unwrap_or("");
+    let audience_ok = review["spec"]["audiences"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x == "istio-ca"));
+    let status = if token == SA_TOKEN && audience_ok {
+        json!({"authenticated": true, "audiences": ["istio-ca"],
+               "user": {"username": "system:serviceaccount:default:productpage", "uid": "uid-sa",
+                        "groups": ["system:serviceaccounts", "system:serviceaccounts:default"]}})
+    } else {
+        json!({"authenticated": false, "error": "invalid bearer token"})
+    };
+    let out = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                     "metadata": {"creationTimestamp": null}, "spec": review["spec"], "status": status});
+    let mut r = http::Response::new(Full::new(Bytes::from(out.to_string())).boxed());
+    *r.status_mut() = http::StatusCode::CREATED;
+    r.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 fn slice(port: u16, rv: &str) -> Value {
     json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -132,15 +197,7 @@ fn slice(port: u16, rv: &str) -> Value {
 async fn the_kubernetes_source_lists_watches_and_pushes_to_proxies() {
     let (v1, v2) = (backend("v1").await, backend("v2").await);
     let port = free_port();
-    let mut lists: HashMap<String, Vec<Value>> = HashMap::new();
-    for (group, version, _, plural) in bosun_control::kubernetes::KINDS {
-        let path = if group.is_empty() {
-            format!("/api/{version}/{plural}")
-        } else {
-            format!("/apis/{group}/{version}/{plural}")
-        };
-        lists.insert(path, vec![]);
-    }
+    let mut lists = empty_lists();
     lists.insert(
         "/apis/networking.istio.io/v1/gateways".into(),
         vec![json!({"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": meta("gw", "shop", "10"),
@@ -167,15 +224,7 @@ async fn the_kubernetes_source_lists_watches_and_pushes_to_proxies() {
     let api = stand_in(lists).await;
 
     let dir = TempDir::new("kube");
-    let kubeconfig = dir.0.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster: {{server: \"http://{}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: standin, user: u}}\ncurrent-context: c\n",
-            api.addr
-        ),
-    )
-    .expect("kubeconfig");
+    let kubeconfig = kubeconfig(&dir.0, api.addr);
     let control = Control::start_kubernetes(&kubeconfig, &dir.0.join("control")).await;
     let proxy = Bosun::with_xds(
         control.xds,
@@ -202,4 +251,66 @@ async fn the_kubernetes_source_lists_watches_and_pushes_to_proxies() {
         async move { get(&c, &url, "shop.example").await.backend() == "v2" }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_kubernetes_the_ca_checks_service_account_tokens_by_token_review() {
+    use bosun_proxy::tls;
+    let mut lists = empty_lists();
+    lists.insert(
+        "/api/v1/services".into(),
+        vec![json!({"metadata": meta("web", "shop", "12"),
+            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}], "selector": {"app": "web"},
+                     "clusterIP": "10.96.0.10", "type": "ClusterIP"}})],
+    );
+    let api = stand_in(lists).await;
+    let dir = TempDir::new("kube-ca");
+    let kubeconfig = kubeconfig(&dir.0, api.addr);
+    let ca = dir.0.join("ca");
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let _control = Control::start_kubernetes_args(
+        &kubeconfig,
+        &dir.0.join("control"),
+        &[
+            "--ca-dir",
+            ca.to_str().expect("utf8"),
+            "--xds-tls-addr",
+            &tls_addr.to_string(),
+        ],
+    )
+    .await;
+    let token = |t: &str| {
+        let p = dir.0.join(format!("{}.token", t.len()));
+        std::fs::write(&p, t).expect("token");
+        p
+    };
+    let opts = |token_file: std::path::PathBuf, sa: &str| tls::ca::CaOptions {
+        address: format!("https://{tls_addr}"),
+        server_name: "bosun-control.istio-system.svc".into(),
+        root_cert: ca.join("root-cert.pem"),
+        token_file,
+        spiffe: format!("spiffe://cluster.local/ns/default/sa/{sa}"),
+        ttl: std::time::Duration::from_secs(600),
+    };
+    let id = tls::ca::request(&opts(token(SA_TOKEN), "productpage"))
+        .await
+        .expect("a certificate for the token's service account");
+    assert_eq!(
+        id.spiffe,
+        "spiffe://cluster.local/ns/default/sa/productpage"
+    );
+    let e = tls::ca::request(&opts(token(SA_TOKEN), "reviews"))
+        .await
+        .expect_err("another service account");
+    assert!(e.contains("PermissionDenied"), "{e}");
+    let e = tls::ca::request(&opts(
+        token("a-token-the-api-server-never-issued"),
+        "productpage",
+    ))
+    .await
+    .expect_err("unknown token");
+    assert!(
+        e.contains("Unauthenticated") && e.contains("invalid bearer token"),
+        "{e}"
+    );
 }

@@ -197,6 +197,62 @@ async fn mutual_tls_at_the_gateway_refuses_clients_without_a_certificate() {
     let (ok, out) = curl(&with);
     assert!(ok, "{out}\n{}", gw.log_text());
     assert!(out.contains("\"backend\":\"site\""), "{out}");
+
+    // TLS 1.3 only, and only a client certificate with another hash: the
+    // same client is refused.
+    let mutual = "tls: {mode: MUTUAL, credentialName: secure}";
+    gw.reconfigure(&yaml.replace(
+        mutual,
+        "tls: {mode: MUTUAL, credentialName: secure, minProtocolVersion: TLSV1_3, verifyCertificateHash: [\"00:11\"]}",
+    ))
+    .await;
+    let (ok, _) = curl(&with);
+    assert!(!ok, "a client certificate with another hash was accepted");
+    let fingerprint = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in", &cc])
+        .output()
+        .expect("openssl");
+    let hash = String::from_utf8_lossy(&fingerprint.stdout)
+        .trim()
+        .rsplit('=')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(hash.len(), 95, "{hash}");
+    gw.reconfigure(&yaml.replace(
+        mutual,
+        &format!("tls: {{mode: MUTUAL, credentialName: secure, minProtocolVersion: TLSV1_3, verifyCertificateHash: [\"{hash}\"]}}"),
+    ))
+    .await;
+    let (ok, out) = curl(&with);
+    assert!(ok, "its own hash refused: {out}");
+    let mut tls12 = vec!["--tls-max", "1.2"];
+    tls12.extend(with.iter().copied());
+    let (ok, _) = curl(&tls12);
+    assert!(!ok, "TLS 1.2 was accepted with minProtocolVersion TLSV1_3");
+
+    // OPTIONAL_MUTUAL: no certificate is fine, one from another root is not.
+    gw.reconfigure(&yaml.replace(
+        mutual,
+        "tls: {mode: OPTIONAL_MUTUAL, credentialName: secure}",
+    ))
+    .await;
+    let (ok, out) = curl(&without);
+    assert!(
+        ok,
+        "OPTIONAL_MUTUAL refused a client without a certificate: {out}"
+    );
+    let rogue = OpensslPki::new(&dir.0, "rogue-pki");
+    let rogue_leaf = dir.0.join("rogue");
+    rogue.issue("DNS:client.example.com", &rogue_leaf);
+    let (rc, rk) = (
+        p(&rogue_leaf.join("cert-chain.pem")),
+        p(&rogue_leaf.join("key.pem")),
+    );
+    let mut rogue_args: Vec<&str> = base.iter().map(String::as_str).collect();
+    rogue_args.extend(["--cert", &rc, "--key", &rk, &url]);
+    let (ok, _) = curl(&rogue_args);
+    assert!(!ok, "OPTIONAL_MUTUAL took a certificate from another root");
 }
 
 /// A TLS server on 127.0.0.1 with the certificate in `dir` that answers

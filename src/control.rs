@@ -41,7 +41,17 @@ pub struct ControlArgs {
     /// none). Serves Istio's CSR API and authenticated xDS over TLS on --xds-tls-addr.
     #[arg(long)]
     ca_dir: Option<PathBuf>,
-    /// With --ca-dir: xDS and the CA over TLS; every caller proves a workload identity.
+    /// With --kubernetes: be the mesh's CA with its files in this Secret (Istio's
+    /// istio-ca-secret layout), made on first start if it does not exist.
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        conflicts_with = "ca_dir",
+        requires = "kubernetes"
+    )]
+    ca_secret: Option<String>,
+    /// With --ca-dir or --ca-secret: xDS and the CA over TLS; every caller proves a workload
+    /// identity.
     #[arg(long, default_value = "0.0.0.0:15012")]
     xds_tls_addr: SocketAddr,
     /// Bootstrap tokens for workloads outside Kubernetes: YAML `tokens: [{token, namespace,
@@ -114,6 +124,7 @@ impl ControlArgs {
             xds_addr,
             admin_address,
             ca_dir: None,
+            ca_secret: None,
             xds_tls_addr: "127.0.0.1:15012".parse().unwrap_or(xds_addr),
             ca_tokens: None,
             trust_domain: "cluster.local".into(),
@@ -139,9 +150,10 @@ pub async fn start(args: &ControlArgs) -> anyhow::Result<Running> {
     let ads = Ads::new(rx.clone()).with_shutdown(shutdown_rx.clone());
     // Checked before anything listens: a bad CA directory or tokens file
     // stops the start with the file named.
-    let tls = match &args.ca_dir {
-        Some(dir) => Some(ca_server(args, dir, &ads).await?),
-        None => None,
+    let tls = if args.ca_dir.is_some() || args.ca_secret.is_some() {
+        Some(ca_server(args, &ads).await?)
+    } else {
+        None
     };
     let registry = ads.registry.clone();
     let counters = Arc::new(Counters::default());
@@ -252,12 +264,21 @@ type TlsIncoming = tokio_stream::wrappers::ReceiverStream<
 /// issues the serving certificate, binds --xds-tls-addr.
 async fn ca_server(
     args: &ControlArgs,
-    dir: &std::path::Path,
     ads: &Ads,
 ) -> anyhow::Result<(TlsIncoming, Ads, bosun_control::ca::CaService)> {
     use bosun_control::{ca, identity};
-    let mut authority =
-        ca::Ca::load_or_create(dir, &args.trust_domain).map_err(anyhow::Error::msg)?;
+    let mut authority = match (&args.ca_dir, &args.ca_secret) {
+        (Some(dir), _) => {
+            ca::Ca::load_or_create(dir, &args.trust_domain).map_err(anyhow::Error::msg)?
+        }
+        (None, Some(secret)) => {
+            let files = bosun_control::kubernetes::ca_from_secret(secret, &args.trust_domain)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            ca::Ca::from_pems(files, &format!("Secret {secret}")).map_err(anyhow::Error::msg)?
+        }
+        (None, None) => anyhow::bail!("the CA needs --ca-dir or --ca-secret"),
+    };
     authority.max_ttl = args.max_cert_ttl;
     let auth = identity::Authenticator::new(args.trust_domain.clone(), args.ca_tokens.clone())
         .map_err(anyhow::Error::msg)?;
@@ -283,7 +304,7 @@ async fn ca_server(
     let listener = tokio::net::TcpListener::bind(args.xds_tls_addr)
         .await
         .map_err(|e| anyhow::anyhow!("xDS/CA TLS listener {}: {e}", args.xds_tls_addr))?;
-    tracing::info!(addr = %args.xds_tls_addr, ca = %dir.display(), "xDS and CA listening (TLS, authenticated)");
+    tracing::info!(addr = %args.xds_tls_addr, ca = %authority.dir.display(), "xDS and CA listening (TLS, authenticated)");
     let service = ca::CaService {
         ca: Arc::new(authority),
         auth: auth.clone(),

@@ -95,29 +95,12 @@ impl Ca {
         let present: Vec<_> = names.iter().filter(|n| dir.join(n).exists()).collect();
         if present.is_empty() {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                .map_err(|e| format!("CA key: {e}"))?;
-            let mut p = CertificateParams::default();
-            let mut dn = DistinguishedName::new();
-            dn.push(DnType::OrganizationName, trust_domain);
-            dn.push(DnType::CommonName, "Bosun root CA");
-            p.distinguished_name = dn;
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            p.not_before = now() - time::Duration::minutes(5);
-            p.not_after = now() + time::Duration::days(3650);
-            p.serial_number = Some(serial());
-            let cert = p.self_signed(&key).map_err(|e| format!("CA cert: {e}"))?;
-            let cert_pem = cert.pem();
+            let (cert_pem, key_pem) = generate_root(trust_domain)?;
             let w = |name: &str, data: &str| {
                 std::fs::write(dir.join(name), data)
                     .map_err(|e| format!("{}: {e}", dir.join(name).display()))
             };
-            write_private(&dir.join(CA_KEY), &key.serialize_pem())
+            write_private(&dir.join(CA_KEY), &key_pem)
                 .map_err(|e| format!("{}: {e}", dir.join(CA_KEY).display()))?;
             w(CA_CERT, &cert_pem)?;
             w(ROOT_CERT, &cert_pem)?;
@@ -138,17 +121,29 @@ impl Ca {
             std::fs::read_to_string(dir.join(name))
                 .map_err(|e| format!("{}: {e}", dir.join(name).display()))
         };
-        let cert = read(CA_CERT)?;
-        let key = read(CA_KEY)?;
-        let roots = read(ROOT_CERT)?;
-        let chain = read(CERT_CHAIN)?;
-        let key =
-            KeyPair::from_pem(&key).map_err(|e| format!("{}: {e}", dir.join(CA_KEY).display()))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert, key)
-            .map_err(|e| format!("{}: {e}", dir.join(CA_CERT).display()))?;
+        let files = CaFiles {
+            cert: read(CA_CERT)?,
+            key: read(CA_KEY)?,
+            roots: read(ROOT_CERT)?,
+            chain: read(CERT_CHAIN)?,
+        };
+        Ca::from_pems(files, &dir.display().to_string())
+    }
+
+    /// A CA from its four PEMs; `place` names where they came from in errors.
+    pub fn from_pems(f: CaFiles, place: &str) -> Result<Ca, String> {
+        let CaFiles {
+            cert,
+            key,
+            roots,
+            chain,
+        } = f;
+        let key = KeyPair::from_pem(&key).map_err(|e| format!("{place}: {CA_KEY}: {e}"))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&cert, key).map_err(|e| format!("{place}: {CA_CERT}: {e}"))?;
         let roots_blocks = pem_blocks(&roots);
         if roots_blocks.is_empty() {
-            return Err(format!("{}: no certificate", dir.join(ROOT_CERT).display()));
+            return Err(format!("{place}: {ROOT_CERT}: no certificate"));
         }
         // cert-chain.pem is the signing cert up to a root; what a leaf
         // needs after itself is the part that is not a root.
@@ -160,7 +155,7 @@ impl Ca {
             issuer,
             chain_pem,
             roots_pem: roots,
-            dir: dir.to_path_buf(),
+            dir: PathBuf::from(place),
             max_ttl: Duration::from_secs(90 * 24 * 3600),
         })
     }
@@ -243,6 +238,42 @@ impl Ca {
         }
         Ok((chain, key.serialize_pem()))
     }
+}
+
+/// The CA's four PEMs, Istio's plugged-in CA names.
+#[derive(Debug, Clone)]
+pub struct CaFiles {
+    /// ca-cert.pem
+    pub cert: String,
+    /// ca-key.pem
+    pub key: String,
+    /// root-cert.pem
+    pub roots: String,
+    /// cert-chain.pem
+    pub chain: String,
+}
+
+/// A new self-signed ECDSA P-256 root for `trust_domain`, ten years:
+/// (certificate PEM, key PEM).
+pub fn generate_root(trust_domain: &str) -> Result<(String, String), String> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| format!("CA key: {e}"))?;
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain);
+    dn.push(DnType::CommonName, "Bosun root CA");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = now() - time::Duration::minutes(5);
+    p.not_after = now() + time::Duration::days(3650);
+    p.serial_number = Some(serial());
+    let cert = p.self_signed(&key).map_err(|e| format!("CA cert: {e}"))?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 fn serial() -> SerialNumber {

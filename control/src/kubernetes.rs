@@ -166,3 +166,86 @@ pub async fn token_review(client: &kube::Client, token: &str) -> Result<(String,
         _ => Err(format!("token of {user:?}, not a service account")),
     }
 }
+
+/// `--ca-secret NAMESPACE/NAME` with the ambient credentials.
+pub async fn ca_from_secret(
+    secret: &str,
+    trust_domain: &str,
+) -> Result<crate::ca::CaFiles, String> {
+    let (ns, name) = secret
+        .split_once('/')
+        .ok_or_else(|| format!("--ca-secret {secret:?}: want NAMESPACE/NAME"))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("Kubernetes client for the CA Secret: {e}"))?;
+    ca_secret(&client, ns, name, trust_domain).await
+}
+
+/// The CA kept in a Secret (Istio's `istio-ca-secret` layout: `ca-cert.pem`,
+/// `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`): read if it exists,
+/// else a new root is made and the Secret created. Two replicas starting
+/// at once: the one whose create loses (409) reads the winner's.
+pub async fn ca_secret(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    trust_domain: &str,
+) -> Result<crate::ca::CaFiles, String> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let place = format!("Secret {namespace}/{name}");
+    let read = |s: Secret| -> Result<crate::ca::CaFiles, String> {
+        let data = s.data.unwrap_or_default();
+        let get = |k: &str| -> Option<String> {
+            data.get(k)
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        };
+        let cert = get(crate::ca::CA_CERT).ok_or(format!("{place}: no {}", crate::ca::CA_CERT))?;
+        let key = get(crate::ca::CA_KEY).ok_or(format!("{place}: no {}", crate::ca::CA_KEY))?;
+        Ok(crate::ca::CaFiles {
+            roots: get(crate::ca::ROOT_CERT).unwrap_or_else(|| cert.clone()),
+            chain: get(crate::ca::CERT_CHAIN).unwrap_or_else(|| cert.clone()),
+            cert,
+            key,
+        })
+    };
+    if let Some(s) = api
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("{place}: {e}"))?
+    {
+        return read(s);
+    }
+    let (cert, key) = crate::ca::generate_root(trust_domain)?;
+    let mut data = std::collections::BTreeMap::new();
+    for (k, v) in [
+        (crate::ca::CA_CERT, &cert),
+        (crate::ca::CA_KEY, &key),
+        (crate::ca::ROOT_CERT, &cert),
+        (crate::ca::CERT_CHAIN, &cert),
+    ] {
+        data.insert(k.to_string(), ByteString(v.as_bytes().to_vec()));
+    }
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        type_: Some("istio.io/ca-root".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    match api.create(&kube::api::PostParams::default(), &secret).await {
+        Ok(s) => {
+            tracing::info!(secret = %place, "made a new root CA");
+            read(s)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let s = api.get(name).await.map_err(|e| format!("{place}: {e}"))?;
+            read(s)
+        }
+        Err(e) => Err(format!("{place}: create: {e}")),
+    }
+}

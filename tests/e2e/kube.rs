@@ -21,6 +21,8 @@ type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 struct StandIn {
     addr: SocketAddr,
+    /// Objects created with POST, by their path.
+    objects: Arc<Mutex<HashMap<String, Value>>>,
     /// (collection path, watch event line) to every open watch.
     events: broadcast::Sender<(String, String)>,
 }
@@ -41,19 +43,28 @@ async fn stand_in(lists: HashMap<String, Vec<Value>>) -> StandIn {
     let addr = l.local_addr().expect("addr");
     let (events, _) = broadcast::channel::<(String, String)>(64);
     let lists = Arc::new(Mutex::new(lists));
+    let objects: Arc<Mutex<HashMap<String, Value>>> = Arc::default();
     let ev = events.clone();
+    let objs = objects.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = l.accept().await {
-            let (lists, ev) = (lists.clone(), ev.clone());
+            let (lists, ev, objs) = (lists.clone(), ev.clone(), objs.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: http::Request<hyper::body::Incoming>| {
-                        let (lists, ev) = (lists.clone(), ev.clone());
+                        let (lists, ev, objs) = (lists.clone(), ev.clone(), objs.clone());
                         async move {
                             let path = req.uri().path().to_string();
                             if req.method() == http::Method::POST && path.ends_with("/tokenreviews")
                             {
                                 return Ok::<_, Infallible>(token_review(req).await);
+                            }
+                            if req.method() == http::Method::POST {
+                                return Ok(create(&objs, &path, req).await);
+                            }
+                            let stored = objs.lock().expect("lock").get(&path).cloned();
+                            if let Some(o) = stored {
+                                return Ok(json_response(http::StatusCode::OK, &o));
                             }
                             let watch = req.uri().query().is_some_and(|q| {
                                 q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1")
@@ -93,9 +104,11 @@ async fn stand_in(lists: HashMap<String, Vec<Value>>) -> StandIn {
                                 ))
                                 .boxed(),
                                 None => {
-                                    let mut r = http::Response::new(Full::new(Bytes::from_static(b"{\"kind\":\"Status\",\"code\":404}")).boxed());
-                                    *r.status_mut() = http::StatusCode::NOT_FOUND;
-                                    return Ok::<_, Infallible>(r);
+                                    return Ok::<_, Infallible>(json_response(
+                                        http::StatusCode::NOT_FOUND,
+                                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                                "message": format!("{path} not found"), "reason": "NotFound", "code": 404}),
+                                    ));
                                 }
                             }
                             };
@@ -114,7 +127,49 @@ async fn stand_in(lists: HashMap<String, Vec<Value>>) -> StandIn {
             });
         }
     });
-    StandIn { addr, events }
+    StandIn {
+        addr,
+        objects,
+        events,
+    }
+}
+
+fn json_response(status: http::StatusCode, v: &Value) -> http::Response<Body> {
+    let mut r = http::Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// POST to a collection: stored under `<collection>/<name>`; 409 if it exists.
+async fn create(
+    objs: &Mutex<HashMap<String, Value>>,
+    path: &str,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<Body> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut obj: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
+    obj["metadata"]["resourceVersion"] = json!("1");
+    let key = format!("{path}/{name}");
+    let mut m = objs.lock().expect("lock");
+    if m.contains_key(&key) {
+        return json_response(
+            http::StatusCode::CONFLICT,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": "already exists", "reason": "AlreadyExists", "code": 409}),
+        );
+    }
+    m.insert(key, obj.clone());
+    json_response(http::StatusCode::CREATED, &obj)
 }
 
 /// Every kind Bosun watches, with no objects.
@@ -313,4 +368,66 @@ async fn with_kubernetes_the_ca_checks_service_account_tokens_by_token_review() 
         e.contains("Unauthenticated") && e.contains("invalid bearer token"),
         "{e}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_kubernetes_the_ca_lives_in_the_istio_ca_secret_across_restarts() {
+    use base64::Engine;
+    use bosun_proxy::tls;
+    let mut lists = empty_lists();
+    lists.insert(
+        "/api/v1/services".into(),
+        vec![json!({"metadata": meta("web", "shop", "12"),
+            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}], "selector": {"app": "web"},
+                     "clusterIP": "10.96.0.10", "type": "ClusterIP"}})],
+    );
+    let api = stand_in(lists).await;
+    let dir = TempDir::new("kube-ca-secret");
+    let kubeconfig = kubeconfig(&dir.0, api.addr);
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let args = [
+        "--ca-secret",
+        "istio-system/istio-ca-secret",
+        "--xds-tls-addr",
+        &tls_addr.to_string(),
+    ];
+    let mut first = Control::start_kubernetes_args(&kubeconfig, &dir.0.join("c1"), &args).await;
+    let key = "/api/v1/namespaces/istio-system/secrets/istio-ca-secret";
+    let secret = api
+        .objects
+        .lock()
+        .expect("lock")
+        .get(key)
+        .cloned()
+        .expect("the CA Secret was created");
+    assert_eq!(secret["type"], "istio.io/ca-root");
+    let root = base64::engine::general_purpose::STANDARD
+        .decode(
+            secret["data"]["root-cert.pem"]
+                .as_str()
+                .expect("root-cert.pem"),
+        )
+        .expect("base64");
+    let root_file = dir.0.join("root-cert.pem");
+    std::fs::write(&root_file, &root).expect("root");
+    let token = dir.0.join("sa.token");
+    std::fs::write(&token, SA_TOKEN).expect("token");
+    let opts = tls::ca::CaOptions {
+        address: format!("https://{tls_addr}"),
+        server_name: "bosun-control.istio-system.svc".into(),
+        root_cert: root_file,
+        token_file: token,
+        spiffe: "spiffe://cluster.local/ns/default/sa/productpage".into(),
+        ttl: std::time::Duration::from_secs(600),
+    };
+    tls::ca::request(&opts)
+        .await
+        .expect("a certificate from the first control");
+    // A restarted control reads the Secret: the same root still verifies it.
+    first.kill();
+    let _second = Control::start_kubernetes_args(&kubeconfig, &dir.0.join("c2"), &args).await;
+    tls::ca::request(&opts)
+        .await
+        .expect("a certificate from the restarted control, under the same root");
+    assert_eq!(api.objects.lock().expect("lock").len(), 1);
 }

@@ -54,7 +54,9 @@ pub struct ProxyArgs {
     #[arg(long, conflicts_with = "xds", required_unless_present_any = ["xds", "cleanup"])]
     config: Option<PathBuf>,
     /// Control service xDS address(es), host:port[,host:port...]: config over ADS instead of
-    /// files; on failure the proxy moves to the next replica.
+    /// files; on failure the proxy moves to the next replica. https://host:port: over TLS,
+    /// the control checked against --ca-root-cert and the proxy authenticated by its workload
+    /// certificate (from that CA with --token-file, or --cert-dir).
     #[arg(long)]
     xds: Option<String>,
     /// The node id announced to the control service (default: <mode>~<workload>~<namespace>;

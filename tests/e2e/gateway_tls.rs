@@ -231,6 +231,40 @@ async fn mutual_tls_at_the_gateway_refuses_clients_without_a_certificate() {
     let (ok, _) = curl(&tls12);
     assert!(!ok, "TLS 1.2 was accepted with minProtocolVersion TLSV1_3");
 
+    // verifyCertificateSpki: the key's hash, as Envoy takes it.
+    let spki = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl x509 -pubkey -noout -in {cc} | openssl pkey -pubin -outform DER | openssl dgst -sha256 -binary | base64"
+        ))
+        .output()
+        .expect("openssl");
+    let spki = String::from_utf8_lossy(&spki.stdout).trim().to_string();
+    for (pin, accepted) in [("AAAA", false), (spki.as_str(), true)] {
+        gw.reconfigure(&yaml.replace(
+            mutual,
+            &format!(
+                "tls: {{mode: MUTUAL, credentialName: secure, verifyCertificateSpki: [\"{pin}\"]}}"
+            ),
+        ))
+        .await;
+        assert_eq!(curl(&with).0, accepted, "SPKI pin {pin}");
+    }
+    // cipherSuites (TLS 1.2): only the listed suite is offered.
+    gw.reconfigure(&yaml.replace(
+        mutual,
+        "tls: {mode: MUTUAL, credentialName: secure, maxProtocolVersion: TLSV1_2, cipherSuites: [ECDHE-ECDSA-AES128-GCM-SHA256]}",
+    ))
+    .await;
+    for (suite, accepted) in [
+        ("ECDHE-ECDSA-AES256-GCM-SHA384", false),
+        ("ECDHE-ECDSA-AES128-GCM-SHA256", true),
+    ] {
+        let mut args = vec!["--ciphers", suite];
+        args.extend(with.iter().copied());
+        assert_eq!(curl(&args).0, accepted, "cipher {suite}");
+    }
+
     // OPTIONAL_MUTUAL: no certificate is fine, one from another root is not.
     gw.reconfigure(&yaml.replace(
         mutual,

@@ -249,11 +249,21 @@ async fn sidecars_speak_mutual_tls_with_certificates_from_the_control_ca() {
     .await;
     let r = via_a(outbound_a).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(
-        b.metrics()
-            .await
-            .contains("bosun_inbound_mtls_refused_total ")
-    );
+    // A client certificate naming productpage but from another root: refused.
+    let rogue = OpensslPki::new(&dir.0, "rogue");
+    let rogue_leaf = dir.0.join("rogue-leaf");
+    rogue.leaf(PRODUCTPAGE, &rogue_leaf);
+    let (ok, out) = curl(&[
+        "-k",
+        "--cert",
+        rogue_leaf.join("cert-chain.pem").to_str().expect("utf8"),
+        "--key",
+        rogue_leaf.join("key.pem").to_str().expect("utf8"),
+        &format!("https://{inbound_b}/"),
+    ]);
+    assert!(!ok, "a certificate from another root was accepted: {out}");
+    let refused = metric_sum(&b.metrics().await, "bosun_inbound_mtls_refused_total", &[]);
+    assert!(refused >= 2.0, "plaintext and the rogue handshake: {refused}");
 
     // The CA signs only what the token proves.
     let root = ca.join("root-cert.pem");

@@ -332,12 +332,22 @@ fn build_cluster(
             app: e.labels.get("app").map(String::as_str).unwrap_or(""),
             version: e.labels.get("version").map(String::as_str).unwrap_or(""),
         };
-        let labels = LabelSet::destination(ctx.identity, &service_labels(c), &workload, inbound);
+        let mut labels =
+            LabelSet::destination(ctx.identity, &service_labels(c), &workload, inbound);
         let transport = match (&cluster_tls, &auto_mtls) {
             (Some(t), _) => t.clone(),
             (None, Some(t)) if e.istio_mtls => t.clone(),
             _ => Transport::Plaintext,
         };
+        if let Transport::Tls(o) = &transport
+            && o.is_mesh()
+        {
+            let peer = match o.key.sans.as_slice() {
+                [one] => one.as_str(),
+                _ => "",
+            };
+            labels.mesh_peer = Some(Arc::from(peer));
+        }
         let pool = ctx.pools.get(PoolKey {
             addr,
             transport,

@@ -43,6 +43,39 @@ pub struct LabelSet {
     pub text: String,
     /// Cluster name, for access logs.
     pub cluster: Arc<str>,
+    /// Outbound to this endpoint is Istio mutual TLS: the identity its
+    /// certificate was verified to carry ("" if the service has several).
+    pub mesh_peer: Option<Arc<str>>,
+}
+
+/// The principal labels and `connection_security_policy`, as Istio sets
+/// them: a request that came in over mutual TLS (reporter destination) names
+/// the peer and us, `mutual_tls`; one sent over mutual TLS (reporter source)
+/// names us and the identity the upstream's certificate was verified for,
+/// with the policy `unknown` (Istio's value for the source side).
+fn security_labels(l: &LabelSet, inbound_peer: Option<&str>, own: &str) -> (String, &'static str) {
+    let set = |text: String, key: &str, v: &str| {
+        if v.is_empty() {
+            text
+        } else {
+            text.replacen(
+                &format!("{key}=\"unknown\""),
+                &format!("{key}=\"{}\"", esc(v)),
+                1,
+            )
+        }
+    };
+    match (inbound_peer, &l.mesh_peer) {
+        (Some(peer), _) => {
+            let t = set(l.text.clone(), "source_principal", peer);
+            (set(t, "destination_principal", own), "mutual_tls")
+        }
+        (None, Some(peer)) => {
+            let t = set(l.text.clone(), "source_principal", own);
+            (set(t, "destination_principal", peer), "unknown")
+        }
+        (None, None) => (l.text.clone(), "none"),
+    }
 }
 
 fn esc(v: &str) -> String {
@@ -132,6 +165,7 @@ impl LabelSet {
         LabelSet {
             text: format!("reporter=\"{reporter}\",{src},{dst}"),
             cluster: Arc::from(cluster),
+            mesh_peer: None,
         }
     }
 
@@ -351,26 +385,7 @@ impl Metrics {
                     Protocol::Grpc => "grpc",
                 };
                 let grpc = k.grpc_status.map_or("".to_string(), |g| g.to_string());
-                // Istio's labels for a request that came over mutual TLS
-                // (reporter destination): the peer's and our principals.
-                let (labels, policy) = match &k.peer {
-                    Some(peer) => (
-                        s.labels
-                            .text
-                            .replacen(
-                                "source_principal=\"unknown\"",
-                                &format!("source_principal=\"{}\"", esc(peer)),
-                                1,
-                            )
-                            .replacen(
-                                "destination_principal=\"unknown\"",
-                                &format!("destination_principal=\"{}\"", esc(own_principal)),
-                                1,
-                            ),
-                        "mutual_tls",
-                    ),
-                    None => (s.labels.text.clone(), "none"),
-                };
+                let (labels, policy) = security_labels(&s.labels, k.peer.as_deref(), own_principal);
                 let text = format!(
                     "{labels},request_protocol=\"{proto}\",response_code=\"{}\",grpc_response_status=\"{grpc}\",response_flags=\"{}\",connection_security_policy=\"{policy}\"",
                     k.code,
@@ -419,9 +434,9 @@ impl Metrics {
         {
             let map = self.tcp.lock().unwrap_or_else(|p| p.into_inner());
             for (k, s) in map.iter() {
+                let (labels, policy) = security_labels(&s.labels, None, own_principal);
                 let text = format!(
-                    "{},request_protocol=\"tcp\",response_flags=\"{}\",connection_security_policy=\"none\"",
-                    s.labels.text,
+                    "{labels},request_protocol=\"tcp\",response_flags=\"{}\",connection_security_policy=\"{policy}\"",
                     k.flags.as_str()
                 );
                 let e = tcp.entry(text).or_insert_with(|| TcpSeries {

@@ -213,6 +213,17 @@ async fn sidecars_speak_mutual_tls_with_certificates_from_the_control_ca() {
         "{m}"
     );
 
+    // A (reporter source) names itself and the identity B's certificate
+    // was verified for.
+    let m = a.metrics().await;
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("reporter=\"source\"")
+            && l.contains(&format!("source_principal=\"{PRODUCTPAGE}\""))
+            && l.contains(&format!("destination_principal=\"{REVIEWS}\""))),
+        "{m}"
+    );
+
     // PERMISSIVE (Istio's default): plaintext straight to B's inbound is
     // served too, and a forged XFCC does not survive.
     let (ok, out) = curl(&[
@@ -263,7 +274,10 @@ async fn sidecars_speak_mutual_tls_with_certificates_from_the_control_ca() {
     ]);
     assert!(!ok, "a certificate from another root was accepted: {out}");
     let refused = metric_sum(&b.metrics().await, "bosun_inbound_mtls_refused_total", &[]);
-    assert!(refused >= 2.0, "plaintext and the rogue handshake: {refused}");
+    assert!(
+        refused >= 2.0,
+        "plaintext and the rogue handshake: {refused}"
+    );
 
     // The CA signs only what the token proves.
     let root = ca.join("root-cert.pem");

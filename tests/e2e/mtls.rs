@@ -298,6 +298,29 @@ async fn sidecars_speak_mutual_tls_with_certificates_from_the_control_ca() {
         .await
         .expect_err("unknown token");
     assert!(err.contains("Unauthenticated"), "{err}");
+    // Hostile peers on the TLS port: garbage is dropped, and a silent
+    // connection holds nothing up (each handshake runs in its own task).
+    let _silent = tokio::net::TcpStream::connect(tls_addr)
+        .await
+        .expect("connect");
+    let mut junk = tokio::net::TcpStream::connect(tls_addr)
+        .await
+        .expect("connect");
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), junk.read(&mut buf))
+            .await
+            .expect("closed, not left hanging")
+            .unwrap_or(0);
+        assert!(
+            n == 0 || buf[0] == 0x15,
+            "plaintext on the TLS port got {n} bytes"
+        );
+    }
     let id = tls::ca::request(&opts(&tok_a, PRODUCTPAGE))
         .await
         .expect("own certificate");
@@ -518,6 +541,8 @@ async fn sidecars_speak_mutual_tls_with_certificate_files_from_openssl() {
             &inbound_b.to_string(),
             "--outbound-address",
             &sock("127.0.0.2").to_string(),
+            "--request-head-timeout",
+            "1s",
         ],
         &yaml,
     )
@@ -591,6 +616,24 @@ async fn sidecars_speak_mutual_tls_with_certificate_files_from_openssl() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(via_a(outbound_a).await.status, 200);
+
+    // A ClientHello's first byte and then silence: closed at the head
+    // timeout (1 s here), so a slow handshake holds no slot for long.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut slow = tokio::net::TcpStream::connect(inbound_b)
+            .await
+            .expect("connect");
+        slow.write_all(&[0x16]).await.expect("write");
+        let t = Instant::now();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf))
+            .await
+            .expect("the proxy closed a silent handshake")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
 
     // A broken file is refused and the identity in use stays.
     std::fs::write(

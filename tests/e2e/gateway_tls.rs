@@ -32,22 +32,6 @@ fn tls_secret(name: &str, dir: &Path, ca: Option<&Path>) -> String {
     y
 }
 
-fn curl(args: &[&str]) -> (bool, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-S", "--max-time", "5"])
-        .args(args)
-        .output()
-        .expect("curl");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 fn p(path: &Path) -> String {
     path.to_str().expect("utf8").to_string()
 }

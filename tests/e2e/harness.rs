@@ -713,3 +713,20 @@ pub fn validate(path: &std::path::Path) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
 }
+
+/// curl with `-s -S --max-time 5` and `args`: (succeeded, stdout + stderr).
+pub fn curl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "5"])
+        .args(args)
+        .output()
+        .expect("curl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

@@ -134,6 +134,16 @@ async fn stand_in(lists: HashMap<String, Vec<Value>>) -> StandIn {
     }
 }
 
+async fn body_json(req: http::Request<hyper::body::Incoming>) -> Value {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    serde_json::from_slice(&body).unwrap_or(Value::Null)
+}
+
 fn json_response(status: http::StatusCode, v: &Value) -> http::Response<Body> {
     let mut r = http::Response::new(Full::new(Bytes::from(v.to_string())).boxed());
     *r.status_mut() = status;
@@ -150,13 +160,7 @@ async fn create(
     path: &str,
     req: http::Request<hyper::body::Incoming>,
 ) -> http::Response<Body> {
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let mut obj: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let mut obj = body_json(req).await;
     let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
     obj["metadata"]["resourceVersion"] = json!("1");
     let key = format!("{path}/{name}");
@@ -186,6 +190,18 @@ fn empty_lists() -> HashMap<String, Vec<Value>> {
     lists
 }
 
+/// Every kind empty but one Service: enough for a valid config.
+fn one_service() -> HashMap<String, Vec<Value>> {
+    let mut lists = empty_lists();
+    lists.insert(
+        "/api/v1/services".into(),
+        vec![json!({"metadata": meta("web", "shop", "12"),
+            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}], "selector": {"app": "web"},
+                     "clusterIP": "10.96.0.10", "type": "ClusterIP"}})],
+    );
+    lists
+}
+
 /// A kubeconfig in `dir` for the stand-in at `addr`.
 fn kubeconfig(dir: &std::path::Path, addr: SocketAddr) -> std::path::PathBuf {
     let path = dir.join("kubeconfig");
@@ -204,13 +220,7 @@ fn kubeconfig(dir: &std::path::Path, addr: SocketAddr) -> std::path::PathBuf {
 const SA_TOKEN: &str = "k8s-projected-token-of-productpage";
 
 async fn token_review(req: http::Request<hyper::body::Incoming>) -> http::Response<Body> {
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let review = body_json(req).await;
     let token = review["spec"]["token"].as_str().unwrap_or("");
     let audience_ok = review["spec"]["audiences"]
         .as_array()
@@ -311,14 +321,7 @@ async fn the_kubernetes_source_lists_watches_and_pushes_to_proxies() {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_kubernetes_the_ca_checks_service_account_tokens_by_token_review() {
     use bosun_proxy::tls;
-    let mut lists = empty_lists();
-    lists.insert(
-        "/api/v1/services".into(),
-        vec![json!({"metadata": meta("web", "shop", "12"),
-            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}], "selector": {"app": "web"},
-                     "clusterIP": "10.96.0.10", "type": "ClusterIP"}})],
-    );
-    let api = stand_in(lists).await;
+    let api = stand_in(one_service()).await;
     let dir = TempDir::new("kube-ca");
     let kubeconfig = kubeconfig(&dir.0, api.addr);
     let ca = dir.0.join("ca");
@@ -374,14 +377,7 @@ async fn with_kubernetes_the_ca_checks_service_account_tokens_by_token_review() 
 async fn with_kubernetes_the_ca_lives_in_the_istio_ca_secret_across_restarts() {
     use base64::Engine;
     use bosun_proxy::tls;
-    let mut lists = empty_lists();
-    lists.insert(
-        "/api/v1/services".into(),
-        vec![json!({"metadata": meta("web", "shop", "12"),
-            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}], "selector": {"app": "web"},
-                     "clusterIP": "10.96.0.10", "type": "ClusterIP"}})],
-    );
-    let api = stand_in(lists).await;
+    let api = stand_in(one_service()).await;
     let dir = TempDir::new("kube-ca-secret");
     let kubeconfig = kubeconfig(&dir.0, api.addr);
     let tls_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");

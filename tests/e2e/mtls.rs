@@ -87,6 +87,18 @@ async fn control_ca(dir: &Path, yaml: &str) -> (Control, SocketAddr, PathBuf) {
     (control, tls_addr, ca)
 }
 
+/// The mesh of [`mesh_yaml`] on a control that is the CA, and the two
+/// sidecars' tokens: (control, TLS address, CA dir, token A, token B).
+async fn mesh_with_ca(
+    dir: &Path,
+    inbound_b: SocketAddr,
+) -> (Control, SocketAddr, PathBuf, PathBuf, PathBuf) {
+    let (control, tls_addr, ca) = control_ca(dir, &mesh_yaml(inbound_b, "")).await;
+    let tok_a = write(&dir.join("a.token"), "productpage-token-0123456789\n");
+    let tok_b = write(&dir.join("b.token"), "reviews-token-0123456789abcdef\n");
+    (control, tls_addr, ca, tok_a, tok_b)
+}
+
 /// A sidecar on the control's TLS port, with its token.
 fn sidecar_ca(
     tls_addr: SocketAddr,
@@ -114,6 +126,19 @@ fn sidecar_ca(
     Bosun::with_xds_list(&xds, &args)
 }
 
+/// Sidecar B (service account reviews) in front of `app`, inbound on `inbound`.
+fn sidecar_b(
+    (tls_addr, ca, token): (SocketAddr, &Path, &Path),
+    app: SocketAddr,
+    inbound: SocketAddr,
+    extra: &[&str],
+) -> Bosun {
+    let (app_port, inbound) = (app.port().to_string(), inbound.to_string());
+    let mut args = vec!["--app-port", &app_port, "--inbound-address", &inbound];
+    args.extend_from_slice(extra);
+    sidecar_ca(tls_addr, ca, token, "reviews", "sidecar-b", &args)
+}
+
 fn sock(ip: &str) -> SocketAddr {
     format!("{ip}:{}", free_port()).parse().expect("addr")
 }
@@ -126,42 +151,18 @@ fn header(r: &Reply, name: &str) -> String {
     r.json()["headers"][name].as_str().unwrap_or("").to_string()
 }
 
-fn curl(args: &[&str]) -> (bool, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-S", "--max-time", "5"])
-        .args(args)
-        .output()
-        .expect("curl");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sidecars_speak_mutual_tls_with_certificates_from_the_control_ca() {
     let app_b = backend("reviews-v1").await;
     let (inbound_b, outbound_a, outbound_b) =
         (sock("127.0.0.2"), sock("127.0.0.3"), sock("127.0.0.2"));
     let dir = TempDir::new("mtls-ca");
-    let (control, tls_addr, ca) = control_ca(&dir.0, &mesh_yaml(inbound_b, "")).await;
-    let tok_a = write(&dir.0.join("a.token"), "productpage-token-0123456789\n");
-    let tok_b = write(&dir.0.join("b.token"), "reviews-token-0123456789abcdef\n");
-    let b = sidecar_ca(
-        tls_addr,
-        &ca,
-        &tok_b,
-        "reviews",
-        "sidecar-b",
+    let (control, tls_addr, ca, tok_a, tok_b) = mesh_with_ca(&dir.0, inbound_b).await;
+    let b = sidecar_b(
+        (tls_addr, &ca, &tok_b),
+        app_b.addr,
+        inbound_b,
         &[
-            "--app-port",
-            &app_b.addr.port().to_string(),
-            "--inbound-address",
-            &inbound_b.to_string(),
             "--outbound-address",
             &outbound_b.to_string(),
             "--labels",
@@ -653,20 +654,12 @@ async fn a_rotated_certificate_keeps_open_connections_and_new_handshakes_use_it(
     let app_b = backend("reviews-v1").await;
     let inbound_b = sock("127.0.0.2");
     let dir = TempDir::new("mtls-rotate");
-    let (_control, tls_addr, ca) = control_ca(&dir.0, &mesh_yaml(inbound_b, "")).await;
-    let tok_a = write(&dir.0.join("a.token"), "productpage-token-0123456789\n");
-    let tok_b = write(&dir.0.join("b.token"), "reviews-token-0123456789abcdef\n");
-    let b = sidecar_ca(
-        tls_addr,
-        &ca,
-        &tok_b,
-        "reviews",
-        "sidecar-b",
+    let (_control, tls_addr, ca, tok_a, tok_b) = mesh_with_ca(&dir.0, inbound_b).await;
+    let b = sidecar_b(
+        (tls_addr, &ca, &tok_b),
+        app_b.addr,
+        inbound_b,
         &[
-            "--app-port",
-            &app_b.addr.port().to_string(),
-            "--inbound-address",
-            &inbound_b.to_string(),
             "--outbound-address",
             &sock("127.0.0.2").to_string(),
             "--cert-ttl",

@@ -233,21 +233,7 @@ impl Ctx<'_> {
             if !applies || (r.matches.is_empty() && !vs_gateways.iter().any(|g| g == gateway)) {
                 continue;
             }
-            let mut clusters = Vec::new();
-            for (di, d) in r.route.iter().enumerate() {
-                match self.destination(&d.destination, &ns, Some(port)) {
-                    Ok(c) => clusters.push(pb::WeightedCluster {
-                        cluster: c,
-                        weight: d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }) as u32,
-                    }),
-                    Err(m) => self.errors.push(ConfigError::at(
-                        &vs.origin,
-                        vs.value.id(),
-                        &format!("spec.tcp[{ri}].route[{di}].destination"),
-                        m.to_string(),
-                    )),
-                }
-            }
+            let clusters = self.l4_destinations(vs, &r.route, &format!("spec.tcp[{ri}]"), port);
             out.push(pb::TcpRoute { clusters });
         }
         out
@@ -255,6 +241,34 @@ impl Ctx<'_> {
 }
 
 impl Ctx<'_> {
+    /// The weighted clusters of a `tcp` or `tls` route (`at`: the route's
+    /// field path); a destination that does not resolve is an error there.
+    fn l4_destinations(
+        &mut self,
+        vs: &Sourced<model::VirtualService>,
+        route: &[model::RouteDestination],
+        at: &str,
+        port: u32,
+    ) -> Vec<pb::WeightedCluster> {
+        let ns = vs.value.namespace().to_string();
+        let mut clusters = Vec::new();
+        for (di, d) in route.iter().enumerate() {
+            match self.destination(&d.destination, &ns, Some(port)) {
+                Ok(c) => clusters.push(pb::WeightedCluster {
+                    cluster: c,
+                    weight: d.weight.unwrap_or(if route.len() == 1 { 100 } else { 0 }) as u32,
+                }),
+                Err(m) => self.errors.push(ConfigError::at(
+                    &vs.origin,
+                    vs.value.id(),
+                    &format!("{at}.route[{di}].destination"),
+                    m.to_string(),
+                )),
+            }
+        }
+        clusters
+    }
+
     /// A VirtualService's `tls` routes that apply to `gateway` on `port`
     /// (bound at `bind`): (SNI hosts, weighted clusters), in order.
     pub(super) fn tls_routes(
@@ -301,21 +315,7 @@ impl Ctx<'_> {
             if sni.is_empty() {
                 continue;
             }
-            let mut clusters = Vec::new();
-            for (di, d) in r.route.iter().enumerate() {
-                match self.destination(&d.destination, &ns, Some(port)) {
-                    Ok(c) => clusters.push(pb::WeightedCluster {
-                        cluster: c,
-                        weight: d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }) as u32,
-                    }),
-                    Err(m) => self.errors.push(ConfigError::at(
-                        &vs.origin,
-                        vs.value.id(),
-                        &format!("spec.tls[{ri}].route[{di}].destination"),
-                        m.to_string(),
-                    )),
-                }
-            }
+            let clusters = self.l4_destinations(vs, &r.route, &format!("spec.tls[{ri}]"), port);
             out.push((sni, clusters));
         }
         out

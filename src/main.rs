@@ -2,6 +2,7 @@
 //! (running a proxy from a config path) and `demo` (the live canary).
 
 mod app;
+mod capture;
 mod control;
 mod demo;
 
@@ -269,6 +270,9 @@ enum Command {
     },
     /// The control service: reads the config, validates it, and pushes it to proxies over xDS.
     Control(Box<control::ControlArgs>),
+    /// In a pod's network namespace (as an init container): redirect the app's TCP into its
+    /// sidecar (outbound to 15001, inbound to 15006) with nftables; --cleanup removes it.
+    Capture(Box<capture::CaptureArgs>),
     /// Each proxy connected to a control service, its ACKed version and last NACK.
     Status {
         /// The control service's admin address.
@@ -353,6 +357,7 @@ fn main() -> ExitCode {
         Command::Status { control } => runtime(Some(1))
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(control::status(&control))),
+        Command::Capture(args) => capture::run(&args),
     };
     match result {
         Ok(code) => code,

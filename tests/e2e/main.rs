@@ -3,6 +3,7 @@
 //! modules, so the workspace links once.
 
 mod balancing;
+mod capture;
 mod config;
 mod gateway_tls;
 mod hardening;

@@ -21,6 +21,7 @@ pub mod identity;
 pub mod listener;
 pub mod locality;
 pub mod metrics;
+pub mod original_dst;
 pub mod outlier;
 pub mod policy;
 pub mod pool;

@@ -35,8 +35,14 @@ impl Drop for Pod {
 
 impl Pod {
     fn new() -> Pod {
+        Pod::with("bcap", true)
+    }
+
+    /// `tag` names the namespaces; `echo_outbound`: a stand-in listener
+    /// on 15001 (else a real sidecar goes there).
+    fn with(tag: &str, echo_outbound: bool) -> Pod {
         let id = std::process::id() % 10_000;
-        let (pod, peer) = (format!("bcap-pod-{id}"), format!("bcap-peer-{id}"));
+        let (pod, peer) = (format!("{tag}-pod-{id}"), format!("{tag}-peer-{id}"));
         let mut p = Pod {
             pod: pod.clone(),
             peer: peer.clone(),
@@ -69,6 +75,9 @@ impl Pod {
             (&peer, "[::]:80", "real"),
             (&peer, "0.0.0.0:81", "real81"),
         ] {
+            if listen.ends_with(":15001") && !echo_outbound {
+                continue;
+            }
             let child = Command::new("ip")
                 .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_bosun"), "echo"])
                 .args(["--listen", listen, "--name", name])
@@ -187,4 +196,74 @@ fn capture_redirects_the_apps_tcp_into_the_sidecar_and_cleans_up() {
     assert!(!after.contains("bosun_capture"), "{after}");
     assert_eq!(p.who(&pod, "http://10.231.0.2/", false), "real");
     assert_eq!(p.who(&peer, "http://10.231.0.1:8080/", false), "app");
+}
+
+#[test]
+fn a_sidecar_behind_capture_sees_where_the_app_was_going() {
+    let mut p = Pod::with("bcsc", false);
+    let dir = crate::harness::TempDir::new("capture-sidecar");
+    let cfg = dir.0.join("mesh.yaml");
+    std::fs::write(
+        &cfg,
+        crate::harness::service_entry(
+            "web",
+            "default",
+            80,
+            "HTTP",
+            &[("10.231.0.2:80".parse().expect("addr"), "app=web")],
+        ),
+    )
+    .expect("config");
+    let log = dir.0.join("access.log");
+    // The sidecar runs as 1337, so its own connections are not captured.
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &p.pod,
+            "setpriv",
+            "--reuid=1337",
+            "--regid=1337",
+            "--clear-groups",
+        ])
+        .args([
+            env!("CARGO_BIN_EXE_bosun"),
+            "proxy",
+            "--mode",
+            "sidecar",
+            "--access-log",
+        ])
+        .args(["--config", cfg.to_str().expect("utf8")])
+        .args([
+            "--outbound-address",
+            "[::]:15001",
+            "--admin-address",
+            "127.0.0.1:15000",
+        ])
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("sidecar");
+    p.procs.push(child);
+    p.until_up();
+    p.capture(&[]);
+    let pod = p.pod.clone();
+    // The app dials the service's address as if there were no sidecar; the
+    // sidecar answers (by Host it routes, and this Host it does not know:
+    // 404 NR), and logs the original destination as Envoy does.
+    let line = (0..100)
+        .find_map(|_| {
+            let _ = p.who(&pod, "http://10.231.0.2/", false);
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("downstream_local_address") {
+                return Some(text);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            None
+        })
+        .expect("the sidecar logged the request");
+    assert!(
+        line.contains("\"downstream_local_address\":\"10.231.0.2:80\""),
+        "{line}"
+    );
 }

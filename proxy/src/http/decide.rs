@@ -33,6 +33,8 @@ pub struct ConnContext {
     pub peer_ip: HeaderValue,
     /// Set when the connection is TLS: who the peer proved to be.
     pub tls: Option<Arc<crate::http::serve::DownstreamTls>>,
+    /// Where the client sent it, when capture redirected it here.
+    pub original_dst: Option<SocketAddr>,
 }
 
 impl ConnContext {
@@ -43,6 +45,7 @@ impl ConnContext {
             peer_ip: HeaderValue::try_from(peer.ip().to_string())
                 .unwrap_or(HeaderValue::from_static("unknown")),
             tls: None,
+            original_dst: None,
         }
     }
 }

@@ -272,14 +272,24 @@ pub async fn serve_connection(
     tracked: Tracked,
 ) {
     let state = ConnState::new();
-    serve_io(
-        shared,
-        state,
-        stream,
-        ConnContext::new(peer, local),
-        tracked,
-    )
-    .await
+    let mut conn = ConnContext::new(peer, local);
+    conn.original_dst = captured(&shared, &stream, local);
+    serve_io(shared, state, stream, conn, tracked).await
+}
+
+/// A sidecar listener's connection: where it was going before capture
+/// (one getsockopt per connection; gateways skip it).
+fn captured(shared: &Shared, stream: &TcpStream, local: SocketAddr) -> Option<SocketAddr> {
+    let snap = shared.snapshot.load();
+    let sidecar = snap
+        .listeners
+        .get(&local)
+        .is_some_and(|l| l.direction != crate::config::Direction::Gateway);
+    if sidecar {
+        crate::original_dst::original_dst(stream)
+    } else {
+        None
+    }
 }
 
 /// Serves a sidecar's inbound connection under PeerAuthentication: a TLS
@@ -301,7 +311,8 @@ pub async fn serve_inbound(
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == 0x16 => {}
         Ok(Ok(1)) if !strict => {
-            let conn = ConnContext::new(peer, local);
+            let mut conn = ConnContext::new(peer, local);
+            conn.original_dst = captured(&shared, &stream, local);
             return serve_io(shared, state, stream, conn, tracked).await;
         }
         Ok(Ok(1)) => {
@@ -311,6 +322,7 @@ pub async fn serve_inbound(
         }
         _ => return,
     }
+    let original_dst = captured(&shared, &stream, local);
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.mesh_server.clone());
     let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
@@ -325,6 +337,7 @@ pub async fn serve_inbound(
     // with the first response (a client may reconnect before that).
     let _ = tokio::io::AsyncWriteExt::flush(&mut tls).await;
     let mut conn = ConnContext::new(peer, local);
+    conn.original_dst = original_dst;
     let peer_id = crate::tls::PeerIdentity::from_certs(tls.get_ref().1.peer_certificates());
     conn.tls = Some(Arc::new(DownstreamTls::new(peer_id, shared.tls.spiffe())));
     serve_io(shared, state, tls, conn, tracked).await
@@ -652,7 +665,8 @@ async fn handle(
             request_id: header_str(&parts.headers, HeaderName::from_static("x-request-id")),
             forwarded_for: header_str(&parts.headers, HeaderName::from_static("x-forwarded-for")),
             downstream_remote: conn.peer,
-            downstream_local: conn.local,
+            // Envoy's DOWNSTREAM_LOCAL_ADDRESS: the original destination under capture.
+            downstream_local: conn.original_dst.unwrap_or(conn.local),
             route_name: decided.route_name.clone().unwrap_or_else(|| Arc::from("")),
             upstream_host: None,
         })

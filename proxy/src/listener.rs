@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::sync::Semaphore;
 
 use crate::Shared;
-use crate::config::{ListenerKind, PeerMtls, Snapshot};
+use crate::config::{Direction, ListenerKind, PeerMtls, Snapshot};
 use crate::error::RejectError;
 
 #[derive(Default)]
@@ -166,8 +166,10 @@ fn serve(
     };
     let shared = shared.clone();
     if l.tls.is_some() {
+        let l = l.clone();
+        drop(snap);
         tokio::spawn(async move {
-            crate::http::serve::serve_gateway_tls(shared, snap, stream, peer, addr, tracked).await;
+            crate::http::serve::serve_gateway_tls(shared, l, stream, peer, addr, tracked).await;
             drop(permit);
         });
         return;
@@ -175,16 +177,24 @@ fn serve(
     match l.kind {
         ListenerKind::Http { .. } => {
             let mtls = l.peer_mtls;
+            // Under capture, where the client was going (one getsockopt;
+            // gateways are never captured).
+            let original = if l.direction == Direction::Gateway {
+                None
+            } else {
+                crate::original_dst::original_dst(&stream)
+            };
             drop(snap);
             tokio::spawn(async move {
                 match mtls {
                     PeerMtls::Disable => {
-                        crate::http::serve_connection(shared, stream, peer, addr, tracked).await
+                        crate::http::serve_connection(shared, stream, peer, addr, original, tracked)
+                            .await
                     }
                     PeerMtls::Permissive | PeerMtls::Strict => {
                         let strict = mtls == PeerMtls::Strict;
                         crate::http::serve::serve_inbound(
-                            shared, stream, peer, addr, strict, tracked,
+                            shared, stream, peer, addr, original, strict, tracked,
                         )
                         .await
                     }

@@ -39,6 +39,8 @@ struct ServerRef<'a> {
     resource: String,
     field: String,
     namespace: String,
+    /// A plaintext server with `httpsRedirect`: every request gets a 301.
+    redirect: bool,
 }
 
 pub(super) fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
@@ -123,12 +125,8 @@ pub(super) fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                 resource: gw.id(),
                 field: tls_field,
                 namespace: gw.namespace().to_string(),
+                redirect: redirect_only,
             });
-            // A plaintext server with httpsRedirect answers every request
-            // with a 301 to https (marked here, built with the routes).
-            if redirect_only && let Some(last) = entry.servers.last_mut() {
-                last.field = format!("{}#redirect", last.field);
-            }
         }
     }
     for (port, ps) in ports {
@@ -139,7 +137,7 @@ pub(super) fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
             ctx.errors.push(ConfigError::at(
                 s.origin,
                 s.resource.clone(),
-                &s.field.replace("#redirect", ""),
+                &s.field,
                 format!("port {port} has servers with and without TLS; give each its own port"),
             ));
             continue;
@@ -185,7 +183,7 @@ pub(super) fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
         let rc = format!("http.{port}");
         let mut vhosts: Vec<pb::VirtualHost> = Vec::new();
         for s in &ps.servers {
-            let redirect = s.field.ends_with("#redirect");
+            let redirect = s.redirect;
             for vs in &ctx.cfg.virtual_services {
                 let ns = vs.value.namespace().to_string();
                 let vs_hosts: Vec<String> = vs
@@ -274,7 +272,7 @@ fn tls_server(
     bind: &str,
 ) -> Result<Vec<pb::TlsServer>, ConfigError> {
     let err = |field: &str, m: String| ConfigError::at(s.origin, s.resource.clone(), field, m);
-    let base = s.field.trim_end_matches("#redirect").to_string();
+    let base = s.field.clone();
     let mode_field = format!("{base}.mode");
     let names: Vec<String> = s
         .hosts

@@ -453,6 +453,24 @@ mod tests {
 
     const LISTEN: &str = "127.0.0.1:18000";
 
+    /// A snapshot built as a proxy builds one, with fresh state.
+    fn build(
+        cfg: pb::ProxyConfig,
+        id: &ProxyIdentity,
+    ) -> Result<Snapshot, crate::error::RejectError> {
+        let ctx = BuildContext {
+            identity: id,
+            endpoints: &EndpointRegistry::default(),
+            pools: &Pools::new(PoolOptions::new(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(1),
+            )),
+            dns: None,
+            tls: &crate::tls::Store::new(),
+        };
+        Snapshot::build(cfg, &ctx)
+    }
+
     fn wc(cluster: &str, weight: u32) -> pb::WeightedCluster {
         pb::WeightedCluster {
             cluster: cluster.into(),
@@ -548,17 +566,7 @@ mod tests {
             load_assignments: vec![a1, a2],
         };
         let id = ProxyIdentity::default();
-        let ctx = BuildContext {
-            identity: &id,
-            endpoints: &EndpointRegistry::default(),
-            pools: &Pools::new(PoolOptions::new(
-                std::time::Duration::from_secs(1),
-                std::time::Duration::from_secs(1),
-            )),
-            dns: None,
-            tls: &crate::tls::Store::new(),
-        };
-        Snapshot::build(cfg, &ctx).expect("valid snapshot")
+        build(cfg, &id).expect("valid snapshot")
     }
 
     fn conn() -> ConnContext {
@@ -710,17 +718,7 @@ mod tests {
             load_assignments: vec![a],
             ..Default::default()
         };
-        let ctx = BuildContext {
-            identity: &id,
-            endpoints: &EndpointRegistry::default(),
-            pools: &Pools::new(PoolOptions::new(
-                std::time::Duration::from_secs(1),
-                std::time::Duration::from_secs(1),
-            )),
-            dns: None,
-            tls: &crate::tls::Store::new(),
-        };
-        let snap = Snapshot::build(cfg, &ctx).expect("valid");
+        let snap = build(cfg, &id).expect("valid");
         let cl = &snap.clusters["dup"];
         assert_eq!(cl.endpoints.len(), 1);
         for level in &cl.priorities {

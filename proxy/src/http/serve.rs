@@ -264,32 +264,51 @@ where
 }
 
 /// Serves one accepted connection (HTTP/1.1 or h2c prior knowledge).
+/// `original_dst`: where the client sent it, when capture redirected it.
 pub async fn serve_connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    original_dst: Option<SocketAddr>,
     tracked: Tracked,
 ) {
     let state = ConnState::new();
     let mut conn = ConnContext::new(peer, local);
-    conn.original_dst = captured(&shared, &stream, local);
+    conn.original_dst = original_dst;
     serve_io(shared, state, stream, conn, tracked).await
 }
 
-/// A sidecar listener's connection: where it was going before capture
-/// (one getsockopt per connection; gateways skip it).
-fn captured(shared: &Shared, stream: &TcpStream, local: SocketAddr) -> Option<SocketAddr> {
-    let snap = shared.snapshot.load();
-    let sidecar = snap
-        .listeners
-        .get(&local)
-        .is_some_and(|l| l.direction != crate::config::Direction::Gateway);
-    if sidecar {
-        crate::original_dst::original_dst(stream)
-    } else {
-        None
-    }
+/// A TLS handshake within `deadline`, its session tickets sent at once
+/// (they are queued after the handshake; a client may reconnect before the
+/// first response). `Err(None)`: the deadline passed.
+async fn handshake(
+    config: Arc<rustls::ServerConfig>,
+    stream: TcpStream,
+    deadline: tokio::time::Instant,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Option<io::Error>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let mut tls = tokio::time::timeout_at(deadline, acceptor.accept(stream))
+        .await
+        .map_err(|_| None)?
+        .map_err(Some)?;
+    let _ = tokio::io::AsyncWriteExt::flush(&mut tls).await;
+    Ok(tls)
+}
+
+/// The request context of a TLS connection: who the peer proved to be.
+fn tls_context(
+    shared: &Shared,
+    tls: &tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    original_dst: Option<SocketAddr>,
+) -> ConnContext {
+    let mut conn = ConnContext::new(peer, local);
+    conn.original_dst = original_dst;
+    let peer_id = crate::tls::PeerIdentity::from_certs(tls.get_ref().1.peer_certificates());
+    conn.tls = Some(Arc::new(DownstreamTls::new(peer_id, shared.tls.spiffe())));
+    conn
 }
 
 /// Serves a sidecar's inbound connection under PeerAuthentication: a TLS
@@ -302,6 +321,7 @@ pub async fn serve_inbound(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    original_dst: Option<SocketAddr>,
     strict: bool,
     tracked: Tracked,
 ) {
@@ -312,7 +332,7 @@ pub async fn serve_inbound(
         Ok(Ok(1)) if first[0] == 0x16 => {}
         Ok(Ok(1)) if !strict => {
             let mut conn = ConnContext::new(peer, local);
-            conn.original_dst = captured(&shared, &stream, local);
+            conn.original_dst = original_dst;
             return serve_io(shared, state, stream, conn, tracked).await;
         }
         Ok(Ok(1)) => {
@@ -322,24 +342,17 @@ pub async fn serve_inbound(
         }
         _ => return,
     }
-    let original_dst = captured(&shared, &stream, local);
-    let acceptor = tokio_rustls::TlsAcceptor::from(shared.mesh_server.clone());
-    let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            shared.metrics.mtls_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, error = %e, "mutual TLS handshake refused");
+    let tls = match handshake(shared.mesh_server.clone(), stream, deadline).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            if let Some(e) = e {
+                shared.metrics.mtls_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, error = %e, "mutual TLS handshake refused");
+            }
             return;
         }
-        Err(_) => return,
     };
-    // Session tickets are queued after the handshake: send them now, not
-    // with the first response (a client may reconnect before that).
-    let _ = tokio::io::AsyncWriteExt::flush(&mut tls).await;
-    let mut conn = ConnContext::new(peer, local);
-    conn.original_dst = original_dst;
-    let peer_id = crate::tls::PeerIdentity::from_certs(tls.get_ref().1.peer_certificates());
-    conn.tls = Some(Arc::new(DownstreamTls::new(peer_id, shared.tls.spiffe())));
+    let conn = tls_context(&shared, &tls, peer, local, original_dst);
     serve_io(shared, state, tls, conn, tracked).await
 }
 
@@ -348,7 +361,7 @@ pub async fn serve_inbound(
 /// terminate TLS and serve HTTP (or TCP, for TLS-protocol servers).
 pub async fn serve_gateway_tls(
     shared: Arc<Shared>,
-    snap: Arc<crate::config::Snapshot>,
+    l: Arc<crate::config::Listener>,
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
@@ -358,44 +371,36 @@ pub async fn serve_gateway_tls(
     use crate::tls::server::ServerKind;
     let state = ConnState::new();
     let deadline = state.start + shared.limits.request_head_timeout;
-    let Some(l) = snap.listeners.get(&local).cloned() else {
-        return;
-    };
-    let Some(tls) = l.tls.clone() else {
+    let Some(servers) = &l.tls else {
         return;
     };
     let Some(hello) = crate::tls::server::peek_hello(&stream, deadline).await else {
         tracing::debug!(%peer, "no TLS ClientHello; closing");
         return;
     };
-    let Some(server) = tls.choose(hello.sni.as_deref()) else {
+    let Some(server) = servers.choose(hello.sni.as_deref()) else {
         tracing::debug!(%peer, sni = ?hello.sni, "no server for this SNI; closing");
         return;
     };
     let config = match &server.kind {
         ServerKind::Passthrough(route) => {
             let cluster = route.pick_with(&mut rand::rng()).clone();
-            drop(snap);
             return crate::tcp::proxy(shared, cluster, stream, peer).await;
         }
         ServerKind::Terminate(c) => c.clone(),
     };
-    drop(snap);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+    let tls = match handshake(config, stream, deadline).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            if let Some(e) = e {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            }
             return;
         }
-        Err(_) => return,
     };
-    let _ = tokio::io::AsyncWriteExt::flush(&mut tls).await;
     match &l.kind {
         ListenerKind::Http { .. } => {
-            let mut conn = ConnContext::new(peer, local);
-            let peer_id = crate::tls::PeerIdentity::from_certs(tls.get_ref().1.peer_certificates());
-            conn.tls = Some(Arc::new(DownstreamTls::new(peer_id, shared.tls.spiffe())));
+            let conn = tls_context(&shared, &tls, peer, local, None);
             serve_io(shared, state, tls, conn, tracked).await
         }
         ListenerKind::Tcp { route: Some(route) } => {

@@ -27,16 +27,25 @@ pub fn params(args: &ProxyArgs) -> anyhow::Result<ProxyParams> {
         labels,
         outbound_address: args.outbound_address.ip().to_string(),
         outbound_port: u32::from(args.outbound_address.port()),
-        inbound: args.app_port.map(|app| {
-            (
+        inbound: if args.capture {
+            Some((
                 args.inbound_address.ip().to_string(),
                 u32::from(args.inbound_address.port()),
-                u32::from(app),
-            )
-        }),
+                0,
+            ))
+        } else {
+            args.app_port.map(|app| {
+                (
+                    args.inbound_address.ip().to_string(),
+                    u32::from(args.inbound_address.port()),
+                    u32::from(app),
+                )
+            })
+        },
         gateway_address: args.gateway_address.clone(),
         check_only: false,
         trust_domain: args.trust_domain.clone(),
+        capture: args.capture,
     })
 }
 
@@ -203,7 +212,9 @@ fn node(args: &ProxyArgs, params: &ProxyParams) -> bosun_xds_proto::core::Node {
         meta::INBOUND_ADDRESS.to_string(),
         string(&args.inbound_address.to_string()),
     );
-    if let Some(app) = args.app_port {
+    if args.capture {
+        fields.insert(meta::INTERCEPTION_MODE.to_string(), string("REDIRECT"));
+    } else if let Some(app) = args.app_port {
         fields.insert(meta::APP_PORT.to_string(), string(&app.to_string()));
     }
     fields.insert(

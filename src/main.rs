@@ -95,6 +95,13 @@ pub struct ProxyArgs {
     /// Sidecar: the local application's port; no inbound listener without it.
     #[arg(long)]
     app_port: Option<u16>,
+    /// Sidecar: the pod's traffic is redirected here by `bosun capture`:
+    /// outbound connections are routed by their original destination
+    /// (ClusterIP or endpoint, then Host, SNI or sniffed protocol; unknown
+    /// ones by outboundTrafficPolicy), inbound ones go to the app at the
+    /// port the client dialled (--app-port is not used)
+    #[arg(long)]
+    capture: bool,
     /// Gateway: the IP Gateway server ports bind on (a server's `bind` overrides it).
     #[arg(long, default_value = "0.0.0.0")]
     gateway_address: String,

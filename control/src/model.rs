@@ -748,6 +748,11 @@ pub struct SidecarSpec {
     pub workload_selector: Option<WorkloadSelector>,
     #[serde(default)]
     pub egress: Vec<EgressListener>,
+    /// Inbound ports of a captured sidecar: protocol and where the app is.
+    #[serde(default)]
+    pub ingress: Vec<IngressListener>,
+    #[serde(default)]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -756,6 +761,56 @@ pub struct EgressListener {
     /// `namespace/dnsName`: namespace `*`, `.` (the Sidecar's) or a name;
     /// dnsName `*`, `*.suffix` or a host.
     pub hosts: Vec<String>,
+    /// Only this port of those hosts.
+    #[serde(default)]
+    pub port: Option<SidecarPort>,
+    /// Refused with a message: Bosun's sidecar listens where capture sends.
+    #[serde(default)]
+    pub bind: Option<String>,
+    #[serde(default)]
+    pub capture_mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarPort {
+    pub number: u32,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub target_port: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IngressListener {
+    pub port: SidecarPort,
+    /// `127.0.0.1:PORT` or `0.0.0.0:PORT` (the app on this host);
+    /// unix sockets are refused.
+    #[serde(default)]
+    pub default_endpoint: Option<String>,
+    #[serde(default)]
+    pub bind: Option<String>,
+    #[serde(default)]
+    pub capture_mode: Option<String>,
+    /// Refused with a message (not implemented).
+    #[serde(default)]
+    pub tls: Option<serde_json::Value>,
+    #[serde(default)]
+    pub connection_pool: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundTrafficPolicy {
+    /// ALLOW_ANY (Istio's default) or REGISTRY_ONLY.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Refused with a message (not implemented).
+    #[serde(default)]
+    pub egress_proxy: Option<serde_json::Value>,
 }
 
 // ---------------------------------------------------------------- core v1 Service

@@ -83,17 +83,89 @@ pub fn validate(cfg: &Config) -> Vec<ConfigError> {
         }
     }
 
+    for sc in &cfg.sidecars {
+        let v = &sc.value;
+        let err = |field: String, msg: String| ConfigError::at(&sc.origin, v.id(), &field, msg);
+        let unsupported =
+            "not implemented by Bosun: its sidecar listens where `bosun capture` sends traffic";
+        for (i, e) in v.spec.egress.iter().enumerate() {
+            if e.bind.is_some() {
+                errors.push(err(format!("spec.egress[{i}].bind"), unsupported.into()));
+            }
+            if e.capture_mode.is_some() {
+                errors.push(err(
+                    format!("spec.egress[{i}].captureMode"),
+                    unsupported.into(),
+                ));
+            }
+            if e.hosts.is_empty() {
+                errors.push(err(
+                    format!("spec.egress[{i}].hosts"),
+                    "at least one host is required".into(),
+                ));
+            }
+        }
+        for (i, g) in v.spec.ingress.iter().enumerate() {
+            if g.bind.is_some() {
+                errors.push(err(format!("spec.ingress[{i}].bind"), unsupported.into()));
+            }
+            if g.capture_mode.is_some() {
+                errors.push(err(
+                    format!("spec.ingress[{i}].captureMode"),
+                    unsupported.into(),
+                ));
+            }
+            if g.tls.is_some() {
+                errors.push(err(
+                    format!("spec.ingress[{i}].tls"),
+                    "not implemented by Bosun (inbound TLS is PeerAuthentication's mutual TLS)"
+                        .into(),
+                ));
+            }
+            if g.connection_pool.is_some() {
+                errors.push(err(
+                    format!("spec.ingress[{i}].connectionPool"),
+                    "not implemented by Bosun yet".into(),
+                ));
+            }
+            if let Some(d) = &g.default_endpoint {
+                let ok = d.rsplit_once(':').is_some_and(|(h, p)| {
+                    matches!(h, "127.0.0.1" | "0.0.0.0" | "[::1]" | "[::]")
+                        && p.parse::<u16>().is_ok_and(|p| p > 0)
+                });
+                if !ok {
+                    errors.push(err(
+                        format!("spec.ingress[{i}].defaultEndpoint"),
+                        format!("{d:?}: want 127.0.0.1:PORT or 0.0.0.0:PORT (unix sockets are not implemented)"),
+                    ));
+                }
+            }
+        }
+        if let Some(o) = &v.spec.outbound_traffic_policy {
+            if !matches!(
+                o.mode.as_deref(),
+                None | Some("ALLOW_ANY" | "REGISTRY_ONLY")
+            ) {
+                errors.push(err(
+                    "spec.outboundTrafficPolicy.mode".into(),
+                    format!(
+                        "{:?}: want ALLOW_ANY or REGISTRY_ONLY",
+                        o.mode.as_deref().unwrap_or("")
+                    ),
+                ));
+            }
+            if o.egress_proxy.is_some() {
+                errors.push(err(
+                    "spec.outboundTrafficPolicy.egressProxy".into(),
+                    "not implemented by Bosun yet".into(),
+                ));
+            }
+        }
+    }
+
     for vs in &cfg.virtual_services {
         let v = &vs.value;
         let err = |field: String, msg: String| ConfigError::at(&vs.origin, v.id(), &field, msg);
-        if !v.spec.tls.is_empty()
-            && (v.spec.gateways.is_empty() || v.spec.gateways.iter().any(|g| g == "mesh"))
-        {
-            errors.push(err(
-                "spec.tls".into(),
-                "tls routes are implemented at gateways only (for sidecars they need transparent capture); bind the VirtualService to a Gateway".into(),
-            ));
-        }
         if v.spec.hosts.is_empty() {
             errors.push(err(
                 "spec.hosts".into(),

@@ -188,6 +188,8 @@ pub mod meta {
     pub const INBOUND_ADDRESS: &str = "INBOUND_ADDRESS";
     pub const APP_PORT: &str = "APP_PORT";
     pub const GATEWAY_ADDRESS: &str = "GATEWAY_ADDRESS";
+    /// Istio's: `REDIRECT` when `bosun capture` sends the pod's traffic here.
+    pub const INTERCEPTION_MODE: &str = "INTERCEPTION_MODE";
 }
 
 fn meta_str(s: &Struct, key: &str) -> Option<String> {
@@ -243,7 +245,24 @@ pub fn params_from_node(node: &Node) -> Result<ProxyParams, String> {
         p.outbound_address = ip;
         p.outbound_port = port;
     }
-    if let Some(app) = meta_str(md, meta::APP_PORT) {
+    match meta_str(md, meta::INTERCEPTION_MODE).as_deref() {
+        None | Some("NONE") => {}
+        Some("REDIRECT") => {
+            p.capture = true;
+            let inbound =
+                meta_str(md, meta::INBOUND_ADDRESS).unwrap_or_else(|| "0.0.0.0:15006".into());
+            let (ip, port) = split_addr(&inbound)?;
+            p.inbound = Some((ip, port, 0));
+        }
+        Some(other) => {
+            return Err(format!(
+                "node metadata INTERCEPTION_MODE {other:?}: want REDIRECT or NONE"
+            ));
+        }
+    }
+    if p.capture {
+        // The app's ports come from its Services, not APP_PORT.
+    } else if let Some(app) = meta_str(md, meta::APP_PORT) {
         let app: u32 = app.parse().map_err(|_| format!("bad APP_PORT {app:?}"))?;
         let inbound = meta_str(md, meta::INBOUND_ADDRESS).unwrap_or_else(|| "0.0.0.0:15006".into());
         let (ip, port) = split_addr(&inbound)?;

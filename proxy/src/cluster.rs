@@ -324,6 +324,21 @@ pub struct Cluster {
     pub outlier: Option<OutlierConfig>,
     /// Locality priorities, lowest first; empty: every endpoint in one.
     pub priorities: Vec<Vec<Group>>,
+    /// Istio's ORIGINAL_DST: no endpoints of its own; each connection's
+    /// original destination becomes one (see `capture`).
+    pub original_dst: Option<Box<OriginalDst>>,
+}
+
+/// What an ORIGINAL_DST cluster builds its per-destination clusters from.
+#[derive(Debug)]
+pub struct OriginalDst {
+    /// The cluster's config, without the original-destination flags.
+    pub source: bosun_xds_proto::config::Cluster,
+    /// To the app on this host (127.0.0.1 or ::1) at the dialled port.
+    pub loopback: bool,
+    /// Clusters built so far, by destination; this snapshot's only (a new
+    /// snapshot starts empty), and bounded.
+    pub built: std::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<Cluster>>>,
 }
 
 impl Cluster {
@@ -596,6 +611,7 @@ mod tests {
             conn_slots: None,
             outlier: None,
             priorities: Vec::new(),
+            original_dst: None,
         };
         let (ca, cb) = (mk(a, all.clone()), mk(b, fewer));
         let mut moved = 0;
@@ -636,6 +652,7 @@ mod tests {
             conn_slots: None,
             outlier,
             priorities: Vec::new(),
+            original_dst: None,
         }
     }
 

@@ -51,6 +51,8 @@ pub struct Listener {
     pub peer_mtls: PeerMtls,
     /// Gateway TLS servers, by SNI.
     pub tls: Option<Arc<crate::tls::server::TlsListener>>,
+    /// Sidecar with transparent capture: routes by original destination.
+    pub capture: Option<Arc<crate::capture::CaptureTable>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +206,21 @@ impl Snapshot {
                 }
                 Some(Arc::new(crate::tls::server::TlsListener { servers }))
             };
+            let capture = match &l.capture {
+                Some(c) => {
+                    if !matches!(kind, ListenerKind::Http { .. }) || tls.is_some() {
+                        return Err(reject(
+                            &id,
+                            "capture",
+                            "a capture listener is an HTTP listener without TLS servers",
+                        ));
+                    }
+                    Some(Arc::new(crate::capture::CaptureTable::build(
+                        c, &clusters, &id,
+                    )?))
+                }
+                None => None,
+            };
             let listener = Listener {
                 name: l.name.clone(),
                 addr: SocketAddr::new(ip, port),
@@ -211,6 +228,7 @@ impl Snapshot {
                 kind,
                 peer_mtls,
                 tls,
+                capture,
             };
             if let Some(other) = listeners.insert(listener.addr, Arc::new(listener)) {
                 return Err(reject(
@@ -310,6 +328,25 @@ fn build_cluster(
     let auto_mtls = if c.tls.is_none() && assigned.iter().any(|e| e.istio_mtls) {
         let o = crate::tls::origin::mesh(ctx.tls, &c.name, "", &c.identities).map_err(tls_err)?;
         Some(Transport::Tls(Arc::new(o)))
+    } else {
+        None
+    };
+    let original_dst = if c.original_dst || c.original_dst_loopback {
+        if !assigned.is_empty() {
+            return Err(reject(
+                &id,
+                "original_dst",
+                "an ORIGINAL_DST cluster lists no endpoints",
+            ));
+        }
+        let mut source = c.clone();
+        source.original_dst = false;
+        source.original_dst_loopback = false;
+        Some(Box::new(crate::cluster::OriginalDst {
+            source,
+            loopback: c.original_dst_loopback,
+            built: Default::default(),
+        }))
     } else {
         None
     };
@@ -425,8 +462,51 @@ fn build_cluster(
         },
         outlier: c.outlier_detection.as_ref().map(OutlierConfig::from),
         priorities,
+        original_dst,
     })
 }
+
+/// The cluster an ORIGINAL_DST cluster uses for one destination: its
+/// config with that one endpoint, built as any other cluster (TLS origin,
+/// pools, labels), and kept for this snapshot's life (at most
+/// `MAX_ORIGINAL_DST` destinations; then the set starts over).
+pub fn original_dst_cluster(
+    od: &crate::cluster::OriginalDst,
+    dst: SocketAddr,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<Cluster>, RejectError> {
+    let dst = if od.loopback {
+        let ip: IpAddr = if dst.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        };
+        SocketAddr::new(ip, dst.port())
+    } else {
+        dst
+    };
+    let mut built = od.built.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = built.get(&dst) {
+        return Ok(c.clone());
+    }
+    let cla = pb::ClusterLoadAssignment {
+        cluster: od.source.name.clone(),
+        endpoints: vec![pb::Endpoint {
+            address: dst.ip().to_string(),
+            port: u32::from(dst.port()),
+            ..Default::default()
+        }],
+    };
+    let c = Arc::new(build_cluster(&od.source, Some(&cla), ctx)?);
+    if built.len() >= MAX_ORIGINAL_DST {
+        built.clear();
+    }
+    built.insert(dst, c.clone());
+    Ok(c)
+}
+
+/// Destinations an ORIGINAL_DST cluster keeps clusters (and pools) for.
+const MAX_ORIGINAL_DST: usize = 4096;
 
 fn service_labels(c: &pb::Cluster) -> ServiceLabels<'_> {
     ServiceLabels {
@@ -437,7 +517,7 @@ fn service_labels(c: &pb::Cluster) -> ServiceLabels<'_> {
     }
 }
 
-fn weighted(
+pub(crate) fn weighted(
     wcs: &[pb::WeightedCluster],
     clusters: &HashMap<String, Arc<Cluster>>,
     id: &str,

@@ -8,6 +8,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod capture;
 pub mod cluster;
 pub mod config;
 pub mod connect;
@@ -30,6 +31,7 @@ pub mod tcp;
 pub mod tls;
 pub mod xds;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -64,6 +66,41 @@ pub struct Shared {
     pub tls: Arc<tls::Store>,
     /// Inbound mesh listeners' server config (reads `tls` at each handshake).
     pub mesh_server: Arc<rustls::ServerConfig>,
+}
+
+impl Shared {
+    /// What building clusters reads: at config time, and for ORIGINAL_DST
+    /// clusters at connection time.
+    pub fn build_context(&self) -> BuildContext<'_> {
+        BuildContext {
+            identity: &self.identity,
+            endpoints: &self.endpoints,
+            pools: &self.pools,
+            dns: Some(&self.dns),
+            tls: &self.tls,
+        }
+    }
+
+    /// The cluster a connection to `dst` uses: `c` itself, or for an
+    /// ORIGINAL_DST cluster the one built for that destination. `None`: an
+    /// ORIGINAL_DST cluster with no original destination (the connection
+    /// was not captured) or one that could not be built.
+    pub fn resolve_cluster(
+        &self,
+        c: &Arc<cluster::Cluster>,
+        dst: Option<SocketAddr>,
+    ) -> Option<Arc<cluster::Cluster>> {
+        let Some(od) = &c.original_dst else {
+            return Some(c.clone());
+        };
+        match config::original_dst_cluster(od, dst?, &self.build_context()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::debug!(cluster = %c.name, error = %e, "original destination refused");
+                None
+            }
+        }
+    }
 }
 
 /// The proxy's limits, each a flag of `bosun proxy` (defaults as Envoy's
@@ -186,13 +223,7 @@ impl Proxy {
             return Ok(());
         }
         let version = cfg.version.clone();
-        let ctx = BuildContext {
-            identity: &self.shared.identity,
-            endpoints: &self.shared.endpoints,
-            pools: &self.shared.pools,
-            dns: Some(&self.shared.dns),
-            tls: &self.shared.tls,
-        };
+        let ctx = self.shared.build_context();
         let has_dns = cfg
             .clusters
             .iter()

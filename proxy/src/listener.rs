@@ -174,6 +174,22 @@ fn serve(
         });
         return;
     }
+    if let Some(table) = &l.capture
+        && let Some(dst) = crate::original_dst::original_dst(&stream)
+    {
+        let (table, l) = (table.clone(), l.clone());
+        drop(snap);
+        tokio::spawn(async move {
+            if table.inbound {
+                crate::capture::serve_inbound(shared, l, table, stream, peer, dst, tracked).await
+            } else {
+                crate::capture::serve_outbound(shared, table, stream, peer, addr, dst, tracked)
+                    .await
+            }
+            drop(permit);
+        });
+        return;
+    }
     match l.kind {
         ListenerKind::Http { .. } => {
             let mtls = l.peer_mtls;
@@ -194,7 +210,14 @@ fn serve(
                     PeerMtls::Permissive | PeerMtls::Strict => {
                         let strict = mtls == PeerMtls::Strict;
                         crate::http::serve::serve_inbound(
-                            shared, stream, peer, addr, original, strict, tracked,
+                            shared,
+                            stream,
+                            peer,
+                            addr,
+                            original,
+                            strict,
+                            tracked,
+                            crate::capture::InboundTcp::Never,
                         )
                         .await
                     }

@@ -315,6 +315,9 @@ pub struct Metrics {
     /// Inbound connections refused by PeerAuthentication (plaintext under
     /// STRICT, a failed mutual TLS handshake).
     pub mtls_refused: AtomicU64,
+    /// Captured TCP connections to unknown destinations refused under
+    /// REGISTRY_ONLY (Istio's BlackHoleCluster).
+    pub blackholed: AtomicU64,
 }
 
 impl Metrics {
@@ -517,6 +520,16 @@ impl Metrics {
             out,
             "bosun_inbound_mtls_refused_total {}",
             self.mtls_refused.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bosun_blackholed_connections_total Captured TCP connections to unknown destinations refused (outboundTrafficPolicy REGISTRY_ONLY)."
+        );
+        let _ = writeln!(out, "# TYPE bosun_blackholed_connections_total counter");
+        let _ = writeln!(
+            out,
+            "bosun_blackholed_connections_total {}",
+            self.blackholed.load(Ordering::Relaxed)
         );
         out
     }

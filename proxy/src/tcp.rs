@@ -34,18 +34,29 @@ pub async fn serve_connection(
     };
     let cluster = route.pick_with(&mut rand::rng()).clone();
     drop(snap);
-    proxy(shared, cluster, down, peer).await
+    let Some(cluster) = shared.resolve_cluster(&cluster, None) else {
+        return;
+    };
+    proxy(shared, cluster, down, peer, None).await
 }
 
 /// Copies `down` to an endpoint of `cluster` and back (a TCP listener's
-/// connection, a gateway's PASSTHROUGH or terminated TLS).
-pub async fn proxy<S>(shared: Arc<Shared>, cluster: Arc<Cluster>, mut down: S, peer: SocketAddr)
-where
+/// connection, a gateway's PASSTHROUGH or terminated TLS, a captured
+/// connection). `only`: to that endpoint of the cluster if it has it (a
+/// client that dialled an endpoint's own address).
+pub async fn proxy<S>(
+    shared: Arc<Shared>,
+    cluster: Arc<Cluster>,
+    mut down: S,
+    peer: SocketAddr,
+    only: Option<SocketAddr>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let key = matches!(cluster.hash, Some(HashKey::SourceIp))
         .then(|| hash_bytes(peer.ip().to_string().as_bytes()));
-    let Some(idx) = cluster.pick(key, &[]) else {
+    let pinned = only.and_then(|a| cluster.endpoints.iter().position(|e| e.addr == a));
+    let Some(idx) = pinned.or_else(|| cluster.pick(key, &[])) else {
         shared
             .metrics
             .tcp_closed(&cluster.no_endpoint_labels, Flags::NoHealthyUpstream, 0, 0);

@@ -208,7 +208,8 @@ impl Ctx<'_> {
             })
             .collect();
         cluster.identities = identities.into_iter().collect();
-        let assignment = if self.params.check_only {
+        cluster.original_dst = svc.original_dst;
+        let assignment = if self.params.check_only || svc.original_dst {
             pb::ClusterLoadAssignment {
                 cluster: name.clone(),
                 endpoints: Vec::new(),

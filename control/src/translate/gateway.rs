@@ -177,6 +177,7 @@ pub(super) fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                 tcp_routes,
                 peer_mtls: 0,
                 tls_servers,
+                capture: None,
             });
             continue;
         }
@@ -240,6 +241,7 @@ pub(super) fn gateway(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
             tcp_routes: vec![],
             peer_mtls: 0,
             tls_servers,
+            capture: None,
         });
         out.route_configurations.push(pb::RouteConfiguration {
             name: rc,

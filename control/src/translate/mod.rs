@@ -58,6 +58,10 @@ pub struct ProxyParams {
     pub check_only: bool,
     /// The mesh's SPIFFE trust domain (Istio's default `cluster.local`).
     pub trust_domain: String,
+    /// Sidecar with transparent capture (Istio's node metadata
+    /// `INTERCEPTION_MODE: REDIRECT`): one outbound and one inbound
+    /// listener, routing by original destination.
+    pub capture: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +84,7 @@ impl Default for ProxyParams {
             gateway_address: "0.0.0.0".into(),
             check_only: false,
             trust_domain: "cluster.local".into(),
+            capture: false,
         }
     }
 }

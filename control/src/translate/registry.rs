@@ -16,17 +16,26 @@ pub(super) enum PortProtocol {
     Http2,
     Grpc,
     Tcp,
+    /// HTTPS or TLS from the app: opaque, routed by SNI under capture.
+    Tls,
+    /// No protocol declared: sniffed under capture, opaque TCP otherwise.
+    Unknown,
 }
 
 impl PortProtocol {
     pub(super) fn is_http(self) -> bool {
-        !matches!(self, PortProtocol::Tcp)
+        matches!(
+            self,
+            PortProtocol::Http | PortProtocol::Http2 | PortProtocol::Grpc
+        )
     }
     pub(super) fn upstream(self) -> pb::UpstreamProtocol {
         match self {
             PortProtocol::Http => pb::UpstreamProtocol::Http1,
             PortProtocol::Http2 | PortProtocol::Grpc => pb::UpstreamProtocol::Http2,
-            PortProtocol::Tcp => pb::UpstreamProtocol::Tcp,
+            PortProtocol::Tcp | PortProtocol::Tls => pb::UpstreamProtocol::Tcp,
+            // Sniffed under capture: HTTP goes up as it came.
+            PortProtocol::Unknown => pb::UpstreamProtocol::Unspecified,
         }
     }
 }
@@ -41,9 +50,10 @@ pub(super) fn select_protocol(
             "http" => Some(PortProtocol::Http),
             "http2" | "kubernetes.io/h2c" | "h2c" => Some(PortProtocol::Http2),
             "grpc" | "grpc-web" => Some(PortProtocol::Grpc),
+            "tcp" | "mongo" | "mysql" | "redis" => Some(PortProtocol::Tcp),
             // TLS from the app (HTTPS, TLS) is opaque to a sidecar: its bytes
-            // go through as TCP, as Istio passes them through by SNI.
-            "tcp" | "mongo" | "mysql" | "redis" | "https" | "tls" => Some(PortProtocol::Tcp),
+            // go through as TCP, by address, or by SNI under capture.
+            "https" | "tls" => Some(PortProtocol::Tls),
             _ => None,
         }
     };
@@ -61,8 +71,8 @@ pub(super) fn select_protocol(
             return Ok(p);
         }
     }
-    // Istio would sniff; Bosun does not, so an unnamed port is opaque TCP.
-    Ok(PortProtocol::Tcp)
+    // Sniffed under capture (as Istio does); without capture, opaque TCP.
+    Ok(PortProtocol::Unknown)
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +143,11 @@ pub(super) struct Svc {
     /// ServiceEntry `resolution: DNS` / `DNS_ROUND_ROBIN`: endpoint
     /// addresses are names the proxy resolves.
     pub(super) dns: pb::DnsLookup,
+    /// Virtual IPs: a Service's ClusterIPs, a ServiceEntry's `addresses`
+    /// (single IPs; CIDRs are refused).
+    pub(super) addresses: Vec<String>,
+    /// ServiceEntry `resolution: NONE`: to the original destination.
+    pub(super) original_dst: bool,
 }
 
 impl Svc {
@@ -358,7 +373,21 @@ pub(super) fn service_svc(
         id: obj.id(),
         client_ip_affinity,
         dns: pb::DnsLookup::None,
+        addresses: service_ips(&obj.spec),
+        original_dst: false,
     }
+}
+
+/// A Service's ClusterIPs (none for headless services).
+fn service_ips(spec: &model::ServiceSpec) -> Vec<String> {
+    let mut ips: Vec<String> = spec.cluster_ips.clone();
+    if let Some(ip) = &spec.cluster_ip
+        && !ips.contains(ip)
+    {
+        ips.push(ip.clone());
+    }
+    ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+    ips
 }
 
 /// A ServiceEntry: one service per host.
@@ -369,27 +398,35 @@ pub(super) fn service_entry_svcs(
 ) -> Vec<Svc> {
     let obj = &s.value;
     let ns = obj.namespace().to_string();
+    let mut original_dst = false;
     let dns = match obj.spec.resolution.as_deref() {
         Some("STATIC") => pb::DnsLookup::None,
         Some("DNS") => pb::DnsLookup::Strict,
         Some("DNS_ROUND_ROBIN") => pb::DnsLookup::Logical,
-        other => {
-            let what = match other {
-                None => "resolution is not set, and Istio's default is NONE".to_string(),
-                Some(o) => format!("resolution {o}"),
-            };
+        // Istio's default: to where the client sent it (needs capture).
+        None | Some("NONE") => {
+            original_dst = true;
+            pb::DnsLookup::None
+        }
+        Some(other) => {
             errors.push(ConfigError::at(
                 &s.origin,
                 obj.id(),
                 "spec.resolution",
-                format!(
-                    "{what}: passing traffic to the original destination needs transparent \
-                     capture, which Bosun does not implement yet (use STATIC, DNS or DNS_ROUND_ROBIN)"
-                ),
+                format!("resolution {other}: want NONE, STATIC, DNS or DNS_ROUND_ROBIN"),
             ));
             return Vec::new();
         }
     };
+    if original_dst && !obj.spec.endpoints.is_empty() {
+        errors.push(ConfigError::at(
+            &s.origin,
+            obj.id(),
+            "spec.endpoints",
+            "resolution NONE goes to the original destination: endpoints are not used (Istio refuses them too)".into(),
+        ));
+        return Vec::new();
+    }
     if dns != pb::DnsLookup::None
         && let Some(h) = obj.spec.hosts.iter().find(|h| h.contains('*'))
     {
@@ -401,13 +438,17 @@ pub(super) fn service_entry_svcs(
         ));
         return Vec::new();
     }
-    if !obj.spec.addresses.is_empty() {
-        errors.push(ConfigError::at(
-            &s.origin,
-            obj.id(),
-            "spec.addresses",
-            "not supported by Bosun yet (needs transparent capture)".into(),
-        ));
+    let mut addresses = Vec::new();
+    for (i, a) in obj.spec.addresses.iter().enumerate() {
+        match a.parse::<std::net::IpAddr>() {
+            Ok(ip) => addresses.push(ip.to_string()),
+            Err(_) => errors.push(ConfigError::at(
+                &s.origin,
+                obj.id(),
+                &format!("spec.addresses[{i}]"),
+                format!("{a:?}: Bosun takes single IP addresses here, not CIDR ranges yet"),
+            )),
+        }
     }
     let mut ports = Vec::new();
     for (i, p) in obj.spec.ports.iter().enumerate() {
@@ -442,7 +483,9 @@ pub(super) fn service_entry_svcs(
     let mut out = Vec::new();
     for h in &obj.spec.hosts {
         // DNS without endpoints: the host itself is resolved.
-        let endpoints = if dns != pb::DnsLookup::None && endpoints.is_empty() {
+        let endpoints = if original_dst {
+            Vec::new()
+        } else if dns != pb::DnsLookup::None && endpoints.is_empty() {
             let named_ports = ix.interner.borrow_mut().ports(&BTreeMap::new());
             let labels = ix.interner.borrow_mut().labels(&Labels::new());
             vec![Ep {
@@ -468,6 +511,8 @@ pub(super) fn service_entry_svcs(
             id: obj.id(),
             client_ip_affinity: false,
             dns,
+            addresses: addresses.clone(),
+            original_dst,
         });
     }
     out

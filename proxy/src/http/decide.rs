@@ -168,13 +168,28 @@ pub fn decide<'s, R: Rng + ?Sized>(
     };
     let authority_hv = authority(head);
     let authority: &str = authority_hv.to_str().unwrap_or("");
+    // Captured: the port the client dialled (an authority without a port
+    // names the host on it, as Istio's per-port route tables do).
+    let dialled = conn.original_dst.filter(|_| listener.capture.is_some());
+    let explicit_port = authority
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok());
     let port = if listener.direction == Direction::Outbound {
-        authority
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or(80)
+        explicit_port.unwrap_or(dialled.map_or(80, |d| d.port()))
     } else {
-        listener.addr.port()
+        dialled.map_or(listener.addr.port(), |d| d.port())
+    };
+    let with_port;
+    let lookup = match dialled {
+        Some(d)
+            if explicit_port.is_none()
+                && d.port() != 80
+                && listener.direction == Direction::Outbound =>
+        {
+            with_port = format!("{authority}:{}", d.port());
+            with_port.as_str()
+        }
+        _ => authority,
     };
     let view = RequestView {
         path: head.uri.path(),
@@ -186,7 +201,7 @@ pub fn decide<'s, R: Rng + ?Sized>(
         port,
     };
     let Some((route, matched)) = route_table
-        .virtual_host(authority)
+        .virtual_host(lookup)
         .and_then(|vh| vh.route(&view))
     else {
         return done(local(StatusCode::NOT_FOUND, "", Flags::NoRoute, no_route));

@@ -324,13 +324,27 @@ pub async fn serve_inbound(
     original_dst: Option<SocketAddr>,
     strict: bool,
     tracked: Tracked,
+    tcp: crate::capture::InboundTcp,
 ) {
+    use crate::capture::InboundTcp;
     let state = ConnState::new();
     let deadline = state.start + shared.limits.request_head_timeout;
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == 0x16 => {}
         Ok(Ok(1)) if !strict => {
+            match tcp {
+                InboundTcp::Always(app) => {
+                    return crate::tcp::proxy(shared, app, stream, peer, None).await;
+                }
+                InboundTcp::Detect(app)
+                    if crate::capture::sniff(&stream, deadline).await
+                        != crate::capture::Sniffed::Http =>
+                {
+                    return crate::tcp::proxy(shared, app, stream, peer, None).await;
+                }
+                _ => {}
+            }
             let mut conn = ConnContext::new(peer, local);
             conn.original_dst = original_dst;
             return serve_io(shared, state, stream, conn, tracked).await;
@@ -352,6 +366,15 @@ pub async fn serve_inbound(
             return;
         }
     };
+    // Istio's ALPN for TCP over mesh mTLS is `istio` alone.
+    let alpn_tcp = tls.get_ref().1.alpn_protocol() == Some(b"istio".as_slice());
+    match tcp {
+        InboundTcp::Always(app) => return crate::tcp::proxy(shared, app, tls, peer, None).await,
+        InboundTcp::Detect(app) if alpn_tcp => {
+            return crate::tcp::proxy(shared, app, tls, peer, None).await;
+        }
+        _ => {}
+    }
     let conn = tls_context(&shared, &tls, peer, local, original_dst);
     serve_io(shared, state, tls, conn, tracked).await
 }
@@ -385,7 +408,7 @@ pub async fn serve_gateway_tls(
     let config = match &server.kind {
         ServerKind::Passthrough(route) => {
             let cluster = route.pick_with(&mut rand::rng()).clone();
-            return crate::tcp::proxy(shared, cluster, stream, peer).await;
+            return crate::tcp::proxy(shared, cluster, stream, peer, None).await;
         }
         ServerKind::Terminate(c) => c.clone(),
     };
@@ -405,7 +428,7 @@ pub async fn serve_gateway_tls(
         }
         ListenerKind::Tcp { route: Some(route) } => {
             let cluster = route.pick_with(&mut rand::rng()).clone();
-            crate::tcp::proxy(shared, cluster, tls, peer).await
+            crate::tcp::proxy(shared, cluster, tls, peer, None).await
         }
         ListenerKind::Tcp { route: None } => {}
     }

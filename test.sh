@@ -33,6 +33,11 @@ if ! python3 -c "import grpc, envoy.service.discovery.v3.ads_pb2_grpc" 2>/dev/nu
     python3 -m pip install --quiet grpcio xds-protos
 fi
 
+# deploy/ and what `bosun inject` makes, against Kubernetes' schemas
+# (kubernetes-validate from PyPI, offline once installed).
+deploy/validate.sh deploy/crds.yaml deploy/bosun.yaml \
+    control/tests/golden/bookinfo-injected.yaml control/tests/golden/workloads-injected.yaml
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace

@@ -3,8 +3,8 @@
 #
 #   deploy/validate.sh [FILE...]     (no FILE: deploy/crds.yaml deploy/bosun.yaml)
 #
-# Built-in kinds, CustomResourceDefinitions included, are checked with the PyPI
-# package kubernetes-validate against the Kubernetes $K8S_VERSION schemas,
+# Built-in kinds, CustomResourceDefinitions included, are checked with the
+# Python package kubernetes-validate against the Kubernetes $K8S_VERSION schemas,
 # strictly (an unknown field is an error, as with kubectl's default
 # server-side field validation). Istio kinds are checked against the
 # openAPIV3Schema of their CRD in deploy/crds.yaml (or in a FILE), also
@@ -321,6 +321,8 @@ for path in files:
         except kvu.VersionNotSupportedError:
             sys.exit("validate.sh: kubernetes-validate %s has no Kubernetes %s"
                      % (kubernetes_validate.__version__, k8s_version))
+        except Exception as e:  # noqa: BLE001 - a schema the package cannot use
+            report(path, line, index, what, None, "could not be validated: %s" % short(e))
     total += count
     print("checked %s: %d objects" % (path, count))
 

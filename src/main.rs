@@ -5,6 +5,7 @@ mod app;
 mod capture;
 mod control;
 mod demo;
+mod inject;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -280,6 +281,18 @@ enum Command {
     /// In a pod's network namespace (as an init container): redirect the app's TCP into its
     /// sidecar (outbound to 15001, inbound to 15006) with nftables; --cleanup removes it.
     Capture(Box<capture::CaptureArgs>),
+    /// Add the sidecar to workloads, as `istioctl kube-inject` does: Pods, Deployments,
+    /// StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs in multi-document YAML in,
+    /// the same out with the init container, the bosun-proxy container and probes rewritten.
+    Inject(Box<inject::InjectArgs>),
+    /// Wait until a URL answers 200 (the injected postStart hook: the app starts once its
+    /// proxy is ready, Istio's holdApplicationUntilProxyStarts).
+    Wait {
+        #[arg(long, default_value = "http://127.0.0.1:15021/healthz/ready")]
+        url: String,
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Each proxy connected to a control service, its ACKed version and last NACK.
     Status {
         /// The control service's admin address.
@@ -365,6 +378,10 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(control::status(&control))),
         Command::Capture(args) => capture::run(&args),
+        Command::Inject(args) => inject::run(&args),
+        Command::Wait { url, timeout } => runtime(Some(1))
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(inject::wait(&url, timeout))),
     };
     match result {
         Ok(code) => code,

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod error;
 pub mod etcd;
 pub mod identity;
+pub mod inject;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod load;

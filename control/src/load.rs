@@ -160,7 +160,7 @@ impl ParseCache {
 
 /// Splits a YAML stream on `---` lines; returns (1-based line of the first
 /// line of the document, its text). Empty documents are skipped.
-fn split_documents(text: &str) -> Vec<(u32, &str)> {
+pub fn split_documents(text: &str) -> Vec<(u32, &str)> {
     let mut docs = Vec::new();
     let mut start = 0usize;
     let mut start_line = 1u32;

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bosun_control::translate::{ProxyMode, ProxyParams};
 use bosun_proxy::identity::ProxyIdentity;
@@ -13,6 +14,14 @@ use crate::{Mode, ProxyArgs, parse_labels};
 
 pub fn params(args: &ProxyArgs) -> anyhow::Result<ProxyParams> {
     let labels = match (&args.labels, args.mode) {
+        (None, _) if args.labels_file.is_some() => {
+            let path = args
+                .labels_file
+                .as_ref()
+                .map(|p| p.as_path())
+                .unwrap_or(Path::new(""));
+            labels_file(path)?
+        }
         (Some(l), _) => parse_labels(l)?,
         (None, Mode::Gateway) => parse_labels("istio=ingressgateway")?,
         (None, Mode::Sidecar | Mode::Node) => Default::default(),
@@ -47,6 +56,41 @@ pub fn params(args: &ProxyArgs) -> anyhow::Result<ProxyParams> {
         trust_domain: args.trust_domain.clone(),
         capture: args.capture,
     })
+}
+
+/// Labels in the downward API's file format: `key="value"` per line,
+/// values quoted as Go quotes them.
+fn labels_file(path: &Path) -> anyhow::Result<bosun_control::model::Labels> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut out = bosun_control::model::Labels::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = || anyhow::anyhow!("{}:{}: want key=\"value\"", path.display(), i + 1);
+        let (k, v) = line.split_once('=').ok_or_else(bad)?;
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .ok_or_else(bad)?;
+        let mut val = String::new();
+        let mut chars = v.chars();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                match chars.next() {
+                    Some('n') => val.push('\n'),
+                    Some('t') => val.push('\t'),
+                    Some(o) => val.push(o),
+                    None => return Err(bad()),
+                }
+            } else {
+                val.push(c);
+            }
+        }
+        out.insert(k.trim().to_string(), val);
+    }
+    Ok(out)
 }
 
 /// Where the workload certificate comes from: files (--cert-dir), the CA
@@ -111,6 +155,25 @@ pub async fn start_proxy(args: &ProxyArgs) -> anyhow::Result<Arc<Proxy>> {
         .await
         .map_err(|e| anyhow::anyhow!("admin listener {}: {e}", args.admin_address))?;
     tokio::spawn(bosun_proxy::admin::serve(proxy.shared().clone(), admin));
+    if !args.status_address.is_empty() {
+        let probers = match std::env::var("ISTIO_KUBE_APP_PROBERS") {
+            Ok(j) if !j.trim().is_empty() => {
+                bosun_proxy::probe::parse(&j).map_err(anyhow::Error::msg)?
+            }
+            _ => Default::default(),
+        };
+        let probers = Arc::new(probers);
+        for addr in &args.status_address {
+            let l = bosun_proxy::admin::bind(*addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("status listener {addr}: {e}"))?;
+            tokio::spawn(bosun_proxy::admin::serve_status(
+                proxy.shared().clone(),
+                l,
+                probers.clone(),
+            ));
+        }
+    }
     if let Some(xds) = &args.xds {
         let opts = bosun_proxy::xds::XdsOptions {
             addresses: xds
@@ -304,9 +367,32 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let mut signals = crate::Signals::new()?;
     let proxy = start_proxy(&args).await?;
     let drain = proxy.shared().drain.clone();
-    tokio::select! {
-        _ = signals.recv() => tracing::info!("signal received"),
-        _ = drain.started() => {}
+    let signalled = tokio::select! {
+        _ = signals.recv() => {
+            tracing::info!("signal received");
+            true
+        }
+        _ = drain.started() => false,
+    };
+    if signalled && args.exit_on_zero_active_connections {
+        // The app is being stopped too and may still send: keep every
+        // listener until nothing is connected (a first look after a
+        // second, then each second) or the grace is over.
+        let deadline = tokio::time::Instant::now() + args.termination_grace;
+        tracing::info!(grace = ?args.termination_grace, "waiting for zero active connections");
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = signals.recv() => {
+                    tracing::warn!("second signal: exiting without waiting");
+                    return Ok(ExitCode::from(1));
+                }
+                _ = drain.started() => break,
+            }
+            if drain.active() == 0 || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
     }
     tokio::select! {
         _ = proxy.drain(args.drain_duration) => Ok(ExitCode::SUCCESS),

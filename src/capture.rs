@@ -16,8 +16,12 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, ExitCode, Stdio};
 
-/// The ports the proxy itself listens on: never redirected inbound.
-pub const PROXY_PORTS: [u16; 6] = [15000, 15001, 15006, 15020, 15021, 15090];
+/// The proxy's status ports (health, app probes, metrics): reached from
+/// outside the pod, never redirected inbound (Istio's list). Its other
+/// ports (admin 15000 and outbound 15001 on loopback, inbound 15006) are
+/// redirected like any port, and the sidecar refuses inbound connections
+/// to them, so nothing outside the pod reaches them.
+pub const PROXY_PORTS: [u16; 3] = [15020, 15021, 15090];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CaptureArgs {
@@ -116,7 +120,7 @@ pub fn render(a: &CaptureArgs) -> Result<String, String> {
         return Ok(out);
     }
     let mut pre = vec![
-        // The proxy's own ports, and anything not TCP, pass.
+        // The proxy's status ports, and anything not TCP, pass.
         "meta l4proto != tcp return".to_string(),
         format!("tcp dport {} return", set(&PROXY_PORTS)),
     ];
@@ -265,7 +269,7 @@ mod tests {
         ]))
         .expect("renders");
         for want in [
-            "tcp dport { 15000, 15001, 15006, 15020, 15021, 15090 } return",
+            "tcp dport { 15020, 15021, 15090 } return",
             "tcp dport { 22 } return",
             "redirect to :15006",
             "meta skuid 1337 return",

@@ -72,6 +72,24 @@ pub struct ProxyArgs {
     /// Default: istio=ingressgateway in gateway mode, none in sidecar mode.
     #[arg(long)]
     labels: Option<String>,
+    /// This proxy's labels from a file in the Kubernetes downward API's format
+    /// (`key="value"` lines, `metadata.labels`), as the injected sidecar reads them.
+    #[arg(long, conflicts_with = "labels")]
+    labels_file: Option<PathBuf>,
+    /// Sidecar: the status listener(s), comma-separated (Istio's 15020 and 15021):
+    /// /healthz/ready, the app's probes under /app-health/ (from ISTIO_KUBE_APP_PROBERS,
+    /// as `bosun inject` writes them) and /stats/prometheus; reachable from outside the pod
+    #[arg(long, value_delimiter = ',')]
+    status_address: Vec<SocketAddr>,
+    /// On SIGTERM, keep serving (the app may still be sending) until no connection is
+    /// left or --termination-grace has passed, then drain (Istio's
+    /// EXIT_ON_ZERO_ACTIVE_CONNECTIONS)
+    #[arg(long)]
+    exit_on_zero_active_connections: bool,
+    /// With --exit-on-zero-active-connections: the longest wait before the drain
+    /// (keep it under the pod's terminationGracePeriodSeconds minus --drain-duration)
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    termination_grace: Duration,
     /// This proxy's namespace.
     #[arg(long, default_value = "default")]
     namespace: String,

@@ -24,6 +24,21 @@ use crate::Shared;
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    serve_with(shared, listener, None).await
+}
+
+/// The app's probes by path (`/app-health/...`).
+pub type Probers = Arc<std::collections::HashMap<String, crate::probe::Prober>>;
+
+/// The status listener (Istio's 15020 and 15021), reachable from outside
+/// the pod (capture leaves it alone) so it serves only what the kubelet and
+/// scrapers need: `/healthz/ready`, the app's probes under `/app-health/`,
+/// and `/stats/prometheus`. Never `/quitquitquit` or `/config_dump`.
+pub async fn serve_status(shared: Arc<Shared>, listener: TcpListener, probers: Probers) {
+    serve_with(shared, listener, Some(probers)).await
+}
+
+async fn serve_with(shared: Arc<Shared>, listener: TcpListener, status: Option<Probers>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -34,6 +49,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             continue;
         };
         let shared = shared.clone();
+        let status = status.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let limit = shared
@@ -42,7 +58,13 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 .min(shared.limits.idle_timeout);
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req)) }
+                let status = status.clone();
+                async move {
+                    Ok::<_, Infallible>(match status {
+                        Some(probers) => status_route(&shared, &probers, req).await,
+                        None => route(&shared, req),
+                    })
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -66,6 +88,31 @@ fn text(status: StatusCode, ct: &'static str, body: impl Into<Bytes>) -> Respons
     r.headers_mut()
         .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
     r
+}
+
+async fn status_route(
+    shared: &Shared,
+    probers: &Probers,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path.starts_with("/app-health/") {
+        return match probers.get(path) {
+            Some(p) => {
+                let code = p.run().await;
+                text(code, "text/plain", format!("{}\n", code.as_u16()))
+            }
+            None => text(StatusCode::NOT_FOUND, "text/plain", "no such app probe\n"),
+        };
+    }
+    match path {
+        "/healthz/ready" | "/stats/prometheus" => route(shared, req),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "status: /healthz/ready /app-health/... /stats/prometheus\n",
+        ),
+    }
 }
 
 fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {

@@ -31,6 +31,10 @@ use crate::drain::Tracked;
 use crate::error::{RejectError, reject};
 use crate::route::WeightedClusters;
 
+/// Ports of the sidecar itself (Istio's): admin, outbound, inbound,
+/// status, metrics. Never forwarded to the app.
+pub const PROXY_PORTS: [u16; 7] = [15000, 15001, 15004, 15006, 15020, 15021, 15090];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Sniff,
@@ -341,6 +345,20 @@ pub async fn serve_inbound(
     dst: SocketAddr,
     tracked: Tracked,
 ) {
+    // The proxy's own ports are not the app's: a client outside the pod
+    // must not reach the admin listener or the outbound listener (it
+    // would borrow this workload's identity) through the inbound one.
+    if PROXY_PORTS.contains(&dst.port())
+        || shared
+            .snapshot
+            .load()
+            .listeners
+            .keys()
+            .any(|a| a.port() == dst.port())
+    {
+        tracing::debug!(%peer, %dst, "inbound to a proxy port refused");
+        return;
+    }
     let target = table.target(dst);
     let declared = target.map_or(Protocol::Sniff, |t| t.protocol);
     // A Sidecar `ingress` port's own app port, else the dialled one.

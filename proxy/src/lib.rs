@@ -26,6 +26,7 @@ pub mod original_dst;
 pub mod outlier;
 pub mod policy;
 pub mod pool;
+pub mod probe;
 pub mod route;
 pub mod tcp;
 pub mod tls;

@@ -74,6 +74,20 @@ pub struct ControlArgs {
     /// Admin: /ready, /healthz, /metrics, /debug/proxies (JSON, for `bosun status`).
     #[arg(long, default_value = "127.0.0.1:15014")]
     admin_address: SocketAddr,
+    /// With the CA: the sidecar injector, a mutating admission webhook (`POST /inject`,
+    /// AdmissionReview v1 in, a JSONPatch out), over TLS with a certificate from the CA.
+    #[arg(long)]
+    webhook_address: Option<SocketAddr>,
+    /// The image injected sidecars run.
+    #[arg(long, default_value = "ghcr.io/bosun-mesh/bosun:0.1.0")]
+    inject_image: String,
+    /// Where injected sidecars reach this control service (xDS and CA over TLS).
+    #[arg(long, default_value = "https://bosun-control.istio-system.svc:15012")]
+    inject_control_address: String,
+    /// Injected pods start their proxy before the app (Istio's
+    /// holdApplicationUntilProxyStarts); a pod's proxy.istio.io/config overrides it.
+    #[arg(long)]
+    inject_hold_application: bool,
 }
 
 #[derive(Default)]
@@ -130,6 +144,10 @@ impl ControlArgs {
             trust_domain: "cluster.local".into(),
             max_cert_ttl: std::time::Duration::from_secs(90 * 24 * 3600),
             serving_names: "bosun-control.istio-system.svc,localhost".into(),
+            webhook_address: None,
+            inject_image: "ghcr.io/bosun-mesh/bosun:0.1.0".into(),
+            inject_control_address: "https://bosun-control.istio-system.svc:15012".into(),
+            inject_hold_application: false,
         }
     }
 
@@ -150,6 +168,11 @@ pub async fn start(args: &ControlArgs) -> anyhow::Result<Running> {
     let ads = Ads::new(rx.clone()).with_shutdown(shutdown_rx.clone());
     // Checked before anything listens: a bad CA directory or tokens file
     // stops the start with the file named.
+    if args.webhook_address.is_some() && args.ca_dir.is_none() && args.ca_secret.is_none() {
+        anyhow::bail!(
+            "--webhook-address needs the CA (--ca-dir or --ca-secret) for its certificate"
+        );
+    }
     let tls = if args.ca_dir.is_some() || args.ca_secret.is_some() {
         Some(ca_server(args, &ads).await?)
     } else {
@@ -301,6 +324,22 @@ async fn ca_server(
         .map_err(anyhow::Error::msg)?;
     let config =
         identity::server_config(&chain, &key, authority.roots_pem()).map_err(anyhow::Error::msg)?;
+    if let Some(addr) = args.webhook_address {
+        let mut web = (*config).clone();
+        web.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("webhook listener {addr}: {e}"))?;
+        tracing::info!(%addr, "sidecar injector (admission webhook) listening");
+        let opts = bosun_control::inject::InjectOptions {
+            image: args.inject_image.clone(),
+            control_address: args.inject_control_address.clone(),
+            control_name: names.first().cloned().unwrap_or_default(),
+            trust_domain: args.trust_domain.clone(),
+            hold_application: args.inject_hold_application,
+        };
+        tokio::spawn(bosun_control::webhook::serve(listener, Arc::new(web), opts));
+    }
     let listener = tokio::net::TcpListener::bind(args.xds_tls_addr)
         .await
         .map_err(|e| anyhow::anyhow!("xDS/CA TLS listener {}: {e}", args.xds_tls_addr))?;

@@ -20,6 +20,7 @@ pub mod services;
 pub mod source;
 pub mod translate;
 pub mod validate;
+pub mod webhook;
 pub mod xds;
 
 pub use error::{ConfigError, ConfigErrors};

@@ -111,10 +111,30 @@ pub async fn echo(
             continue;
         };
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |_req| async move {
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
-                    format!("{name} {}\n", peer.ip()),
-                ))))
+            let svc = hyper::service::service_fn(move |req: hyper::Request<_>| async move {
+                // "NAME CLIENT-IP", and the client certificate the sidecar
+                // forwarded (x-forwarded-client-cert) when there is one.
+                let mut body = format!("{name} {}", peer.ip());
+                if let Some(x) = req
+                    .headers()
+                    .get("x-forwarded-client-cert")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    body.push_str(&format!(" xfcc={x}"));
+                }
+                body.push('\n');
+                let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+                // /status/NNN answers with that status (a probe target).
+                if let Some(code) = req
+                    .uri()
+                    .path()
+                    .strip_prefix("/status/")
+                    .and_then(|c| c.parse::<u16>().ok())
+                    .and_then(|c| hyper::StatusCode::from_u16(c).ok())
+                {
+                    *resp.status_mut() = code;
+                }
+                Ok::<_, std::convert::Infallible>(resp)
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

@@ -9,6 +9,7 @@ mod gateway_tls;
 mod hardening;
 mod harness;
 mod kube;
+mod mesh;
 mod mtls;
 mod node;
 mod protocols;

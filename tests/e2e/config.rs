@@ -95,7 +95,7 @@ fn validate_reports_every_error_in_one_pass_at_the_fields_line() {
     std::fs::write(
         dir.0.join("a.yaml"),
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: ns}\nspec:\n  hosts: [a]\n  http:\n  - mirrorPercent: 5\n    delegate: {name: x}\n    route: [{destination: {host: a.example}}]\n---\n\
-         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext, namespace: ns}\nspec:\n  hosts: [ext.example]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n",
+         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext, namespace: ns}\nspec:\n  hosts: [ext.example]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DYNAMIC_DNS\n",
     )
     .expect("write");
     // ... and, in another file, routes to that ServiceEntry and to nothing.
@@ -109,7 +109,7 @@ fn validate_reports_every_error_in_one_pass_at_the_fields_line() {
     for want in [
         "a.yaml:7:5: VirtualService/ns/a: spec.http[0].mirrorPercent",
         "a.yaml:8:5: VirtualService/ns/a: spec.http[0].delegate",
-        "ServiceEntry/ns/ext: spec.resolution: resolution is not set, and Istio's default is NONE",
+        "ServiceEntry/ns/ext: spec.resolution: resolution DYNAMIC_DNS: want NONE, STATIC, DNS or DNS_ROUND_ROBIN",
         "b.yaml:8:1: VirtualService/ns/b: spec.http[0].route[0].destination: host ext.example is defined by ServiceEntry/ns/ext, which was refused",
         "b.yaml:11:1: VirtualService/ns/b: spec.http[1].route[0].destination: host nowhere.example is not a known Service",
     ] {

@@ -526,3 +526,173 @@ spec:
     );
     assert!(err.0.iter().all(|e| e.resource == "DestinationRule/shop/r"));
 }
+
+/// Two TCP Services on one port, an HTTP one, an undeclared one, a TLS
+/// ServiceEntry by SNI and one with `resolution: NONE`.
+const CAPTURED: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db-a, namespace: shop}
+spec: {clusterIP: 10.96.0.5, selector: {app: db-a}, ports: [{name: tcp, port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db-b, namespace: shop}
+spec: {clusterIP: 10.96.0.6, selector: {app: db-b}, ports: [{name: tcp, port: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-a-x, namespace: shop, labels: {kubernetes.io/service-name: db-a}}
+addressType: IPv4
+ports: [{name: tcp, port: 5432}]
+endpoints:
+- addresses: [10.0.1.1]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.7, selector: {app: web}, ports: [{name: http, port: 8080}, {port: 7000}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: any-ext, namespace: shop}
+spec:
+  hosts: ["*.partner.example"]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+"#;
+
+#[test]
+fn captured_sidecars_route_by_original_destination() {
+    let cfg = load_sources(&[("c.yaml".into(), CAPTURED.into())]).expect("parses");
+    // Without capture, two TCP services on one port clash (one listener each).
+    let plain = ProxyParams {
+        namespace: "shop".into(),
+        ..Default::default()
+    };
+    let e = translate(&cfg, &plain).expect_err("clash without capture");
+    assert!(e.to_string().contains("TCP port 5432"), "{e}");
+    let p = ProxyParams {
+        namespace: "shop".into(),
+        capture: true,
+        inbound: Some(("0.0.0.0".into(), 15006, 0)),
+        labels: [("app".to_string(), "web".to_string())].into(),
+        ..Default::default()
+    };
+    let out = translate(&cfg, &p).expect("no clash with capture");
+    let outbound = out
+        .listeners
+        .iter()
+        .find(|l| l.name == "outbound_http")
+        .expect("outbound");
+    assert_eq!(
+        out.listeners.len(),
+        2,
+        "one outbound and one inbound listener"
+    );
+    let cap = outbound.capture.as_ref().expect("capture");
+    let target = |addr: &str, port: u32| {
+        cap.targets
+            .iter()
+            .find(|t| t.address == addr && t.port == port)
+            .unwrap_or_else(|| panic!("no target {addr}:{port}: {:#?}", cap.targets))
+    };
+    let cluster_of = |t: &pb::CaptureTarget| t.tcp_routes[0].clusters[0].cluster.clone();
+    assert_eq!(
+        cluster_of(target("10.96.0.5", 5432)),
+        "outbound|5432||db-a.shop.svc.cluster.local"
+    );
+    assert_eq!(
+        cluster_of(target("10.96.0.6", 5432)),
+        "outbound|5432||db-b.shop.svc.cluster.local"
+    );
+    // An endpoint dialled directly: that endpoint of the service.
+    assert!(target("10.0.1.1", 5432).pin_endpoint);
+    // HTTP: any address on the port, by Host; the ClusterIP is a domain.
+    assert_eq!(target("", 8080).protocol, pb::CaptureProtocol::Http as i32);
+    // Undeclared: sniffed, with the TCP route for what is not HTTP.
+    assert_eq!(
+        target("10.96.0.7", 7000).protocol,
+        pb::CaptureProtocol::Sniff as i32
+    );
+    // TLS without an address: by SNI on the port.
+    let tls = target("", 443);
+    assert_eq!(tls.protocol, pb::CaptureProtocol::Tls as i32);
+    assert_eq!(tls.sni_routes[0].server_names, vec!["api.example.com"]);
+    // ALLOW_ANY: PassthroughCluster, for TCP and for unknown Hosts.
+    assert_eq!(cap.passthrough_cluster, "PassthroughCluster");
+    let pc = out
+        .clusters
+        .iter()
+        .find(|c| c.name == "PassthroughCluster")
+        .expect("passthrough");
+    assert!(pc.original_dst);
+    // resolution NONE: an ORIGINAL_DST cluster, routed by Host.
+    let none = out
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|80||*.partner.example")
+        .expect("NONE cluster");
+    assert!(none.original_dst);
+    let rc = out
+        .route_configurations
+        .iter()
+        .find(|r| r.name == "outbound")
+        .expect("routes");
+    let web = rc
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "web.shop.svc.cluster.local:8080")
+        .expect("web vhost");
+    assert!(web.domains.contains(&"10.96.0.7:8080".to_string()));
+    assert_eq!(
+        rc.virtual_hosts.last().map(|v| v.name.as_str()),
+        Some("allow_any")
+    );
+    // Inbound: the app's ports by protocol, to the dialled port.
+    let inbound = out
+        .listeners
+        .iter()
+        .find(|l| l.name == "inbound_capture")
+        .expect("inbound");
+    let icap = inbound.capture.as_ref().expect("inbound capture");
+    assert!(icap.inbound);
+    assert_eq!(icap.passthrough_cluster, "InboundPassthroughCluster");
+
+    // REGISTRY_ONLY: no passthrough; unknown Hosts get 502.
+    let mut y = CAPTURED.to_string();
+    y.push_str("---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: shop}\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n  egress: [{port: {number: 8080, protocol: HTTP, name: http}, hosts: [\"./*\"]}, {hosts: [\"./db-a.shop.svc.cluster.local\"]}]\n");
+    let cfg = load_sources(&[("c.yaml".into(), y)]).expect("parses");
+    let out = translate(&cfg, &p).expect("valid");
+    let outbound = out
+        .listeners
+        .iter()
+        .find(|l| l.name == "outbound_http")
+        .expect("outbound");
+    let cap = outbound.capture.as_ref().expect("capture");
+    assert_eq!(cap.passthrough_cluster, "");
+    // egress[].port: only web's 8080 (and db-a) are in scope.
+    assert!(cap.targets.iter().any(|t| t.port == 8080));
+    assert!(cap.targets.iter().any(|t| t.address == "10.96.0.5"));
+    assert!(
+        !cap.targets
+            .iter()
+            .any(|t| t.address == "10.96.0.6" || t.port == 7000)
+    );
+    let rc = out
+        .route_configurations
+        .iter()
+        .find(|r| r.name == "outbound")
+        .expect("routes");
+    assert_eq!(
+        rc.virtual_hosts.last().map(|v| v.name.as_str()),
+        Some("block_all")
+    );
+}

@@ -9,8 +9,9 @@
 //! The rules are one nftables table, `inet bosun_capture` (IPv4 and IPv6),
 //! replaced whole in one `nft -f` transaction, so running it twice leaves
 //! the same rules and a failure leaves the old ones. `--cleanup` removes
-//! the table. (Programming them over netlink, as node mode does, and the
-//! iptables fallback come next.)
+//! the table. Without nftables (`--backend iptables`, or `auto` when `nft`
+//! is missing) the same rules are chains BOSUN_INBOUND and BOSUN_OUTPUT in
+//! the nat table of iptables and ip6tables.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -59,9 +60,21 @@ pub struct CaptureArgs {
     /// Remove the rules instead.
     #[arg(long)]
     cleanup: bool,
-    /// Print the nftables transaction instead of applying it.
+    /// Print the rules instead of applying them.
     #[arg(long)]
     dry_run: bool,
+    /// nftables (one table, `inet bosun_capture`), iptables (chains BOSUN_INBOUND and
+    /// BOSUN_OUTPUT in the nat table, iptables-restore and ip6tables-restore), or auto:
+    /// nftables when `nft` is installed, else iptables (node mode's choice).
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Auto,
+    Nftables,
+    Iptables,
 }
 
 const TABLE: &str = "bosun_capture";
@@ -205,30 +218,213 @@ pub fn render(a: &CaptureArgs) -> Result<String, String> {
     Ok(out)
 }
 
+/// The nat-table rules of one family for `iptables-restore --noflush`:
+/// the two chains (declared, so emptied) with their rules, and the jumps
+/// from PREROUTING and OUTPUT (removed first by the caller, so never
+/// twice). `v6`: ip6tables.
+pub fn render_iptables(a: &CaptureArgs, v6: bool) -> Result<String, String> {
+    let multiport = |ports: &[u16], neg: bool| -> Vec<String> {
+        ports
+            .chunks(15)
+            .map(|c| {
+                let list: Vec<String> = c.iter().map(u16::to_string).collect();
+                format!(
+                    "-p tcp -m multiport {}--dports {}",
+                    if neg { "! " } else { "" },
+                    list.join(",")
+                )
+            })
+            .collect()
+    };
+    let mut r = vec![
+        "*nat".to_string(),
+        ":BOSUN_INBOUND - [0:0]".into(),
+        ":BOSUN_OUTPUT - [0:0]".into(),
+    ];
+    let inb = |rule: String| format!("-A BOSUN_INBOUND {rule}");
+    let out = |rule: String| format!("-A BOSUN_OUTPUT {rule}");
+    for m in multiport(&PROXY_PORTS, false) {
+        r.push(inb(format!("{m} -j RETURN")));
+    }
+    let excl_in = ports(&a.exclude_inbound_ports, "--exclude-inbound-ports")?;
+    for m in multiport(&excl_in, false) {
+        r.push(inb(format!("{m} -j RETURN")));
+    }
+    if a.include_inbound_ports.trim() != "*" {
+        let inc = ports(&a.include_inbound_ports, "--include-inbound-ports")?;
+        if inc.len() > 15 {
+            return Err("--include-inbound-ports: at most 15 ports with iptables".into());
+        }
+        match multiport(&inc, true).pop() {
+            Some(m) => r.push(inb(format!("{m} -j RETURN"))),
+            None => r.push(inb("-j RETURN".into())),
+        }
+    }
+    r.push(inb(format!(
+        "-p tcp -j REDIRECT --to-ports {}",
+        a.inbound_port
+    )));
+
+    r.push(out(format!(
+        "-m owner --uid-owner {} -j RETURN",
+        a.proxy_uid
+    )));
+    r.push(out(format!(
+        "-m owner --gid-owner {} -j RETURN",
+        a.proxy_gid
+    )));
+    r.push(out(format!(
+        "-d {} -j RETURN",
+        if v6 { "::1/128" } else { "127.0.0.0/8" }
+    )));
+    let incl_out_ports = ports(&a.include_outbound_ports, "--include-outbound-ports")?;
+    for m in multiport(&incl_out_ports, false) {
+        r.push(out(format!(
+            "{m} -j REDIRECT --to-ports {}",
+            a.outbound_port
+        )));
+    }
+    let excl_out = ports(&a.exclude_outbound_ports, "--exclude-outbound-ports")?;
+    for m in multiport(&excl_out, false) {
+        r.push(out(format!("{m} -j RETURN")));
+    }
+    let pick = |(v4s, v6s): (Vec<String>, Vec<String>)| if v6 { v6s } else { v4s };
+    let excl = pick(ranges(
+        &a.exclude_outbound_ip_ranges,
+        "--exclude-outbound-ip-ranges",
+    )?);
+    for c in excl {
+        r.push(out(format!("-d {c} -j RETURN")));
+    }
+    let redirect = format!("-p tcp -j REDIRECT --to-ports {}", a.outbound_port);
+    if a.include_outbound_ip_ranges.trim() != "*" {
+        let inc = pick(ranges(
+            &a.include_outbound_ip_ranges,
+            "--include-outbound-ip-ranges",
+        )?);
+        for c in inc {
+            r.push(out(format!("-d {c} {redirect}")));
+        }
+        r.push(out("-j RETURN".into()));
+    } else {
+        r.push(out(redirect));
+    }
+    r.push("-A PREROUTING -p tcp -j BOSUN_INBOUND".into());
+    r.push("-A OUTPUT -p tcp -j BOSUN_OUTPUT".into());
+    r.push("COMMIT".into());
+    Ok(r.join("\n") + "\n")
+}
+
+fn backend(a: &CaptureArgs) -> Backend {
+    match a.backend {
+        Backend::Auto => {
+            let has_nft = Command::new("nft")
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if has_nft {
+                Backend::Nftables
+            } else {
+                Backend::Iptables
+            }
+        }
+        b => b,
+    }
+}
+
+/// Runs `cmd` with `input` on stdin; its stderr in the error.
+fn pipe(cmd: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("running {cmd}: {e} (is it installed?)"))?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("{cmd}: no stdin"))?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{cmd} refused the capture rules: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// iptables: the jumps to Bosun's chains are removed (as often as they
+/// are there), then the chains emptied and filled and the jumps added in
+/// one iptables-restore per family, so a second run leaves the same rules.
+fn run_iptables(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
+    let families = [
+        (false, "iptables", "iptables-restore"),
+        (true, "ip6tables", "ip6tables-restore"),
+    ];
+    // Everything is rendered (and checked) before anything changes.
+    let mut rendered = Vec::new();
+    for (v6, _, _) in families {
+        rendered.push(render_iptables(a, v6).map_err(anyhow::Error::msg)?);
+    }
+    if a.dry_run {
+        for r in &rendered {
+            print!("{r}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    for ((_, tool, restore), text) in families.into_iter().zip(&rendered) {
+        for (chain, target) in [("PREROUTING", "BOSUN_INBOUND"), ("OUTPUT", "BOSUN_OUTPUT")] {
+            for _ in 0..16 {
+                let removed = Command::new(tool)
+                    .args(["-w", "-t", "nat", "-D", chain, "-p", "tcp", "-j", target])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !removed {
+                    break;
+                }
+            }
+        }
+        if a.cleanup {
+            for chain in ["BOSUN_INBOUND", "BOSUN_OUTPUT"] {
+                for op in ["-F", "-X"] {
+                    let _ = Command::new(tool)
+                        .args(["-w", "-t", "nat", op, chain])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+            continue;
+        }
+        pipe(restore, &["-w", "--noflush"], text)?;
+    }
+    println!(
+        "{}",
+        if a.cleanup {
+            "capture rules removed (iptables chains BOSUN_INBOUND, BOSUN_OUTPUT)"
+        } else {
+            "capture rules installed (iptables chains BOSUN_INBOUND, BOSUN_OUTPUT)"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(a: &CaptureArgs) -> anyhow::Result<ExitCode> {
+    if backend(a) == Backend::Iptables {
+        return run_iptables(a);
+    }
     let text = render(a).map_err(anyhow::Error::msg)?;
     if a.dry_run {
         print!("{text}");
         return Ok(ExitCode::SUCCESS);
     }
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("running nft: {e} (is nftables installed?)"))?;
-    child
-        .stdin
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("nft: no stdin"))?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "nft refused the capture rules: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    pipe("nft", &["-f", "-"], &text)?;
     println!(
         "{}",
         if a.cleanup {

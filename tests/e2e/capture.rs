@@ -267,3 +267,79 @@ fn a_sidecar_behind_capture_sees_where_the_app_was_going() {
         "{line}"
     );
 }
+
+/// The iptables fallback: the same redirections as chains in the nat
+/// table of iptables and ip6tables.
+#[test]
+fn capture_with_iptables_redirects_the_same_and_cleans_up() {
+    let p = Pod::with("bcip", true);
+    p.until_up();
+    let (pod, peer) = (p.pod.clone(), p.peer.clone());
+    let saved = || {
+        let mut all = String::new();
+        for tool in ["iptables-save", "ip6tables-save"] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &pod, tool, "-t", "nat"])
+                .output()
+                .expect("save");
+            // Counters and the dump's timestamps change between runs.
+            all += &String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| l.split(" [").next().unwrap_or(l).to_string() + "\n")
+                .collect::<String>();
+        }
+        all
+    };
+    let run = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &pod,
+                env!("CARGO_BIN_EXE_bosun"),
+                "capture",
+            ])
+            .args(["--backend", "iptables"])
+            .args(args)
+            .output()
+            .expect("capture");
+        assert!(
+            out.status.success(),
+            "capture {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["--exclude-outbound-ports", "81"]);
+    let rules = saved();
+    run(&["--exclude-outbound-ports", "81"]);
+    assert_eq!(saved(), rules, "a second run changes nothing");
+    assert_eq!(
+        rules
+            .matches("-A PREROUTING -p tcp -j BOSUN_INBOUND")
+            .count(),
+        2,
+        "{rules}"
+    );
+    // Nothing in nftables' own table.
+    let nft = Command::new("ip")
+        .args(["netns", "exec", &pod, "nft", "list", "tables"])
+        .output()
+        .expect("nft");
+    assert!(!String::from_utf8_lossy(&nft.stdout).contains("bosun_capture"));
+
+    assert_eq!(p.who(&pod, "http://10.231.0.2/", false), "outbound");
+    assert_eq!(p.who(&pod, "http://[fd00:231::2]/", false), "outbound");
+    assert_eq!(p.who(&pod, "http://10.231.0.2/", true), "real");
+    assert_eq!(p.who(&pod, "http://10.231.0.2:81/", false), "real81");
+    assert_eq!(p.who(&pod, "http://127.0.0.1:8080/", false), "app");
+    assert_eq!(p.who(&peer, "http://10.231.0.1:8080/", false), "inbound");
+    run(&["--include-outbound-ip-ranges", "192.0.2.0/24"]);
+    assert_eq!(p.who(&pod, "http://10.231.0.2/", false), "real");
+
+    run(&["--cleanup"]);
+    let after = saved();
+    assert!(!after.contains("BOSUN"), "{after}");
+    assert_eq!(p.who(&pod, "http://10.231.0.2/", false), "real");
+    assert_eq!(p.who(&peer, "http://10.231.0.1:8080/", false), "app");
+}

@@ -84,6 +84,10 @@ pub struct ControlArgs {
     /// Where injected sidecars reach this control service (xDS and CA over TLS).
     #[arg(long, default_value = "https://bosun-control.istio-system.svc:15012")]
     inject_control_address: String,
+    /// With --kubernetes: the MutatingWebhookConfiguration whose caBundle the control keeps
+    /// set to the mesh roots.
+    #[arg(long, default_value = "bosun-sidecar-injector")]
+    webhook_name: String,
     /// Injected pods start their proxy before the app (Istio's
     /// holdApplicationUntilProxyStarts); a pod's proxy.istio.io/config overrides it.
     #[arg(long)]
@@ -148,6 +152,7 @@ impl ControlArgs {
             inject_image: "ghcr.io/bosun-mesh/bosun:0.1.0".into(),
             inject_control_address: "https://bosun-control.istio-system.svc:15012".into(),
             inject_hold_application: false,
+            webhook_name: "bosun-sidecar-injector".into(),
         }
     }
 
@@ -339,6 +344,15 @@ async fn ca_server(
             hold_application: args.inject_hold_application,
         };
         tokio::spawn(bosun_control::webhook::serve(listener, Arc::new(web), opts));
+    }
+    if args.kubernetes {
+        // What injected pods mount (istio-ca-root-cert in every namespace),
+        // and the webhook's caBundle.
+        tokio::spawn(bosun_control::kubernetes::publish_roots(
+            authority.roots_pem().to_string(),
+            args.webhook_address.map(|_| args.webhook_name.clone()),
+            std::time::Duration::from_secs(60),
+        ));
     }
     let listener = tokio::net::TcpListener::bind(args.xds_tls_addr)
         .await

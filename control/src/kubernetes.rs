@@ -249,3 +249,105 @@ pub async fn ca_secret(
         Err(e) => Err(format!("{place}: create: {e}")),
     }
 }
+
+/// What injected pods need from the control on a cluster, kept up to date
+/// every `every`: the mesh roots as the ConfigMap `istio-ca-root-cert`
+/// (key `root-cert.pem`) in every namespace, as istiod publishes them, and
+/// the roots as the `caBundle` of the injector's
+/// MutatingWebhookConfiguration `webhook` (when it exists), so the API
+/// server trusts the webhook's certificate.
+pub async fn publish_roots(roots_pem: String, webhook: Option<String>, every: Duration) {
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "Kubernetes client: the root ConfigMaps are not published");
+            return;
+        }
+    };
+    loop {
+        if let Err(e) = publish_root_configmaps(&client, &roots_pem).await {
+            tracing::warn!(error = %e, "publishing istio-ca-root-cert");
+        }
+        if let Some(name) = &webhook
+            && let Err(e) = patch_ca_bundle(&client, name, &roots_pem).await
+        {
+            tracing::warn!(error = %e, webhook = %name, "setting the webhook's caBundle");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
+
+pub async fn publish_root_configmaps(client: &kube::Client, roots_pem: &str) -> Result<(), String> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let list = namespaces
+        .list(&Default::default())
+        .await
+        .map_err(|e| format!("list namespaces: {e}"))?;
+    for ns in list.items {
+        let Some(name) = ns.metadata.name else {
+            continue;
+        };
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), &name);
+        let data: std::collections::BTreeMap<String, String> =
+            [("root-cert.pem".to_string(), roots_pem.to_string())].into();
+        let cm = ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(ROOT_CONFIGMAP.into()),
+                namespace: Some(name.clone()),
+                labels: Some([("istio.io/config".to_string(), "true".to_string())].into()),
+                ..Default::default()
+            },
+            data: Some(data.clone()),
+            ..Default::default()
+        };
+        match api.create(&kube::api::PostParams::default(), &cm).await {
+            Ok(_) => tracing::info!(namespace = %name, "published {ROOT_CONFIGMAP}"),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let mut current = api
+                    .get(ROOT_CONFIGMAP)
+                    .await
+                    .map_err(|e| format!("{name}/{ROOT_CONFIGMAP}: {e}"))?;
+                if current.data.as_ref() != Some(&data) {
+                    current.data = Some(data);
+                    api.replace(ROOT_CONFIGMAP, &Default::default(), &current)
+                        .await
+                        .map_err(|e| format!("{name}/{ROOT_CONFIGMAP}: replace: {e}"))?;
+                    tracing::info!(namespace = %name, "updated {ROOT_CONFIGMAP}");
+                }
+            }
+            Err(e) => return Err(format!("{name}/{ROOT_CONFIGMAP}: create: {e}")),
+        }
+    }
+    Ok(())
+}
+
+pub async fn patch_ca_bundle(
+    client: &kube::Client,
+    name: &str,
+    roots_pem: &str,
+) -> Result<(), String> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let Some(mut mwc) = api.get_opt(name).await.map_err(|e| format!("get: {e}"))? else {
+        return Ok(());
+    };
+    let bundle = ByteString(roots_pem.as_bytes().to_vec());
+    let mut changed = false;
+    for w in mwc.webhooks.iter_mut().flatten() {
+        if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
+            w.client_config.ca_bundle = Some(bundle.clone());
+            changed = true;
+        }
+    }
+    if changed {
+        api.replace(name, &Default::default(), &mwc)
+            .await
+            .map_err(|e| format!("replace: {e}"))?;
+        tracing::info!(webhook = %name, "caBundle set to the mesh roots");
+    }
+    Ok(())
+}

@@ -62,6 +62,11 @@ async fn stand_in(lists: HashMap<String, Vec<Value>>) -> StandIn {
                             if req.method() == http::Method::POST {
                                 return Ok(create(&objs, &path, req).await);
                             }
+                            if req.method() == http::Method::PUT {
+                                let obj = body_json(req).await;
+                                objs.lock().expect("lock").insert(path, obj.clone());
+                                return Ok(json_response(http::StatusCode::OK, &obj));
+                            }
                             let stored = objs.lock().expect("lock").get(&path).cloned();
                             if let Some(o) = stored {
                                 return Ok(json_response(http::StatusCode::OK, &o));
@@ -426,4 +431,86 @@ async fn with_kubernetes_the_ca_lives_in_the_istio_ca_secret_across_restarts() {
         .await
         .expect("a certificate from the restarted control, under the same root");
     assert_eq!(api.objects.lock().expect("lock").len(), 1);
+}
+
+/// On a cluster the control publishes what injected pods mount (the
+/// roots as ConfigMap istio-ca-root-cert in every namespace) and sets the
+/// injector webhook's caBundle to the roots.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_kubernetes_the_control_publishes_the_roots_and_the_webhook_ca_bundle() {
+    use base64::Engine;
+    let mut lists = one_service();
+    lists.insert(
+        "/api/v1/namespaces".into(),
+        vec![
+            json!({"metadata": meta("default", "", "1")}),
+            json!({"metadata": meta("shop", "", "1")}),
+        ],
+    );
+    let api = stand_in(lists).await;
+    let mwc = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/bosun-sidecar-injector";
+    api.objects.lock().expect("lock").insert(
+        mwc.into(),
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+               "metadata": meta("bosun-sidecar-injector", "", "5"),
+               "webhooks": [{"name": "sidecar-injector.bosun.io", "admissionReviewVersions": ["v1"],
+                             "sideEffects": "None",
+                             "clientConfig": {"service": {"name": "bosun-control", "namespace": "istio-system", "path": "/inject", "port": 443}}}]}),
+    );
+    let dir = TempDir::new("kube-roots");
+    let kubeconfig = kubeconfig(&dir.0, api.addr);
+    let tls_addr = format!("127.0.0.1:{}", free_port());
+    let webhook = format!("127.0.0.1:{}", free_port());
+    let _c = Control::start_kubernetes_args(
+        &kubeconfig,
+        &dir.0.join("c"),
+        &[
+            "--ca-secret",
+            "istio-system/istio-ca-secret",
+            "--xds-tls-addr",
+            &tls_addr,
+            "--webhook-address",
+            &webhook,
+        ],
+    )
+    .await;
+    let get = |k: &str| api.objects.lock().expect("lock").get(k).cloned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let done = ["default", "shop"].iter().all(|ns| {
+            get(&format!(
+                "/api/v1/namespaces/{ns}/configmaps/istio-ca-root-cert"
+            ))
+            .is_some()
+        }) && get(mwc)
+            .is_some_and(|m| m["webhooks"][0]["clientConfig"]["caBundle"].is_string());
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not published: {:?}",
+            api.objects.lock().expect("lock").keys().collect::<Vec<_>>()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let secret = get("/api/v1/namespaces/istio-system/secrets/istio-ca-secret").expect("CA secret");
+    let root = base64::engine::general_purpose::STANDARD
+        .decode(secret["data"]["root-cert.pem"].as_str().expect("root"))
+        .expect("base64");
+    let cm = get("/api/v1/namespaces/shop/configmaps/istio-ca-root-cert").expect("cm");
+    assert_eq!(
+        cm["data"]["root-cert.pem"].as_str().map(str::as_bytes),
+        Some(root.as_slice())
+    );
+    let bundle = get(mwc).expect("mwc")["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .map(str::to_string)
+        .expect("caBundle");
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(bundle)
+            .expect("base64"),
+        root
+    );
 }

@@ -696,3 +696,65 @@ fn captured_sidecars_route_by_original_destination() {
         Some("block_all")
     );
 }
+
+#[test]
+fn sidecar_ingress_sends_a_port_to_its_default_endpoint_and_unsupported_fields_are_refused() {
+    let mut y = CAPTURED.to_string();
+    y.push_str("---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: web, namespace: shop}\nspec:\n  workloadSelector: {labels: {app: web}}\n  ingress:\n  - port: {number: 9080, protocol: HTTP, name: http}\n    defaultEndpoint: 127.0.0.1:8080\n");
+    let cfg = load_sources(&[("c.yaml".into(), y.clone())]).expect("parses");
+    let p = ProxyParams {
+        namespace: "shop".into(),
+        capture: true,
+        inbound: Some(("0.0.0.0".into(), 15006, 0)),
+        labels: [("app".to_string(), "web".to_string())].into(),
+        ..Default::default()
+    };
+    let out = translate(&cfg, &p).expect("valid");
+    let cla = out
+        .load_assignments
+        .iter()
+        .find(|a| a.cluster == "inbound|9080||")
+        .expect("ingress cluster");
+    assert_eq!(
+        (cla.endpoints[0].address.as_str(), cla.endpoints[0].port),
+        ("127.0.0.1", 8080)
+    );
+    let rc = out
+        .route_configurations
+        .iter()
+        .find(|r| r.name == "inbound")
+        .expect("inbound routes");
+    let routes = &rc.virtual_hosts[0].routes;
+    assert_eq!(routes[0].matches[0].port, 9080);
+    assert_eq!(routes.len(), 2, "the ingress port, then every other port");
+    let inbound = out
+        .listeners
+        .iter()
+        .find(|l| l.name == "inbound_capture")
+        .expect("inbound");
+    let t = inbound
+        .capture
+        .as_ref()
+        .expect("capture")
+        .targets
+        .iter()
+        .find(|t| t.port == 9080)
+        .expect("9080");
+    assert_eq!(t.protocol, pb::CaptureProtocol::Http as i32);
+
+    // Fields Bosun does not implement are errors with the field named.
+    y.push_str("---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: other, namespace: shop}\nspec:\n  workloadSelector: {labels: {app: db-a}}\n  ingress:\n  - port: {number: 5432}\n    defaultEndpoint: unix:///var/run/db.sock\n    tls: {mode: SIMPLE}\n  egress:\n  - hosts: [\"./*\"]\n    bind: 127.0.0.2\n  outboundTrafficPolicy: {mode: BLOCK_ALL, egressProxy: {host: egress}}\n");
+    let cfg = load_sources(&[("c.yaml".into(), y)]).expect("parses");
+    let errors = crate::validate::validate(&cfg);
+    let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let text = text.join("\n");
+    for want in [
+        "Sidecar/shop/other: spec.ingress[0].defaultEndpoint",
+        "Sidecar/shop/other: spec.ingress[0].tls",
+        "Sidecar/shop/other: spec.egress[0].bind",
+        "Sidecar/shop/other: spec.outboundTrafficPolicy.mode",
+        "Sidecar/shop/other: spec.outboundTrafficPolicy.egressProxy",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}

@@ -51,6 +51,8 @@ pub struct Target {
     pub sni: Vec<(Vec<String>, WeightedClusters)>,
     /// To an endpoint's own address: only that endpoint.
     pub pin: bool,
+    /// Inbound: this port's PeerAuthentication mode, over the listener's.
+    pub peer_mtls: Option<crate::config::PeerMtls>,
 }
 
 #[derive(Debug)]
@@ -104,11 +106,19 @@ impl CaptureTable {
                     weighted(&r.clusters, clusters, id, &format!("{f}.sni_routes[{j}]"))?,
                 ));
             }
+            let peer_mtls = match t.peer_mtls.map(pb::PeerMtls::try_from) {
+                None => None,
+                Some(Ok(pb::PeerMtls::Disable)) => Some(crate::config::PeerMtls::Disable),
+                Some(Ok(pb::PeerMtls::Permissive)) => Some(crate::config::PeerMtls::Permissive),
+                Some(Ok(pb::PeerMtls::Strict)) => Some(crate::config::PeerMtls::Strict),
+                Some(Err(_)) => return Err(reject(id, format!("{f}.peer_mtls"), "unknown mode")),
+            };
             let target = Target {
                 protocol,
                 tcp,
                 sni,
                 pin: t.pin_endpoint,
+                peer_mtls,
             };
             let clash = if t.address.is_empty() {
                 any_addr.insert(port, target).is_some()
@@ -374,8 +384,11 @@ pub async fn serve_inbound(
         (Protocol::Sniff, Some(app)) => InboundTcp::Detect(app),
         _ => InboundTcp::Never,
     };
-    let strict = listener.peer_mtls == crate::config::PeerMtls::Strict;
-    if listener.peer_mtls == crate::config::PeerMtls::Disable {
+    let mode = target
+        .and_then(|t| t.peer_mtls)
+        .unwrap_or(listener.peer_mtls);
+    let strict = mode == crate::config::PeerMtls::Strict;
+    if mode == crate::config::PeerMtls::Disable {
         return match tcp {
             InboundTcp::Always(app) => crate::tcp::proxy(shared, app, stream, peer, None).await,
             InboundTcp::Detect(app)

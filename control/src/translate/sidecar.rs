@@ -533,6 +533,7 @@ impl CaptureBuilder {
             tcp_routes: tcp_routes.clone(),
             sni_routes: sni_routes.clone(),
             pin_endpoint: pin,
+            peer_mtls: None,
         };
         for a in &svc.addresses {
             self.exact
@@ -687,6 +688,25 @@ fn inbound_captured(
         );
     }
     routes.push(route_all_to("inbound", app.clone()));
+    // PeerAuthentication portLevelMtls: a port whose mode differs from the
+    // workload's gets its own (sniffed if nothing else declares it).
+    let workload_mtls = super::security::peer_mtls(ctx.cfg, &p, 0);
+    let pa_ports: Vec<u32> = ctx
+        .cfg
+        .peer_authentications
+        .iter()
+        .flat_map(|pa| pa.value.spec.port_level_mtls.keys())
+        .filter_map(|k| k.parse().ok())
+        .collect();
+    let mut port_mtls: BTreeMap<u32, pb::PeerMtls> = BTreeMap::new();
+    let known: Vec<u32> = protocols.keys().copied().collect();
+    for port in known.into_iter().chain(pa_ports) {
+        let m = super::security::peer_mtls(ctx.cfg, &p, port);
+        if m != workload_mtls {
+            port_mtls.insert(port, m);
+            protocols.entry(port).or_insert(PortProtocol::Unknown);
+        }
+    }
     let targets = protocols
         .iter()
         .map(|(number, proto)| pb::CaptureTarget {
@@ -700,6 +720,7 @@ fn inbound_captured(
                 PortProtocol::Unknown => pb::CaptureProtocol::Sniff,
             } as i32,
             tcp_routes: targets_tcp.get(number).cloned().unwrap_or_default(),
+            peer_mtls: port_mtls.get(number).map(|m| *m as i32),
             ..Default::default()
         })
         .collect();
@@ -711,7 +732,7 @@ fn inbound_captured(
         direction: pb::TrafficDirection::Inbound as i32,
         route_configuration: "inbound".into(),
         tcp_routes: vec![],
-        peer_mtls: super::security::peer_mtls(ctx.cfg, &p, 0) as i32,
+        peer_mtls: workload_mtls as i32,
         tls_servers: vec![],
         capture: Some(pb::Capture {
             targets,

@@ -758,3 +758,34 @@ fn sidecar_ingress_sends_a_port_to_its_default_endpoint_and_unsupported_fields_a
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
+
+#[test]
+fn captured_inbound_keeps_port_level_mtls() {
+    let mut y = CAPTURED.to_string();
+    y.push_str("---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    \"7000\": {mode: DISABLE}\n    \"9999\": {mode: PERMISSIVE}\n");
+    let cfg = load_sources(&[("c.yaml".into(), y)]).expect("parses");
+    let p = ProxyParams {
+        namespace: "shop".into(),
+        capture: true,
+        inbound: Some(("0.0.0.0".into(), 15006, 0)),
+        labels: [("app".to_string(), "web".to_string())].into(),
+        ..Default::default()
+    };
+    let out = translate(&cfg, &p).expect("valid");
+    let inbound = out
+        .listeners
+        .iter()
+        .find(|l| l.name == "inbound_capture")
+        .expect("inbound");
+    assert_eq!(inbound.peer_mtls, pb::PeerMtls::Strict as i32);
+    let targets = &inbound.capture.as_ref().expect("capture").targets;
+    let mode = |port: u32| {
+        targets
+            .iter()
+            .find(|t| t.port == port)
+            .and_then(|t| t.peer_mtls)
+    };
+    assert_eq!(mode(7000), Some(pb::PeerMtls::Disable as i32));
+    assert_eq!(mode(9999), Some(pb::PeerMtls::Permissive as i32));
+    assert_eq!(mode(8080), None, "the workload's mode");
+}

@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Mode {
-    /// Next to a workload: outbound listener (HTTP by Host, TCP per service port) and inbound to the app.
+    /// Next to a workload: outbound listener (HTTP by Host, TCP per service port; with
+    /// --capture, by original destination) and inbound to the app.
     Sidecar,
     /// Ingress gateway: listens on the ports of the Gateway resources selecting --labels.
     Gateway,
@@ -108,7 +109,8 @@ pub struct ProxyArgs {
     /// ports get a listener on the same IP at the service's port.
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound_address: SocketAddr,
-    /// Sidecar: the inbound listener, forwarding to --app-port on 127.0.0.1.
+    /// Sidecar: the inbound listener, forwarding to --app-port on 127.0.0.1 (with --capture:
+    /// to the port the client dialled).
     #[arg(long, default_value = "0.0.0.0:15006")]
     inbound_address: SocketAddr,
     /// Sidecar: the local application's port; no inbound listener without it.
@@ -297,7 +299,8 @@ enum Command {
     /// The control service: reads the config, validates it, and pushes it to proxies over xDS.
     Control(Box<control::ControlArgs>),
     /// In a pod's network namespace (as an init container): redirect the app's TCP into its
-    /// sidecar (outbound to 15001, inbound to 15006) with nftables; --cleanup removes it.
+    /// sidecar (outbound to 15001, inbound to 15006) with nftables or iptables; --cleanup
+    /// removes it.
     Capture(Box<capture::CaptureArgs>),
     /// Add the sidecar to workloads, as `istioctl kube-inject` does: Pods, Deployments,
     /// StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs in multi-document YAML in,

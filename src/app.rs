@@ -14,15 +14,8 @@ use crate::{Mode, ProxyArgs, parse_labels};
 
 pub fn params(args: &ProxyArgs) -> anyhow::Result<ProxyParams> {
     let labels = match (&args.labels, args.mode) {
-        (None, _) if args.labels_file.is_some() => {
-            let path = args
-                .labels_file
-                .as_ref()
-                .map(|p| p.as_path())
-                .unwrap_or(Path::new(""));
-            labels_file(path)?
-        }
         (Some(l), _) => parse_labels(l)?,
+        (None, _) if let Some(path) = &args.labels_file => labels_file(path)?,
         (None, Mode::Gateway) => parse_labels("istio=ingressgateway")?,
         (None, Mode::Sidecar | Mode::Node) => Default::default(),
     };

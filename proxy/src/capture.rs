@@ -275,29 +275,13 @@ pub async fn serve_outbound(
                     })
                     .or(t.tcp.as_ref())
             });
-            tcp(
-                shared,
-                &table,
-                route,
-                target.is_some_and(|t| t.pin),
-                stream,
-                peer,
-                dst,
-            )
-            .await
+            let pin = target.is_some_and(|t| t.pin);
+            tcp(shared, &table, route, pin, stream, peer, dst).await
         }
         Sniffed::Other => {
             let route = target.and_then(|t| t.tcp.as_ref());
-            tcp(
-                shared,
-                &table,
-                route,
-                target.is_some_and(|t| t.pin),
-                stream,
-                peer,
-                dst,
-            )
-            .await
+            let pin = target.is_some_and(|t| t.pin);
+            tcp(shared, &table, route, pin, stream, peer, dst).await
         }
     }
 }
@@ -409,17 +393,12 @@ pub async fn serve_inbound(
             }
         };
     }
-    crate::http::serve::serve_inbound(
-        shared,
-        stream,
-        peer,
-        listener.addr,
-        Some(dst),
+    let inbound = crate::http::serve::Inbound {
+        original_dst: Some(dst),
         strict,
-        tracked,
         tcp,
-    )
-    .await
+    };
+    crate::http::serve::serve_inbound(shared, stream, peer, listener.addr, inbound, tracked).await
 }
 
 /// Whether an inbound connection is opaque TCP to the app.

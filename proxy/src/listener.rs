@@ -209,15 +209,13 @@ fn serve(
                     }
                     PeerMtls::Permissive | PeerMtls::Strict => {
                         let strict = mtls == PeerMtls::Strict;
-                        crate::http::serve::serve_inbound(
-                            shared,
-                            stream,
-                            peer,
-                            addr,
-                            original,
+                        let inbound = crate::http::serve::Inbound {
+                            original_dst: original,
                             strict,
-                            tracked,
-                            crate::capture::InboundTcp::Never,
+                            tcp: crate::capture::InboundTcp::Never,
+                        };
+                        crate::http::serve::serve_inbound(
+                            shared, stream, peer, addr, inbound, tracked,
                         )
                         .await
                     }

@@ -111,40 +111,18 @@ impl Mesh {
             ip(&["netns", "add", &name]);
             m.all.push(name.clone());
             ip(&["-n", &name, "link", "set", "lo", "up"]);
-            let peer = format!("p{k}");
-            ip(&[
-                "-n", &name, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns",
-                &node,
-            ]);
-            ip(&[
-                "-n",
-                &name,
-                "addr",
-                "add",
-                &format!("{}/24", pod_ip(k)),
-                "dev",
-                "eth0",
-            ]);
-            ip(&["-n", &name, "link", "set", "eth0", "up"]);
-            ip(&[
-                "-n",
-                &name,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.1.{k}.1"),
-            ]);
-            ip(&[
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("10.1.{k}.1/24"),
-                "dev",
-                &peer,
-            ]);
-            ip(&["-n", &node, "link", "set", &peer, "up"]);
+            // pod eth0 10.1.k.2/24 ── node p<k> 10.1.k.1/24, the pod's default route.
+            let (peer, gw) = (format!("p{k}"), format!("10.1.{k}.1"));
+            for cmd in [
+                format!("-n {name} link add eth0 type veth peer name {peer} netns {node}"),
+                format!("-n {name} addr add {}/24 dev eth0", pod_ip(k)),
+                format!("-n {name} link set eth0 up"),
+                format!("-n {name} route add default via {gw}"),
+                format!("-n {node} addr add {gw}/24 dev {peer}"),
+                format!("-n {node} link set {peer} up"),
+            ] {
+                ip(&cmd.split(' ').collect::<Vec<_>>());
+            }
             if k != 9 {
                 m.pods.push(name.clone());
             }
@@ -481,6 +459,30 @@ fn a_mesh_of_injected_pods_in_network_namespaces() {
             .expect("base64")
     };
     assert!(String::from_utf8_lossy(&patch).contains("bosun-proxy"));
+    // Hostile or broken input: not JSON, not an AdmissionReview, too large, not POST.
+    let root_s = root.to_str().expect("utf8").to_string();
+    let webhook = |extra: &[&str]| -> String {
+        let mut args = vec![
+            "--cacert",
+            root_s.as_str(),
+            "--resolve",
+            "localhost:15017:127.0.0.1",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ];
+        args.extend_from_slice(extra);
+        args.push("https://localhost:15017/inject");
+        m.curl(&node, &args).1
+    };
+    assert_eq!(webhook(&["--data", "{not json"]), "400");
+    assert_eq!(webhook(&["--data", "{\"kind\": \"Pod\"}"]), "400");
+    let big = dir.join("big.json");
+    std::fs::write(&big, vec![b' '; 5 << 20]).expect("big");
+    let big_arg = format!("@{}", big.display());
+    assert_eq!(webhook(&["--data-binary", &big_arg]), "413");
+    assert_eq!(webhook(&[]), "405");
 
     // The pods: app, capture rules from the injected init container, and
     // the injected sidecar (its probers included) as uid 1337.
@@ -646,6 +648,24 @@ fn a_mesh_of_injected_pods_in_network_namespaces() {
     assert_eq!(probe("livez"), "200");
     assert_eq!(probe("readyz"), "503");
     assert_eq!(probe("startupz"), "200");
+    // The status port serves probes, readiness and metrics, nothing else.
+    let quit = format!("http://{}:15020/quitquitquit", pod_ip(2));
+    let (_, code) = m.curl(
+        &node,
+        &["-X", "POST", "-o", "/dev/null", "-w", "%{http_code}", &quit],
+    );
+    assert_eq!(code, "404");
+    // `bosun wait` (the postStart hook) returns once the proxy is ready.
+    let wait = |url: &str| -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &node, env!("CARGO_BIN_EXE_bosun"), "wait"])
+            .args(["--url", url, "--timeout", "2s"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(wait(&format!("http://{}:15021/healthz/ready", pod_ip(2))));
+    assert!(!wait(&format!("http://{}:15029/healthz/ready", pod_ip(2))));
     // The proxy's own ports are not reachable through the inbound side.
     let (ok, _) = m.curl(&node, &[&format!("http://{}:15000/config_dump", pod_ip(2))]);
     assert!(!ok, "the admin port is reachable from outside the pod");

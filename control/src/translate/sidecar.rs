@@ -66,15 +66,15 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
                     }
                     _ => Vec::new(),
                 };
-                if let Err(m) = cap.add_l4(svc, sp, routes, sni) {
-                    if may_clash {
-                        ctx.errors.push(ConfigError::at(
-                            &svc.origin,
-                            svc.id.clone(),
-                            "spec.ports",
-                            m,
-                        ));
-                    }
+                if let Err(m) = cap.add_l4(svc, sp, routes, sni)
+                    && may_clash
+                {
+                    ctx.errors.push(ConfigError::at(
+                        &svc.origin,
+                        svc.id.clone(),
+                        "spec.ports",
+                        m,
+                    ));
                 }
                 if sp.protocol != PortProtocol::Unknown {
                     continue;
@@ -239,33 +239,7 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
     {
         inbound_captured(ctx, out, &scope, addr, port);
     } else if let Some((addr, port, app_port)) = p.inbound.clone() {
-        let cluster = format!("inbound|{app_port}||");
-        ctx.clusters.insert(
-            cluster.clone(),
-            pb::Cluster {
-                name: cluster.clone(),
-                protocol: pb::UpstreamProtocol::Unspecified as i32,
-                lb_policy: pb::LbPolicy::RoundRobin as i32,
-                service_namespace: p.namespace.clone(),
-                service_name: p.labels.get("app").cloned().unwrap_or_default(),
-                ..Default::default()
-            },
-        );
-        ctx.assignments.insert(
-            cluster.clone(),
-            pb::ClusterLoadAssignment {
-                cluster: cluster.clone(),
-                endpoints: vec![pb::Endpoint {
-                    address: "127.0.0.1".into(),
-                    port: app_port,
-                    labels: p.labels.clone().into_iter().collect(),
-                    workload: String::new(),
-                    namespace: p.namespace.clone(),
-                    locality: String::new(),
-                    istio_mtls: false,
-                }],
-            },
-        );
+        let cluster = local_app_cluster(ctx, &format!("inbound|{app_port}||"), app_port);
         out.listeners.push(pb::Listener {
             name: "inbound_http".into(),
             address: addr,
@@ -458,6 +432,36 @@ fn default_tcp_routes(
     tcp_routes
 }
 
+/// The app on this host at `port`: a one-endpoint cluster named `name`.
+fn local_app_cluster(ctx: &mut Ctx<'_>, name: &str, port: u32) -> String {
+    let p = ctx.params;
+    ctx.clusters.insert(
+        name.to_string(),
+        pb::Cluster {
+            name: name.to_string(),
+            protocol: pb::UpstreamProtocol::Unspecified as i32,
+            lb_policy: pb::LbPolicy::RoundRobin as i32,
+            service_namespace: p.namespace.clone(),
+            service_name: p.labels.get("app").cloned().unwrap_or_default(),
+            ..Default::default()
+        },
+    );
+    ctx.assignments.insert(
+        name.to_string(),
+        pb::ClusterLoadAssignment {
+            cluster: name.to_string(),
+            endpoints: vec![pb::Endpoint {
+                address: "127.0.0.1".into(),
+                port,
+                labels: p.labels.clone().into_iter().collect(),
+                namespace: p.namespace.clone(),
+                ..Default::default()
+            }],
+        },
+    );
+    name.to_string()
+}
+
 /// Istio's PassthroughCluster (to the original destination) and
 /// InboundPassthroughCluster (to the app, at the dialled port).
 fn passthrough_cluster(name: &str, loopback: bool, p: &ProxyParams) -> pb::Cluster {
@@ -646,31 +650,7 @@ fn inbound_captured(
         let Some(app_port) = app_port.filter(|a| a != number) else {
             continue;
         };
-        let cluster = format!("inbound|{number}||");
-        ctx.clusters.insert(
-            cluster.clone(),
-            pb::Cluster {
-                name: cluster.clone(),
-                protocol: pb::UpstreamProtocol::Unspecified as i32,
-                lb_policy: pb::LbPolicy::RoundRobin as i32,
-                service_namespace: p.namespace.clone(),
-                service_name: p.labels.get("app").cloned().unwrap_or_default(),
-                ..Default::default()
-            },
-        );
-        ctx.assignments.insert(
-            cluster.clone(),
-            pb::ClusterLoadAssignment {
-                cluster: cluster.clone(),
-                endpoints: vec![pb::Endpoint {
-                    address: "127.0.0.1".into(),
-                    port: app_port,
-                    labels: p.labels.clone().into_iter().collect(),
-                    namespace: p.namespace.clone(),
-                    ..Default::default()
-                }],
-            },
-        );
+        let cluster = local_app_cluster(ctx, &format!("inbound|{number}||"), app_port);
         let mut r = route_all_to(&format!("inbound|{number}"), cluster.clone());
         r.matches = vec![pb::RouteMatch {
             port: *number,

@@ -569,6 +569,25 @@ spec:
   ports: [{number: 80, name: http, protocol: HTTP}]
 "#;
 
+/// A captured sidecar of `app: web` in `shop`.
+fn captured_web() -> ProxyParams {
+    ProxyParams {
+        namespace: "shop".into(),
+        capture: true,
+        inbound: Some(("0.0.0.0".into(), 15006, 0)),
+        labels: [("app".to_string(), "web".to_string())].into(),
+        ..Default::default()
+    }
+}
+
+/// The listener named `name` of a translated config.
+fn listener<'a>(out: &'a pb::ProxyConfig, name: &str) -> &'a pb::Listener {
+    out.listeners
+        .iter()
+        .find(|l| l.name == name)
+        .unwrap_or_else(|| panic!("no listener {name}"))
+}
+
 #[test]
 fn captured_sidecars_route_by_original_destination() {
     let cfg = load_sources(&[("c.yaml".into(), CAPTURED.into())]).expect("parses");
@@ -579,19 +598,9 @@ fn captured_sidecars_route_by_original_destination() {
     };
     let e = translate(&cfg, &plain).expect_err("clash without capture");
     assert!(e.to_string().contains("TCP port 5432"), "{e}");
-    let p = ProxyParams {
-        namespace: "shop".into(),
-        capture: true,
-        inbound: Some(("0.0.0.0".into(), 15006, 0)),
-        labels: [("app".to_string(), "web".to_string())].into(),
-        ..Default::default()
-    };
+    let p = captured_web();
     let out = translate(&cfg, &p).expect("no clash with capture");
-    let outbound = out
-        .listeners
-        .iter()
-        .find(|l| l.name == "outbound_http")
-        .expect("outbound");
+    let outbound = listener(&out, "outbound_http");
     assert_eq!(
         out.listeners.len(),
         2,
@@ -657,11 +666,7 @@ fn captured_sidecars_route_by_original_destination() {
         Some("allow_any")
     );
     // Inbound: the app's ports by protocol, to the dialled port.
-    let inbound = out
-        .listeners
-        .iter()
-        .find(|l| l.name == "inbound_capture")
-        .expect("inbound");
+    let inbound = listener(&out, "inbound_capture");
     let icap = inbound.capture.as_ref().expect("inbound capture");
     assert!(icap.inbound);
     assert_eq!(icap.passthrough_cluster, "InboundPassthroughCluster");
@@ -671,11 +676,7 @@ fn captured_sidecars_route_by_original_destination() {
     y.push_str("---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: shop}\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n  egress: [{port: {number: 8080, protocol: HTTP, name: http}, hosts: [\"./*\"]}, {hosts: [\"./db-a.shop.svc.cluster.local\"]}]\n");
     let cfg = load_sources(&[("c.yaml".into(), y)]).expect("parses");
     let out = translate(&cfg, &p).expect("valid");
-    let outbound = out
-        .listeners
-        .iter()
-        .find(|l| l.name == "outbound_http")
-        .expect("outbound");
+    let outbound = listener(&out, "outbound_http");
     let cap = outbound.capture.as_ref().expect("capture");
     assert_eq!(cap.passthrough_cluster, "");
     // egress[].port: only web's 8080 (and db-a) are in scope.
@@ -702,13 +703,7 @@ fn sidecar_ingress_sends_a_port_to_its_default_endpoint_and_unsupported_fields_a
     let mut y = CAPTURED.to_string();
     y.push_str("---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: web, namespace: shop}\nspec:\n  workloadSelector: {labels: {app: web}}\n  ingress:\n  - port: {number: 9080, protocol: HTTP, name: http}\n    defaultEndpoint: 127.0.0.1:8080\n");
     let cfg = load_sources(&[("c.yaml".into(), y.clone())]).expect("parses");
-    let p = ProxyParams {
-        namespace: "shop".into(),
-        capture: true,
-        inbound: Some(("0.0.0.0".into(), 15006, 0)),
-        labels: [("app".to_string(), "web".to_string())].into(),
-        ..Default::default()
-    };
+    let p = captured_web();
     let out = translate(&cfg, &p).expect("valid");
     let cla = out
         .load_assignments
@@ -727,11 +722,7 @@ fn sidecar_ingress_sends_a_port_to_its_default_endpoint_and_unsupported_fields_a
     let routes = &rc.virtual_hosts[0].routes;
     assert_eq!(routes[0].matches[0].port, 9080);
     assert_eq!(routes.len(), 2, "the ingress port, then every other port");
-    let inbound = out
-        .listeners
-        .iter()
-        .find(|l| l.name == "inbound_capture")
-        .expect("inbound");
+    let inbound = listener(&out, "inbound_capture");
     let t = inbound
         .capture
         .as_ref()
@@ -764,19 +755,9 @@ fn captured_inbound_keeps_port_level_mtls() {
     let mut y = CAPTURED.to_string();
     y.push_str("---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    \"7000\": {mode: DISABLE}\n    \"9999\": {mode: PERMISSIVE}\n");
     let cfg = load_sources(&[("c.yaml".into(), y)]).expect("parses");
-    let p = ProxyParams {
-        namespace: "shop".into(),
-        capture: true,
-        inbound: Some(("0.0.0.0".into(), 15006, 0)),
-        labels: [("app".to_string(), "web".to_string())].into(),
-        ..Default::default()
-    };
+    let p = captured_web();
     let out = translate(&cfg, &p).expect("valid");
-    let inbound = out
-        .listeners
-        .iter()
-        .find(|l| l.name == "inbound_capture")
-        .expect("inbound");
+    let inbound = listener(&out, "inbound_capture");
     assert_eq!(inbound.peer_mtls, pb::PeerMtls::Strict as i32);
     let targets = &inbound.capture.as_ref().expect("capture").targets;
     let mode = |port: u32| {

@@ -182,17 +182,21 @@ pub async fn forward(
     // app behind a captured inbound connection): the one for where the
     // client sent it.
     let resolved;
-    let cluster = if plan.cluster.original_dst.is_some() {
+    let plan = if plan.cluster.original_dst.is_some() {
         match shared.resolve_cluster(plan.cluster, conn.original_dst) {
             Some(c) => {
                 resolved = c;
-                &resolved
+                Plan {
+                    cluster: &resolved,
+                    ..plan
+                }
             }
             None => return rec.local(no_healthy_upstream(plan.cluster)),
         }
     } else {
-        plan.cluster
+        plan
     };
+    let cluster = plan.cluster;
     let policy = &plan.action.policy;
     if let Some(d) = plan.delay {
         rec.set_flags(Flags::DelayInjected);
@@ -405,7 +409,7 @@ pub async fn forward(
             until,
             route: deadline,
         };
-        let outcome = try_once(shared, &plan, cluster, p, b, exclude, bounds, &mut rec).await;
+        let outcome = try_once(shared, &plan, p, b, exclude, bounds, &mut rec).await;
         let (idx, tried_result) = outcome;
         drop(retrying.take());
         if let Some(i) = idx
@@ -547,7 +551,6 @@ impl Drop for RetryGuard {
 async fn try_once(
     shared: &Arc<Shared>,
     plan: &Plan<'_>,
-    cluster: &Arc<Cluster>,
     mut head: Head<'_>,
     body: ReqBody,
     exclude: &[usize],
@@ -558,6 +561,7 @@ async fn try_once(
         until,
         route: route_deadline,
     } = bounds;
+    let cluster = plan.cluster;
     let remote = plan
         .action
         .policy

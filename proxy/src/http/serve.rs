@@ -311,6 +311,14 @@ fn tls_context(
     conn
 }
 
+/// How an inbound connection is served: where the client sent it (with
+/// capture), STRICT or PERMISSIVE, and whether it is TCP to the app.
+pub struct Inbound {
+    pub original_dst: Option<SocketAddr>,
+    pub strict: bool,
+    pub tcp: crate::capture::InboundTcp,
+}
+
 /// Serves a sidecar's inbound connection under PeerAuthentication: a TLS
 /// ClientHello (first byte 0x16, peeked, nothing consumed) is Istio mutual
 /// TLS: the handshake requires a client certificate from the mesh roots
@@ -321,12 +329,15 @@ pub async fn serve_inbound(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    original_dst: Option<SocketAddr>,
-    strict: bool,
+    inbound: Inbound,
     tracked: Tracked,
-    tcp: crate::capture::InboundTcp,
 ) {
     use crate::capture::InboundTcp;
+    let Inbound {
+        original_dst,
+        strict,
+        tcp,
+    } = inbound;
     let state = ConnState::new();
     let deadline = state.start + shared.limits.request_head_timeout;
     let mut first = [0u8; 1];

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Bosun vs nginx vs haproxy, same machine, same load, $ROUNDS interleaved rounds.
 #
-#   core $CPU_LOAD  : upstream nginx (1 worker) + load generator (wrk / h2load)
-#   core $CPU_PROXY : the proxy under test (1 worker / thread)
+#   cores $CPU_LOAD  : upstream nginx ($UPSTREAM_WORKERS workers) + load generator
+#                      (wrk / h2load, $LOAD_THREADS threads)
+#   cores $CPU_PROXY : the proxy under test, $WORKERS workers (nginx
+#                      worker_processes, haproxy nbthread, bosun --workers)
+#
+# The 4-worker comparison on a machine with the cores, e.g.:
+#   WORKERS=4 CPU_PROXY=10-13 CPU_LOAD=0-9 UPSTREAM_WORKERS=6 LOAD_THREADS=4 bench/run.sh
 #
 # Per proxy: wrk saturation (rps, p50/p99), h2load at a fixed $LAT_RPS
 # (p50/p99 from h2load's per-request log), proxy CPU µs per request
@@ -29,7 +34,10 @@
 #   BOSUN_EXTRA_ARGS [] extra args appended to the bosun command line
 #   BOSUN_ROUTE [] YAML lines added to bosun's route (4-space indent), e.g.
 #                  "    timeout: 10s" (issue 11's retries+timeout comparison)
-#   CPU_LOAD [0] CPU_PROXY [1]       cores used for pinning
+#   CPU_LOAD [0] CPU_PROXY [1]       cores used for pinning (taskset lists: 0, 0-3, 0,2)
+#   WORKERS [1]        the proxies' worker processes / threads
+#   UPSTREAM_WORKERS [1]  the upstream nginx's worker processes
+#   LOAD_THREADS [1]   wrk and h2load threads
 #   KEEP_TMP [0]       1 = keep the temp dir (configs, logs, h2load logs)
 #   NO_INSTALL [0]     1 = never call apt-get
 set -euo pipefail
@@ -54,6 +62,9 @@ BOSUN_EXTRA_ARGS=${BOSUN_EXTRA_ARGS:-}
 BOSUN_ROUTE=${BOSUN_ROUTE:-}
 CPU_LOAD=${CPU_LOAD:-0}
 CPU_PROXY=${CPU_PROXY:-1}
+WORKERS=${WORKERS:-1}
+UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-1}
+LOAD_THREADS=${LOAD_THREADS:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 NO_INSTALL=${NO_INSTALL:-0}
 
@@ -216,11 +227,11 @@ fmt_us() {  # microseconds -> "123µs" / "1.23ms"
 }
 
 # ------------------------------------------------------------------ configs
-nginx_common() {  # nginx_common DIR : directives keeping nginx inside DIR
+nginx_common() {  # nginx_common DIR WORKERS : directives keeping nginx inside DIR
   cat <<EOF
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes $2;
 pid $1/nginx.pid;
 error_log $1/error.log warn;
 events { worker_connections 4096; }
@@ -242,7 +253,7 @@ EOF
 write_upstream_conf() {
   local d=$TMP/upstream; mkdir -p "$d"
   {
-    nginx_common "$d"
+    nginx_common "$d" "$UPSTREAM_WORKERS"
     echo "http {"
     nginx_http_common "$d"
     cat <<EOF
@@ -258,7 +269,7 @@ EOF
 write_nginx_proxy_conf() {
   local d=$TMP/nginx; mkdir -p "$d"
   {
-    nginx_common "$d"
+    nginx_common "$d" "$WORKERS"
     echo "http {"
     nginx_http_common "$d"
     cat <<EOF
@@ -284,7 +295,7 @@ write_haproxy_conf() {
   local d=$TMP/haproxy; mkdir -p "$d"
   cat >"$d/haproxy.cfg" <<EOF
 global
-    nbthread 1
+    nbthread $WORKERS
     maxconn 4096
     pidfile $d/haproxy.pid
 
@@ -329,7 +340,7 @@ start_proxy() {  # logs go to $TMP/r$ROUND.NAME.log
       write_bosun_conf
       # shellcheck disable=SC2086
       taskset -c "$CPU_PROXY" "$BOSUN" proxy --mode gateway --config "$TMP/bosun/config" \
-        --gateway-address 127.0.0.1 --admin-address "$ADMIN_ADDR" --workers 1 \
+        --gateway-address 127.0.0.1 --admin-address "$ADMIN_ADDR" --workers "$WORKERS" \
         $BOSUN_EXTRA_ARGS >"$logf" 2>&1 &
       ;;
     *) die "unknown proxy: $name" ;;
@@ -395,12 +406,12 @@ run_one() {  # run_one NAME (uses $ROUND)
   log "$name ready; pids: ${pids[*]}"
 
   log "$name: warm-up ${WARMUP}s"
-  taskset -c "$CPU_LOAD" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$URL" >/dev/null 2>&1 || true
+  taskset -c "$CPU_LOAD" wrk -t"$LOAD_THREADS" -c"$CONNS" -d"${WARMUP}s" "$URL" >/dev/null 2>&1 || true
 
-  log "$name: wrk -t1 -c$CONNS -d${DURATION}s --latency"
+  log "$name: wrk -t$LOAD_THREADS -c$CONNS -d${DURATION}s --latency"
   mapfile -t pids < <(tree_pids "$PROXY_PID")
   read -r u0 s0 < <(cpu_ticks "${pids[@]}")
-  wrk_out=$(taskset -c "$CPU_LOAD" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$URL" 2>&1) || {
+  wrk_out=$(taskset -c "$CPU_LOAD" wrk -t"$LOAD_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$URL" 2>&1) || {
     log "wrk failed:"; echo "$wrk_out" >&2; note "$k" "wrk failed"; finish_one; return 0; }
   read -r u1 s1 < <(cpu_ticks "${pids[@]}")
   R_RSS[$k]=$(rss_kb "${pids[@]}")
@@ -427,7 +438,7 @@ run_one() {  # run_one NAME (uses $ROUND)
   log "$name: h2load --h1 -c $LAT_CONNS --rps $LAT_RPS_PER_CONN -D $LAT_DURATION (= $LAT_RPS rps)"
   local hlog=$TMP/$tag.h2load.tsv h_out lu0 ls0 lu1 ls1 lreqs lbad
   read -r lu0 ls0 < <(cpu_ticks "${pids[@]}")
-  h_out=$(taskset -c "$CPU_LOAD" h2load --h1 -t 1 -c "$LAT_CONNS" --rps "$LAT_RPS_PER_CONN" \
+  h_out=$(taskset -c "$CPU_LOAD" h2load --h1 -t "$LOAD_THREADS" -c "$LAT_CONNS" --rps "$LAT_RPS_PER_CONN" \
             -D "$LAT_DURATION" --log-file="$hlog" "$URL" 2>&1) || {
     log "h2load failed:"; echo "$h_out" >&2; note "$k" "h2load failed"; finish_one; return 0; }
   read -r lu1 ls1 < <(cpu_ticks "${pids[@]}")
@@ -515,8 +526,9 @@ report() {
   echo "# Bosun proxy benchmark — $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "Host: $(uname -srm), $NCPU CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || echo '?'))."
-  echo "Upstream nginx + load generator on CPU $CPU_LOAD, proxy on CPU $CPU_PROXY, one worker each."
-  echo "Saturation: \`wrk -t1 -c$CONNS -d${DURATION}s --latency\` after ${WARMUP}s warm-up."
+  echo "Machine: $(nproc) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo))."
+  echo "Upstream nginx ($UPSTREAM_WORKERS workers) + load generator ($LOAD_THREADS threads) on CPUs $CPU_LOAD; proxy on CPUs $CPU_PROXY with $WORKERS workers each."
+  echo "Saturation: \`wrk -t$LOAD_THREADS -c$CONNS -d${DURATION}s --latency\` after ${WARMUP}s warm-up."
   echo "Latency: \`h2load --h1 -t1 -c$LAT_CONNS --rps $LAT_RPS_PER_CONN -D $LAT_DURATION\` (= $LAT_RPS rps), p50/p99 from \`--log-file\`."
   order=""
   for ((r = 1; r <= ROUNDS; r++)); do

@@ -143,7 +143,11 @@ pub async fn start_proxy(args: &ProxyArgs) -> anyhow::Result<Arc<Proxy>> {
         access_log: args.access_log,
         limits: args.limits(),
         tls: store.clone(),
-    });
+        workers: args.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
+    })
+    .map_err(|e| anyhow::anyhow!("starting the workers: {e}"))?;
     let admin = bosun_proxy::admin::bind(args.admin_address)
         .await
         .map_err(|e| anyhow::anyhow!("admin listener {}: {e}", args.admin_address))?;

@@ -129,7 +129,9 @@ pub struct ProxyArgs {
     /// Write a JSON access log line per request to stdout.
     #[arg(long)]
     access_log: bool,
-    /// Worker threads (default: one per core). 1 = a single-threaded event loop.
+    /// Workers (default: one per core), each a thread with its own event loop that accepts
+    /// on its own socket of every listener (SO_REUSEPORT) and serves its connections start
+    /// to end; xDS, admin and DNS run on the main thread. 1 = one event loop for everything
     #[arg(long)]
     workers: Option<usize>,
     /// Node mode: this node's name; endpoints whose nodeName matches are local
@@ -343,9 +345,9 @@ fn parse_labels(s: &str) -> anyhow::Result<bosun_control::model::Labels> {
     Ok(out)
 }
 
-/// `--workers 1` runs everything on one thread (tokio's current-thread
-/// scheduler: no work stealing, no cross-thread wake-ups), like one nginx
-/// worker; otherwise a work-stealing pool of `workers` threads.
+/// `Some(1)`: one thread (tokio's current-thread scheduler: no work
+/// stealing, no cross-thread wake-ups); otherwise a work-stealing pool of
+/// `workers` threads (the control service, the demo).
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut b = match workers {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
@@ -379,7 +381,9 @@ fn main() -> ExitCode {
         Command::Proxy(args) if matches!(args.mode, Mode::Node) => runtime(Some(1))
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(app::run_node(*args))),
-        Command::Proxy(args) => runtime(args.workers)
+        // The main thread's event loop; with more than one worker the
+        // data plane runs on the workers' own (see bosun_proxy::workers).
+        Command::Proxy(args) => runtime(Some(1))
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(app::run_proxy(*args))),
         Command::Demo {

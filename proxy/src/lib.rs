@@ -30,6 +30,7 @@ pub mod probe;
 pub mod route;
 pub mod tcp;
 pub mod tls;
+pub mod workers;
 pub mod xds;
 
 use std::net::SocketAddr;
@@ -157,6 +158,9 @@ pub struct ProxyOptions {
     pub limits: Limits,
     /// The workload certificate (empty: no mTLS until one arrives).
     pub tls: Arc<tls::Store>,
+    /// Worker threads serving connections (see `workers`); 1: the
+    /// caller's runtime serves them.
+    pub workers: usize,
 }
 
 /// A running proxy. Cheap to share; `apply` may be called from any task.
@@ -167,8 +171,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Must be called inside a tokio runtime.
-    pub fn new(opts: ProxyOptions) -> Arc<Proxy> {
+    /// Must be called inside a tokio runtime (which runs the DNS loop,
+    /// and the listeners too with one worker). Fails if a worker thread
+    /// cannot be started.
+    pub fn new(opts: ProxyOptions) -> std::io::Result<Arc<Proxy>> {
+        let workers = workers::Workers::start(opts.workers)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::empty(&opts.identity)),
             metrics: Metrics::default(),
@@ -189,14 +196,14 @@ impl Proxy {
         });
         let proxy = Arc::new(Proxy {
             shared,
-            listeners: listener::Listeners::default(),
+            listeners: listener::Listeners::new(workers),
             apply_lock: Mutex::new(()),
         });
         tokio::spawn(dns_loop(
             Arc::downgrade(&proxy),
             proxy.shared.dns_wake.clone(),
         ));
-        proxy
+        Ok(proxy)
     }
 
     pub fn shared(&self) -> &Arc<Shared> {

@@ -2,10 +2,14 @@
 //! be bound rejects the config), kept across snapshots while their address
 //! stays, closed when a snapshot drops them or the proxy drains. Each
 //! accepted connection reads the current snapshot to learn whether it is
-//! HTTP or TCP. A listener holds at most `max_connections` connections: at
-//! the limit it stops accepting (the kernel's backlog holds the rest) until
-//! one closes, so a flood of idle connections cannot take every file
-//! descriptor (the admin listener and config reloads keep theirs).
+//! HTTP or TCP. With several workers, each has its own socket on every
+//! listener address (SO_REUSEPORT) and accepts on its own event loop.
+//! A listener serves at most `max_connections` connections, across its
+//! workers: at the limit each worker holds the one connection it took
+//! last, unserved, and stops accepting (the kernel's backlog holds the
+//! rest) until one closes, so a flood of idle connections cannot take
+//! every file descriptor (the admin listener and config reloads keep
+//! theirs).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,60 +23,98 @@ use tokio::sync::Semaphore;
 use crate::Shared;
 use crate::config::{Direction, ListenerKind, PeerMtls, Snapshot};
 use crate::error::RejectError;
+use crate::workers::Workers;
 
-#[derive(Default)]
 pub struct Listeners {
-    running: Mutex<HashMap<SocketAddr, JoinHandle<()>>>,
+    running: Mutex<HashMap<SocketAddr, Vec<JoinHandle<()>>>>,
+    workers: Workers,
 }
 
-pub struct Bound(Vec<(SocketAddr, TcpListener)>);
+/// Sockets bound for a snapshot, not yet accepting: per address, one per
+/// worker (std sockets: each worker registers its own with its runtime).
+pub struct Bound(Vec<(SocketAddr, Vec<std::net::TcpListener>)>);
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// `reuse_port`: several sockets (one per worker) on one address, the
+/// kernel spreading new connections over them.
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    socket.listen(1024)?.into_std()
 }
 
 impl Listeners {
+    pub fn new(workers: Workers) -> Listeners {
+        Listeners {
+            running: Mutex::default(),
+            workers,
+        }
+    }
+
     /// Binds every listener of `snap` that is not open yet.
     pub fn prepare(&self, snap: &Snapshot) -> Result<Bound, RejectError> {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let n = self.workers.count();
         let mut bound = Vec::new();
         for (addr, l) in &snap.listeners {
             if running.contains_key(addr) {
                 continue;
             }
-            let sock = bind(*addr).map_err(|e| RejectError {
-                resource: format!("Listener/{}", l.name),
-                field: "address".into(),
-                message: format!("cannot listen on {addr}: {e}"),
-            })?;
-            bound.push((*addr, sock));
+            let mut socks = Vec::with_capacity(n);
+            for _ in 0..n {
+                let sock = bind(*addr, n > 1).map_err(|e| RejectError {
+                    resource: format!("Listener/{}", l.name),
+                    field: "address".into(),
+                    message: format!("cannot listen on {addr}: {e}"),
+                })?;
+                socks.push(sock);
+            }
+            bound.push((*addr, socks));
         }
         Ok(Bound(bound))
     }
 
-    /// Starts the newly bound listeners and closes those `snap` no longer has.
+    /// Starts the newly bound listeners, each on every worker, and closes
+    /// those `snap` no longer has.
     pub fn commit(&self, shared: &Arc<Shared>, bound: Bound, snap: &Snapshot) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        running.retain(|addr, task| {
+        running.retain(|addr, tasks| {
             let keep = snap.listeners.contains_key(addr);
             if !keep {
                 tracing::info!(%addr, "listener closed");
-                task.abort();
+                for t in tasks.iter() {
+                    t.abort();
+                }
             }
             keep
         });
-        for (addr, sock) in bound.0 {
-            tracing::info!(%addr, "listening");
-            let task = tokio::spawn(accept_loop(shared.clone(), sock, addr));
-            running.insert(addr, task);
+        for (addr, socks) in bound.0 {
+            tracing::info!(%addr, workers = socks.len(), "listening");
+            // One connection limit for the address, whichever worker accepts.
+            let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+            let tasks = socks
+                .into_iter()
+                .enumerate()
+                .map(|(i, sock)| {
+                    let (shared, slots) = (shared.clone(), slots.clone());
+                    self.workers.spawn(i, async move {
+                        // Registered with this worker's runtime.
+                        match TcpListener::from_std(sock) {
+                            Ok(sock) => accept_loop(shared, sock, addr, slots).await,
+                            Err(e) => tracing::error!(%addr, error = %e, "listener lost"),
+                        }
+                    })
+                })
+                .collect();
+            running.insert(addr, tasks);
         }
     }
 
@@ -89,22 +131,39 @@ impl Listeners {
     }
 }
 
-async fn accept_loop(shared: Arc<Shared>, sock: TcpListener, addr: SocketAddr) {
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+async fn accept_loop(
+    shared: Arc<Shared>,
+    sock: TcpListener,
+    addr: SocketAddr,
+    slots: Arc<Semaphore>,
+) {
     // One subscription for the listener's life, not one per accept.
     let mut drain = shared.drain.watch();
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit,
-            _ = drain.wait_for(|d| *d) => break,
-        };
-        let Ok(permit) = permit else { return };
         let accepted = tokio::select! {
-            a = sock.accept() => a.map(|a| (a, permit)),
+            a = sock.accept() => a,
             _ = drain.wait_for(|d| *d) => break,
         };
         match accepted {
-            Ok(((stream, peer), permit)) => serve(&shared, stream, peer, addr, permit),
+            Ok((stream, peer)) => {
+                // At the limit this worker holds the connection it took,
+                // unserved, until one closes; it accepts no more meanwhile
+                // (the rest wait in the kernel's backlog). A permit is taken
+                // after the accept, not before: a worker idling in accept
+                // must not hold a slot another worker's client needs.
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => tokio::select! {
+                        p = slots.clone().acquire_owned() => match p {
+                            Ok(p) => Some(p),
+                            Err(_) => return,
+                        },
+                        // Draining: served (told to close) like the backlog.
+                        _ = drain.wait_for(|d| *d) => None,
+                    },
+                };
+                serve(&shared, stream, peer, addr, permit);
+            }
             Err(e) => {
                 // EMFILE and friends: back off rather than spin.
                 tracing::warn!(%addr, error = %e, "accept failed");

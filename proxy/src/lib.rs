@@ -181,10 +181,13 @@ impl Proxy {
             metrics: Metrics::default(),
             identity: opts.identity,
             endpoints: EndpointRegistry::default(),
-            pools: Pools::new(PoolOptions::new(
-                opts.limits.connect_timeout,
-                opts.limits.upstream_idle_timeout,
-            )),
+            pools: Pools::per_worker(
+                PoolOptions::new(
+                    opts.limits.connect_timeout,
+                    opts.limits.upstream_idle_timeout,
+                ),
+                workers.count(),
+            ),
             limits: opts.limits,
             drain: Arc::new(Drain::default()),
             access_log: opts.access_log.then_some(AccessLog),

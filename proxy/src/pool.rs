@@ -74,31 +74,49 @@ struct H2Conn {
     requests: u32,
 }
 
+/// One key's connections, kept per worker: a connection is used only by
+/// the worker that opened it (its socket belongs to that worker's event
+/// loop), so workers never wake each other and each lock is uncontended.
 pub struct Pool {
     pub key: PoolKey,
     opts: PoolOptions,
-    pub h1: Arc<crate::h1::Idle<Stream>>,
-    h2: Mutex<Option<H2Conn>>,
+    h1: Vec<Arc<crate::h1::Idle<Stream>>>,
+    h2: Vec<Mutex<Option<H2Conn>>>,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Pool({:?}, {:?})", self.key, self.h1)
+        write!(f, "Pool({:?})", self.key)
     }
 }
 
 impl Pool {
-    fn new(key: PoolKey, opts: PoolOptions) -> Self {
+    fn new(key: PoolKey, opts: PoolOptions, workers: usize) -> Self {
+        let workers = workers.max(1);
         Pool {
             key,
             opts,
-            h1: Arc::new(crate::h1::Idle::new(crate::h1::Reuse {
-                idle_timeout: opts.idle_timeout,
-                max_requests: opts.max_requests,
-                max_age: opts.max_age,
-            })),
-            h2: Mutex::new(None),
+            h1: (0..workers)
+                .map(|_| {
+                    Arc::new(crate::h1::Idle::new(crate::h1::Reuse {
+                        idle_timeout: opts.idle_timeout,
+                        max_requests: opts.max_requests,
+                        max_age: opts.max_age,
+                    }))
+                })
+                .collect(),
+            h2: (0..workers).map(|_| Mutex::new(None)).collect(),
         }
+    }
+
+    /// This worker's slot (the main thread and a single worker: the first).
+    fn slot(&self) -> usize {
+        crate::workers::current().min(self.h1.len() - 1)
+    }
+
+    /// This worker's idle HTTP/1.1 connections.
+    pub fn h1(&self) -> &Arc<crate::h1::Idle<Stream>> {
+        &self.h1[self.slot()]
     }
 
     /// A new connection for this key, to carry `alpn`.
@@ -115,8 +133,9 @@ impl Pool {
 
     /// The key's HTTP/2 connection, opened if there is none usable.
     pub async fn h2(&self) -> Result<http2::SendRequest<ReqBody>, ForwardError> {
+        let mine = &self.h2[self.slot()];
         {
-            let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = mine.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = slot.as_mut() {
                 let o = &self.opts;
                 if !c.tx.is_closed()
@@ -144,7 +163,7 @@ impl Pool {
                 tracing::debug!(%addr, error = %e, "upstream h2 connection ended");
             }
         });
-        let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = mine.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         *slot = Some(H2Conn {
             tx: tx.clone(),
@@ -161,13 +180,21 @@ impl Pool {
 pub struct Pools {
     opts: PoolOptions,
     pools: Mutex<HashMap<PoolKey, Weak<Pool>>>,
+    /// Connection slots per pool: one per worker.
+    workers: usize,
 }
 
 impl Pools {
     pub fn new(opts: PoolOptions) -> Self {
+        Pools::per_worker(opts, 1)
+    }
+
+    /// Pools whose connections are kept per worker (`workers` of them).
+    pub fn per_worker(opts: PoolOptions, workers: usize) -> Self {
         Pools {
             opts,
             pools: Mutex::new(HashMap::new()),
+            workers,
         }
     }
 
@@ -183,7 +210,7 @@ impl Pools {
             return p;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let p = Arc::new(Pool::new(key.clone(), key.opts));
+        let p = Arc::new(Pool::new(key.clone(), key.opts, self.workers));
         map.insert(key, Arc::downgrade(&p));
         p
     }

@@ -15,10 +15,22 @@
 //! ztunnel keep tokio's pool because they favour one shared pool of
 //! upstream connections over per-core locality.
 
+use std::cell::Cell;
 use std::future::Future;
 
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
+
+thread_local! {
+    /// This thread's worker index; 0 on every other thread.
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The worker running this code: what per-worker state (upstream pools)
+/// is indexed by. 0 outside the workers (the main thread, one worker).
+pub fn current() -> usize {
+    WORKER.with(Cell::get)
+}
 
 /// The workers' runtimes; empty: the caller's runtime is the one worker.
 #[derive(Default)]
@@ -38,6 +50,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("bosun-worker-{i}"))
                 .spawn(move || {
+                    WORKER.with(|w| w.set(i));
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()

@@ -695,7 +695,7 @@ async fn send(
             response_deadline: route_deadline,
         };
         let pool = endpoint.pool.clone();
-        h1::send(&pool.h1, || pool.connect(Alpn::Http1), parts, body, t)
+        h1::send(pool.h1(), || pool.connect(Alpn::Http1), parts, body, t)
             .await
             .map(|r| r.map(RespKind::H1))
     }

@@ -6,6 +6,8 @@
 #
 #   bench/route_ab.sh [ROUNDS]
 #   A_ROUTE / B_ROUTE: YAML lines added to the route (4-space indent)
+#   A_BOSUN / B_BOSUN: two binaries to compare (default: $BOSUN for both)
+#   WORKERS [1]: the proxy's --workers
 #   BOSUN [target/release/bosun]  DURATION [10]  CONNS [64]
 #   CPU_LOAD [0] (upstream + wrk)  CPU_PROXY [1] (the proxy)
 set -euo pipefail
@@ -14,6 +16,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$ROOT/bench/bosun-config.sh"
 ROUNDS=${1:-6}
 BOSUN=${BOSUN:-$ROOT/target/release/bosun}
+A_BOSUN=${A_BOSUN:-$BOSUN}
+B_BOSUN=${B_BOSUN:-$BOSUN}
+WORKERS=${WORKERS:-1}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 CPU_LOAD=${CPU_LOAD:-0}
@@ -31,13 +36,13 @@ UP=$!
 
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }  # utime stime
 
-run() {  # run ROUTE -> "total user" CPU µs per request
-  local route=$1 d=$TMP/c pid t0 t1 n hz
+run() {  # run ROUTE BINARY -> "total user" CPU µs per request
+  local route=$1 bin=$2 d=$TMP/c pid t0 t1 n hz
   rm -rf "$d"
   mkdir -p "$d"
   bosun_bench_config "$PX_PORT" "$UP_PORT" "$route" >"$d/bench.yaml"
-  taskset -c "$CPU_PROXY" "$BOSUN" proxy --mode gateway --config "$d" \
-    --gateway-address 127.0.0.1 --admin-address "$ADMIN" --workers 1 >/dev/null 2>&1 &
+  taskset -c "$CPU_PROXY" "$bin" proxy --mode gateway --config "$d" \
+    --gateway-address 127.0.0.1 --admin-address "$ADMIN" --workers "$WORKERS" >/dev/null 2>&1 &
   pid=$!
   for _ in $(seq 1 50); do
     curl -s -o /dev/null "http://127.0.0.1:$PX_PORT/" && break
@@ -60,9 +65,9 @@ run() {  # run ROUTE -> "total user" CPU µs per request
 a=() b=() au=() bu=()
 for r in $(seq 1 "$ROUNDS"); do
   if (( r % 2 )); then
-    read -r x xu < <(run "$A_ROUTE"); read -r y yu < <(run "$B_ROUTE")
+    read -r x xu < <(run "$A_ROUTE" "$A_BOSUN"); read -r y yu < <(run "$B_ROUTE" "$B_BOSUN")
   else
-    read -r y yu < <(run "$B_ROUTE"); read -r x xu < <(run "$A_ROUTE")
+    read -r y yu < <(run "$B_ROUTE" "$B_BOSUN"); read -r x xu < <(run "$A_ROUTE" "$A_BOSUN")
   fi
   a+=("$x") au+=("$xu") b+=("$y") bu+=("$yu")
   echo "round $r: A $x µs/req (user $xu), B $y µs/req (user $yu)" >&2

@@ -4,7 +4,13 @@
 #
 #   bosun_bench_config PROXY_PORT UPSTREAM_PORT [ROUTE_LINES] > DIR/bench.yaml
 #   ROUTE_LINES: YAML added to the route (4-space indent), e.g. "    timeout: 10s"
+#   BENCH_TLS_CERT / BENCH_TLS_KEY set: the server terminates TLS with them.
 bosun_bench_config() {
+  local server="  - port: {number: $1, name: http, protocol: HTTP}"
+  if [[ -n ${BENCH_TLS_CERT:-} ]]; then
+    server="  - port: {number: $1, name: https, protocol: HTTPS}
+    tls: {mode: SIMPLE, serverCertificate: $BENCH_TLS_CERT, privateKey: $BENCH_TLS_KEY}"
+  fi
   cat <<YAML
 apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -12,7 +18,7 @@ metadata: {name: bench, namespace: bench}
 spec:
   selector: {istio: ingressgateway}
   servers:
-  - port: {number: $1, name: http, protocol: HTTP}
+$server
     hosts: ["*"]
 ---
 apiVersion: networking.istio.io/v1

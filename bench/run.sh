@@ -38,6 +38,9 @@
 #   WORKERS [1]        the proxies' worker processes / threads
 #   UPSTREAM_WORKERS [1]  the upstream nginx's worker processes
 #   LOAD_THREADS [1]   wrk and h2load threads
+#   TLS [0]            1 = the proxies terminate TLS (a self-signed P-256
+#                      certificate made with openssl; TLS 1.3, session
+#                      resumption as each does by default); plaintext upstream
 #   KEEP_TMP [0]       1 = keep the temp dir (configs, logs, h2load logs)
 #   NO_INSTALL [0]     1 = never call apt-get
 set -euo pipefail
@@ -65,13 +68,16 @@ CPU_PROXY=${CPU_PROXY:-1}
 WORKERS=${WORKERS:-1}
 UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-1}
 LOAD_THREADS=${LOAD_THREADS:-1}
+TLS=${TLS:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 NO_INSTALL=${NO_INSTALL:-0}
 
 PROXY_PORT=18000
 UPSTREAM_PORT=18080
 ADMIN_ADDR=127.0.0.1:15000
-URL="http://127.0.0.1:$PROXY_PORT/"
+SCHEME=http
+[[ $TLS == 1 ]] && SCHEME=https
+URL="$SCHEME://127.0.0.1:$PROXY_PORT/"
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -163,6 +169,17 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if [[ $TLS == 1 ]]; then
+  command -v openssl >/dev/null 2>&1 || die "TLS=1 needs openssl"
+  mkdir -p "$TMP/tls"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -keyout "$TMP/tls/key.pem" -out "$TMP/tls/cert.pem" -subj /CN=bench.local \
+    -addext "subjectAltName=DNS:bench.local,IP:127.0.0.1" >/dev/null 2>&1 || die "openssl failed"
+  cat "$TMP/tls/cert.pem" "$TMP/tls/key.pem" >"$TMP/tls/combined.pem"
+  chmod 644 "$TMP/tls/"*.pem
+  export BENCH_TLS_CERT=$TMP/tls/cert.pem BENCH_TLS_KEY=$TMP/tls/key.pem
+fi
 for p in $PROXY_PORT $UPSTREAM_PORT ${ADMIN_ADDR##*:}; do
   port_busy "$p" && die "port $p is already in use on 127.0.0.1"
 done
@@ -203,7 +220,7 @@ wait_ready() {  # wait_ready URL PID LOGFILE
   local url=$1 pid=$2 logf=$3 code i
   for ((i = 0; i < 100; i++)); do
     kill -0 "$pid" 2>/dev/null || { log "process $pid exited; log tail:"; tail -n 30 "$logf" >&2 || true; return 1; }
-    code=$(curl -s -o /dev/null -m 1 -w '%{http_code}' "$url" 2>/dev/null || true)
+    code=$(curl -sk -o /dev/null -m 1 -w '%{http_code}' "$url" 2>/dev/null || true)
     [[ $code == 200 ]] && return 0
     sleep 0.1
   done
@@ -279,7 +296,8 @@ write_nginx_proxy_conf() {
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$PROXY_PORT;
+        listen 127.0.0.1:$PROXY_PORT$( [[ $TLS == 1 ]] && echo " ssl" );
+$( [[ $TLS == 1 ]] && printf '        ssl_certificate %s;\n        ssl_certificate_key %s;\n' "$TMP/tls/cert.pem" "$TMP/tls/key.pem" )
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -310,7 +328,7 @@ defaults
     timeout http-request 10s
 
 frontend fe
-    bind 127.0.0.1:$PROXY_PORT
+    bind 127.0.0.1:$PROXY_PORT$( [[ $TLS == 1 ]] && echo " ssl crt $TMP/tls/combined.pem" )
     default_backend be
 
 backend be
@@ -528,6 +546,7 @@ report() {
   echo "Host: $(uname -srm), $NCPU CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || echo '?'))."
   echo "Machine: $(nproc) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo))."
   echo "Upstream nginx ($UPSTREAM_WORKERS workers) + load generator ($LOAD_THREADS threads) on CPUs $CPU_LOAD; proxy on CPUs $CPU_PROXY with $WORKERS workers each."
+  if [[ $TLS == 1 ]]; then echo "TLS termination at the proxy (self-signed P-256 certificate, each proxy's default TLS settings); plaintext upstream."; else echo "Plaintext."; fi
   echo "Saturation: \`wrk -t$LOAD_THREADS -c$CONNS -d${DURATION}s --latency\` after ${WARMUP}s warm-up."
   echo "Latency: \`h2load --h1 -t1 -c$LAT_CONNS --rps $LAT_RPS_PER_CONN -D $LAT_DURATION\` (= $LAT_RPS rps), p50/p99 from \`--log-file\`."
   order=""

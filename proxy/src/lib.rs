@@ -178,7 +178,7 @@ impl Proxy {
         let workers = workers::Workers::start(opts.workers)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::empty(&opts.identity)),
-            metrics: Metrics::default(),
+            metrics: Metrics::per_worker(workers.count()),
             identity: opts.identity,
             endpoints: EndpointRegistry::default(),
             pools: Pools::per_worker(

@@ -302,10 +302,12 @@ pub struct RequestRecord<'a> {
     pub peer_principal: Option<&'a Arc<str>>,
 }
 
-#[derive(Debug, Default)]
+/// Series are kept per worker (one map each, its lock uncontended: a
+/// worker records only into its own) and merged when scraped.
+#[derive(Debug)]
 pub struct Metrics {
-    requests: Mutex<HashMap<ReqKey, ReqSeries>>,
-    tcp: Mutex<HashMap<TcpKey, TcpSeries>>,
+    requests: Vec<Mutex<HashMap<ReqKey, ReqSeries>>>,
+    tcp: Vec<Mutex<HashMap<TcpKey, TcpSeries>>>,
     pub config_applied: AtomicU64,
     pub config_rejected: AtomicU64,
     /// DNS endpoint lookups that failed (the last good addresses kept).
@@ -320,7 +322,34 @@ pub struct Metrics {
     pub blackholed: AtomicU64,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::per_worker(1)
+    }
+}
+
+/// This worker's shard of `v`.
+fn mine<T>(v: &[T]) -> &T {
+    &v[crate::workers::current().min(v.len() - 1)]
+}
+
 impl Metrics {
+    /// Metrics whose series are kept per worker (`workers` of them).
+    pub fn per_worker(workers: usize) -> Metrics {
+        let n = workers.max(1);
+        Metrics {
+            requests: (0..n).map(|_| Mutex::default()).collect(),
+            tcp: (0..n).map(|_| Mutex::default()).collect(),
+            config_applied: AtomicU64::new(0),
+            config_rejected: AtomicU64::new(0),
+            dns_failures: AtomicU64::new(0),
+            config_version: Mutex::default(),
+            downstream_connections: AtomicU64::new(0),
+            mtls_refused: AtomicU64::new(0),
+            blackholed: AtomicU64::new(0),
+        }
+    }
+
     pub fn record_request(&self, r: RequestRecord<'_>) {
         let key = ReqKey {
             labels: Arc::as_ptr(r.labels) as usize,
@@ -330,7 +359,9 @@ impl Metrics {
             grpc_status: r.grpc_status,
             peer: r.peer_principal.cloned(),
         };
-        let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = mine(&self.requests)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let s = map.entry(key).or_insert_with(|| ReqSeries {
             labels: r.labels.clone(),
             requests: 0,
@@ -351,7 +382,7 @@ impl Metrics {
             labels: Arc::as_ptr(labels) as usize,
             flags,
         };
-        let mut map = self.tcp.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = mine(&self.tcp).lock().unwrap_or_else(|p| p.into_inner());
         let s = map.entry(key).or_insert_with(|| TcpSeries {
             labels: labels.clone(),
             opened: 0,
@@ -380,8 +411,8 @@ impl Metrics {
         let mut out = String::with_capacity(16 * 1024);
         // Series from old snapshots carry the same label text: merge them.
         let mut reqs: BTreeMap<String, ReqSeries> = BTreeMap::new();
-        {
-            let map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        for shard in &self.requests {
+            let map = shard.lock().unwrap_or_else(|p| p.into_inner());
             for (k, s) in map.iter() {
                 let proto = match k.protocol {
                     Protocol::Http => "http",
@@ -434,8 +465,8 @@ impl Metrics {
         );
 
         let mut tcp: BTreeMap<String, TcpSeries> = BTreeMap::new();
-        {
-            let map = self.tcp.lock().unwrap_or_else(|p| p.into_inner());
+        for shard in &self.tcp {
+            let map = shard.lock().unwrap_or_else(|p| p.into_inner());
             for (k, s) in map.iter() {
                 let (labels, policy) = security_labels(&s.labels, None, own_principal);
                 let text = format!(

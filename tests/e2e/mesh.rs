@@ -674,12 +674,34 @@ fn a_mesh_of_injected_pods_in_network_namespaces() {
     let unknown = format!("http://{EXTERNAL}/");
     let (ok, body) = m.curl(&a, &[&unknown]);
     assert!(ok && body.starts_with("external"), "{body}");
+    // Bytes that are not HTTP are sniffed as opaque TCP and pass through
+    // too: the external HTTP server itself answers them (400).
+    let raw = |ns: &str| -> String {
+        let script = format!(
+            "import socket\ns=socket.create_connection(('{EXTERNAL}',80),timeout=3)\ns.sendall(b'\\x00\\x01not http\\r\\n\\r\\n')\ntry:\n print(s.recv(64))\nexcept Exception as e:\n print('error', e)\n"
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", &script])
+            .output()
+            .expect("python3");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let answer = raw(&a);
+    assert!(answer.contains("HTTP/1.1 400"), "{answer}");
     // REGISTRY_ONLY: blocked (502 for HTTP, as Istio's BlackHoleCluster).
     m.write_config(&mesh_config(80, 20, &[2, 3], REGISTRY_ONLY));
     m.until("REGISTRY_ONLY applies", Duration::from_secs(20), || {
         let (_, code) = m.curl(&a, &["-o", "/dev/null", "-w", "%{http_code}", &unknown]);
         code == "502"
     });
+    // TCP to an unknown destination is closed, and counted.
+    let answer = raw(&a);
+    assert!(!answer.contains("HTTP/1.1"), "{answer}");
+    let (_, metrics) = m.curl(&a, &["http://127.0.0.1:15000/stats/prometheus"]);
+    assert!(
+        crate::harness::metric_sum(&metrics, "bosun_blackholed_connections_total", &[]) >= 1.0,
+        "{metrics}"
+    );
     // The mesh's own services still work.
     let (ok, body) = m.curl(&a, &[reviews]);
     assert!(ok && body.starts_with("reviews-v"), "{body}");

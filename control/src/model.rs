@@ -771,17 +771,8 @@ pub struct EgressListener {
     pub capture_mode: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SidecarPort {
-    pub number: u32,
-    #[serde(default)]
-    pub protocol: Option<String>,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub target_port: Option<u32>,
-}
+/// Istio's `SidecarPort`: the fields of a ServiceEntry port.
+pub type SidecarPort = ServiceEntryPort;
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

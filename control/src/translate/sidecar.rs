@@ -240,18 +240,9 @@ pub(super) fn sidecar(ctx: &mut Ctx<'_>, out: &mut pb::ProxyConfig) {
         inbound_captured(ctx, out, &scope, addr, port);
     } else if let Some((addr, port, app_port)) = p.inbound.clone() {
         let cluster = local_app_cluster(ctx, &format!("inbound|{app_port}||"), app_port);
-        out.listeners.push(pb::Listener {
-            name: "inbound_http".into(),
-            address: addr,
-            port,
-            protocol: pb::ListenerProtocol::Http as i32,
-            direction: pb::TrafficDirection::Inbound as i32,
-            route_configuration: "inbound".into(),
-            tcp_routes: vec![],
-            peer_mtls: super::security::peer_mtls(ctx.cfg, &p, app_port) as i32,
-            tls_servers: vec![],
-            capture: None,
-        });
+        let mtls = super::security::peer_mtls(ctx.cfg, &p, app_port);
+        out.listeners
+            .push(inbound_listener("inbound_http", addr, port, mtls, None));
         out.route_configurations.push(pb::RouteConfiguration {
             name: "inbound".into(),
             virtual_hosts: vec![pb::VirtualHost {
@@ -430,6 +421,28 @@ fn default_tcp_routes(
         }
     }
     tcp_routes
+}
+
+/// A sidecar's inbound HTTP listener, routed by the `inbound` routes.
+fn inbound_listener(
+    name: &str,
+    address: String,
+    port: u32,
+    mtls: pb::PeerMtls,
+    capture: Option<pb::Capture>,
+) -> pb::Listener {
+    pb::Listener {
+        name: name.into(),
+        address,
+        port,
+        protocol: pb::ListenerProtocol::Http as i32,
+        direction: pb::TrafficDirection::Inbound as i32,
+        route_configuration: "inbound".into(),
+        tcp_routes: vec![],
+        peer_mtls: mtls as i32,
+        tls_servers: vec![],
+        capture,
+    }
 }
 
 /// The app on this host at `port`: a one-endpoint cluster named `name`.
@@ -704,23 +717,19 @@ fn inbound_captured(
             ..Default::default()
         })
         .collect();
-    out.listeners.push(pb::Listener {
-        name: "inbound_capture".into(),
-        address: addr,
+    let capture = pb::Capture {
+        targets,
+        passthrough_cluster: app,
+        sniff_timeout_ms: 0,
+        inbound: true,
+    };
+    out.listeners.push(inbound_listener(
+        "inbound_capture",
+        addr,
         port,
-        protocol: pb::ListenerProtocol::Http as i32,
-        direction: pb::TrafficDirection::Inbound as i32,
-        route_configuration: "inbound".into(),
-        tcp_routes: vec![],
-        peer_mtls: workload_mtls as i32,
-        tls_servers: vec![],
-        capture: Some(pb::Capture {
-            targets,
-            passthrough_cluster: app,
-            sniff_timeout_ms: 0,
-            inbound: true,
-        }),
-    });
+        workload_mtls,
+        Some(capture),
+    ));
     out.route_configurations.push(pb::RouteConfiguration {
         name: "inbound".into(),
         virtual_hosts: vec![pb::VirtualHost {

@@ -24,6 +24,7 @@ pub struct InjectArgs {
     /// The DNS name the control's certificate is checked for.
     #[arg(long, default_value = "bosun-control.istio-system.svc")]
     control_name: String,
+    /// The mesh's SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Start the proxy before the app containers (Istio's

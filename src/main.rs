@@ -311,8 +311,10 @@ enum Command {
     /// Wait until a URL answers 200 (the injected postStart hook: the app starts once its
     /// proxy is ready, Istio's holdApplicationUntilProxyStarts).
     Wait {
+        /// The URL polled every 500 ms (plain http://host:port/path).
         #[arg(long, default_value = "http://127.0.0.1:15021/healthz/ready")]
         url: String,
+        /// Give up (exit 1) after this long.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         timeout: std::time::Duration,
     },

@@ -308,9 +308,9 @@ async fn tcp(
     dst: SocketAddr,
 ) {
     let cluster = match route {
-        Some(r) => Some(r.pick_with(&mut rand::rng()).clone()),
+        Some(r) => r.pick_with(&mut rand::rng()),
         None => match &table.passthrough {
-            Some(p) => shared.resolve_cluster(p, Some(dst)),
+            Some(p) => p,
             None => {
                 shared
                     .metrics
@@ -321,7 +321,8 @@ async fn tcp(
             }
         },
     };
-    let Some(cluster) = cluster.and_then(|c| shared.resolve_cluster(&c, Some(dst))) else {
+    // A route's cluster may be ORIGINAL_DST too (resolution NONE).
+    let Some(cluster) = shared.resolve_cluster(cluster, Some(dst)) else {
         return;
     };
     let only = pin.then_some(dst);
@@ -355,10 +356,12 @@ pub async fn serve_inbound(
     }
     let target = table.target(dst);
     let declared = target.map_or(Protocol::Sniff, |t| t.protocol);
-    // A Sidecar `ingress` port's own app port, else the dialled one.
-    let app = match target.and_then(|t| t.tcp.as_ref()) {
-        Some(r) => Some(r.pick_with(&mut rand::rng()).clone()),
-        None => table
+    // For TCP: a Sidecar `ingress` port's own app port, else the dialled
+    // one (HTTP ports route through the inbound routes instead).
+    let app = match (declared, target.and_then(|t| t.tcp.as_ref())) {
+        (Protocol::Http, _) => None,
+        (_, Some(r)) => Some(r.pick_with(&mut rand::rng()).clone()),
+        (_, None) => table
             .passthrough
             .as_ref()
             .and_then(|p| shared.resolve_cluster(p, Some(dst))),
@@ -373,23 +376,12 @@ pub async fn serve_inbound(
         .unwrap_or(listener.peer_mtls);
     let strict = mode == crate::config::PeerMtls::Strict;
     if mode == crate::config::PeerMtls::Disable {
-        return match tcp {
-            InboundTcp::Always(app) => crate::tcp::proxy(shared, app, stream, peer, None).await,
-            InboundTcp::Detect(app)
-                if sniff(&stream, sniff_deadline(&shared, &table)).await != Sniffed::Http =>
-            {
-                crate::tcp::proxy(shared, app, stream, peer, None).await
-            }
-            _ => {
-                crate::http::serve_connection(
-                    shared,
-                    stream,
-                    peer,
-                    listener.addr,
-                    Some(dst),
-                    tracked,
-                )
-                .await
+        let deadline = sniff_deadline(&shared, &table);
+        return match plaintext_tcp(tcp, &stream, deadline).await {
+            Some(app) => crate::tcp::proxy(shared, app, stream, peer, None).await,
+            None => {
+                let local = listener.addr;
+                crate::http::serve_connection(shared, stream, peer, local, Some(dst), tracked).await
             }
         };
     }
@@ -399,6 +391,21 @@ pub async fn serve_inbound(
         tcp,
     };
     crate::http::serve::serve_inbound(shared, stream, peer, listener.addr, inbound, tracked).await
+}
+
+/// A plaintext inbound connection's app cluster when it is TCP (a TCP
+/// port, or an undeclared one whose first bytes are not HTTP); `None`:
+/// serve it as HTTP.
+pub(crate) async fn plaintext_tcp(
+    tcp: InboundTcp,
+    stream: &TcpStream,
+    deadline: tokio::time::Instant,
+) -> Option<Arc<Cluster>> {
+    match tcp {
+        InboundTcp::Always(app) => Some(app),
+        InboundTcp::Detect(app) if sniff(stream, deadline).await != Sniffed::Http => Some(app),
+        _ => None,
+    }
 }
 
 /// Whether an inbound connection is opaque TCP to the app.

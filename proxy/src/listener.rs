@@ -233,9 +233,16 @@ fn serve(
         });
         return;
     }
-    if let Some(table) = &l.capture
-        && let Some(dst) = crate::original_dst::original_dst(&stream)
-    {
+    // Under capture, where the client was going: one getsockopt per
+    // connection, on sidecar HTTP listeners only (gateways are never
+    // captured, and TCP listeners route by their own port).
+    let original =
+        if l.direction == Direction::Gateway || !matches!(l.kind, ListenerKind::Http { .. }) {
+            None
+        } else {
+            crate::original_dst::original_dst(&stream)
+        };
+    if let (Some(table), Some(dst)) = (&l.capture, original) {
         let (table, l) = (table.clone(), l.clone());
         drop(snap);
         tokio::spawn(async move {
@@ -252,13 +259,6 @@ fn serve(
     match l.kind {
         ListenerKind::Http { .. } => {
             let mtls = l.peer_mtls;
-            // Under capture, where the client was going (one getsockopt;
-            // gateways are never captured).
-            let original = if l.direction == Direction::Gateway {
-                None
-            } else {
-                crate::original_dst::original_dst(&stream)
-            };
             drop(snap);
             tokio::spawn(async move {
                 match mtls {

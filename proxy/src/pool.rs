@@ -111,7 +111,7 @@ impl Pool {
 
     /// This worker's slot (the main thread and a single worker: the first).
     fn slot(&self) -> usize {
-        crate::workers::current().min(self.h1.len() - 1)
+        crate::workers::slot(self.h1.len())
     }
 
     /// This worker's idle HTTP/1.1 connections.

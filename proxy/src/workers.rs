@@ -32,6 +32,12 @@ pub fn current() -> usize {
     WORKER.with(Cell::get)
 }
 
+/// This worker's slot among `slots` per-worker slots (the last one for a
+/// worker beyond them; 0 when there is one).
+pub fn slot(slots: usize) -> usize {
+    current().min(slots.saturating_sub(1))
+}
+
 /// The workers' runtimes; empty: the caller's runtime is the one worker.
 #[derive(Default)]
 pub struct Workers {

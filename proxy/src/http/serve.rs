@@ -344,17 +344,8 @@ pub async fn serve_inbound(
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == 0x16 => {}
         Ok(Ok(1)) if !strict => {
-            match tcp {
-                InboundTcp::Always(app) => {
-                    return crate::tcp::proxy(shared, app, stream, peer, None).await;
-                }
-                InboundTcp::Detect(app)
-                    if crate::capture::sniff(&stream, deadline).await
-                        != crate::capture::Sniffed::Http =>
-                {
-                    return crate::tcp::proxy(shared, app, stream, peer, None).await;
-                }
-                _ => {}
+            if let Some(app) = crate::capture::plaintext_tcp(tcp, &stream, deadline).await {
+                return crate::tcp::proxy(shared, app, stream, peer, None).await;
             }
             let mut conn = ConnContext::new(peer, local);
             conn.original_dst = original_dst;

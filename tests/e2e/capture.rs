@@ -291,28 +291,15 @@ fn capture_with_iptables_redirects_the_same_and_cleans_up() {
         }
         all
     };
-    let run = |args: &[&str]| {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &pod,
-                env!("CARGO_BIN_EXE_bosun"),
-                "capture",
-            ])
-            .args(["--backend", "iptables"])
-            .args(args)
-            .output()
-            .expect("capture");
-        assert!(
-            out.status.success(),
-            "capture {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    // The pod's capture on iptables: what `nft list ruleset` shows after it.
+    let run = |args: &[&str]| -> String {
+        let mut all = vec!["--backend", "iptables"];
+        all.extend_from_slice(args);
+        p.capture(&all)
     };
     run(&["--exclude-outbound-ports", "81"]);
     let rules = saved();
-    run(&["--exclude-outbound-ports", "81"]);
+    let ruleset = run(&["--exclude-outbound-ports", "81"]);
     assert_eq!(saved(), rules, "a second run changes nothing");
     assert_eq!(
         rules
@@ -322,11 +309,7 @@ fn capture_with_iptables_redirects_the_same_and_cleans_up() {
         "{rules}"
     );
     // Nothing in nftables' own table.
-    let nft = Command::new("ip")
-        .args(["netns", "exec", &pod, "nft", "list", "tables"])
-        .output()
-        .expect("nft");
-    assert!(!String::from_utf8_lossy(&nft.stdout).contains("bosun_capture"));
+    assert!(!ruleset.contains("bosun_capture"), "{ruleset}");
 
     assert_eq!(p.who(&pod, "http://10.231.0.2/", false), "outbound");
     assert_eq!(p.who(&pod, "http://[fd00:231::2]/", false), "outbound");

@@ -581,6 +581,8 @@ fn a_mesh_of_injected_pods_in_network_namespaces() {
                 "--exit-on-zero-active-connections",
                 "--termination-grace",
                 "4s",
+                "--request-head-timeout",
+                "3s",
                 "--drain-duration",
                 "3s",
             ],
@@ -676,9 +678,12 @@ fn a_mesh_of_injected_pods_in_network_namespaces() {
     assert!(ok && body.starts_with("external"), "{body}");
     // Bytes that are not HTTP are sniffed as opaque TCP and pass through
     // too: the external HTTP server itself answers them (400).
-    let raw = |ns: &str| -> String {
+    // `silent`: seconds the client waits before it sends (a server-first
+    // protocol, as far as the sidecar can tell), longer than the sidecars'
+    // 3 s head timeout; then it sends `payload` (a Python bytes literal).
+    let raw = |ns: &str, silent: u32, payload: &str| -> String {
         let script = format!(
-            "import socket\ns=socket.create_connection(('{EXTERNAL}',80),timeout=3)\ns.sendall(b'\\x00\\x01not http\\r\\n\\r\\n')\ntry:\n print(s.recv(64))\nexcept Exception as e:\n print('error', e)\n"
+            "import socket, time\ns=socket.create_connection(('{EXTERNAL}',80),timeout=10)\ntime.sleep({silent})\ns.sendall({payload})\ntry:\n print(s.recv(64))\nexcept Exception as e:\n print('error', e)\n"
         );
         let out = Command::new("ip")
             .args(["netns", "exec", ns, "python3", "-c", &script])
@@ -686,16 +691,24 @@ fn a_mesh_of_injected_pods_in_network_namespaces() {
             .expect("python3");
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let answer = raw(&a);
+    let not_http = "b'\\x00\\x01not http\\r\\n\\r\\n'";
+    let http = "b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'";
+    let answer = raw(&a, 0, not_http);
     assert!(answer.contains("HTTP/1.1 400"), "{answer}");
+    // A client silent past the head timeout is opaque TCP: passed through.
+    let answer = raw(&a, 4, http);
+    assert!(answer.contains("HTTP/1.1 200"), "{answer}");
     // REGISTRY_ONLY: blocked (502 for HTTP, as Istio's BlackHoleCluster).
     m.write_config(&mesh_config(80, 20, &[2, 3], REGISTRY_ONLY));
     m.until("REGISTRY_ONLY applies", Duration::from_secs(20), || {
         let (_, code) = m.curl(&a, &["-o", "/dev/null", "-w", "%{http_code}", &unknown]);
         code == "502"
     });
-    // TCP to an unknown destination is closed, and counted.
-    let answer = raw(&a);
+    // TCP to an unknown destination is closed, and counted; so is a
+    // client silent past the head timeout (TCP, not the 502 of HTTP).
+    let answer = raw(&a, 0, not_http);
+    assert!(!answer.contains("HTTP/1.1"), "{answer}");
+    let answer = raw(&a, 4, http);
     assert!(!answer.contains("HTTP/1.1"), "{answer}");
     let (_, metrics) = m.curl(&a, &["http://127.0.0.1:15000/stats/prometheus"]);
     assert!(

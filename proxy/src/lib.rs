@@ -28,6 +28,7 @@ pub mod policy;
 pub mod pool;
 pub mod probe;
 pub mod route;
+pub mod sys;
 pub mod tcp;
 pub mod tls;
 pub mod workers;

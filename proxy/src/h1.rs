@@ -408,19 +408,28 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
     let code = r.code.unwrap_or(0);
     let version = r.version.unwrap_or(1);
     let status = StatusCode::from_u16(code).map_err(|_| "bad status code")?;
+    // Where the names and values are; the map is built from the head once
+    // it is taken out of the buffer (values share its bytes).
     let base = buf.as_ptr() as usize;
-    let spans: Vec<(HeaderName, usize, usize)> = r
-        .headers
-        .iter()
-        .map(|h| {
-            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "bad header name")?;
-            Ok((name, h.value.as_ptr() as usize - base, h.value.len()))
-        })
-        .collect::<Result<_, &'static str>>()?;
+    let mut spans = [[0u32; 4]; MAX_RESPONSE_HEADERS];
+    let n = r.headers.len();
+    for (s, h) in spans.iter_mut().zip(r.headers.iter()) {
+        let name = (h.name.as_ptr() as usize - base) as u32;
+        let value = (h.value.as_ptr() as usize - base) as u32;
+        *s = [
+            name,
+            name + h.name.len() as u32,
+            value,
+            value + h.value.len() as u32,
+        ];
+    }
     let head = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(spans.len());
-    for (name, off, n) in spans {
-        let v = HeaderValue::from_maybe_shared(head.slice(off..off + n))
+    // Room for the route's response headers without the map growing.
+    let mut map = HeaderMap::with_capacity(n + 4);
+    for &[n0, n1, v0, v1] in &spans[..n] {
+        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
+            .map_err(|_| "bad header name")?;
+        let v = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
             .map_err(|_| "bad header value")?;
         map.append(name, v);
     }

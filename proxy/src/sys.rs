@@ -44,7 +44,8 @@ pub fn release_cold_code() -> usize {
         if path != exe {
             continue;
         }
-        let clean = perms == "r-xp" || (perms == "r--p" && offset.trim_start_matches('0').is_empty());
+        let clean =
+            perms == "r-xp" || (perms == "r--p" && offset.trim_start_matches('0').is_empty());
         if !clean {
             continue;
         }

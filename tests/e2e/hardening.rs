@@ -799,3 +799,183 @@ async fn an_http2_connection_gets_goaway_and_its_stream_finishes_on_drain() {
         .expect("exits once the stream is done");
     assert!(status.success());
 }
+
+/// Reads one response off a raw socket, `buf` carrying bytes read past the
+/// previous one: (head, body). A response to HEAD has no body whatever its
+/// Content-Length says.
+async fn read_one(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head_request: bool,
+) -> Option<(String, String)> {
+    let mut b = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = if head_request {
+                0
+            } else {
+                head.lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0)
+            };
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                buf.drain(..end + 4 + len);
+                return Some((head, body));
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => buf.extend_from_slice(&b[..n]),
+        }
+    }
+}
+
+/// The lean HTTP/1.1 path serves simple requests and hands the connection
+/// to hyper at the first one with a body: pipelined in one write, every
+/// response comes back in order, HEAD without a body, and the last
+/// request's `Connection: close` closes the connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_requests_are_answered_in_order_across_the_hand_over_to_hyper() {
+    let be = backend("b").await;
+    let port = free_port();
+    let _bosun = Bosun::gateway(&gateway_to(port, be.addr)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    c.write_all(
+        b"GET /1 HTTP/1.1\r\nHost: site\r\n\r\n\
+          HEAD /2 HTTP/1.1\r\nHost: site\r\n\r\n\
+          GET /3 HTTP/1.1\r\nHost: site\r\n\r\n\
+          POST /4 HTTP/1.1\r\nHost: site\r\nContent-Length: 5\r\n\r\nhello\
+          GET /5 HTTP/1.1\r\nHost: site\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    for (path, head_request) in [
+        ("/1", false),
+        ("/2", true),
+        ("/3", false),
+        ("/4", false),
+        ("/5", false),
+    ] {
+        let (head, body) = read_one(&mut c, &mut buf, head_request)
+            .await
+            .unwrap_or_else(|| panic!("no response for {path}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        assert!(
+            head.to_ascii_lowercase().contains("\r\ndate: "),
+            "{path}: {head}"
+        );
+        if head_request {
+            assert!(body.is_empty());
+            assert!(
+                head.to_ascii_lowercase().contains("content-length: "),
+                "{head}"
+            );
+        } else {
+            assert!(
+                body.contains(&format!("\"path\":\"{path}\"")),
+                "{path}: {body}"
+            );
+        }
+        if path == "/4" {
+            assert!(body.contains("\"body_len\":5"), "{body}");
+        }
+        if path == "/5" {
+            assert!(
+                head.to_ascii_lowercase().contains("connection: close"),
+                "{head}"
+            );
+        }
+    }
+    assert!(buf.is_empty(), "bytes after the last response");
+    assert!(closed_within(&mut c, Duration::from_secs(3)).await);
+    assert_eq!(be.hits.load(Ordering::Relaxed), 5);
+}
+
+/// A client that goes away while its request is upstream takes the request
+/// with it: the upstream connection is closed, not left waiting (hyper's
+/// server without half-close, Envoy's `DC`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_mid_request_frees_its_upstream_connection() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let tx = Arc::new(tx);
+    let up = raw_upstream(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut b = [0u8; 4096];
+            let mut seen = Vec::new();
+            // Read the request, answer nothing, report when the proxy closes.
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send("closed");
+                        return;
+                    }
+                    Ok(n) => {
+                        seen.extend_from_slice(&b[..n]);
+                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let _ = tx.send("request");
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let port = free_port();
+    let _bosun = Bosun::gateway(&no_retries(&gateway_to(port, up))).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: site\r\n\r\n")
+        .await
+        .expect("write");
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+    assert_eq!(
+        got,
+        Ok(Some("request")),
+        "the request never reached upstream"
+    );
+    drop(c);
+    let got = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await;
+    assert_eq!(
+        got,
+        Ok(Some("closed")),
+        "the upstream request outlived its client"
+    );
+}
+
+/// Every request head has the head timeout, not only the first: a client
+/// that starts a second request and stalls is closed at the head timeout,
+/// long before the idle timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_request_head_that_stalls_is_closed_at_the_head_timeout() {
+    let be = backend("b").await;
+    let port = free_port();
+    let _bosun = gateway_with(
+        port,
+        be.addr,
+        &["--request-head-timeout", "1s", "--idle-timeout", "60s"],
+    )
+    .await;
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    c.write_all(b"GET / HTTP/1.1\r\nHost: site\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_response(&mut c).await.expect("response");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    c.write_all(b"GET / HTTP/1.1\r\nHost: site\r\n")
+        .await
+        .expect("write");
+    assert!(closed_within(&mut c, Duration::from_secs(4)).await);
+}

@@ -42,9 +42,10 @@ pub struct Replay {
 }
 
 impl ReqBody {
-    pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
+    /// `None`: a request without a body.
+    pub fn new(inner: Option<Incoming>, bytes: Arc<AtomicU64>) -> Self {
         ReqBody {
-            inner: Some(inner),
+            inner,
             pending: VecDeque::new(),
             bytes: Some(bytes),
             exact: true,
@@ -478,5 +479,9 @@ impl Body for RespBody {
 }
 
 pub fn grpc_status(h: &HeaderMap) -> Option<u16> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+    h.get(http::HeaderName::from_static("grpc-status"))?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }

@@ -174,7 +174,7 @@ pub async fn forward(
     conn: &ConnContext,
     plan: Plan<'_>,
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: Option<Incoming>,
     downstream_upgrade: Option<OnUpgrade>,
     mut rec: Recorder,
 ) -> Response<RespBody> {

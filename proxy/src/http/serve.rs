@@ -36,7 +36,7 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// two counters, so a request pays two atomic additions and no clock read.
 #[derive(Debug)]
 pub struct ConnState {
-    start: tokio::time::Instant,
+    pub(crate) start: tokio::time::Instant,
     inflight: AtomicUsize,
     requests: AtomicU64,
 }
@@ -65,7 +65,7 @@ impl ConnState {
         InFlight(self.clone())
     }
 
-    fn requests(&self) -> u64 {
+    pub(crate) fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
 
@@ -488,12 +488,22 @@ pub(crate) async fn serve_io<S>(
         return;
     };
     let conn = Arc::new(conn);
+    let io = if h2 {
+        crate::http::lean::Rewind::new(io)
+    } else {
+        // The common HTTP/1.1 request is served here, without hyper; the
+        // first other one hands the connection (and what was read) to it.
+        match crate::http::lean::serve(&shared, &state, &conn, io).await {
+            Some(rest) => rest,
+            None => return,
+        }
+    };
     let (sh, st) = (shared.clone(), state.clone());
     let svc = hyper::service::service_fn(move |req| {
         use futures_util::FutureExt;
         // `map`, not an async block around it: one large future fewer to
         // move per request.
-        handle(sh.clone(), conn.clone(), st.clone(), req).map(Ok::<_, Infallible>)
+        handle_hyper(sh.clone(), conn.clone(), st.clone(), req).map(Ok::<_, Infallible>)
     });
     let io = TokioIo::new(io);
     if h2 {
@@ -643,7 +653,9 @@ impl Recorder {
         let flags = self.flags;
         let (mut x, close, inflight) =
             self.exchange(labels, parts.status.as_u16(), flags, Some(active));
-        x.grpc_status = grpc_status(&parts.headers);
+        if x.protocol == Protocol::Grpc {
+            x.grpc_status = grpc_status(&parts.headers);
+        }
         if close {
             parts
                 .headers
@@ -660,21 +672,35 @@ impl Recorder {
     }
 }
 
-async fn handle(
+/// A request from hyper (HTTP/2, and HTTP/1.1 the lean path hands over).
+fn handle_hyper(
     shared: Arc<Shared>,
     conn: Arc<ConnContext>,
     state: Arc<ConnState>,
     mut req: Request<Incoming>,
+) -> impl Future<Output = Response<RespBody>> {
+    let upgrade = is_upgrade(req.version(), req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    handle(shared, conn, state, parts, Some(body), upgrade)
+}
+
+/// One request, to its response: decided, then answered or forwarded.
+/// `body`: `None` for a request without one.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnContext>,
+    state: Arc<ConnState>,
+    parts: http::request::Parts,
+    body: Option<Incoming>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<RespBody> {
     let start = Instant::now();
     let inflight = state.begin();
-    let protocol = if crate::http::decide::is_grpc(req.headers()) {
+    let protocol = if crate::http::decide::is_grpc(&parts.headers) {
         Protocol::Grpc
     } else {
         Protocol::Http
     };
-    let upgrade = is_upgrade(req.version(), req.headers()).then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
     let snap = shared.snapshot.load();
     let decided = decide(&snap, &conn, &parts, &mut rand::rng());
     let log = shared.access_log.as_ref().map(|_| {

@@ -426,19 +426,31 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
     let head = buf.split_to(len).freeze();
     // Room for the route's response headers without the map growing.
     let mut map = HeaderMap::with_capacity(n + 4);
+    // Framing is read while the map is built (no lookups after).
+    let mut close = false;
+    let mut last_te: Option<HeaderValue> = None;
+    let mut length: Result<Option<u64>, &'static str> = Ok(None);
     for &[n0, n1, v0, v1] in &spans[..n] {
         let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
             .map_err(|_| "bad header name")?;
         let v = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
             .map_err(|_| "bad header value")?;
+        if name == header::CONNECTION {
+            close |= v.as_bytes().eq_ignore_ascii_case(b"close");
+        } else if name == header::TRANSFER_ENCODING {
+            last_te = Some(v.clone());
+        } else if name == header::CONTENT_LENGTH {
+            length = match (length, parse_length(&v)) {
+                (Err(e), _) | (_, Err(e)) => Err(e),
+                (Ok(None), Ok(n)) => Ok(Some(n)),
+                (Ok(Some(m)), Ok(n)) if m == n => Ok(Some(n)),
+                (Ok(Some(_)), Ok(_)) => Err("conflicting content-length"),
+            };
+        }
         map.append(name, v);
     }
-    let keep_alive = version == 1
-        && !map
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-    let chunked = match map.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+    let keep_alive = version == 1 && !close;
+    let chunked = match last_te {
         None => false,
         // RFC 9112 6.3: chunked must be the last coding; anything else
         // would be delimited by close, which a reused connection cannot be.
@@ -450,19 +462,14 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             true
         }
     };
-    let mut lengths = map.get_all(header::CONTENT_LENGTH).iter();
-    let length = match lengths.next() {
+    let length = match length {
         // Envoy refuses both framings in one message (RFC 9112 6.3: a
         // smuggling or response-splitting attempt).
-        Some(_) if chunked => return Err("both transfer-encoding and content-length"),
-        Some(first) => {
-            let n = parse_length(first)?;
-            if lengths.any(|v| parse_length(v) != Ok(n)) {
-                return Err("conflicting content-length");
-            }
-            Some(n)
+        Ok(Some(_)) | Err(_) if chunked && map.contains_key(header::CONTENT_LENGTH) => {
+            return Err("both transfer-encoding and content-length");
         }
-        None => None,
+        Ok(l) => l,
+        Err(e) => return Err(e),
     };
     let state = if head_request
         || status.is_informational()
@@ -804,5 +811,83 @@ impl<S: AsyncRead + Unpin> Body for H1Body<S> {
             State::Length(n) => SizeHint::with_exact(*n),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str, head_request: bool) -> Result<Head, &'static str> {
+        let mut b = BytesMut::from(raw.as_bytes());
+        parse_head(&mut b, head_request).map(|h| h.expect("complete"))
+    }
+
+    #[test]
+    fn response_framing_from_an_upstream_that_may_lie() {
+        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false).expect("ok");
+        assert!(matches!(h.state, State::Length(5)) && h.keep_alive);
+        let h = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nContent-Length: 5\r\n\r\n",
+            false,
+        );
+        assert!(matches!(
+            h.expect("same length twice").state,
+            State::Length(5)
+        ));
+        let h = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert!(matches!(h.expect("chunked last").state, State::Chunked(_)));
+        let h = head("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false).expect("ok");
+        assert!(matches!(h.state, State::UntilClose) && !h.keep_alive);
+        let h = head("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false).expect("ok");
+        assert!(matches!(h.state, State::Done) && !h.keep_alive);
+        for (raw, why) in [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                "conflicting content-length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                "both transfer-encoding and content-length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "both transfer-encoding and content-length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                "transfer-encoding without chunked last",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+                "bad content-length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: +1\r\n\r\n",
+                "bad content-length",
+            ),
+        ] {
+            assert_eq!(head(raw, false).err(), Some(why), "{raw:?}");
+        }
+        // No body, whatever the head says: HEAD, 204, 304.
+        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).expect("ok");
+        assert!(matches!(h.state, State::Done));
+        let h = head(
+            "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+            false,
+        )
+        .expect("ok");
+        assert!(matches!(h.state, State::Done));
+        // Headers keep their order and repeats.
+        let h = head(
+            "HTTP/1.1 200 OK\r\nSet-Cookie: a\r\nX: 1\r\nSet-Cookie: b\r\n\r\n",
+            false,
+        );
+        let h = h.expect("ok");
+        let cookies: Vec<_> = h.response.headers().get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a", "b"]);
     }
 }

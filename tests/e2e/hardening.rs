@@ -902,7 +902,7 @@ async fn pipelined_requests_are_answered_in_order_across_the_hand_over_to_hyper(
 
 /// A client that goes away while its request is upstream takes the request
 /// with it: the upstream connection is closed, not left waiting (hyper's
-/// server without half-close, Envoy's `DC`).
+/// server without half-close; Envoy resets the upstream stream).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_leaves_mid_request_frees_its_upstream_connection() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();

@@ -23,7 +23,7 @@
 //!   a head (later ones), the idle timeout between requests (looked at
 //!   lazily, one timer per connection, as `serve::drive` does);
 //! - a client that closes while its request is upstream cancels it (hyper
-//!   without half-close; Envoy's `DC`);
+//!   without half-close, as Envoy resets the upstream stream);
 //! - `Connection: close` from either side (and on drain) ends the
 //!   connection after the response;
 //! - response framing: `Content-Length` when known, else chunked; none for

@@ -363,15 +363,14 @@ pub async fn run_node(args: ProxyArgs) -> anyhow::Result<ExitCode> {
 pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let mut signals = crate::Signals::new()?;
     let proxy = start_proxy(&args).await?;
-    // Start-up code (flags, config, TLS set-up) is not run again: its pages
-    // go, and the rest of the binary is mapped only as the proxy runs it.
-    // Once more after the first seconds, by when xDS has delivered.
     // Start-up code (flags, config loading, TLS set-up, the first xDS
     // exchange) is not run again: its pages go, and the rest of the
     // binary is mapped only as the proxy runs it (proxy/src/sys.rs).
-    // Start-up goes on for a moment after this point, hence the later passes.
+    // Start-up goes on for a moment after this point (the first xDS
+    // answer comes within a second or two), hence 1 s and 4 s in; not
+    // later, so no page is faulted back in under steady load.
     tokio::spawn(async {
-        for wait in [1, 9, 50] {
+        for wait in [1, 3] {
             tokio::time::sleep(Duration::from_secs(wait)).await;
             bosun_proxy::sys::release_cold_code();
         }

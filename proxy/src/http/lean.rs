@@ -233,6 +233,22 @@ fn build(head: &Bytes, meta: &Meta, spans: &[Span]) -> Option<http::request::Par
     Some(parts)
 }
 
+/// The lean path's reading of the head at the start of `buf`, for the fuzz
+/// target: the request and its head's length when the lean path would
+/// serve it; `None` when it would read more or hand the bytes to hyper.
+pub fn parse_simple(
+    buf: &[u8],
+    max_head: usize,
+    max_headers: usize,
+) -> Option<(http::request::Parts, usize)> {
+    let mut spans = Vec::new();
+    let Scan::Simple(meta) = scan(buf, max_head, max_headers, &mut spans) else {
+        return None;
+    };
+    let head = Bytes::copy_from_slice(&buf[..meta.len]);
+    build(&head, &meta, &spans).map(|p| (p, meta.len))
+}
+
 /// Serves the connection's HTTP/1.1 requests while they are simple.
 /// `None`: the connection is done. `Some`: hyper serves the rest.
 pub(crate) async fn serve<S>(
@@ -247,7 +263,8 @@ where
     let limits = &shared.limits;
     let max_head = limits.max_request_head_bytes;
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
+    // Grown by the first response, then reused.
+    let mut out: Vec<u8> = Vec::new();
     let mut spans: Vec<Span> = Vec::with_capacity(32);
     // One timer for the connection, reset only when it fires or a head
     // arrives in pieces (see `serve::drive`).

@@ -214,16 +214,13 @@ async fn silent_and_partial_connections_are_closed_at_the_head_timeout() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_idle_keep_alive_connection_is_closed() {
+/// A gateway with `flags` and a keep-alive connection to it that has had
+/// one request answered (200). The gateway and backend live as long as the
+/// returned values.
+async fn after_one_request(flags: &[&str]) -> (Bosun, Backend, TcpStream) {
     let be = backend("b").await;
     let port = free_port();
-    let _bosun = gateway_with(
-        port,
-        be.addr,
-        &["--request-head-timeout", "30s", "--idle-timeout", "1s"],
-    )
-    .await;
+    let bosun = gateway_with(port, be.addr, flags).await;
     let mut c = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -232,6 +229,13 @@ async fn an_idle_keep_alive_connection_is_closed() {
         .expect("write");
     let r = read_response(&mut c).await.expect("response");
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    (bosun, be, c)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let (_bosun, _be, mut c) =
+        after_one_request(&["--request-head-timeout", "30s", "--idle-timeout", "1s"]).await;
     let t = Instant::now();
     assert!(closed_within(&mut c, Duration::from_secs(5)).await);
     assert!(
@@ -958,22 +962,8 @@ async fn a_client_that_leaves_mid_request_frees_its_upstream_connection() {
 /// long before the idle timeout.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_request_head_that_stalls_is_closed_at_the_head_timeout() {
-    let be = backend("b").await;
-    let port = free_port();
-    let _bosun = gateway_with(
-        port,
-        be.addr,
-        &["--request-head-timeout", "1s", "--idle-timeout", "60s"],
-    )
-    .await;
-    let mut c = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    c.write_all(b"GET / HTTP/1.1\r\nHost: site\r\n\r\n")
-        .await
-        .expect("write");
-    let r = read_response(&mut c).await.expect("response");
-    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let (_bosun, _be, mut c) =
+        after_one_request(&["--request-head-timeout", "1s", "--idle-timeout", "60s"]).await;
     c.write_all(b"GET / HTTP/1.1\r\nHost: site\r\n")
         .await
         .expect("write");

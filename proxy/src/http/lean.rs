@@ -55,20 +55,17 @@ const MAX_HEADERS: usize = 100;
 /// ones are written on their own.
 const COALESCE: usize = 16 * 1024;
 
-/// The stream with what the lean path read and did not use put back in
-/// front, for hyper.
+/// The stream with bytes already read put back in front, for hyper: what
+/// protocol detection or the lean path read and did not use.
 pub struct Rewind<S> {
     buf: BytesMut,
     inner: S,
 }
 
 impl<S> Rewind<S> {
-    /// Nothing put back.
-    pub fn new(inner: S) -> Self {
-        Rewind {
-            buf: BytesMut::new(),
-            inner,
-        }
+    /// `buf` is read first, then `inner`.
+    pub fn new(buf: BytesMut, inner: S) -> Self {
+        Rewind { buf, inner }
     }
 }
 
@@ -249,20 +246,21 @@ pub fn parse_simple(
     build(&head, &meta, &spans).map(|p| (p, meta.len))
 }
 
-/// Serves the connection's HTTP/1.1 requests while they are simple.
-/// `None`: the connection is done. `Some`: hyper serves the rest.
+/// Serves the connection's HTTP/1.1 requests while they are simple; `buf`
+/// holds what was already read. `None`: the connection is done. `Some`:
+/// hyper serves the rest.
 pub(crate) async fn serve<S>(
     shared: &Arc<Shared>,
     state: &Arc<ConnState>,
     conn: &Arc<ConnContext>,
     mut io: S,
+    mut buf: BytesMut,
 ) -> Option<Rewind<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let limits = &shared.limits;
     let max_head = limits.max_request_head_bytes;
-    let mut buf = BytesMut::with_capacity(8 * 1024);
     // Grown by the first response, then reused.
     let mut out: Vec<u8> = Vec::new();
     let mut spans: Vec<Span> = Vec::with_capacity(32);

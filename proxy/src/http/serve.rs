@@ -11,14 +11,14 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
+use bytes::BytesMut;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::Shared;
@@ -74,63 +74,13 @@ impl ConnState {
     }
 }
 
-/// The stream with the bytes protocol detection read put back in front.
-struct Prefixed<S> {
-    head: [u8; 24],
-    pos: usize,
-    len: usize,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.pos < this.len {
-            let n = (this.len - this.pos).min(buf.remaining());
-            buf.put_slice(&this.head[this.pos..this.pos + n]);
-            this.pos += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Reads until the bytes are, or cannot be, the HTTP/2 preface. `None`:
-/// the peer closed or sent too little before the deadline.
+/// Reads until the bytes are, or cannot be, the HTTP/2 preface: whether
+/// they are, and what was read (to be read again). `None`: the peer closed
+/// or sent too little before the deadline.
 async fn detect<S: AsyncRead + Unpin>(
-    mut stream: S,
+    stream: &mut S,
     deadline: tokio::time::Instant,
-) -> Option<(bool, Prefixed<S>)> {
+) -> Option<(bool, BytesMut)> {
     let mut head = [0u8; 24];
     let mut len = 0;
     let h2 = loop {
@@ -145,15 +95,10 @@ async fn detect<S: AsyncRead + Unpin>(
             Ok(Ok(n)) => len += n,
         }
     };
-    Some((
-        h2,
-        Prefixed {
-            head,
-            pos: 0,
-            len,
-            inner: stream,
-        },
-    ))
+    // The lean path's read buffer from the start (its size: see lean.rs).
+    let mut read = BytesMut::with_capacity(8 * 1024);
+    read.extend_from_slice(&head[..len]);
+    Some((h2, read))
 }
 
 /// hyper's two connection types, shut down the same way.
@@ -483,17 +428,19 @@ pub(crate) async fn serve_io<S>(
 {
     let limits = shared.limits.clone();
     let peer = conn.peer;
-    let Some((h2, io)) = detect(stream, state.start + limits.request_head_timeout).await else {
+    let mut stream = stream;
+    let deadline = state.start + limits.request_head_timeout;
+    let Some((h2, read)) = detect(&mut stream, deadline).await else {
         tracing::debug!(%peer, "no request within the head timeout; closing");
         return;
     };
     let conn = Arc::new(conn);
     let io = if h2 {
-        crate::http::lean::Rewind::new(io)
+        crate::http::lean::Rewind::new(read, stream)
     } else {
         // The common HTTP/1.1 request is served here, without hyper; the
         // first other one hands the connection (and what was read) to it.
-        match crate::http::lean::serve(&shared, &state, &conn, io).await {
+        match crate::http::lean::serve(&shared, &state, &conn, stream, read).await {
             Some(rest) => rest,
             None => return,
         }

@@ -80,6 +80,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
             let n = this.buf.len().min(out.remaining());
             out.put_slice(&this.buf[..n]);
             this.buf.advance(n);
+            if this.buf.is_empty() {
+                // Read out: its memory is not kept for the connection's life.
+                this.buf = BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, out)
@@ -261,6 +265,8 @@ where
 {
     let limits = &shared.limits;
     let max_head = limits.max_request_head_bytes;
+    // The read buffer, reused for every head (detection's bytes first).
+    buf.reserve(8 * 1024);
     // Grown by the first response, then reused.
     let mut out: Vec<u8> = Vec::new();
     let mut spans: Vec<Span> = Vec::with_capacity(32);
@@ -772,6 +778,20 @@ mod tests {
         };
         assert!(build(&head, &m, &[[16, 17, 19, 22]]).is_none());
         assert!(build(&head, &m, &[[16, 17, 19, 20]]).is_some());
+    }
+
+    #[tokio::test]
+    async fn rewind_reads_its_bytes_first_then_lets_them_go() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b" world").await.expect("write");
+        drop(client);
+        let mut buf = BytesMut::with_capacity(8 * 1024);
+        buf.extend_from_slice(b"hello");
+        let mut r = Rewind::new(buf, server);
+        let mut s = String::new();
+        r.read_to_string(&mut s).await.expect("read");
+        assert_eq!(s, "hello world");
+        assert_eq!(r.buf.capacity(), 0, "the read-out buffer is kept");
     }
 
     #[test]

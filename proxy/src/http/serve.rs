@@ -95,10 +95,7 @@ async fn detect<S: AsyncRead + Unpin>(
             Ok(Ok(n)) => len += n,
         }
     };
-    // The lean path's read buffer from the start (its size: see lean.rs).
-    let mut read = BytesMut::with_capacity(8 * 1024);
-    read.extend_from_slice(&head[..len]);
-    Some((h2, read))
+    Some((h2, BytesMut::from(&head[..len])))
 }
 
 /// hyper's two connection types, shut down the same way.

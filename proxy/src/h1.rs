@@ -413,7 +413,9 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
     let base = buf.as_ptr() as usize;
     let mut spans = [[0u32; 4]; MAX_RESPONSE_HEADERS];
     let n = r.headers.len();
+    let mut dropped = 0;
     for (s, h) in spans.iter_mut().zip(r.headers.iter()) {
+        dropped += usize::from(crate::http::headers::is_hop_by_hop_name(h.name.as_bytes()));
         let name = (h.name.as_ptr() as usize - base) as u32;
         let value = (h.value.as_ptr() as usize - base) as u32;
         *s = [
@@ -424,8 +426,9 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         ];
     }
     let head = buf.split_to(len).freeze();
-    // Room for the route's response headers without the map growing.
-    let mut map = HeaderMap::with_capacity(n + 4);
+    // Room for what forwarding keeps and adds (a cookie, `connection:
+    // close` on drain) without the map growing, and no more.
+    let mut map = HeaderMap::with_capacity(n - dropped + 2);
     // Framing is read while the map is built (no lookups after).
     let mut close = false;
     let mut last_te: Option<HeaderValue> = None;

@@ -43,11 +43,13 @@ pub struct Replay {
 
 impl ReqBody {
     /// `None`: a request without a body.
-    pub fn new(inner: Option<Incoming>, bytes: Arc<AtomicU64>) -> Self {
+    /// `bytes`: where the body's length is counted (a request without a
+    /// body needs none).
+    pub fn new(inner: Option<Incoming>, bytes: Option<Arc<AtomicU64>>) -> Self {
         ReqBody {
             inner,
             pending: VecDeque::new(),
-            bytes: Some(bytes),
+            bytes,
             exact: true,
         }
     }
@@ -275,7 +277,7 @@ pub struct Exchange {
     pub flags: Flags,
     pub protocol: Protocol,
     pub grpc_status: Option<u16>,
-    pub request_bytes: Arc<AtomicU64>,
+    pub request_bytes: Option<Arc<AtomicU64>>,
     pub response_bytes: u64,
     pub active: Option<ActiveGuard>,
     pub log: Option<Box<LogInfo>>,
@@ -286,7 +288,10 @@ pub struct Exchange {
 impl Exchange {
     fn finish(self) {
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
-        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let request_bytes = self
+            .request_bytes
+            .as_ref()
+            .map_or(0, |b| b.load(Ordering::Relaxed));
         self.shared.metrics.record_request(RequestRecord {
             labels: &self.labels,
             protocol: self.protocol,

@@ -211,8 +211,24 @@ pub async fn forward(
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, plan.upgrade);
     headers.insert(header::HOST, plan.host.clone());
+    // Which forwarding headers the client sent: one scan, so each is then
+    // set with one map operation (the common request has none of them).
     let xff = HeaderName::from_static("x-forwarded-for");
-    let new_xff = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+    let xfp = HeaderName::from_static("x-forwarded-proto");
+    let xfcc = HeaderName::from_static("x-forwarded-client-cert");
+    let rid = HeaderName::from_static("x-request-id");
+    let (mut has_xff, mut has_xfp, mut has_xfcc, mut has_rid) = (false, false, false, false);
+    for k in headers.keys() {
+        has_xff |= *k == xff;
+        has_xfp |= *k == xfp;
+        has_xfcc |= *k == xfcc;
+        has_rid |= *k == rid;
+    }
+    let new_xff = match headers
+        .get(&xff)
+        .filter(|_| has_xff)
+        .and_then(|v| v.to_str().ok())
+    {
         Some(prev) => {
             HeaderValue::try_from(format!("{prev}, {}", conn.peer_ip.to_str().unwrap_or(""))).ok()
         }
@@ -221,8 +237,7 @@ pub async fn forward(
     if let Some(v) = new_xff {
         headers.insert(xff, v);
     }
-    let xfp = HeaderName::from_static("x-forwarded-proto");
-    if !headers.contains_key(&xfp) {
+    if !has_xfp {
         let proto = if conn.tls.is_some() { "https" } else { "http" };
         headers.insert(xfp, HeaderValue::from_static(proto));
     }
@@ -230,10 +245,13 @@ pub async fn forward(
     // APPEND_FORWARD): over mutual TLS our element for the peer is
     // appended; otherwise any the client sent is dropped, so nobody can
     // claim an identity by writing a header.
-    let xfcc = HeaderName::from_static("x-forwarded-client-cert");
     match conn.tls.as_ref().and_then(|t| t.xfcc.as_ref()) {
         Some(mine) => {
-            let v = match headers.get(&xfcc).and_then(|v| v.to_str().ok()) {
+            let v = match headers
+                .get(&xfcc)
+                .filter(|_| has_xfcc)
+                .and_then(|v| v.to_str().ok())
+            {
                 Some(prev) => {
                     HeaderValue::try_from(format!("{prev},{}", mine.to_str().unwrap_or("")))
                         .unwrap_or_else(|_| mine.clone())
@@ -242,12 +260,12 @@ pub async fn forward(
             };
             headers.insert(xfcc, v);
         }
-        None => {
+        None if has_xfcc => {
             headers.remove(&xfcc);
         }
+        None => {}
     }
-    let rid = HeaderName::from_static("x-request-id");
-    if !headers.contains_key(&rid) {
+    if !has_rid {
         let id = request_id();
         rec.set_request_id(&id);
         headers.insert(rid, id);
@@ -270,7 +288,8 @@ pub async fn forward(
     }
 
     let stream_idle = shared.limits.stream_idle_timeout;
-    let mut req_body = ReqBody::new(body, rec.request_bytes());
+    let counter = body.as_ref().map(|_| rec.request_bytes());
+    let mut req_body = ReqBody::new(body, counter);
     // The body, kept whole when another try or a mirror needs it (and it
     // fits); otherwise its first frame is read ahead: a malformed chunked
     // body is refused before anything goes upstream.

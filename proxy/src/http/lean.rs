@@ -218,9 +218,9 @@ fn scan(buf: &[u8], max_head: usize, max_headers: usize, spans: &mut Vec<Span>) 
 /// `None`: a name, value or target `http` refuses (hyper then answers).
 fn build(head: &Bytes, meta: &Meta, spans: &[Span]) -> Option<http::request::Parts> {
     let uri = Uri::from_maybe_shared(head.slice(meta.path.0..meta.path.1)).ok()?;
-    // Room for what forwarding adds (x-forwarded-*, x-request-id, route
-    // headers) without the map growing.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 8);
+    // Room for what forwarding adds (x-forwarded-for, -proto, x-request-id)
+    // without the map growing, and no more (route headers may grow it).
+    let mut headers = HeaderMap::with_capacity(spans.len() + 3);
     for &[n0, n1, v0, v1] in spans {
         let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)).ok()?;
@@ -413,20 +413,29 @@ async fn write_response<S: AsyncWrite + Unpin>(
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
     let h = &parts.headers;
-    let mut keep = !h
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_token(v.as_bytes(), b"close"));
     let no_body = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     out.clear();
     status_line(out, status);
+    // What framing and the connection need is noted as the headers pass:
+    // no lookups after.
+    let mut keep = true;
+    let mut connection = false;
+    let mut date = false;
+    let mut length: Option<&HeaderValue> = None;
     for (name, value) in h {
-        // Framing is this hop's: set below, never copied from the message.
         if name == header::TRANSFER_ENCODING {
+            // Framing is this hop's: set below, never copied from the message.
             continue;
+        } else if name == header::CONTENT_LENGTH {
+            length = length.or(Some(value));
+        } else if name == header::DATE {
+            date = true;
+        } else if name == header::CONNECTION {
+            connection = true;
+            keep &= !has_token(value.as_bytes(), b"close");
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
@@ -435,7 +444,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
     }
     let framing = if no_body {
         Framing::None
-    } else if let Some(v) = h.get(header::CONTENT_LENGTH) {
+    } else if let Some(v) = length {
         match v.to_str().ok().and_then(|s| s.trim().parse().ok()) {
             Some(n) => Framing::Length(n),
             // Cannot be: both sides' lengths are checked. Delimit by close.
@@ -453,12 +462,12 @@ async fn write_response<S: AsyncWrite + Unpin>(
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
         Framing::Chunked
     };
-    if !h.contains_key(header::DATE) {
+    if !date {
         out.extend_from_slice(b"date: ");
         date::with(|d| out.extend_from_slice(d));
         out.extend_from_slice(b"\r\n");
     }
-    if (!keep || meta.close) && !h.contains_key(header::CONNECTION) {
+    if (!keep || meta.close) && !connection {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");

@@ -484,7 +484,9 @@ pub struct Recorder {
     shared: Arc<Shared>,
     start: Instant,
     protocol: Protocol,
-    request_bytes: Arc<AtomicU64>,
+    /// The request body's bytes as they are read; a request without a body
+    /// has none (no allocation).
+    request_bytes: Option<Arc<AtomicU64>>,
     log: Option<Box<LogInfo>>,
     h1: bool,
     inflight: InFlight,
@@ -499,8 +501,11 @@ impl Recorder {
         self.flags = f;
     }
 
-    pub fn request_bytes(&self) -> Arc<AtomicU64> {
-        self.request_bytes.clone()
+    /// The counter a request body adds its bytes to.
+    pub fn request_bytes(&mut self) -> Arc<AtomicU64> {
+        self.request_bytes
+            .get_or_insert_with(|| Arc::new(AtomicU64::new(0)))
+            .clone()
     }
 
     pub fn set_upstream_host(&mut self, host: &Arc<str>) {
@@ -675,7 +680,7 @@ pub(crate) async fn handle(
         shared: shared.clone(),
         start,
         protocol,
-        request_bytes: Arc::new(AtomicU64::new(0)),
+        request_bytes: None,
         log,
         h1: parts.version != Version::HTTP_2,
         inflight,

@@ -67,7 +67,7 @@ pub enum PeerMtls {
 pub struct Snapshot {
     pub version: String,
     /// By the address the listener binds.
-    pub listeners: HashMap<SocketAddr, Arc<Listener>>,
+    pub listeners: crate::fxhash::FxMap<SocketAddr, Arc<Listener>>,
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// What was applied, for `/config_dump`.
     pub source: pb::ProxyConfig,
@@ -79,7 +79,7 @@ impl Snapshot {
     pub fn empty(identity: &ProxyIdentity) -> Self {
         Snapshot {
             version: String::new(),
-            listeners: HashMap::new(),
+            listeners: Default::default(),
             clusters: HashMap::new(),
             source: pb::ProxyConfig::default(),
             no_route: no_route_labels(identity),
@@ -132,7 +132,7 @@ impl Snapshot {
             let t = build_route_table(rc, &clusters)?;
             tables.insert(rc.name.clone(), Arc::new(t));
         }
-        let mut listeners = HashMap::new();
+        let mut listeners = crate::fxhash::FxMap::default();
         for l in &cfg.listeners {
             let id = format!("Listener/{}", l.name);
             let ip: IpAddr = l.address.parse().map_err(|_| {

@@ -245,6 +245,11 @@ async fn idle_bounded<T>(
     t: &Timeouts,
     f: impl Future<Output = io::Result<T>>,
 ) -> Result<T, ForwardError> {
+    // A write that the socket takes at once (nearly all) needs no timer.
+    let mut f = std::pin::pin!(f);
+    if let Some(r) = futures_util::FutureExt::now_or_never(f.as_mut()) {
+        return r.map_err(ForwardError::Reset);
+    }
     t.run(f).await?.map_err(ForwardError::Reset)
 }
 

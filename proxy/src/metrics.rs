@@ -5,7 +5,7 @@
 //! is keyed by the label set's pointer, so recording a request hashes a few
 //! integers, not ~25 label strings.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -302,47 +302,9 @@ pub struct RequestRecord<'a> {
     pub peer_principal: Option<&'a Arc<str>>,
 }
 
-/// The series maps' hasher: one multiply per word (the rotate-multiply of
-/// rustc's FxHasher). Keys are a label set's address, small numbers and a
-/// mesh identity the CA signed, few and not chosen by clients, so the
-/// flooding resistance of std's SipHash (a twentieth of a request's
-/// instructions here) buys nothing.
-#[derive(Default, Clone, Copy)]
-struct FxHasher(u64);
-
-impl std::hash::Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.write_u64(u64::from_le_bytes(w));
-        }
-        for b in chunks.remainder() {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u8(&mut self, i: u8) {
-        self.write_u64(u64::from(i));
-    }
-    fn write_u16(&mut self, i: u16) {
-        self.write_u64(u64::from(i));
-    }
-    fn write_u32(&mut self, i: u32) {
-        self.write_u64(u64::from(i));
-    }
-    fn write_usize(&mut self, i: usize) {
-        self.write_u64(i as u64);
-    }
-    fn write_u64(&mut self, i: u64) {
-        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+// The series maps hash with FxHash: keys are a label set's address, small
+// numbers and a mesh identity the CA signed, few and not chosen by clients.
+use crate::fxhash::FxMap;
 
 /// Series are kept per worker (one map each, its lock uncontended: a
 /// worker records only into its own) and merged when scraped.

@@ -2,7 +2,6 @@
 //! match holds (match blocks OR, fields within a block AND), then a weighted
 //! pick among the route's clusters.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -143,14 +142,14 @@ pub struct VirtualHost {
 pub struct RouteTable {
     pub name: String,
     pub vhosts: Vec<VirtualHost>,
-    exact: HashMap<String, usize>,
+    exact: crate::fxhash::FxMap<String, usize>,
     suffixes: Vec<(String, usize)>,
     any: Option<usize>,
 }
 
 impl RouteTable {
     pub fn new(name: String, vhosts: Vec<VirtualHost>) -> Self {
-        let mut exact = HashMap::new();
+        let mut exact = crate::fxhash::FxMap::default();
         let mut suffixes = Vec::new();
         let mut any = None;
         for (i, vh) in vhosts.iter().enumerate() {

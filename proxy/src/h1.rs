@@ -49,6 +49,9 @@ pub struct Conn<S> {
     since: Instant,
     opened: Instant,
     served: u32,
+    /// The timer bounding the wait for a response head, kept across the
+    /// connection's requests (see [`read_head_bounded`]).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> Conn<S> {
@@ -60,6 +63,7 @@ impl<S> Conn<S> {
             since: now,
             opened: now,
             served: 0,
+            timer: None,
         }
     }
 }
@@ -307,7 +311,7 @@ where
             // reused: the upstream holds half a request.
             write_body(&mut conn, &mut body, &framing, t).await?;
         }
-        match t.run(read_head(&mut conn, head_request)).await {
+        match read_head_bounded(&mut conn, head_request, &t).await {
             Err(e) => return Err(e),
             Ok(Ok((resp, state, keep_alive))) => {
                 let mut body = H1Body {
@@ -511,6 +515,45 @@ fn parse_length(v: &HeaderValue) -> Result<u64, &'static str> {
         return Err("bad content-length");
     }
     s.parse().map_err(|_| "bad content-length")
+}
+
+/// Reads a response head within the try's bounds. The connection keeps one
+/// timer for this across its requests: armed no later than this wait's
+/// bound, and re-armed only when it fires before the bound (a later
+/// request moved the bound on), about once per stream idle timeout. A
+/// request so registers and removes no timer of its own. A timer that fires
+/// while its connection waits in the pool wakes nobody who minds.
+async fn read_head_bounded<S: AsyncRead + Unpin>(
+    conn: &mut Conn<S>,
+    head_request: bool,
+    t: &Timeouts,
+) -> Result<Result<(Response<()>, State, bool), HeadError>, ForwardError> {
+    let (at, expired) = t.bound();
+    let mut timer = conn
+        .timer
+        .take()
+        .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(at)));
+    if timer.deadline() > at {
+        timer.as_mut().reset(at);
+    }
+    let read = {
+        let mut read = std::pin::pin!(read_head(conn, head_request));
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            loop {
+                ready!(timer.as_mut().poll(cx));
+                if tokio::time::Instant::now() >= at {
+                    return Poll::Ready(None);
+                }
+                timer.as_mut().reset(at);
+            }
+        })
+        .await
+    };
+    conn.timer = Some(timer);
+    read.ok_or(expired)
 }
 
 async fn read_head<S: AsyncRead + Unpin>(

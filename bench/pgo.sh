@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# A profile-guided build of bosun, to measure how much of its CPU per request
+# is code layout (hot paths spread over a large binary) rather than work:
+#
+#   bench/pgo.sh            -> target/pgo/release/bosun
+#   BOSUN=target/pgo/release/bosun bench/run.sh
+#
+# 1. builds bosun instrumented (-Cprofile-generate) in target/pgo-gen;
+# 2. trains it as bench/run.sh's gateway in front of `bosun echo`: HTTP/1.1
+#    keep-alive (h2load --h1), HTTP/2 (h2load) and new connections (curl);
+# 3. merges the profile with the toolchain's llvm-profdata (rustup component
+#    llvm-tools) and builds with -Cprofile-use in target/pgo.
+# The plain `cargo build --release` binary is what CI tests and the figures
+# in bench/RESULTS.md are of unless they say PGO.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/bosun-config.sh
+. "$ROOT/bench/bosun-config.sh"
+PROFDATA=$(ls "$(rustc --print sysroot)"/lib/rustlib/*/bin/llvm-profdata 2>/dev/null | head -1)
+if [[ -z $PROFDATA ]]; then
+  rustup component add llvm-tools
+  PROFDATA=$(ls "$(rustc --print sysroot)"/lib/rustlib/*/bin/llvm-profdata | head -1)
+fi
+DATA=$ROOT/target/pgo-data
+rm -rf "$DATA"
+mkdir -p "$DATA"
+cd "$ROOT"
+RUSTFLAGS="-Cprofile-generate=$DATA" CARGO_TARGET_DIR=$ROOT/target/pgo-gen \
+  cargo build --release --bin bosun
+GEN=$ROOT/target/pgo-gen/release/bosun
+
+UP_PORT=18580 PX_PORT=18582 ADMIN=127.0.0.1:18583
+TMP=$(mktemp -d)
+trap 'kill $UP $PX 2>/dev/null || true; rm -rf "$TMP"' EXIT
+"$GEN" echo --listen "127.0.0.1:$UP_PORT" --name up >/dev/null 2>&1 &
+UP=$!
+mkdir -p "$TMP/c"
+bosun_bench_config "$PX_PORT" "$UP_PORT" >"$TMP/c/bench.yaml"
+"$GEN" proxy --mode gateway --config "$TMP/c" --gateway-address 127.0.0.1 \
+  --admin-address "$ADMIN" --workers 1 >/dev/null 2>&1 &
+PX=$!
+for _ in $(seq 1 100); do
+  curl -s -o /dev/null "http://127.0.0.1:$PX_PORT/" && break
+  sleep 0.1
+done
+h2load --h1 -n 300000 -c 64 "http://127.0.0.1:$PX_PORT/" | grep 'succeeded'
+h2load -n 50000 -c 16 -m 8 "http://127.0.0.1:$PX_PORT/" | grep 'succeeded'
+for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$PX_PORT/"; done
+# A clean exit writes the proxy's profile (the echo upstream's is not needed).
+kill -INT $PX
+wait $PX 2>/dev/null || true
+kill -9 $UP 2>/dev/null || true
+"$PROFDATA" merge -o "$DATA/merged.profdata" "$DATA"
+RUSTFLAGS="-Cprofile-use=$DATA/merged.profdata" CARGO_TARGET_DIR=$ROOT/target/pgo \
+  cargo build --release --bin bosun
+echo "bench/pgo.sh: $ROOT/target/pgo/release/bosun"

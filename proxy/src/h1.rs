@@ -869,6 +869,49 @@ impl<S: AsyncRead + Unpin> Body for H1Body<S> {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_kept_timer_bounds_each_response_head_by_its_own_wait() {
+        use tokio::io::AsyncWriteExt;
+        let (client, mut upstream) = tokio::io::duplex(4096);
+        let mut conn = Conn::new(client);
+        let long = Timeouts {
+            stream_idle: Duration::from_secs(60),
+            deadline: None,
+            response_deadline: None,
+        };
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        upstream.write_all(answer).await.expect("write");
+        // The first wait arms the connection's timer 60 s out.
+        let r = read_head_bounded(&mut conn, false, &long).await;
+        assert!(matches!(r, Ok(Ok(_))));
+
+        // A try deadline before the kept timer: the wait ends at it.
+        let start = tokio::time::Instant::now();
+        let short = Timeouts {
+            deadline: Some(start + Duration::from_millis(100)),
+            ..long
+        };
+        let r = read_head_bounded(&mut conn, false, &short).await;
+        assert!(matches!(r, Err(ForwardError::TryTimeout)));
+        assert!(start.elapsed() < Duration::from_secs(1));
+
+        // The kept timer is now behind the next bound: its firing re-arms
+        // it and is not taken for the stream idle timeout, which comes at 5 s.
+        let start = tokio::time::Instant::now();
+        let idle = Timeouts {
+            stream_idle: Duration::from_secs(5),
+            ..long
+        };
+        let r = read_head_bounded(&mut conn, false, &idle).await;
+        assert!(matches!(r, Err(ForwardError::StreamIdle(_))));
+        assert!(start.elapsed() >= Duration::from_secs(5));
+
+        // And an answer within the bound is read as ever.
+        upstream.write_all(answer).await.expect("write");
+        let r = read_head_bounded(&mut conn, false, &idle).await;
+        assert!(matches!(r, Ok(Ok(_))));
+    }
+
     fn head(raw: &str, head_request: bool) -> Result<Head, &'static str> {
         let mut b = BytesMut::from(raw.as_bytes());
         parse_head(&mut b, head_request).map(|h| h.expect("complete"))

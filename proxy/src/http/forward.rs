@@ -224,11 +224,8 @@ pub async fn forward(
         has_xfcc |= *k == xfcc;
         has_rid |= *k == rid;
     }
-    let new_xff = match headers
-        .get(&xff)
-        .filter(|_| has_xff)
-        .and_then(|v| v.to_str().ok())
-    {
+    let prev_xff = if has_xff { headers.get(&xff) } else { None };
+    let new_xff = match prev_xff.and_then(|v| v.to_str().ok()) {
         Some(prev) => {
             HeaderValue::try_from(format!("{prev}, {}", conn.peer_ip.to_str().unwrap_or(""))).ok()
         }
@@ -247,11 +244,8 @@ pub async fn forward(
     // claim an identity by writing a header.
     match conn.tls.as_ref().and_then(|t| t.xfcc.as_ref()) {
         Some(mine) => {
-            let v = match headers
-                .get(&xfcc)
-                .filter(|_| has_xfcc)
-                .and_then(|v| v.to_str().ok())
-            {
+            let prev = if has_xfcc { headers.get(&xfcc) } else { None };
+            let v = match prev.and_then(|v| v.to_str().ok()) {
                 Some(prev) => {
                     HeaderValue::try_from(format!("{prev},{}", mine.to_str().unwrap_or("")))
                         .unwrap_or_else(|_| mine.clone())

@@ -29,14 +29,9 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// its own: counted while a head is parsed, so its map is sized for what
 /// it will hold.
 pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
-    match name.len() {
-        6 => name.eq_ignore_ascii_case(b"expect"),
-        7 => name.eq_ignore_ascii_case(b"upgrade"),
-        10 => name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive"),
-        16 => name.eq_ignore_ascii_case(b"proxy-connection"),
-        17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
-        _ => false,
-    }
+    HOP_BY_HOP
+        .iter()
+        .any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -167,42 +167,74 @@ enum Framing {
     Chunked,
 }
 
-fn encode_head(parts: &http::request::Parts, framing: &Framing) -> BytesMut {
-    let mut b = BytesMut::with_capacity(512);
-    b.put_slice(parts.method.as_str().as_bytes());
-    b.put_u8(b' ');
-    b.put_slice(
+/// A buffer for one request head, lent by the thread and given back when
+/// dropped: no allocation per request once a thread has one.
+struct HeadBuf(Vec<u8>);
+
+thread_local! {
+    static HEAD_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl HeadBuf {
+    fn take() -> Self {
+        HeadBuf(
+            HEAD_BUFS
+                .with_borrow_mut(Vec::pop)
+                .unwrap_or_else(|| Vec::with_capacity(512)),
+        )
+    }
+}
+
+impl Drop for HeadBuf {
+    fn drop(&mut self) {
+        let mut b = std::mem::take(&mut self.0);
+        // A head grown large by one request is not kept.
+        if b.capacity() > 8 * 1024 {
+            return;
+        }
+        b.clear();
+        HEAD_BUFS.with_borrow_mut(|p| {
+            if p.len() < 64 {
+                p.push(b);
+            }
+        });
+    }
+}
+
+fn encode_head(parts: &http::request::Parts, framing: &Framing, b: &mut Vec<u8>) {
+    b.extend_from_slice(parts.method.as_str().as_bytes());
+    b.push(b' ');
+    b.extend_from_slice(
         parts
             .uri
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .as_bytes(),
     );
-    b.put_slice(b" HTTP/1.1\r\n");
+    b.extend_from_slice(b" HTTP/1.1\r\n");
     for (k, v) in &parts.headers {
         if k == header::CONTENT_LENGTH && !matches!(framing, Framing::Length(_)) {
             continue;
         }
-        b.put_slice(k.as_str().as_bytes());
-        b.put_slice(b": ");
-        b.put_slice(v.as_bytes());
-        b.put_slice(b"\r\n");
+        b.extend_from_slice(k.as_str().as_bytes());
+        b.extend_from_slice(b": ");
+        b.extend_from_slice(v.as_bytes());
+        b.extend_from_slice(b"\r\n");
     }
     match framing {
-        Framing::Chunked => b.put_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Chunked => b.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::Length(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
-            b.put_slice(format!("content-length: {n}\r\n").as_bytes());
+            b.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
         }
         Framing::Empty
             if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
                 && !parts.headers.contains_key(header::CONTENT_LENGTH) =>
         {
-            b.put_slice(b"content-length: 0\r\n");
+            b.extend_from_slice(b"content-length: 0\r\n");
         }
         _ => {}
     }
-    b.put_slice(b"\r\n");
-    b
+    b.extend_from_slice(b"\r\n");
 }
 
 /// How long the upstream may stay silent (Envoy's stream idle timeout), and
@@ -282,7 +314,8 @@ where
         }
     };
     let replayable = matches!(framing, Framing::Empty);
-    let head = encode_head(parts, &framing).freeze();
+    let mut head = HeadBuf::take();
+    encode_head(parts, &framing, &mut head.0);
     let head_request = parts.method == Method::HEAD;
     let mut reused_failed = false;
     loop {
@@ -299,7 +332,7 @@ where
                 (Conn::new(opened), false)
             }
         };
-        if let Err(e) = idle_bounded(&t, conn.stream.write_all(&head)).await {
+        if let Err(e) = idle_bounded(&t, conn.stream.write_all(&head.0)).await {
             if reused && replayable && !reused_failed {
                 reused_failed = true;
                 continue;
@@ -437,7 +470,7 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
     let head = buf.split_to(len).freeze();
     // Room for what forwarding keeps and adds (a cookie, `connection:
     // close` on drain) without the map growing, and no more.
-    let mut map = HeaderMap::with_capacity(n - dropped + 2);
+    let mut map = crate::http::headers::header_map(n - dropped + 2);
     // Framing is read while the map is built (no lookups after).
     let mut close = false;
     let mut last_te: Option<HeaderValue> = None;

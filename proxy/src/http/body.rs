@@ -345,7 +345,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The response body: streamed from upstream or local; recorded when it ends.
 pub struct RespBody {
     pub kind: RespKind,
-    pub exchange: Option<Box<Exchange>>,
+    pub exchange: Option<Exchange>,
     /// Keeps the downstream connection busy (not idle) until the response ends.
     pub inflight: Option<crate::http::serve::InFlight>,
 }

@@ -471,6 +471,10 @@ pub async fn forward(
                 None
             }
         };
+        // The request head is done with: its map goes back for reuse.
+        if let Some(h) = head.take() {
+            crate::http::headers::recycle(h.headers);
+        }
         return match tried_result {
             Tried::Response(resp, a) => {
                 if let Some(f) = flag(Flags::None) {

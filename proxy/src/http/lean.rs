@@ -220,7 +220,7 @@ fn build(head: &Bytes, meta: &Meta, spans: &[Span]) -> Option<http::request::Par
     let uri = Uri::from_maybe_shared(head.slice(meta.path.0..meta.path.1)).ok()?;
     // Room for what forwarding adds (x-forwarded-for, -proto, x-request-id)
     // without the map growing, and no more (route headers may grow it).
-    let mut headers = HeaderMap::with_capacity(spans.len() + 3);
+    let mut headers = crate::http::headers::header_map(spans.len() + 3);
     for &[n0, n1, v0, v1] in spans {
         let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)).ok()?;
@@ -471,7 +471,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    drop(parts);
+    crate::http::headers::recycle(parts.headers);
     let mut remaining = match framing {
         Framing::None => {
             // A body that has ended is polled once, so an upstream

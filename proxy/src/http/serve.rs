@@ -526,10 +526,10 @@ impl Recorder {
         code: u16,
         flags: Flags,
         active: Option<ActiveGuard>,
-    ) -> (Box<Exchange>, bool, InFlight) {
+    ) -> (Exchange, bool, InFlight) {
         let close = self.h1 && self.shared.drain.is_draining();
         (
-            Box::new(Exchange {
+            Exchange {
                 shared: self.shared,
                 labels,
                 start: self.start,
@@ -542,7 +542,7 @@ impl Recorder {
                 active,
                 log: self.log,
                 peer_principal: self.peer_principal,
-            }),
+            },
             close,
             self.inflight,
         )

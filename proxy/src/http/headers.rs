@@ -102,16 +102,12 @@ pub fn request_id() -> HeaderValue {
     let mut b: [u8; 16] = rand::rng().random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let mut out = [0u8; 36];
-    let mut o = 0;
-    for (i, x) in b.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out[o] = b'-';
-            o += 1;
-        }
+    // Where each byte's two digits go: 8-4-4-4-12, dashes between.
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+    let mut out = [b'-'; 36];
+    for (x, &o) in b.iter().zip(AT.iter()) {
         out[o] = HEX[usize::from(x >> 4)];
         out[o + 1] = HEX[usize::from(x & 0xf)];
-        o += 2;
     }
     // Ids are cut from a per-thread block of 64 (one allocation, not one
     // each); a block is freed when the last id cut from it is.

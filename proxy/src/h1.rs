@@ -172,14 +172,15 @@ enum Framing {
 struct HeadBuf(Vec<u8>);
 
 thread_local! {
-    static HEAD_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static HEAD_BUFS: crate::freelist::FreeList<Vec<u8>> =
+        const { crate::freelist::FreeList::new(64) };
 }
 
 impl HeadBuf {
     fn take() -> Self {
         HeadBuf(
             HEAD_BUFS
-                .with_borrow_mut(Vec::pop)
+                .with(crate::freelist::FreeList::take)
                 .unwrap_or_else(|| Vec::with_capacity(512)),
         )
     }
@@ -193,11 +194,7 @@ impl Drop for HeadBuf {
             return;
         }
         b.clear();
-        HEAD_BUFS.with_borrow_mut(|p| {
-            if p.len() < 64 {
-                p.push(b);
-            }
-        });
+        HEAD_BUFS.with(|l| l.give(b));
     }
 }
 

@@ -16,6 +16,7 @@ pub mod dns;
 pub mod drain;
 pub mod error;
 pub mod flags;
+pub mod freelist;
 pub mod fxhash;
 pub mod h1;
 pub mod http;

@@ -8,6 +8,8 @@ use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use rand::RngExt;
 
+use crate::freelist::FreeList;
+
 const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -136,13 +138,13 @@ const KEPT_MAPS: usize = 64;
 const KEPT_ENTRIES: usize = 48;
 
 thread_local! {
-    static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    static MAPS: FreeList<HeaderMap> = const { FreeList::new(KEPT_MAPS) };
 }
 
 /// An empty header map with room for `entries` (one from the free list
 /// when there is one).
 pub fn header_map(entries: usize) -> HeaderMap {
-    if let Some(mut m) = MAPS.with_borrow_mut(Vec::pop)
+    if let Some(mut m) = MAPS.with(FreeList::take)
         && m.try_reserve(entries).is_ok()
     {
         return m;
@@ -156,11 +158,7 @@ pub fn recycle(mut map: HeaderMap) {
         return;
     }
     map.clear();
-    MAPS.with_borrow_mut(|v| {
-        if v.len() < KEPT_MAPS {
-            v.push(map);
-        }
-    });
+    MAPS.with(|l| l.give(map));
 }
 
 pub fn cookie_value<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -207,7 +205,7 @@ mod tests {
         // A map grown past what is kept is freed, not listed.
         let big = HeaderMap::<HeaderValue>::with_capacity(super::KEPT_ENTRIES + 1);
         super::recycle(big);
-        assert_eq!(super::MAPS.with_borrow(Vec::len), 0);
+        assert!(super::MAPS.with(|l| l.is_empty()));
     }
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

@@ -41,6 +41,8 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 /// Response headers: as many as Envoy accepts by default.
 const MAX_RESPONSE_HEADERS: usize = 100;
+// `parse_head` marks hop-by-hop headers in a 128-bit mask.
+const _: () = assert!(MAX_RESPONSE_HEADERS <= 128);
 
 /// An open connection to one endpoint, with what was read past the last message.
 pub struct Conn<S> {
@@ -433,9 +435,15 @@ pub struct Head {
 /// `Ok(None)`: more bytes are needed. 1xx heads are returned like any other
 /// (the caller skips them).
 pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, &'static str> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut r = httparse::Response::new(&mut headers);
-    let len = match r.parse(buf) {
+    // Left uninitialised: httparse fills only what it parses.
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut r,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
             return Err("response head too large");
@@ -448,13 +456,37 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
     let version = r.version.unwrap_or(1);
     let status = StatusCode::from_u16(code).map_err(|_| "bad status code")?;
     // Where the names and values are; the map is built from the head once
-    // it is taken out of the buffer (values share its bytes).
+    // it is taken out of the buffer (values share its bytes). Most heads
+    // fit the array; a longer one takes a vector.
     let base = buf.as_ptr() as usize;
-    let mut spans = [[0u32; 4]; MAX_RESPONSE_HEADERS];
     let n = r.headers.len();
+    let mut few = [[0u32; 4]; 24];
+    let mut many = Vec::new();
+    let spans: &mut [[u32; 4]] = if n <= few.len() {
+        &mut few[..n]
+    } else {
+        many.resize(n, [0u32; 4]);
+        &mut many
+    };
     let mut dropped = 0;
-    for (s, h) in spans.iter_mut().zip(r.headers.iter()) {
-        dropped += usize::from(crate::http::headers::is_hop_by_hop_name(h.name.as_bytes()));
+    let mut hops: u128 = 0;
+    // Hop-by-hop headers (RFC 9110 7.6.1) are forwarding's to drop: they
+    // are left out of the map here rather than put in and taken out again,
+    // unless a Connection header names others (then the whole set is
+    // stripped later, names and all) or the response switches protocols.
+    let mut names_others = status == StatusCode::SWITCHING_PROTOCOLS;
+    for (i, (s, h)) in spans.iter_mut().zip(r.headers.iter()).enumerate() {
+        let hop = crate::http::headers::is_hop_by_hop_name(h.name.as_bytes());
+        dropped += usize::from(hop);
+        hops |= u128::from(hop) << i;
+        if hop && h.name.eq_ignore_ascii_case("connection") {
+            names_others |= h.value.split(|b| *b == b',').any(|t| {
+                let t = t.trim_ascii();
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+                    && !t.eq_ignore_ascii_case(b"close")
+            });
+        }
         let name = (h.name.as_ptr() as usize - base) as u32;
         let value = (h.value.as_ptr() as usize - base) as u32;
         *s = [
@@ -472,22 +504,27 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
     let mut close = false;
     let mut last_te: Option<HeaderValue> = None;
     let mut length: Result<Option<u64>, &'static str> = Ok(None);
-    for &[n0, n1, v0, v1] in &spans[..n] {
-        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
+    let mut has_length = false;
+    for (i, &[n0, n1, v0, v1]) in spans.iter().enumerate() {
+        let name = crate::http::headers::header_name(&head[n0 as usize..n1 as usize])
             .map_err(|_| "bad header name")?;
         let v = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
             .map_err(|_| "bad header value")?;
         if name == header::CONNECTION {
-            close |= v.as_bytes().eq_ignore_ascii_case(b"close");
+            close |= crate::http::headers::has_token(v.as_bytes(), b"close");
         } else if name == header::TRANSFER_ENCODING {
             last_te = Some(v.clone());
         } else if name == header::CONTENT_LENGTH {
+            has_length = true;
             length = match (length, parse_length(&v)) {
                 (Err(e), _) | (_, Err(e)) => Err(e),
                 (Ok(None), Ok(n)) => Ok(Some(n)),
                 (Ok(Some(m)), Ok(n)) if m == n => Ok(Some(n)),
                 (Ok(Some(_)), Ok(_)) => Err("conflicting content-length"),
             };
+        }
+        if !names_others && hops & (1 << i) != 0 {
+            continue;
         }
         map.append(name, v);
     }
@@ -507,7 +544,7 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
     let length = match length {
         // Envoy refuses both framings in one message (RFC 9112 6.3: a
         // smuggling or response-splitting attempt).
-        Ok(Some(_)) | Err(_) if chunked && map.contains_key(header::CONTENT_LENGTH) => {
+        Ok(Some(_)) | Err(_) if chunked && has_length => {
             return Err("both transfer-encoding and content-length");
         }
         Ok(l) => l,
@@ -1013,5 +1050,40 @@ mod tests {
         let h = h.expect("ok");
         let cookies: Vec<_> = h.response.headers().get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a", "b"]);
+    }
+
+    #[test]
+    fn hop_by_hop_response_headers_stay_out_of_the_map_unless_more_is_named() {
+        let names = |h: &Head| {
+            let mut v: Vec<String> = h.response.headers().keys().map(|k| k.to_string()).collect();
+            v.sort();
+            v
+        };
+        // The common case: framing and keep-alive are read, not kept.
+        let h = head(
+            "HTTP/1.1 200 OK\r\nServer: up\r\nConnection: Keep-Alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n",
+            false,
+        )
+        .expect("ok");
+        assert!(matches!(h.state, State::Chunked(_)) && h.keep_alive);
+        assert_eq!(names(&h), ["server", "x-a"]);
+        let h = head("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n", false).expect("ok");
+        assert!(!h.keep_alive && names(&h).is_empty());
+        // A Connection header naming another header: all stay, for the
+        // strip that removes the named ones too.
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .expect("ok");
+        assert!(!h.keep_alive);
+        assert_eq!(names(&h), ["connection", "content-length", "x-secret"]);
+        // Switching protocols keeps its Connection and Upgrade.
+        let h = head(
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            false,
+        )
+        .expect("ok");
+        assert_eq!(names(&h), ["connection", "upgrade"]);
     }
 }

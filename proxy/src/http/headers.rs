@@ -36,6 +36,84 @@ pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
         .any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The name of a header in a head httparse has parsed. The names heads
+/// most often carry are matched here, case-blind and a word at a time, and
+/// cost a comparison or two; `HeaderName::from_bytes` lowercases every name
+/// into a scratch buffer, looks it up, and copies one it does not know
+/// (an allocation for each `x-request-id`). The rest go to it.
+///
+/// Only for names httparse has taken as tokens: OR-ing 0x20 into a token
+/// byte gives a lowercase letter only from that letter or its capital, and
+/// `-` only from `-` (the other candidate, CR, is no token byte).
+pub fn header_name(b: &[u8]) -> Result<HeaderName, header::InvalidHeaderName> {
+    let known = match b.len() {
+        2 if lower_eq(b, b"te") => Some(header::TE),
+        4 if lower_eq(b, b"host") => Some(header::HOST),
+        4 if lower_eq(b, b"date") => Some(header::DATE),
+        4 if lower_eq(b, b"etag") => Some(header::ETAG),
+        4 if lower_eq(b, b"vary") => Some(header::VARY),
+        6 if lower_eq(b, b"accept") => Some(header::ACCEPT),
+        6 if lower_eq(b, b"server") => Some(header::SERVER),
+        6 if lower_eq(b, b"cookie") => Some(header::COOKIE),
+        6 if lower_eq(b, b"origin") => Some(header::ORIGIN),
+        6 if lower_eq(b, b"expect") => Some(header::EXPECT),
+        7 if lower_eq(b, b"referer") => Some(header::REFERER),
+        7 if lower_eq(b, b"expires") => Some(header::EXPIRES),
+        7 if lower_eq(b, b"upgrade") => Some(header::UPGRADE),
+        8 if lower_eq(b, b"location") => Some(header::LOCATION),
+        10 if lower_eq(b, b"user-agent") => Some(header::USER_AGENT),
+        10 if lower_eq(b, b"connection") => Some(header::CONNECTION),
+        10 if lower_eq(b, b"set-cookie") => Some(header::SET_COOKIE),
+        10 if lower_eq(b, b"keep-alive") => Some(KEEP_ALIVE),
+        12 if lower_eq(b, b"content-type") => Some(header::CONTENT_TYPE),
+        12 if lower_eq(b, b"x-request-id") => Some(X_REQUEST_ID),
+        13 if lower_eq(b, b"cache-control") => Some(header::CACHE_CONTROL),
+        13 if lower_eq(b, b"authorization") => Some(header::AUTHORIZATION),
+        13 if lower_eq(b, b"last-modified") => Some(header::LAST_MODIFIED),
+        13 if lower_eq(b, b"accept-ranges") => Some(header::ACCEPT_RANGES),
+        14 if lower_eq(b, b"content-length") => Some(header::CONTENT_LENGTH),
+        15 if lower_eq(b, b"accept-encoding") => Some(header::ACCEPT_ENCODING),
+        15 if lower_eq(b, b"accept-language") => Some(header::ACCEPT_LANGUAGE),
+        15 if lower_eq(b, b"x-forwarded-for") => Some(X_FORWARDED_FOR),
+        17 if lower_eq(b, b"transfer-encoding") => Some(header::TRANSFER_ENCODING),
+        17 if lower_eq(b, b"x-forwarded-proto") => Some(X_FORWARDED_PROTO),
+        _ => None,
+    };
+    match known {
+        Some(n) => Ok(n),
+        None => HeaderName::from_bytes(b),
+    }
+}
+
+/// `b` (a token of `lower`'s length) is `lower` (lowercase letters and
+/// `-`) in any case: eight bytes at a time.
+fn lower_eq(b: &[u8], lower: &[u8]) -> bool {
+    const CASE: u64 = 0x2020_2020_2020_2020;
+    let mut x = b.chunks_exact(8);
+    let mut y = lower.chunks_exact(8);
+    for (p, q) in x.by_ref().zip(y.by_ref()) {
+        let (Ok(p), Ok(q)) = (<[u8; 8]>::try_from(p), <[u8; 8]>::try_from(q)) else {
+            return false;
+        };
+        if u64::from_le_bytes(p) | CASE != u64::from_le_bytes(q) {
+            return false;
+        }
+    }
+    let (p, q) = (x.remainder(), y.remainder());
+    p.len() == q.len() && p.iter().zip(q).all(|(a, b)| a | 0x20 == *b)
+}
+
+/// A comma-separated list value (`Connection`, `TE`) holds `token`, in any case.
+pub fn has_token(v: &[u8], token: &[u8]) -> bool {
+    v.split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // Which of them are here: one scan, no hashing. Most messages carry
     // none, or only `connection: keep-alive`.
@@ -270,6 +348,40 @@ mod tests {
         for n in ["te", "content-length", "connectionx", "x-upgrade"] {
             assert!(!super::is_hop_by_hop_name(n.as_bytes()), "{n}");
         }
+    }
+
+    #[test]
+    fn known_names_are_matched_in_any_case_and_others_parsed() {
+        for n in [
+            "Host",
+            "CONTENT-LENGTH",
+            "content-type",
+            "Transfer-Encoding",
+            "X-Forwarded-For",
+            "x-request-id",
+            "Keep-Alive",
+            "te",
+            "Accept-Ranges",
+        ] {
+            let got = super::header_name(n.as_bytes()).expect("valid");
+            let want = http::header::HeaderName::from_bytes(n.as_bytes()).expect("valid");
+            assert_eq!(got, want, "{n}");
+            assert_eq!(got.as_str(), n.to_ascii_lowercase());
+        }
+        // Near misses (a byte off, `_` for `-`, one short or long) are
+        // parsed as what they are.
+        for n in [
+            "hosu",
+            "content_length",
+            "content-lengt",
+            "x-request-idd",
+            "Datf",
+        ] {
+            let got = super::header_name(n.as_bytes()).expect("valid");
+            assert_eq!(got.as_str(), n.to_ascii_lowercase(), "{n}");
+        }
+        assert!(super::header_name(b"bad name").is_err());
+        assert!(super::header_name(b"").is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bosun_xds_proto::config as pb;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use rand::{Rng, RngExt};
 
 use crate::cluster::Cluster;
@@ -160,7 +160,9 @@ impl RetryPolicy {
         }
     }
 
-    /// Is a response head worth another try? `retriable_headers` are the
+    /// Is a response head worth another try? Asked of every response
+    /// under a retry policy (Istio gives every route one), so the common
+    /// 2xx answer costs a few comparisons. `retriable_headers` are the
     /// names the client listed in `x-envoy-retriable-header-names`.
     pub fn retriable_response(
         &self,
@@ -179,7 +181,7 @@ impl RetryPolicy {
         if on.has(RetryOn::RETRIABLE_4XX) && code == 409 {
             return true;
         }
-        if on.has(RetryOn::RATE_LIMITED) && headers.contains_key("x-envoy-ratelimited") {
+        if on.has(RetryOn::RATE_LIMITED) && has_header(headers, &RATELIMITED) {
             return true;
         }
         if on.has(RetryOn::STATUS_CODES) && self.status_codes.contains(&code) {
@@ -195,7 +197,7 @@ impl RetryPolicy {
             return true;
         }
         // gRPC: a trailers-only response carries grpc-status in its head.
-        if on.0 & GRPC_ANY == 0 {
+        if on.0 & GRPC_ANY == 0 || !has_header(headers, &GRPC_STATUS) {
             return false;
         }
         if let Some(g) = crate::http::body::grpc_status(headers) {
@@ -216,6 +218,19 @@ impl RetryPolicy {
     /// `[0, min(max, base × 2^retry))`, `retry` counting from 0.
     pub fn backoff<R: Rng + ?Sized>(&self, retry: u32, rng: &mut R) -> Duration {
         backoff(self.backoff_base, self.backoff_max, retry, rng)
+    }
+}
+
+const RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// Whether `h` holds `name`: a small map (a response head's usual size) is
+/// scanned, which costs less than hashing the name.
+fn has_header(h: &HeaderMap, name: &HeaderName) -> bool {
+    if h.keys_len() <= 8 {
+        h.keys().any(|k| k == name)
+    } else {
+        h.contains_key(name)
     }
 }
 

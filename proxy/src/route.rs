@@ -201,14 +201,18 @@ impl RouteTable {
     }
 }
 
+/// `host:port` → `host`, `[v6]:port` → `[v6]`; anything else as it is.
+/// Byte scans: this runs for every request's authority.
 pub fn strip_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return authority
-            .split_once(']')
-            .map_or(authority, |(h, _)| &authority[..h.len() + 1]);
+    let b = authority.as_bytes();
+    if b.first() == Some(&b'[') {
+        return match b.iter().position(|&c| c == b']') {
+            Some(i) => &authority[..=i],
+            None => authority,
+        };
     }
-    match authority.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+    match b.iter().rposition(|&c| c == b':') {
+        Some(i) if b[i + 1..].iter().all(u8::is_ascii_digit) => &authority[..i],
         _ => authority,
     }
 }
@@ -363,5 +367,10 @@ mod tests {
         assert_eq!(rewrite_path("/x", None, "/y"), "/y");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("a:80"), "a");
+        assert_eq!(strip_port("a"), "a");
+        assert_eq!(strip_port("a:b"), "a:b");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("[::1"), "[::1");
+        assert_eq!(strip_port("1.2.3.4:8080"), "1.2.3.4");
     }
 }

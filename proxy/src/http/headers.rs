@@ -6,7 +6,8 @@ use std::cell::RefCell;
 use bytes::BytesMut;
 use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use rand::RngExt;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 use crate::freelist::FreeList;
 
@@ -177,33 +178,50 @@ pub fn is_upgrade(version: Version, h: &HeaderMap) -> bool {
 }
 
 /// A random (v4) UUID, formatted in place: no intermediate strings.
+///
+/// The bits come from a per-thread xoshiro256++ (`SmallRng`) seeded from
+/// the OS-seeded ChaCha thread generator: ids must be unique, not secret
+/// (Envoy's are trace and sampling keys), and drawing 16 bytes from the
+/// ChaCha generator cost about 430 instructions a request against about
+/// 20.
 pub fn request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut b: [u8; 16] = rand::rng().random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    // Where each byte's two digits go: 8-4-4-4-12, dashes between.
-    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
-    let mut out = [b'-'; 36];
-    for (x, &o) in b.iter().zip(AT.iter()) {
-        out[o] = HEX[usize::from(x >> 4)];
-        out[o + 1] = HEX[usize::from(x & 0xf)];
-    }
     // Ids are cut from a per-thread block of 64 (one allocation, not one
     // each); a block is freed when the last id cut from it is.
-    let id = ID_BLOCK.with(|b| {
-        let mut b = b.borrow_mut();
-        if b.capacity() < out.len() {
-            *b = BytesMut::with_capacity(out.len() * 64);
+    let id = IDS.with(|g| {
+        let mut g = g.borrow_mut();
+        let g = &mut *g;
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&g.rng.next_u64().to_le_bytes());
+        b[8..].copy_from_slice(&g.rng.next_u64().to_le_bytes());
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        // Where each byte's two digits go: 8-4-4-4-12, dashes between.
+        const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+        let mut out = [b'-'; 36];
+        for (x, &o) in b.iter().zip(AT.iter()) {
+            out[o] = HEX[usize::from(x >> 4)];
+            out[o + 1] = HEX[usize::from(x & 0xf)];
         }
-        b.extend_from_slice(&out);
-        b.split().freeze()
+        if g.block.capacity() < out.len() {
+            g.block = BytesMut::with_capacity(out.len() * 64);
+        }
+        g.block.extend_from_slice(&out);
+        g.block.split().freeze()
     });
     HeaderValue::from_maybe_shared(id).unwrap_or(HeaderValue::from_static("0"))
 }
 
+struct IdGen {
+    rng: SmallRng,
+    block: BytesMut,
+}
+
 thread_local! {
-    static ID_BLOCK: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+    static IDS: RefCell<IdGen> = RefCell::new(IdGen {
+        rng: SmallRng::from_rng(&mut rand::rng()),
+        block: BytesMut::new(),
+    });
 }
 
 /// Header maps taken from and given back to a per-thread free list: a

@@ -296,6 +296,7 @@ pub async fn send<S, B, C, F>(
     parts: &http::request::Parts,
     mut body: B,
     t: Timeouts,
+    raw: bool,
 ) -> Result<Response<H1Body<S>>, ForwardError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -343,13 +344,19 @@ where
             // reused: the upstream holds half a request.
             write_body(&mut conn, &mut body, &framing, t).await?;
         }
-        match read_head_bounded(&mut conn, head_request, &t).await {
+        match read_head_bounded(&mut conn, head_request, raw, &t).await {
             Err(e) => return Err(e),
-            Ok(Ok((resp, state, keep_alive))) => {
+            Ok(Ok(Head {
+                response: resp,
+                state,
+                keep_alive,
+                raw,
+            })) => {
                 let mut body = H1Body {
                     conn: Some(conn),
                     state,
                     keep_alive,
+                    raw,
                     idle: idle.clone(),
                     stream_idle: t.stream_idle,
                     response_deadline: t.response_deadline,
@@ -423,11 +430,63 @@ enum HeadError {
 }
 
 /// A parsed response head: the response, how its body is framed, and
-/// whether the upstream allows the connection to be reused.
+/// whether the upstream allows the connection to be reused. With `raw`,
+/// the response's map is empty and the upstream's headers are there.
 pub struct Head {
     pub response: Response<()>,
     pub state: State,
     pub keep_alive: bool,
+    pub raw: Option<RawHeaders>,
+}
+
+/// A response head's headers as the upstream sent them, for a downstream
+/// that writes them straight out (the lean HTTP/1.1 path): no map is built
+/// (for each header a name lookup, a hash, an insert, and later a clear).
+/// Hop-by-hop headers are not among them. Names and values were checked by
+/// httparse, whose token and field-value rules are `http`'s: what a map
+/// would refuse, httparse refused first.
+pub struct RawHeaders {
+    head: Bytes,
+    /// Name and value of each header, as offsets into `head`.
+    spans: Vec<[u32; 4]>,
+    length: Option<u64>,
+    date: bool,
+}
+
+thread_local! {
+    static SPANS: crate::freelist::FreeList<Vec<[u32; 4]>> =
+        const { crate::freelist::FreeList::new(64) };
+}
+
+impl RawHeaders {
+    /// Names (as sent: the writer lowercases them) and values.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans.iter().map(|&[n0, n1, v0, v1]| {
+            (
+                &self.head[n0 as usize..n1 as usize],
+                &self.head[v0 as usize..v1 as usize],
+            )
+        })
+    }
+
+    /// The Content-Length the upstream sent (checked: one value, digits).
+    pub fn content_length(&self) -> Option<u64> {
+        self.length
+    }
+
+    /// A Date header is among them.
+    pub fn has_date(&self) -> bool {
+        self.date
+    }
+
+    /// Done with: the span list goes back for the next head.
+    pub fn recycle(self) {
+        let mut spans = self.spans;
+        if spans.capacity() <= 32 {
+            spans.clear();
+            SPANS.with(|l| l.give(spans));
+        }
+    }
 }
 
 /// Parses one response head at the start of `buf` and takes it out of the
@@ -435,6 +494,19 @@ pub struct Head {
 /// `Ok(None)`: more bytes are needed. 1xx heads are returned like any other
 /// (the caller skips them).
 pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, &'static str> {
+    parse_head_as(buf, head_request, false)
+}
+
+/// As `parse_head`; with `raw`, the headers are left as `RawHeaders` when
+/// nothing about them needs a map: not a 101, no Connection header naming
+/// other headers (those are stripped by name later), and no `grpc-status`
+/// or `x-envoy-ratelimited`, which retry policies look up.
+pub fn parse_head_as(
+    buf: &mut BytesMut,
+    head_request: bool,
+    raw: bool,
+) -> Result<Option<Head>, &'static str> {
+    use crate::http::headers::{has_token, header_name, is_hop_by_hop_name, lower_eq};
     // Left uninitialised: httparse fills only what it parses.
     let mut headers =
         [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_RESPONSE_HEADERS];
@@ -455,78 +527,67 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
     let code = r.code.unwrap_or(0);
     let version = r.version.unwrap_or(1);
     let status = StatusCode::from_u16(code).map_err(|_| "bad status code")?;
-    // Where the names and values are; the map is built from the head once
-    // it is taken out of the buffer (values share its bytes). Most heads
-    // fit the array; a longer one takes a vector.
+    // Where the names and values are (the head is taken out of the buffer
+    // before anything shares its bytes), and what framing needs: read here
+    // as bytes, once.
     let base = buf.as_ptr() as usize;
     let n = r.headers.len();
-    let mut few = [[0u32; 4]; 24];
-    let mut many = Vec::new();
-    let spans: &mut [[u32; 4]] = if n <= few.len() {
-        &mut few[..n]
-    } else {
-        many.resize(n, [0u32; 4]);
-        &mut many
-    };
+    let mut spans = SPANS
+        .with(crate::freelist::FreeList::take)
+        .unwrap_or_default();
+    spans.reserve(n);
     let mut dropped = 0;
-    let mut hops: u128 = 0;
     // Hop-by-hop headers (RFC 9110 7.6.1) are forwarding's to drop: they
-    // are left out of the map here rather than put in and taken out again,
-    // unless a Connection header names others (then the whole set is
-    // stripped later, names and all) or the response switches protocols.
+    // are left out here rather than put in and taken out again, unless a
+    // Connection header names others (then the whole set is stripped
+    // later, names and all) or the response switches protocols.
+    let mut hops: u128 = 0;
     let mut names_others = status == StatusCode::SWITCHING_PROTOCOLS;
-    for (i, (s, h)) in spans.iter_mut().zip(r.headers.iter()).enumerate() {
-        let hop = crate::http::headers::is_hop_by_hop_name(h.name.as_bytes());
+    let mut looked_up = false;
+    let mut close = false;
+    let mut last_te: Option<&[u8]> = None;
+    let mut length: Result<Option<u64>, &'static str> = Ok(None);
+    let mut has_length = false;
+    let mut date = false;
+    for (i, h) in r.headers.iter().enumerate() {
+        let name = h.name.as_bytes();
+        let v = h.value;
+        let hop = is_hop_by_hop_name(name);
         dropped += usize::from(hop);
         hops |= u128::from(hop) << i;
-        if hop && h.name.eq_ignore_ascii_case("connection") {
-            names_others |= h.value.split(|b| *b == b',').any(|t| {
-                let t = t.trim_ascii();
-                !t.is_empty()
-                    && !t.eq_ignore_ascii_case(b"keep-alive")
-                    && !t.eq_ignore_ascii_case(b"close")
-            });
+        match name.len() {
+            10 if hop && lower_eq(name, b"connection") => {
+                close |= has_token(v, b"close");
+                names_others |= v.split(|b| *b == b',').any(|t| {
+                    let t = t.trim_ascii();
+                    !t.is_empty()
+                        && !t.eq_ignore_ascii_case(b"keep-alive")
+                        && !t.eq_ignore_ascii_case(b"close")
+                });
+            }
+            17 if hop && lower_eq(name, b"transfer-encoding") => last_te = Some(v),
+            14 if lower_eq(name, b"content-length") => {
+                has_length = true;
+                length = match (length, parse_length(v)) {
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                    (Ok(None), Ok(n)) => Ok(Some(n)),
+                    (Ok(Some(m)), Ok(n)) if m == n => Ok(Some(n)),
+                    (Ok(Some(_)), Ok(_)) => Err("conflicting content-length"),
+                };
+            }
+            4 if lower_eq(name, b"date") => date = true,
+            11 if lower_eq(name, b"grpc-status") => looked_up = true,
+            19 if lower_eq(name, b"x-envoy-ratelimited") => looked_up = true,
+            _ => {}
         }
         let name = (h.name.as_ptr() as usize - base) as u32;
-        let value = (h.value.as_ptr() as usize - base) as u32;
-        *s = [
+        let value = (v.as_ptr() as usize - base) as u32;
+        spans.push([
             name,
             name + h.name.len() as u32,
             value,
-            value + h.value.len() as u32,
-        ];
-    }
-    let head = buf.split_to(len).freeze();
-    // Room for what forwarding keeps and adds (a cookie, `connection:
-    // close` on drain) without the map growing, and no more.
-    let mut map = crate::http::headers::header_map(n - dropped + 2);
-    // Framing is read while the map is built (no lookups after).
-    let mut close = false;
-    let mut last_te: Option<HeaderValue> = None;
-    let mut length: Result<Option<u64>, &'static str> = Ok(None);
-    let mut has_length = false;
-    for (i, &[n0, n1, v0, v1]) in spans.iter().enumerate() {
-        let name = crate::http::headers::header_name(&head[n0 as usize..n1 as usize])
-            .map_err(|_| "bad header name")?;
-        let v = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
-            .map_err(|_| "bad header value")?;
-        if name == header::CONNECTION {
-            close |= crate::http::headers::has_token(v.as_bytes(), b"close");
-        } else if name == header::TRANSFER_ENCODING {
-            last_te = Some(v.clone());
-        } else if name == header::CONTENT_LENGTH {
-            has_length = true;
-            length = match (length, parse_length(&v)) {
-                (Err(e), _) | (_, Err(e)) => Err(e),
-                (Ok(None), Ok(n)) => Ok(Some(n)),
-                (Ok(Some(m)), Ok(n)) if m == n => Ok(Some(n)),
-                (Ok(Some(_)), Ok(_)) => Err("conflicting content-length"),
-            };
-        }
-        if !names_others && hops & (1 << i) != 0 {
-            continue;
-        }
-        map.append(name, v);
+            value + v.len() as u32,
+        ]);
     }
     let keep_alive = version == 1 && !close;
     let chunked = match last_te {
@@ -534,8 +595,8 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         // RFC 9112 6.3: chunked must be the last coding; anything else
         // would be delimited by close, which a reused connection cannot be.
         Some(v) => {
-            let last = v.to_str().ok().and_then(|s| s.rsplit(',').next());
-            if !last.is_some_and(|l| l.trim().eq_ignore_ascii_case("chunked")) {
+            let last = v.rsplit(|b| *b == b',').next().map(<[u8]>::trim_ascii);
+            if !last.is_some_and(|l| l.eq_ignore_ascii_case(b"chunked")) {
                 return Err("transfer-encoding without chunked last");
             }
             true
@@ -565,23 +626,71 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             None => State::UntilClose,
         }
     };
+    let head = buf.split_to(len).freeze();
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = Version::HTTP_11;
+    if raw && !names_others && !looked_up {
+        if hops != 0 {
+            let mut i = 0;
+            spans.retain(|_| {
+                i += 1;
+                hops & (1 << (i - 1)) == 0
+            });
+        }
+        return Ok(Some(Head {
+            response,
+            state,
+            keep_alive,
+            raw: Some(RawHeaders {
+                head,
+                spans,
+                length,
+                date,
+            }),
+        }));
+    }
+    // Room for what forwarding keeps and adds (a cookie, `connection:
+    // close` on drain) without the map growing, and no more.
+    let mut map = crate::http::headers::header_map(n - dropped + 2);
+    for (i, &[n0, n1, v0, v1]) in spans.iter().enumerate() {
+        if !names_others && hops & (1 << i) != 0 {
+            continue;
+        }
+        let name = header_name(&head[n0 as usize..n1 as usize]).map_err(|_| "bad header name")?;
+        let v = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
+            .map_err(|_| "bad header value")?;
+        map.append(name, v);
+    }
+    RawHeaders {
+        head: Bytes::new(),
+        spans,
+        length: None,
+        date: false,
+    }
+    .recycle();
     *response.headers_mut() = map;
     Ok(Some(Head {
         response,
         state,
         keep_alive,
+        raw: None,
     }))
 }
 
-fn parse_length(v: &HeaderValue) -> Result<u64, &'static str> {
-    let s = v.to_str().map_err(|_| "bad content-length")?.trim();
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+fn parse_length(v: &[u8]) -> Result<u64, &'static str> {
+    let s = v.trim_ascii();
+    if s.is_empty() {
         return Err("bad content-length");
     }
-    s.parse().map_err(|_| "bad content-length")
+    s.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return Err("bad content-length");
+        }
+        n.checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(d - b'0')))
+            .ok_or("bad content-length")
+    })
 }
 
 /// Reads a response head within the try's bounds. The connection keeps one
@@ -593,8 +702,9 @@ fn parse_length(v: &HeaderValue) -> Result<u64, &'static str> {
 async fn read_head_bounded<S: AsyncRead + Unpin>(
     conn: &mut Conn<S>,
     head_request: bool,
+    raw: bool,
     t: &Timeouts,
-) -> Result<Result<(Response<()>, State, bool), HeadError>, ForwardError> {
+) -> Result<Result<Head, HeadError>, ForwardError> {
     let (at, expired) = t.bound();
     let mut timer = conn
         .timer
@@ -604,7 +714,7 @@ async fn read_head_bounded<S: AsyncRead + Unpin>(
         timer.as_mut().reset(at);
     }
     let read = {
-        let mut read = std::pin::pin!(read_head(conn, head_request));
+        let mut read = std::pin::pin!(read_head(conn, head_request, raw));
         std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = read.as_mut().poll(cx) {
                 return Poll::Ready(Some(r));
@@ -626,17 +736,18 @@ async fn read_head_bounded<S: AsyncRead + Unpin>(
 async fn read_head<S: AsyncRead + Unpin>(
     conn: &mut Conn<S>,
     head_request: bool,
-) -> Result<(Response<()>, State, bool), HeadError> {
+    raw: bool,
+) -> Result<Head, HeadError> {
     let mut read_any = !conn.buf.is_empty();
     loop {
         if !conn.buf.is_empty() {
-            match parse_head(&mut conn.buf, head_request) {
+            match parse_head_as(&mut conn.buf, head_request, raw) {
                 Ok(Some(h)) => {
                     if h.response.status().is_informational() {
                         // 100 Continue, 103 Early Hints: not forwarded.
                         continue;
                     }
-                    return Ok((h.response, h.state, h.keep_alive));
+                    return Ok(h);
                 }
                 Ok(None) => {}
                 Err(m) => return Err(HeadError::Malformed(m)),
@@ -818,6 +929,16 @@ pub struct H1Body<S> {
     response_deadline: Option<tokio::time::Instant>,
     /// Armed only when the upstream keeps us waiting.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The upstream's headers, when the response's map was left empty.
+    raw: Option<RawHeaders>,
+}
+
+impl<S> H1Body<S> {
+    /// The upstream's headers, when `send` was asked for them raw and
+    /// nothing about them needed a map (see `parse_head_as`).
+    pub fn take_raw_headers(&mut self) -> Option<RawHeaders> {
+        self.raw.take()
+    }
 }
 
 impl<S: AsyncRead + Unpin> H1Body<S> {
@@ -949,7 +1070,7 @@ mod tests {
         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
         upstream.write_all(answer).await.expect("write");
         // The first wait arms the connection's timer 60 s out.
-        let r = read_head_bounded(&mut conn, false, &long).await;
+        let r = read_head_bounded(&mut conn, false, false, &long).await;
         assert!(matches!(r, Ok(Ok(_))));
 
         // A try deadline before the kept timer: the wait ends at it.
@@ -958,7 +1079,7 @@ mod tests {
             deadline: Some(start + Duration::from_millis(100)),
             ..long
         };
-        let r = read_head_bounded(&mut conn, false, &short).await;
+        let r = read_head_bounded(&mut conn, false, false, &short).await;
         assert!(matches!(r, Err(ForwardError::TryTimeout)));
         assert!(start.elapsed() < Duration::from_secs(1));
 
@@ -969,13 +1090,13 @@ mod tests {
             stream_idle: Duration::from_secs(5),
             ..long
         };
-        let r = read_head_bounded(&mut conn, false, &idle).await;
+        let r = read_head_bounded(&mut conn, false, false, &idle).await;
         assert!(matches!(r, Err(ForwardError::StreamIdle(_))));
         assert!(start.elapsed() >= Duration::from_secs(5));
 
         // And an answer within the bound is read as ever.
         upstream.write_all(answer).await.expect("write");
-        let r = read_head_bounded(&mut conn, false, &idle).await;
+        let r = read_head_bounded(&mut conn, false, false, &idle).await;
         assert!(matches!(r, Ok(Ok(_))));
     }
 
@@ -1085,5 +1206,85 @@ mod tests {
         )
         .expect("ok");
         assert_eq!(names(&h), ["connection", "upgrade"]);
+    }
+
+    fn raw_head(raw: &str) -> Head {
+        let mut b = BytesMut::from(raw.as_bytes());
+        parse_head_as(&mut b, false, true)
+            .expect("ok")
+            .expect("complete")
+    }
+
+    #[test]
+    fn raw_headers_are_the_upstreams_less_hop_by_hop_and_a_map_when_one_is_needed() {
+        let h = raw_head(
+            "HTTP/1.1 200 OK\r\nServer: Up\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nDate: d\r\nContent-Length: 5\r\n\r\nhello",
+        );
+        assert!(h.response.headers().is_empty());
+        let r = h.raw.expect("raw");
+        let got: Vec<(String, String)> = r
+            .iter()
+            .map(|(n, v)| {
+                (
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("Server".to_string(), "Up".to_string()),
+                ("Date".to_string(), "d".to_string()),
+                ("Content-Length".to_string(), "5".to_string()),
+            ]
+        );
+        assert_eq!(r.content_length(), Some(5));
+        assert!(r.has_date());
+        assert!(matches!(h.state, State::Length(5)) && h.keep_alive);
+        r.recycle();
+        // A reused span list starts empty.
+        let r = raw_head("HTTP/1.1 204 No Content\r\n\r\n")
+            .raw
+            .expect("raw");
+        assert_eq!(r.iter().count(), 0);
+        assert!(!r.has_date() && r.content_length().is_none());
+        // What retry policies look up, a Connection naming headers, and a
+        // 101 get a map.
+        for (head, name) in [
+            (
+                "HTTP/1.1 200 OK\r\nGrpc-Status: 14\r\nContent-Length: 0\r\n\r\n",
+                "grpc-status",
+            ),
+            (
+                "HTTP/1.1 429 Too Many\r\nX-Envoy-Ratelimited: true\r\nContent-Length: 0\r\n\r\n",
+                "x-envoy-ratelimited",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: x-a\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n",
+                "x-a",
+            ),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+                "upgrade",
+            ),
+        ] {
+            let h = raw_head(head);
+            assert!(h.raw.is_none(), "{head:?}");
+            assert!(h.response.headers().contains_key(name), "{head:?}");
+        }
+        // The same refusals as with a map: a control byte in a value, two
+        // lengths, both framings.
+        for head in [
+            "HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        ] {
+            let mut b = BytesMut::from(head.as_bytes());
+            assert!(parse_head_as(&mut b, false, true).is_err(), "{head:?}");
+            let mut b = BytesMut::from(head.as_bytes());
+            assert!(parse_head_as(&mut b, false, false).is_err(), "{head:?}");
+        }
     }
 }

@@ -969,3 +969,108 @@ async fn a_second_request_head_that_stalls_is_closed_at_the_head_timeout() {
         .expect("write");
     assert!(closed_within(&mut c, Duration::from_secs(4)).await);
 }
+
+/// An upstream's hop-by-hop response headers never reach the client, and
+/// the rest arrive the same on the lean path (which writes an HTTP/1.1
+/// upstream's headers as they came, names lowercased) and on hyper's (a
+/// request with a body): `Keep-Alive`, `Connection` and what it names are
+/// gone, the upstream's own `Date` is kept, and a head carrying
+/// `grpc-status` (which retry policies read from a map) passes whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn hop_by_hop_response_headers_are_dropped_the_same_on_both_paths() {
+    let up = raw_upstream(|mut s| async move {
+        let mut buf = Vec::new();
+        let mut b = [0u8; 4096];
+        loop {
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let body_len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if buf.len() < end + 4 + body_len {
+                    break;
+                }
+                buf.drain(..end + 4 + body_len);
+                let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                let resp: &[u8] = if path.ends_with("/named") {
+                    b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok"
+                } else if path.ends_with("/grpc") {
+                    b"HTTP/1.1 200 OK\r\nGrpc-Status: 0\r\nContent-Length: 2\r\n\r\nok"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nServer: Up\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Mixed-Case: V\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nProxy-Connection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
+                };
+                if s.write_all(resp).await.is_err() {
+                    return;
+                }
+            }
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&b[..n]),
+            }
+        }
+    })
+    .await;
+    let port = free_port();
+    let _bosun = Bosun::gateway(&gateway_to(port, up)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut buf = Vec::new();
+    // Lean first (bodiless GETs), then hyper (the POST hands the
+    // connection over, and hyper keeps it).
+    for (method, path) in [
+        ("GET", "/lean/plain"),
+        ("GET", "/lean/named"),
+        ("GET", "/lean/grpc"),
+        ("POST", "/hyper/plain"),
+        ("POST", "/hyper/named"),
+        ("POST", "/hyper/grpc"),
+    ] {
+        let req = if method == "POST" {
+            format!("POST {path} HTTP/1.1\r\nHost: site\r\nContent-Length: 3\r\n\r\nabc")
+        } else {
+            format!("GET {path} HTTP/1.1\r\nHost: site\r\n\r\n")
+        };
+        c.write_all(req.as_bytes()).await.expect("write");
+        let (head, body) = read_one(&mut c, &mut buf, false)
+            .await
+            .unwrap_or_else(|| panic!("no response for {path}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        assert_eq!(body, "ok", "{path}");
+        let lines: Vec<String> = head.lines().skip(1).map(str::to_string).collect();
+        let names: Vec<String> = lines
+            .iter()
+            .filter_map(|l| l.split_once(':').map(|(k, _)| k.to_string()))
+            .collect();
+        for hop in ["connection", "keep-alive", "proxy-connection", "x-secret"] {
+            assert!(
+                !names.iter().any(|n| n.eq_ignore_ascii_case(hop)),
+                "{path}: {hop} reached the client: {head}"
+            );
+        }
+        let has = |line: &str| lines.iter().any(|l| l == line);
+        if path.ends_with("/plain") {
+            assert!(has("server: Up"), "{path}: {head}");
+            assert!(has("x-mixed-case: V"), "{path}: {head}");
+            assert!(has("date: Mon, 01 Jan 2024 00:00:00 GMT"), "{path}: {head}");
+            assert_eq!(
+                names
+                    .iter()
+                    .filter(|n| n.eq_ignore_ascii_case("date"))
+                    .count(),
+                1,
+                "{path}: {head}"
+            );
+        } else if path.ends_with("/named") {
+            assert!(has("x-kept: k"), "{path}: {head}");
+        } else {
+            assert!(has("grpc-status: 0"), "{path}: {head}");
+        }
+        assert!(has("content-length: 2"), "{path}: {head}");
+    }
+}

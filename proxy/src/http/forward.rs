@@ -379,6 +379,17 @@ pub async fn forward(
     let retriable_headers = retry
         .filter(|r| r.on.has(RetryOn::HEADERS))
         .and_then(|_| parts.headers.get("x-envoy-retriable-header-names").cloned());
+    // The upstream's response headers can be left as it sent them, for the
+    // lean path to write out, when nothing here adds to or reads them:
+    // route response headers, CORS, a hash cookie, retry on named headers,
+    // gRPC (its status is read from them). The rest (a 101, headers a
+    // retry policy looks for) `h1::parse_head_as` keeps in a map itself.
+    let raw = rec.raw_response()
+        && plan.route.response_ops.is_empty()
+        && plan.cors_origin.is_none()
+        && plan.set_cookie.is_none()
+        && retriable_headers.is_none()
+        && !plan.grpc;
     // The head stays here: an HTTP/1.1 try borrows it (its bytes are
     // written from it), an HTTP/2 try takes a copy unless it is the last.
     let mut head = Some(parts);
@@ -419,6 +430,7 @@ pub async fn forward(
         let at_deadline = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
         let exclude: &[usize] = if avoid_tried { &tried[..n_tried] } else { &[] };
         let bounds = Bounds {
+            raw,
             until,
             route: deadline,
         };
@@ -518,9 +530,11 @@ pub async fn forward(
 }
 
 /// When a try must have its response head (`until`: the per-try timeout
-/// within the route's) and when the whole response must be over (`route`).
+/// within the route's) and when the whole response must be over (`route`);
+/// and whether an HTTP/1.1 upstream's headers may be left raw (`raw`).
 #[derive(Debug, Clone, Copy)]
 struct Bounds {
+    raw: bool,
     until: Option<Instant>,
     route: Option<Instant>,
 }
@@ -574,10 +588,7 @@ async fn try_once(
     bounds: Bounds,
     rec: &mut Recorder,
 ) -> (Option<usize>, Tried) {
-    let Bounds {
-        until,
-        route: route_deadline,
-    } = bounds;
+    let until = bounds.until;
     let cluster = plan.cluster;
     let remote = plan
         .action
@@ -630,15 +641,7 @@ async fn try_once(
     }
     // HTTP/1.1 folds `until` into the timers it sets anyway (one per wait);
     // HTTP/2 gets a timer of its own.
-    let sending = send(
-        shared,
-        &endpoint,
-        plan.use_h2,
-        head,
-        body,
-        until,
-        route_deadline,
-    );
+    let sending = send(shared, &endpoint, plan.use_h2, head, body, bounds);
     let sent = if plan.use_h2 {
         // Until the response head: the try's deadline, or the stream idle timeout.
         let idle = shared.limits.stream_idle_timeout;
@@ -682,9 +685,13 @@ async fn send(
     use_h2: bool,
     head: Head<'_>,
     body: ReqBody,
-    until: Option<Instant>,
-    route_deadline: Option<Instant>,
+    bounds: Bounds,
 ) -> Result<Response<RespKind>, ForwardError> {
+    let Bounds {
+        raw,
+        until,
+        route: route_deadline,
+    } = bounds;
     if use_h2 {
         let parts = match head {
             Head::Lent(p) => copy_head(p),
@@ -712,7 +719,7 @@ async fn send(
             response_deadline: route_deadline,
         };
         let pool = endpoint.pool.clone();
-        h1::send(pool.h1(), || pool.connect(Alpn::Http1), parts, body, t)
+        h1::send(pool.h1(), || pool.connect(Alpn::Http1), parts, body, t, raw)
             .await
             .map(|r| r.map(RespKind::H1))
     }
@@ -807,7 +814,12 @@ fn mirror(
     tokio::spawn(async move {
         let _active = ActiveGuard::with_cluster(&endpoint, &cluster.state, None);
         let work = async {
-            let resp = send(&shared, &endpoint, use_h2, Head::Owned(p), b, None, None).await?;
+            let bounds = Bounds {
+                raw: false,
+                until: None,
+                route: None,
+            };
+            let resp = send(&shared, &endpoint, use_h2, Head::Owned(p), b, bounds).await?;
             // Read the answer to its end, so the connection can be reused.
             use http_body_util::BodyExt;
             let body = RespBody {

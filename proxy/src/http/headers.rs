@@ -91,10 +91,13 @@ pub fn header_name(b: &[u8]) -> Result<HeaderName, header::InvalidHeaderName> {
     }
 }
 
-/// `b` (a token of `lower`'s length) is `lower` (lowercase letters and
-/// `-`) in any case: eight bytes at a time.
-fn lower_eq(b: &[u8], lower: &[u8]) -> bool {
+/// `b` (a token) is `lower` (lowercase letters and `-`) in any case:
+/// eight bytes at a time.
+pub(crate) fn lower_eq(b: &[u8], lower: &[u8]) -> bool {
     const CASE: u64 = 0x2020_2020_2020_2020;
+    if b.len() != lower.len() {
+        return false;
+    }
     let mut x = b.chunks_exact(8);
     let mut y = lower.chunks_exact(8);
     for (p, q) in x.by_ref().zip(y.by_ref()) {

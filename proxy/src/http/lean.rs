@@ -44,8 +44,9 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::Shared;
-use crate::http::body::RespBody;
+use crate::http::body::{RespBody, RespKind};
 use crate::http::decide::ConnContext;
+use crate::http::headers::has_token;
 use crate::http::serve::{ConnState, handle};
 
 /// Headers the lean path parses on the stack; a request with more goes to
@@ -138,8 +139,6 @@ struct Meta {
 
 /// Header name and value spans: (name start, name end, value start, value end).
 type Span = [u32; 4];
-
-use crate::http::headers::has_token;
 
 /// Looks at the head at the start of `buf` (no copies): complete and
 /// simple, incomplete, or something else. `spans` gets the headers'.
@@ -346,6 +345,7 @@ where
                 parts,
                 None,
                 None,
+                true,
             );
             let mut h = std::pin::pin!(h);
             loop {
@@ -410,6 +410,10 @@ async fn write_response<S: AsyncWrite + Unpin>(
     meta: &Meta,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
+    let raw = match &mut body.kind {
+        RespKind::H1(b) => b.take_raw_headers(),
+        _ => None,
+    };
     let status = parts.status;
     let h = &parts.headers;
     let no_body = head_request
@@ -423,13 +427,29 @@ async fn write_response<S: AsyncWrite + Unpin>(
     let mut keep = true;
     let mut connection = false;
     let mut date = false;
-    let mut length: Option<&HeaderValue> = None;
+    // The Content-Length to frame by: `Some(None)` for one that is no number.
+    let mut length: Option<Option<u64>> = None;
+    // The upstream's headers as it sent them (hop-by-hop ones already out,
+    // Content-Length checked), names lowercased as a map would have them.
+    if let Some(r) = &raw {
+        for (name, value) in r.iter() {
+            let at = out.len();
+            out.extend_from_slice(name);
+            out[at..].make_ascii_lowercase();
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        length = r.content_length().map(Some);
+        date = r.has_date();
+    }
     for (name, value) in h {
         if name == header::TRANSFER_ENCODING {
             // Framing is this hop's: set below, never copied from the message.
             continue;
         } else if name == header::CONTENT_LENGTH {
-            length = length.or(Some(value));
+            length =
+                length.or_else(|| Some(value.to_str().ok().and_then(|s| s.trim().parse().ok())));
         } else if name == header::DATE {
             date = true;
         } else if name == header::CONNECTION {
@@ -444,7 +464,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
     let framing = if no_body {
         Framing::None
     } else if let Some(v) = length {
-        match v.to_str().ok().and_then(|s| s.trim().parse().ok()) {
+        match v {
             Some(n) => Framing::Length(n),
             // Cannot be: both sides' lengths are checked. Delimit by close.
             None => {
@@ -471,6 +491,9 @@ async fn write_response<S: AsyncWrite + Unpin>(
     }
     out.extend_from_slice(b"\r\n");
     crate::http::headers::recycle(parts.headers);
+    if let Some(r) = raw {
+        r.recycle();
+    }
     let mut remaining = match framing {
         Framing::None => {
             // A body that has ended is polled once, so an upstream

@@ -494,9 +494,16 @@ pub struct Recorder {
     flags: Flags,
     /// Mutual TLS downstream: the peer's SPIFFE ID ("" if none).
     peer_principal: Option<Arc<str>>,
+    /// The downstream (the lean path) writes an upstream's response
+    /// headers as they came when they are left raw.
+    raw_response: bool,
 }
 
 impl Recorder {
+    pub fn raw_response(&self) -> bool {
+        self.raw_response && self.protocol != Protocol::Grpc
+    }
+
     pub fn set_flags(&mut self, f: Flags) {
         self.flags = f;
     }
@@ -630,11 +637,13 @@ fn handle_hyper(
 ) -> impl Future<Output = Response<RespBody>> {
     let upgrade = is_upgrade(req.version(), req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    handle(shared, conn, state, parts, Some(body), upgrade)
+    handle(shared, conn, state, parts, Some(body), upgrade, false)
 }
 
 /// One request, to its response: decided, then answered or forwarded.
-/// `body`: `None` for a request without one.
+/// `body`: `None` for a request without one. `raw_response`: the caller
+/// writes an HTTP/1.1 upstream's headers left raw (`h1::RawHeaders` in the
+/// body) itself; only the lean path does.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnContext>,
@@ -642,6 +651,7 @@ pub(crate) async fn handle(
     parts: http::request::Parts,
     body: Option<Incoming>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
+    raw_response: bool,
 ) -> Response<RespBody> {
     let start = Instant::now();
     let inflight = state.begin();
@@ -690,6 +700,7 @@ pub(crate) async fn handle(
             .as_ref()
             .filter(|t| t.mutual)
             .map(|t| t.principal.clone().unwrap_or_else(|| Arc::from(""))),
+        raw_response,
     };
     match decided.decision {
         Decision::Local(l) => rec.local(l),

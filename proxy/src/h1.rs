@@ -445,7 +445,14 @@ pub struct Head {
 /// Hop-by-hop headers are not among them. Names and values were checked by
 /// httparse, whose token and field-value rules are `http`'s: what a map
 /// would refuse, httparse refused first.
-pub struct RawHeaders {
+///
+/// Boxed, from a per-thread free list: the body that carries it is moved
+/// several times on its way out, and a pointer moves cheaper than the
+/// spans' vector and the head's bytes.
+pub struct RawHeaders(Box<RawInner>);
+
+#[derive(Default)]
+struct RawInner {
     head: Bytes,
     /// Name and value of each header, as offsets into `head`.
     spans: Vec<[u32; 4]>,
@@ -454,38 +461,43 @@ pub struct RawHeaders {
 }
 
 thread_local! {
-    static SPANS: crate::freelist::FreeList<Vec<[u32; 4]>> =
+    static RAWS: crate::freelist::FreeList<Box<RawInner>> =
         const { crate::freelist::FreeList::new(64) };
 }
 
 impl RawHeaders {
     /// Names (as sent: the writer lowercases them) and values.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.spans.iter().map(|&[n0, n1, v0, v1]| {
+        let r = &*self.0;
+        r.spans.iter().map(|&[n0, n1, v0, v1]| {
             (
-                &self.head[n0 as usize..n1 as usize],
-                &self.head[v0 as usize..v1 as usize],
+                &r.head[n0 as usize..n1 as usize],
+                &r.head[v0 as usize..v1 as usize],
             )
         })
     }
 
     /// The Content-Length the upstream sent (checked: one value, digits).
     pub fn content_length(&self) -> Option<u64> {
-        self.length
+        self.0.length
     }
 
     /// A Date header is among them.
     pub fn has_date(&self) -> bool {
-        self.date
+        self.0.date
     }
 
-    /// Done with: the span list goes back for the next head.
+    /// Done with: the box and its span list go back for the next head.
     pub fn recycle(self) {
-        let mut spans = self.spans;
-        if spans.capacity() <= 32 {
-            spans.clear();
-            SPANS.with(|l| l.give(spans));
-        }
+        give_raw(self.0);
+    }
+}
+
+fn give_raw(mut r: Box<RawInner>) {
+    if r.spans.capacity() <= 32 {
+        r.spans.clear();
+        r.head = Bytes::new();
+        RAWS.with(|l| l.give(r));
     }
 }
 
@@ -532,9 +544,8 @@ pub fn parse_head_as(
     // as bytes, once.
     let base = buf.as_ptr() as usize;
     let n = r.headers.len();
-    let mut spans = SPANS
-        .with(crate::freelist::FreeList::take)
-        .unwrap_or_default();
+    let mut raw_box = RAWS.with(crate::freelist::FreeList::take).unwrap_or_default();
+    let spans = &mut raw_box.spans;
     spans.reserve(n);
     let mut dropped = 0;
     // Hop-by-hop headers (RFC 9110 7.6.1) are forwarding's to drop: they
@@ -638,16 +649,14 @@ pub fn parse_head_as(
                 hops & (1 << (i - 1)) == 0
             });
         }
+        raw_box.head = head;
+        raw_box.length = length;
+        raw_box.date = date;
         return Ok(Some(Head {
             response,
             state,
             keep_alive,
-            raw: Some(RawHeaders {
-                head,
-                spans,
-                length,
-                date,
-            }),
+            raw: Some(RawHeaders(raw_box)),
         }));
     }
     // Room for what forwarding keeps and adds (a cookie, `connection:
@@ -662,13 +671,7 @@ pub fn parse_head_as(
             .map_err(|_| "bad header value")?;
         map.append(name, v);
     }
-    RawHeaders {
-        head: Bytes::new(),
-        spans,
-        length: None,
-        date: false,
-    }
-    .recycle();
+    give_raw(raw_box);
     *response.headers_mut() = map;
     Ok(Some(Head {
         response,

@@ -330,9 +330,6 @@ impl Exchange {
     }
 }
 
-// The HTTP/1.1 body (the common one) carries its upstream's raw headers;
-// boxing it would cost an allocation per request.
-#[allow(clippy::large_enum_variant)]
 pub enum RespKind {
     /// From hyper's client connection (HTTP/2 upstreams, upgrades).
     Upstream(Incoming),

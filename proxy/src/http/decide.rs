@@ -172,8 +172,9 @@ pub fn decide<'s, R: Rng + ?Sized>(
     // names the host on it, as Istio's per-port route tables do).
     let dialled = conn.original_dst.filter(|_| listener.capture.is_some());
     let explicit_port = authority
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok());
+        .bytes()
+        .rposition(|b| b == b':')
+        .and_then(|i| authority[i + 1..].parse::<u16>().ok());
     let port = if listener.direction == Direction::Outbound {
         explicit_port.unwrap_or(dialled.map_or(80, |d| d.port()))
     } else {

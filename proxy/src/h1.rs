@@ -200,7 +200,34 @@ impl Drop for HeadBuf {
     }
 }
 
-fn encode_head(parts: &http::request::Parts, framing: &Framing, b: &mut Vec<u8>) {
+/// Headers forwarding sets on a request, written into the head instead of
+/// put into the request's map (when nothing reads the map after
+/// forwarding: see `forward`). `host` and `xff` take the place of the
+/// map's `Host` and `x-forwarded-for`; `xfp` and `rid` are set only when
+/// the request had none.
+#[derive(Default)]
+pub struct Added {
+    pub host: Option<HeaderValue>,
+    pub xff: Option<HeaderValue>,
+    pub xfp: Option<&'static str>,
+    pub rid: Option<HeaderValue>,
+}
+
+const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+fn put_header(b: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    b.extend_from_slice(name);
+    b.extend_from_slice(b": ");
+    b.extend_from_slice(value);
+    b.extend_from_slice(b"\r\n");
+}
+
+fn encode_head(
+    parts: &http::request::Parts,
+    added: Option<&Added>,
+    framing: &Framing,
+    b: &mut Vec<u8>,
+) {
     b.extend_from_slice(parts.method.as_str().as_bytes());
     b.push(b' ');
     b.extend_from_slice(
@@ -211,14 +238,31 @@ fn encode_head(parts: &http::request::Parts, framing: &Framing, b: &mut Vec<u8>)
             .as_bytes(),
     );
     b.extend_from_slice(b" HTTP/1.1\r\n");
+    let none = Added::default();
+    let a = added.unwrap_or(&none);
+    // Host first, as nginx and Envoy write it; the map's Host and
+    // x-forwarded-for (all of their values) give way to those set here.
+    if let Some(h) = &a.host {
+        put_header(b, b"host", h.as_bytes());
+    }
+    let (own_host, own_xff) = (a.host.is_some(), a.xff.is_some());
     for (k, v) in &parts.headers {
-        if k == header::CONTENT_LENGTH && !matches!(framing, Framing::Length(_)) {
+        if (k == header::CONTENT_LENGTH && !matches!(framing, Framing::Length(_)))
+            || (own_host && k == header::HOST)
+            || (own_xff && k == XFF)
+        {
             continue;
         }
-        b.extend_from_slice(k.as_str().as_bytes());
-        b.extend_from_slice(b": ");
-        b.extend_from_slice(v.as_bytes());
-        b.extend_from_slice(b"\r\n");
+        put_header(b, k.as_str().as_bytes(), v.as_bytes());
+    }
+    if let Some(x) = &a.xff {
+        put_header(b, b"x-forwarded-for", x.as_bytes());
+    }
+    if let Some(p) = a.xfp {
+        put_header(b, b"x-forwarded-proto", p.as_bytes());
+    }
+    if let Some(r) = &a.rid {
+        put_header(b, b"x-request-id", r.as_bytes());
     }
     match framing {
         Framing::Chunked => b.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -297,6 +341,7 @@ pub async fn send<S, B, C, F>(
     mut body: B,
     t: Timeouts,
     raw: bool,
+    added: Option<&Added>,
 ) -> Result<Response<H1Body<S>>, ForwardError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -315,7 +360,7 @@ where
     };
     let replayable = matches!(framing, Framing::Empty);
     let mut head = HeadBuf::take();
-    encode_head(parts, &framing, &mut head.0);
+    encode_head(parts, added, &framing, &mut head.0);
     let head_request = parts.method == Method::HEAD;
     let mut reused_failed = false;
     loop {
@@ -544,7 +589,9 @@ pub fn parse_head_as(
     // as bytes, once.
     let base = buf.as_ptr() as usize;
     let n = r.headers.len();
-    let mut raw_box = RAWS.with(crate::freelist::FreeList::take).unwrap_or_default();
+    let mut raw_box = RAWS
+        .with(crate::freelist::FreeList::take)
+        .unwrap_or_default();
     let spans = &mut raw_box.spans;
     spans.reserve(n);
     let mut dropped = 0;

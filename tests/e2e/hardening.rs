@@ -1074,3 +1074,102 @@ async fn hop_by_hop_response_headers_are_dropped_the_same_on_both_paths() {
         assert!(has("content-length: 2"), "{path}: {head}");
     }
 }
+
+/// Host, x-forwarded-for, -proto and x-request-id reach an HTTP/1.1
+/// upstream exactly once each, with the same values whether they are
+/// written straight into the head (a route without request header
+/// operations) or set in the request's map (a route with them): a
+/// rewritten authority replaces Host, a client's x-forwarded-for (both of
+/// its lines) becomes one line with the client's address appended, and a
+/// client's x-forwarded-proto and x-request-id are kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarding_headers_reach_the_upstream_once_on_either_route() {
+    let heads = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let h2 = heads.clone();
+    let up = raw_upstream(move |mut s| {
+        let heads = h2.clone();
+        async move {
+            let mut buf = Vec::new();
+            let mut b = [0u8; 4096];
+            loop {
+                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    heads.lock().expect("lock").push(head);
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                }
+            }
+        }
+    })
+    .await;
+    let port = free_port();
+    let mut y = gateway("web", port);
+    y.push_str(&service_entry(
+        "site",
+        "web",
+        80,
+        "HTTP",
+        &[(up, "app=site")],
+    ));
+    y.push_str(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /ops}}]\n    rewrite: {authority: backend.internal}\n    headers: {request: {set: {x-added: \"yes\"}}}\n    route: [{destination: {host: site}}]\n  - rewrite: {authority: backend.internal}\n    route: [{destination: {host: site}}]\n",
+    );
+    let _bosun = Bosun::gateway(&y).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut buf = Vec::new();
+    for path in ["/plain", "/ops"] {
+        for client_sent in [true, false] {
+            let extra = if client_sent {
+                "X-Forwarded-For: 10.1.1.1\r\nX-Forwarded-For: 10.2.2.2\r\nX-Forwarded-Proto: https\r\nX-Request-Id: abc\r\n"
+            } else {
+                ""
+            };
+            let req = format!("GET {path} HTTP/1.1\r\nHost: site\r\n{extra}\r\n");
+            c.write_all(req.as_bytes()).await.expect("write");
+            let (head, body) = read_one(&mut c, &mut buf, false)
+                .await
+                .unwrap_or_else(|| panic!("no response for {path}"));
+            assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+            assert_eq!(body, "ok");
+            let seen = heads
+                .lock()
+                .expect("lock")
+                .pop()
+                .expect("a request upstream");
+            let values = |name: &str| -> Vec<String> {
+                seen.lines()
+                    .skip(1)
+                    .filter_map(|l| l.split_once(':'))
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.trim().to_string())
+                    .collect()
+            };
+            let what = format!("{path}, client headers {client_sent}: {seen}");
+            assert_eq!(values("host"), ["backend.internal"], "{what}");
+            if client_sent {
+                assert_eq!(values("x-forwarded-for"), ["10.1.1.1, 127.0.0.1"], "{what}");
+                assert_eq!(values("x-forwarded-proto"), ["https"], "{what}");
+                assert_eq!(values("x-request-id"), ["abc"], "{what}");
+            } else {
+                assert_eq!(values("x-forwarded-for"), ["127.0.0.1"], "{what}");
+                assert_eq!(values("x-forwarded-proto"), ["http"], "{what}");
+                let id = values("x-request-id");
+                assert!(id.len() == 1 && id[0].len() == 36, "{what}");
+            }
+            if path == "/ops" {
+                assert_eq!(values("x-added"), ["yes"], "{what}");
+            }
+        }
+    }
+}

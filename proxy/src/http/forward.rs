@@ -210,7 +210,20 @@ pub async fn forward(
 
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, plan.upgrade);
-    headers.insert(header::HOST, plan.host.clone());
+    // Host, x-forwarded-for, -proto and x-request-id go straight into an
+    // HTTP/1.1 upstream's head (`h1::Added`), not through the map, when
+    // nothing reads the map after this: no route request headers, no
+    // mirror, no HTTP/2 upstream, no upgrade.
+    let direct = !plan.use_h2
+        && !plan.upgrade
+        && plan.route.request_ops.is_empty()
+        && policy.mirrors.is_empty();
+    let mut added = h1::Added::default();
+    if direct {
+        added.host = Some(plan.host.clone());
+    } else {
+        headers.insert(header::HOST, plan.host.clone());
+    }
     // Which forwarding headers the client sent: one scan, so each is then
     // set with one map operation (the common request has none of them).
     let xff = HeaderName::from_static("x-forwarded-for");
@@ -231,12 +244,20 @@ pub async fn forward(
         }
         None => Some(conn.peer_ip.clone()),
     };
-    if let Some(v) = new_xff {
-        headers.insert(xff, v);
+    match new_xff {
+        Some(v) if direct => added.xff = Some(v),
+        Some(v) => {
+            headers.insert(xff, v);
+        }
+        None => {}
     }
     if !has_xfp {
         let proto = if conn.tls.is_some() { "https" } else { "http" };
-        headers.insert(xfp, HeaderValue::from_static(proto));
+        if direct {
+            added.xfp = Some(proto);
+        } else {
+            headers.insert(xfp, HeaderValue::from_static(proto));
+        }
     }
     // x-forwarded-client-cert as Istio's sidecars set it (Envoy's
     // APPEND_FORWARD): over mutual TLS our element for the peer is
@@ -262,7 +283,11 @@ pub async fn forward(
     if !has_rid {
         let id = request_id();
         rec.set_request_id(&id);
-        headers.insert(rid, id);
+        if direct {
+            added.rid = Some(id);
+        } else {
+            headers.insert(rid, id);
+        }
     }
     plan.route.request_ops.apply(headers);
     let downstream_version = parts.version;
@@ -431,6 +456,7 @@ pub async fn forward(
         let exclude: &[usize] = if avoid_tried { &tried[..n_tried] } else { &[] };
         let bounds = Bounds {
             raw,
+            added: direct.then_some(&added),
             until,
             route: deadline,
         };
@@ -532,9 +558,11 @@ pub async fn forward(
 /// When a try must have its response head (`until`: the per-try timeout
 /// within the route's) and when the whole response must be over (`route`);
 /// and whether an HTTP/1.1 upstream's headers may be left raw (`raw`).
-#[derive(Debug, Clone, Copy)]
-struct Bounds {
+#[derive(Clone, Copy)]
+struct Bounds<'a> {
     raw: bool,
+    /// Headers for an HTTP/1.1 try to write that are not in the map.
+    added: Option<&'a h1::Added>,
     until: Option<Instant>,
     route: Option<Instant>,
 }
@@ -585,7 +613,7 @@ async fn try_once(
     mut head: Head<'_>,
     body: ReqBody,
     exclude: &[usize],
-    bounds: Bounds,
+    bounds: Bounds<'_>,
     rec: &mut Recorder,
 ) -> (Option<usize>, Tried) {
     let until = bounds.until;
@@ -632,7 +660,8 @@ async fn try_once(
         _ => None,
     };
     let active = ActiveGuard::with_cluster(&endpoint, &cluster.state, slot);
-    if set_upstream_uri(head.parts_mut(), &endpoint).is_err() {
+    // HTTP/1.1 writes only the path; hyper's HTTP/2 client needs the whole URI.
+    if plan.use_h2 && set_upstream_uri(head.parts_mut(), &endpoint).is_err() {
         let a = Attempt { endpoint, active };
         return (
             Some(idx),
@@ -685,10 +714,11 @@ async fn send(
     use_h2: bool,
     head: Head<'_>,
     body: ReqBody,
-    bounds: Bounds,
+    bounds: Bounds<'_>,
 ) -> Result<Response<RespKind>, ForwardError> {
     let Bounds {
         raw,
+        added,
         until,
         route: route_deadline,
     } = bounds;
@@ -719,9 +749,17 @@ async fn send(
             response_deadline: route_deadline,
         };
         let pool = endpoint.pool.clone();
-        h1::send(pool.h1(), || pool.connect(Alpn::Http1), parts, body, t, raw)
-            .await
-            .map(|r| r.map(RespKind::H1))
+        h1::send(
+            pool.h1(),
+            || pool.connect(Alpn::Http1),
+            parts,
+            body,
+            t,
+            raw,
+            added,
+        )
+        .await
+        .map(|r| r.map(RespKind::H1))
     }
 }
 
@@ -816,6 +854,7 @@ fn mirror(
         let work = async {
             let bounds = Bounds {
                 raw: false,
+                added: None,
                 until: None,
                 route: None,
             };

@@ -25,14 +25,7 @@ async fn read_response(s: &mut TcpStream) -> Option<String> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
+            let len = content_length(&head);
             if buf.len() >= end + 4 + len {
                 return Some(String::from_utf8_lossy(&buf[..end + 4 + len]).to_string());
             }
@@ -44,6 +37,51 @@ async fn read_response(s: &mut TcpStream) -> Option<String> {
             Ok(Ok(n)) => buf.extend_from_slice(&b[..n]),
         }
     }
+}
+
+/// The Content-Length a head declares (0 when none).
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0)
+}
+
+/// An upstream written by hand that reads each request (its head and a
+/// Content-Length body) and writes back what `answer` makes of the head.
+async fn answering_upstream<F>(answer: F) -> SocketAddr
+where
+    F: Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+{
+    let answer = Arc::new(answer);
+    raw_upstream(move |mut s| {
+        let answer = answer.clone();
+        async move {
+            let mut buf = Vec::new();
+            let mut b = [0u8; 4096];
+            loop {
+                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let len = content_length(&head);
+                    if buf.len() < end + 4 + len {
+                        break;
+                    }
+                    buf.drain(..end + 4 + len);
+                    if s.write_all(&answer(&head)).await.is_err() {
+                        return;
+                    }
+                }
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                }
+            }
+        }
+    })
+    .await
 }
 
 /// True when the peer closes the connection within `within`.
@@ -819,13 +857,7 @@ async fn read_one(
             let len = if head_request {
                 0
             } else {
-                head.lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .unwrap_or(0)
+                content_length(&head)
             };
             if buf.len() >= end + 4 + len {
                 let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
@@ -978,41 +1010,16 @@ async fn a_second_request_head_that_stalls_is_closed_at_the_head_timeout() {
 /// `grpc-status` (which retry policies read from a map) passes whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn hop_by_hop_response_headers_are_dropped_the_same_on_both_paths() {
-    let up = raw_upstream(|mut s| async move {
-        let mut buf = Vec::new();
-        let mut b = [0u8; 4096];
-        loop {
-            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                let body_len = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .unwrap_or(0);
-                if buf.len() < end + 4 + body_len {
-                    break;
-                }
-                buf.drain(..end + 4 + body_len);
-                let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-                let resp: &[u8] = if path.ends_with("/named") {
-                    b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok"
-                } else if path.ends_with("/grpc") {
-                    b"HTTP/1.1 200 OK\r\nGrpc-Status: 0\r\nContent-Length: 2\r\n\r\nok"
-                } else {
-                    b"HTTP/1.1 200 OK\r\nServer: Up\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Mixed-Case: V\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nProxy-Connection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
-                };
-                if s.write_all(resp).await.is_err() {
-                    return;
-                }
-            }
-            match s.read(&mut b).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&b[..n]),
-            }
-        }
+    let up = answering_upstream(|head| {
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        let resp: &[u8] = if path.ends_with("/named") {
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok"
+        } else if path.ends_with("/grpc") {
+            b"HTTP/1.1 200 OK\r\nGrpc-Status: 0\r\nContent-Length: 2\r\n\r\nok"
+        } else {
+            b"HTTP/1.1 200 OK\r\nServer: Up\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Mixed-Case: V\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nProxy-Connection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
+        };
+        resp.to_vec()
     })
     .await;
     let port = free_port();
@@ -1086,42 +1093,16 @@ async fn hop_by_hop_response_headers_are_dropped_the_same_on_both_paths() {
 async fn forwarding_headers_reach_the_upstream_once_on_either_route() {
     let heads = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let h2 = heads.clone();
-    let up = raw_upstream(move |mut s| {
-        let heads = h2.clone();
-        async move {
-            let mut buf = Vec::new();
-            let mut b = [0u8; 4096];
-            loop {
-                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    buf.drain(..end + 4);
-                    heads.lock().expect("lock").push(head);
-                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                match s.read(&mut b).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&b[..n]),
-                }
-            }
-        }
+    let up = answering_upstream(move |head| {
+        h2.lock().expect("lock").push(head.to_string());
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
     })
     .await;
     let port = free_port();
-    let mut y = gateway("web", port);
-    y.push_str(&service_entry(
-        "site",
-        "web",
-        80,
-        "HTTP",
-        &[(up, "app=site")],
-    ));
-    y.push_str(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /ops}}]\n    rewrite: {authority: backend.internal}\n    headers: {request: {set: {x-added: \"yes\"}}}\n    route: [{destination: {host: site}}]\n  - rewrite: {authority: backend.internal}\n    route: [{destination: {host: site}}]\n",
+    let y = gateway_routes_to(
+        port,
+        up,
+        "  - match: [{uri: {prefix: /ops}}]\n    rewrite: {authority: backend.internal}\n    headers: {request: {set: {x-added: \"yes\"}}}\n    route: [{destination: {host: site}}]\n  - rewrite: {authority: backend.internal}\n    route: [{destination: {host: site}}]\n",
     );
     let _bosun = Bosun::gateway(&y).await;
     let mut c = TcpStream::connect(("127.0.0.1", port))

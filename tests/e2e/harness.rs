@@ -396,6 +396,12 @@ pub fn gateway(ns: &str, port: u16) -> String {
 /// A gateway on `port` routing every host to one STATIC endpoint `be`
 /// (service `site` in namespace `web`).
 pub fn gateway_to(port: u16, be: SocketAddr) -> String {
+    gateway_routes_to(port, be, "  - route: [{destination: {host: site}}]\n")
+}
+
+/// As `gateway_to`, with the VirtualService's `http:` routes given (YAML,
+/// two-space indented list items, to `host: site`).
+pub fn gateway_routes_to(port: u16, be: SocketAddr, http: &str) -> String {
     let mut y = gateway("web", port);
     y.push_str(&service_entry(
         "site",
@@ -404,7 +410,8 @@ pub fn gateway_to(port: u16, be: SocketAddr) -> String {
         "HTTP",
         &[(be, "app=site")],
     ));
-    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: site}}]\n");
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: site, namespace: web}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n");
+    y.push_str(http);
     y
 }
 

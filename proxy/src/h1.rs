@@ -213,13 +213,24 @@ pub struct Added {
     pub rid: Option<HeaderValue>,
 }
 
-const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-
-fn put_header(b: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    b.extend_from_slice(name);
-    b.extend_from_slice(b": ");
-    b.extend_from_slice(value);
-    b.extend_from_slice(b"\r\n");
+impl Added {
+    /// Into the request's map instead, for a request whose map is read
+    /// after forwarding: each replaces what the map held under its name.
+    pub fn insert_into(self, h: &mut HeaderMap) {
+        use crate::http::headers::{X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID};
+        if let Some(v) = self.host {
+            h.insert(header::HOST, v);
+        }
+        if let Some(v) = self.xff {
+            h.insert(X_FORWARDED_FOR, v);
+        }
+        if let Some(p) = self.xfp {
+            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(p));
+        }
+        if let Some(v) = self.rid {
+            h.insert(X_REQUEST_ID, v);
+        }
+    }
 }
 
 fn encode_head(
@@ -243,26 +254,26 @@ fn encode_head(
     // Host first, as nginx and Envoy write it; the map's Host and
     // x-forwarded-for (all of their values) give way to those set here.
     if let Some(h) = &a.host {
-        put_header(b, b"host", h.as_bytes());
+        crate::http::headers::write_header(b, b"host", h.as_bytes());
     }
     let (own_host, own_xff) = (a.host.is_some(), a.xff.is_some());
     for (k, v) in &parts.headers {
         if (k == header::CONTENT_LENGTH && !matches!(framing, Framing::Length(_)))
             || (own_host && k == header::HOST)
-            || (own_xff && k == XFF)
+            || (own_xff && k == crate::http::headers::X_FORWARDED_FOR)
         {
             continue;
         }
-        put_header(b, k.as_str().as_bytes(), v.as_bytes());
+        crate::http::headers::write_header(b, k.as_str().as_bytes(), v.as_bytes());
     }
     if let Some(x) = &a.xff {
-        put_header(b, b"x-forwarded-for", x.as_bytes());
+        crate::http::headers::write_header(b, b"x-forwarded-for", x.as_bytes());
     }
     if let Some(p) = a.xfp {
-        put_header(b, b"x-forwarded-proto", p.as_bytes());
+        crate::http::headers::write_header(b, b"x-forwarded-proto", p.as_bytes());
     }
     if let Some(r) = &a.rid {
-        put_header(b, b"x-request-id", r.as_bytes());
+        crate::http::headers::write_header(b, b"x-request-id", r.as_bytes());
     }
     match framing {
         Framing::Chunked => b.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -563,7 +574,9 @@ pub fn parse_head_as(
     head_request: bool,
     raw: bool,
 ) -> Result<Option<Head>, &'static str> {
-    use crate::http::headers::{has_token, header_name, is_hop_by_hop_name, lower_eq};
+    use crate::http::headers::{
+        connection_names, has_token, header_name, is_hop_by_hop_name, lower_eq,
+    };
     // Left uninitialised: httparse fills only what it parses.
     let mut headers =
         [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_RESPONSE_HEADERS];
@@ -594,7 +607,6 @@ pub fn parse_head_as(
         .unwrap_or_default();
     let spans = &mut raw_box.spans;
     spans.reserve(n);
-    let mut dropped = 0;
     // Hop-by-hop headers (RFC 9110 7.6.1) are forwarding's to drop: they
     // are left out here rather than put in and taken out again, unless a
     // Connection header names others (then the whole set is stripped
@@ -611,17 +623,11 @@ pub fn parse_head_as(
         let name = h.name.as_bytes();
         let v = h.value;
         let hop = is_hop_by_hop_name(name);
-        dropped += usize::from(hop);
         hops |= u128::from(hop) << i;
         match name.len() {
             10 if hop && lower_eq(name, b"connection") => {
                 close |= has_token(v, b"close");
-                names_others |= v.split(|b| *b == b',').any(|t| {
-                    let t = t.trim_ascii();
-                    !t.is_empty()
-                        && !t.eq_ignore_ascii_case(b"keep-alive")
-                        && !t.eq_ignore_ascii_case(b"close")
-                });
+                names_others |= connection_names(v).next().is_some();
             }
             17 if hop && lower_eq(name, b"transfer-encoding") => last_te = Some(v),
             14 if lower_eq(name, b"content-length") => {
@@ -708,7 +714,7 @@ pub fn parse_head_as(
     }
     // Room for what forwarding keeps and adds (a cookie, `connection:
     // close` on drain) without the map growing, and no more.
-    let mut map = crate::http::headers::header_map(n - dropped + 2);
+    let mut map = crate::http::headers::header_map(n - hops.count_ones() as usize + 2);
     for (i, &[n0, n1, v0, v1]) in spans.iter().enumerate() {
         if !names_others && hops & (1 << i) != 0 {
             continue;

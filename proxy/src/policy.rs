@@ -14,6 +14,7 @@ use rand::{Rng, RngExt};
 
 use crate::cluster::Cluster;
 use crate::error::{ForwardError, RejectError, reject};
+use crate::http::headers::GRPC_STATUS;
 use crate::route::StrMatch;
 
 /// Envoy's default retry backoff base; the maximum is 10 × base.
@@ -222,7 +223,6 @@ impl RetryPolicy {
 }
 
 const RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
-const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Whether `h` holds `name`: a small map (a response head's usual size) is
 /// scanned, which costs less than hashing the name.

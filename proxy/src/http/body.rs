@@ -484,7 +484,7 @@ impl Body for RespBody {
 }
 
 pub fn grpc_status(h: &HeaderMap) -> Option<u16> {
-    h.get(http::HeaderName::from_static("grpc-status"))?
+    h.get(crate::http::headers::GRPC_STATUS)?
         .to_str()
         .ok()?
         .parse()

@@ -35,7 +35,9 @@ use crate::flags::Flags;
 use crate::h1;
 use crate::http::body::{ActiveGuard, Replay, ReqBody, RespBody, RespKind};
 use crate::http::decide::{ConnContext, LocalReply, Plan, fault_reply};
-use crate::http::headers::{request_id, strip_hop_by_hop};
+use crate::http::headers::{
+    X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID, request_id, strip_hop_by_hop,
+};
 use crate::http::serve::Recorder;
 use crate::metrics::LabelSet;
 use crate::outlier::Outcome;
@@ -218,18 +220,16 @@ pub async fn forward(
         && !plan.upgrade
         && plan.route.request_ops.is_empty()
         && policy.mirrors.is_empty();
-    let mut added = h1::Added::default();
-    if direct {
-        added.host = Some(plan.host.clone());
-    } else {
-        headers.insert(header::HOST, plan.host.clone());
-    }
+    let mut added = h1::Added {
+        host: Some(plan.host.clone()),
+        ..Default::default()
+    };
     // Which forwarding headers the client sent: one scan, so each is then
     // set with one map operation (the common request has none of them).
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let xfp = HeaderName::from_static("x-forwarded-proto");
+    let xff = X_FORWARDED_FOR;
+    let xfp = X_FORWARDED_PROTO;
     let xfcc = HeaderName::from_static("x-forwarded-client-cert");
-    let rid = HeaderName::from_static("x-request-id");
+    let rid = X_REQUEST_ID;
     let (mut has_xff, mut has_xfp, mut has_xfcc, mut has_rid) = (false, false, false, false);
     for k in headers.keys() {
         has_xff |= *k == xff;
@@ -244,20 +244,9 @@ pub async fn forward(
         }
         None => Some(conn.peer_ip.clone()),
     };
-    match new_xff {
-        Some(v) if direct => added.xff = Some(v),
-        Some(v) => {
-            headers.insert(xff, v);
-        }
-        None => {}
-    }
+    added.xff = new_xff;
     if !has_xfp {
-        let proto = if conn.tls.is_some() { "https" } else { "http" };
-        if direct {
-            added.xfp = Some(proto);
-        } else {
-            headers.insert(xfp, HeaderValue::from_static(proto));
-        }
+        added.xfp = Some(if conn.tls.is_some() { "https" } else { "http" });
     }
     // x-forwarded-client-cert as Istio's sidecars set it (Envoy's
     // APPEND_FORWARD): over mutual TLS our element for the peer is
@@ -283,12 +272,15 @@ pub async fn forward(
     if !has_rid {
         let id = request_id();
         rec.set_request_id(&id);
-        if direct {
-            added.rid = Some(id);
-        } else {
-            headers.insert(rid, id);
-        }
+        added.rid = Some(id);
     }
+    // Bound for the map, they are set before the route's own operations.
+    let added = if direct {
+        Some(added)
+    } else {
+        added.insert_into(headers);
+        None
+    };
     plan.route.request_ops.apply(headers);
     let downstream_version = parts.version;
     parts.version = if plan.use_h2 {
@@ -456,7 +448,7 @@ pub async fn forward(
         let exclude: &[usize] = if avoid_tried { &tried[..n_tried] } else { &[] };
         let bounds = Bounds {
             raw,
-            added: direct.then_some(&added),
+            added: added.as_ref(),
             until,
             route: deadline,
         };

@@ -11,9 +11,15 @@ use rand::{Rng, SeedableRng};
 
 use crate::freelist::FreeList;
 
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
+    KEEP_ALIVE,
     HeaderName::from_static("proxy-connection"),
     header::TRANSFER_ENCODING,
     header::UPGRADE,
@@ -36,11 +42,6 @@ pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
         .iter()
         .any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
-
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The name of a header in a head httparse has parsed. The names heads
 /// most often carry are matched here, case-blind and a word at a time, and
@@ -118,6 +119,22 @@ pub fn has_token(v: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
+/// The header names a Connection value lists (RFC 9110 7.6.1): its own
+/// options `keep-alive` and `close` name nothing.
+pub fn connection_names(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|b| *b == b',').map(<[u8]>::trim_ascii).filter(|t| {
+        !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close")
+    })
+}
+
+/// One `name: value` line of a head.
+pub fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // Which of them are here: one scan, no hashing. Most messages carry
     // none, or only `connection: keep-alive`.
@@ -139,15 +156,11 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         let mut named: Vec<HeaderName> = Vec::new();
         for v in h.get_all(header::CONNECTION) {
             let Ok(v) = v.to_str() else { continue };
-            for name in v.split(',').map(str::trim) {
-                if name.is_empty()
-                    || name.eq_ignore_ascii_case("keep-alive")
-                    || name.eq_ignore_ascii_case("close")
-                    || (keep_upgrade && name.eq_ignore_ascii_case("upgrade"))
-                {
+            for name in connection_names(v.as_bytes()) {
+                if keep_upgrade && name.eq_ignore_ascii_case(b"upgrade") {
                     continue;
                 }
-                if let Ok(n) = HeaderName::try_from(name.to_ascii_lowercase()) {
+                if let Ok(n) = HeaderName::from_bytes(name) {
                     named.push(n);
                 }
             }

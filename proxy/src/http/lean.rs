@@ -46,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use crate::Shared;
 use crate::http::body::{RespBody, RespKind};
 use crate::http::decide::ConnContext;
-use crate::http::headers::has_token;
+use crate::http::headers::{has_token, write_header};
 use crate::http::serve::{ConnState, handle};
 
 /// Headers the lean path parses on the stack; a request with more goes to
@@ -434,11 +434,8 @@ async fn write_response<S: AsyncWrite + Unpin>(
     if let Some(r) = &raw {
         for (name, value) in r.iter() {
             let at = out.len();
-            out.extend_from_slice(name);
-            out[at..].make_ascii_lowercase();
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            write_header(out, name, value);
+            out[at..at + name.len()].make_ascii_lowercase();
         }
         length = r.content_length().map(Some);
         date = r.has_date();
@@ -456,10 +453,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
             connection = true;
             keep &= !has_token(value.as_bytes(), b"close");
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let framing = if no_body {
         Framing::None
@@ -621,10 +615,7 @@ async fn put<S: AsyncWrite + Unpin>(
 fn end_chunks(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
     out.extend_from_slice(b"0\r\n");
     for (name, value) in trailers.into_iter().flatten() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
 }

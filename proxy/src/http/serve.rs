@@ -27,7 +27,7 @@ use crate::flags::Flags;
 use crate::http::body::{ActiveGuard, Exchange, LogInfo, RespBody, RespKind, grpc_status};
 use crate::http::decide::{ConnContext, Decision, LocalReply, authority, decide};
 use crate::http::forward::forward;
-use crate::http::headers::{header_str, is_upgrade};
+use crate::http::headers::{X_FORWARDED_FOR, X_REQUEST_ID, header_str, is_upgrade};
 use crate::metrics::{LabelSet, Protocol};
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -677,8 +677,8 @@ pub(crate) async fn handle(
             },
             authority: authority(&parts).to_str().unwrap_or("").to_string(),
             user_agent: header_str(&parts.headers, header::USER_AGENT),
-            request_id: header_str(&parts.headers, HeaderName::from_static("x-request-id")),
-            forwarded_for: header_str(&parts.headers, HeaderName::from_static("x-forwarded-for")),
+            request_id: header_str(&parts.headers, X_REQUEST_ID),
+            forwarded_for: header_str(&parts.headers, X_FORWARDED_FOR),
             downstream_remote: conn.peer,
             // Envoy's DOWNSTREAM_LOCAL_ADDRESS: the original destination under capture.
             downstream_local: conn.original_dst.unwrap_or(conn.local),

@@ -210,7 +210,7 @@ pub struct Added {
     pub host: Option<HeaderValue>,
     pub xff: Option<HeaderValue>,
     pub xfp: Option<&'static str>,
-    pub rid: Option<HeaderValue>,
+    pub rid: Option<crate::http::headers::RequestId>,
 }
 
 impl Added {
@@ -228,7 +228,7 @@ impl Added {
             h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(p));
         }
         if let Some(v) = self.rid {
-            h.insert(X_REQUEST_ID, v);
+            h.insert(X_REQUEST_ID, v.to_value());
         }
     }
 }

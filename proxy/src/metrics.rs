@@ -247,11 +247,12 @@ impl<const N: usize> Histogram<N> {
             count: 0,
         }
     }
+    /// Counts `v` in the first bucket whose bound holds it (one count per
+    /// observation; `render` sums them into Prometheus's cumulative `le`
+    /// buckets). Beyond the last bound (or NaN) only `count` grows: `+Inf`.
     fn observe(&mut self, bounds: &[f64; N], v: f64) {
-        for (i, b) in bounds.iter().enumerate() {
-            if v <= *b {
-                self.buckets[i] += 1;
-            }
+        if let Some(i) = bounds.iter().position(|b| v <= *b) {
+            self.buckets[i] += 1;
         }
         self.sum += v;
         self.count += 1;
@@ -580,11 +581,72 @@ fn histo<const N: usize>(
     let _ = writeln!(out, "# TYPE {name} histogram");
     for (l, s) in series {
         let h = get(s);
-        for (i, b) in bounds.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {}", h.buckets[i]);
+        let mut le = 0;
+        for (b, n) in bounds.iter().zip(h.buckets.iter()) {
+            le += n;
+            let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {le}");
         }
         let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", h.count);
         let _ = writeln!(out, "{name}_sum{{{l}}} {}", h.sum);
         let _ = writeln!(out, "{name}_count{{{l}}} {}", h.count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each observation is counted once; the scrape shows Prometheus's
+    /// cumulative buckets (every `le` at or above the value), and values
+    /// past the last bound only in `+Inf` and `_count`.
+    #[test]
+    fn histogram_buckets_render_cumulative() {
+        let m = Metrics::default();
+        let labels = Arc::new(LabelSet::unknown());
+        for (ms, bytes) in [
+            (0.2, 0),
+            (3.0, 50),
+            (3.0, 5_000),
+            (9_999_999.0, 2_000_000_000),
+        ] {
+            m.record_request(RequestRecord {
+                labels: &labels,
+                protocol: Protocol::Http,
+                code: 200,
+                flags: Flags::None,
+                grpc_status: None,
+                duration_ms: ms,
+                request_bytes: bytes,
+                response_bytes: 0,
+                peer_principal: None,
+            });
+        }
+        let out = m.render("");
+        let bucket = |name: &str, le: &str| -> u64 {
+            let line = out
+                .lines()
+                .find(|l| {
+                    l.starts_with(&format!("{name}_bucket{{"))
+                        && l.contains(&format!("le=\"{le}\"}}"))
+                })
+                .unwrap_or_else(|| panic!("no {name} le={le} in\n{out}"));
+            line.rsplit(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("count")
+        };
+        let d = "istio_request_duration_milliseconds";
+        assert_eq!(bucket(d, "0.5"), 1);
+        assert_eq!(bucket(d, "1"), 1);
+        assert_eq!(bucket(d, "5"), 3);
+        assert_eq!(bucket(d, "3600000"), 3);
+        assert_eq!(bucket(d, "+Inf"), 4);
+        let q = "istio_request_bytes";
+        assert_eq!(bucket(q, "1"), 1);
+        assert_eq!(bucket(q, "100"), 2);
+        assert_eq!(bucket(q, "10000"), 3);
+        assert_eq!(bucket(q, "1000000000"), 3);
+        assert_eq!(bucket(q, "+Inf"), 4);
+        assert_eq!(bucket("istio_response_bytes", "1"), 4);
     }
 }

@@ -271,7 +271,7 @@ pub async fn forward(
     }
     if !has_rid {
         let id = request_id();
-        rec.set_request_id(&id);
+        rec.set_request_id(id.as_str());
         added.rid = Some(id);
     }
     // Bound for the map, they are set before the route's own operations.

@@ -521,9 +521,9 @@ impl Recorder {
         }
     }
 
-    pub fn set_request_id(&mut self, id: &HeaderValue) {
+    pub fn set_request_id(&mut self, id: &str) {
         if let Some(l) = self.log.as_mut() {
-            l.request_id = id.to_str().unwrap_or("").to_string();
+            l.request_id = id.to_string();
         }
     }
 

@@ -7,7 +7,7 @@
 //! window has passed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -15,6 +15,9 @@ use tokio::sync::{Notify, watch};
 #[derive(Debug)]
 pub struct Drain {
     signal: watch::Sender<bool>,
+    /// The signal's value for [`Drain::is_draining`], read on every
+    /// response: a load, where the watch takes and releases a lock.
+    draining: AtomicBool,
     active: AtomicUsize,
     idle: Notify,
 }
@@ -23,6 +26,7 @@ impl Default for Drain {
     fn default() -> Self {
         Drain {
             signal: watch::channel(false).0,
+            draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
         }
@@ -44,11 +48,12 @@ impl Drop for Tracked {
 impl Drain {
     /// Starts draining (idempotent).
     pub fn start(&self) {
+        self.draining.store(true, Ordering::Release);
         self.signal.send_replace(true);
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.signal.borrow()
+        self.draining.load(Ordering::Acquire)
     }
 
     /// A receiver that sees the drain start.

@@ -94,7 +94,7 @@ pub enum Decision<'s> {
 
 pub struct Decided<'s> {
     pub decision: Decision<'s>,
-    pub route_name: Option<Arc<str>>,
+    pub route_name: Option<&'s Arc<str>>,
 }
 
 fn local<'s>(
@@ -147,7 +147,8 @@ pub fn decide<'s, R: Rng + ?Sized>(
 ) -> Decided<'s> {
     let listener = snap.listeners.get(&conn.local);
     let inbound = listener.is_some_and(|l| l.direction == Direction::Inbound);
-    let no_route = snap.no_route_labels(inbound);
+    // Cloned only for a local reply (an Arc clone is an atomic add).
+    let no_route = || snap.no_route_labels(inbound);
     let done = |decision| Decided {
         decision,
         route_name: None,
@@ -157,14 +158,14 @@ pub fn decide<'s, R: Rng + ?Sized>(
             StatusCode::BAD_REQUEST,
             msg,
             Flags::DownstreamProtocolError,
-            no_route,
+            no_route(),
         ));
     }
     let Some(listener) = listener else {
-        return done(local(StatusCode::NOT_FOUND, "", Flags::NoRoute, no_route));
+        return done(local(StatusCode::NOT_FOUND, "", Flags::NoRoute, no_route()));
     };
     let ListenerKind::Http { route_table } = &listener.kind else {
-        return done(local(StatusCode::NOT_FOUND, "", Flags::NoRoute, no_route));
+        return done(local(StatusCode::NOT_FOUND, "", Flags::NoRoute, no_route()));
     };
     let authority_hv = authority(head);
     let authority: &str = authority_hv.to_str().unwrap_or("");
@@ -205,12 +206,11 @@ pub fn decide<'s, R: Rng + ?Sized>(
         .virtual_host(lookup)
         .and_then(|vh| vh.route(&view))
     else {
-        return done(local(StatusCode::NOT_FOUND, "", Flags::NoRoute, no_route));
+        return done(local(StatusCode::NOT_FOUND, "", Flags::NoRoute, no_route()));
     };
-    let route_name = Some(route.name.clone());
     let decided = |decision| Decided {
         decision,
-        route_name: route_name.clone(),
+        route_name: Some(&route.name),
     };
     let ra = match &route.action {
         Action::Direct { status, body } => {
@@ -219,7 +219,7 @@ pub fn decide<'s, R: Rng + ?Sized>(
                 body: body.clone(),
                 flags: Flags::None,
                 location: None,
-                labels: no_route,
+                labels: no_route(),
                 response_ops: Some(&route.response_ops),
                 headers: None,
             }));
@@ -249,7 +249,7 @@ pub fn decide<'s, R: Rng + ?Sized>(
                 body: Bytes::new(),
                 flags: Flags::None,
                 location: HeaderValue::try_from(loc).ok(),
-                labels: no_route,
+                labels: no_route(),
                 response_ops: Some(&route.response_ops),
                 headers: None,
             }));
@@ -620,7 +620,7 @@ mod tests {
             &get("/canary/x?q=1", "shop.example"),
             &mut rng(),
         );
-        assert_eq!(d.route_name.as_deref(), Some("canary"));
+        assert_eq!(d.route_name.map(|n| &**n), Some("canary"));
         let Decision::Forward(plan) = d.decision else {
             panic!("expected a forward plan");
         };

@@ -136,8 +136,9 @@ fn set_upstream_uri(parts: &mut http::request::Parts, e: &Endpoint) -> Result<()
 }
 
 /// The endpoint a try went to, counted in flight while its answer lasts.
-struct Attempt {
-    endpoint: Arc<Endpoint>,
+struct Attempt<'s> {
+    /// Borrowed from the snapshot the plan was made from (no count taken).
+    endpoint: &'s Endpoint,
     active: ActiveGuard,
 }
 
@@ -160,11 +161,11 @@ impl Head<'_> {
 
 /// How one try ended.
 #[allow(clippy::large_enum_variant)] // one per try, on the stack; boxing costs an allocation per request
-enum Tried {
-    Response(Response<RespKind>, Attempt),
-    Failed(ForwardError, Attempt),
+enum Tried<'s> {
+    Response(Response<RespKind>, Attempt<'s>),
+    Failed(ForwardError, Attempt<'s>),
     /// The per-try timeout expired.
-    TimedOut(Attempt),
+    TimedOut(Attempt<'s>),
     /// No endpoint could be picked.
     NoEndpoint,
     /// A circuit breaker was full.
@@ -599,15 +600,15 @@ impl Drop for RetryGuard {
 
 /// One try: pick an endpoint, take a connection slot, send by `until`, and
 /// report the outcome to outlier detection.
-async fn try_once(
+async fn try_once<'s>(
     shared: &Arc<Shared>,
-    plan: &Plan<'_>,
+    plan: &Plan<'s>,
     mut head: Head<'_>,
     body: ReqBody,
     exclude: &[usize],
     bounds: Bounds<'_>,
     rec: &mut Recorder,
-) -> (Option<usize>, Tried) {
+) -> (Option<usize>, Tried<'s>) {
     let until = bounds.until;
     let cluster = plan.cluster;
     let remote = plan
@@ -619,7 +620,7 @@ async fn try_once(
     let Some(idx) = cluster.pick_retry(plan.hash, exclude, remote) else {
         return (None, Tried::NoEndpoint);
     };
-    let endpoint = cluster.endpoints[idx].clone();
+    let endpoint: &'s Endpoint = &cluster.endpoints[idx];
     rec.set_upstream_host(&endpoint.addr_str);
     // connectionPool.tcp.maxConnections / http1MaxPendingRequests: an
     // HTTP/1.1 request holds a connection slot; without one it waits as
@@ -643,7 +644,7 @@ async fn try_once(
                     Some(Ok(p)) => Some(p),
                     Some(Err(_)) => return (None, Tried::Overflow),
                     None => {
-                        let active = ActiveGuard::with_cluster(&endpoint, &cluster.state, None);
+                        let active = ActiveGuard::with_cluster(endpoint, &cluster.state, None);
                         return (Some(idx), Tried::TimedOut(Attempt { endpoint, active }));
                     }
                 }
@@ -651,9 +652,9 @@ async fn try_once(
         },
         _ => None,
     };
-    let active = ActiveGuard::with_cluster(&endpoint, &cluster.state, slot);
+    let active = ActiveGuard::with_cluster(endpoint, &cluster.state, slot);
     // HTTP/1.1 writes only the path; hyper's HTTP/2 client needs the whole URI.
-    if plan.use_h2 && set_upstream_uri(head.parts_mut(), &endpoint).is_err() {
+    if plan.use_h2 && set_upstream_uri(head.parts_mut(), endpoint).is_err() {
         let a = Attempt { endpoint, active };
         return (
             Some(idx),
@@ -662,7 +663,7 @@ async fn try_once(
     }
     // HTTP/1.1 folds `until` into the timers it sets anyway (one per wait);
     // HTTP/2 gets a timer of its own.
-    let sending = send(shared, &endpoint, plan.use_h2, head, body, bounds);
+    let sending = send(shared, endpoint, plan.use_h2, head, body, bounds);
     let sent = if plan.use_h2 {
         // Until the response head: the try's deadline, or the stream idle timeout.
         let idle = shared.limits.stream_idle_timeout;
@@ -740,7 +741,7 @@ async fn send(
             deadline: until,
             response_deadline: route_deadline,
         };
-        let pool = endpoint.pool.clone();
+        let pool = &endpoint.pool;
         h1::send(
             pool.h1(),
             || pool.connect(Alpn::Http1),

@@ -274,6 +274,11 @@ where
     let mut timer_at = state.start + limits.request_head_timeout.min(limits.idle_timeout);
     let timer = tokio::time::sleep_until(timer_at);
     let mut timer = std::pin::pin!(timer);
+    // Whether the timer was polled since it was last set: it then holds
+    // the task's waker, and `is_elapsed` (a load) says whether it fired.
+    // Polling it again on every wait would re-register the waker (atomic
+    // operations each request) for nothing.
+    let mut armed = false;
     let mut seen = 0;
     loop {
         // A head.
@@ -289,19 +294,37 @@ where
                             if at < timer_at {
                                 timer_at = at;
                                 timer.as_mut().reset(at);
+                                armed = false;
                             }
                         }
                     }
                 }
             }
             buf.reserve(4 * 1024);
-            tokio::select! {
-                biased;
-                r = io.read_buf(&mut buf) => match r {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                },
-                () = timer.as_mut() => {
+            let fired = {
+                let mut read = std::pin::pin!(io.read_buf(&mut buf));
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                        return Poll::Ready(Some(r));
+                    }
+                    let fired = if armed {
+                        timer.is_elapsed()
+                    } else {
+                        armed = true;
+                        timer.as_mut().poll(cx).is_ready()
+                    };
+                    if fired {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Pending
+                    }
+                })
+                .await
+            };
+            match fired {
+                Some(Ok(0) | Err(_)) => return None,
+                Some(Ok(_)) => {}
+                None => {
                     let now = tokio::time::Instant::now();
                     if head_deadline.is_some_and(|d| now >= d) {
                         tracing::debug!(peer = %conn.peer, "no complete request head in time; closing");
@@ -318,6 +341,7 @@ where
                         timer_at = timer_at.min(d);
                     }
                     timer.as_mut().reset(timer_at);
+                    armed = false;
                 }
             }
         };
@@ -338,15 +362,7 @@ where
         // The request, while the client is watched: one that closes (or
         // resets) takes its request with it. Bytes it pipelines are kept.
         let resp = {
-            let h = handle(
-                shared.clone(),
-                conn.clone(),
-                state.clone(),
-                parts,
-                None,
-                None,
-                true,
-            );
+            let h = handle(shared, conn, state, parts, None, None, true);
             let mut h = std::pin::pin!(h);
             loop {
                 if buf.len() >= max_head {

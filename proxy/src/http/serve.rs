@@ -637,7 +637,7 @@ fn handle_hyper(
 ) -> impl Future<Output = Response<RespBody>> {
     let upgrade = is_upgrade(req.version(), req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    handle(shared, conn, state, parts, Some(body), upgrade, false)
+    async move { handle(&shared, &conn, &state, parts, Some(body), upgrade, false).await }
 }
 
 /// One request, to its response: decided, then answered or forwarded.
@@ -645,9 +645,9 @@ fn handle_hyper(
 /// writes an HTTP/1.1 upstream's headers left raw (`h1::RawHeaders` in the
 /// body) itself; only the lean path does.
 pub(crate) async fn handle(
-    shared: Arc<Shared>,
-    conn: Arc<ConnContext>,
-    state: Arc<ConnState>,
+    shared: &Arc<Shared>,
+    conn: &Arc<ConnContext>,
+    state: &Arc<ConnState>,
     parts: http::request::Parts,
     body: Option<Incoming>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -682,7 +682,7 @@ pub(crate) async fn handle(
             downstream_remote: conn.peer,
             // Envoy's DOWNSTREAM_LOCAL_ADDRESS: the original destination under capture.
             downstream_local: conn.original_dst.unwrap_or(conn.local),
-            route_name: decided.route_name.clone().unwrap_or_else(|| Arc::from("")),
+            route_name: decided.route_name.map_or_else(|| Arc::from(""), Arc::clone),
             upstream_host: None,
         })
     });
@@ -704,6 +704,6 @@ pub(crate) async fn handle(
     };
     match decided.decision {
         Decision::Local(l) => rec.local(l),
-        Decision::Forward(plan) => forward(&shared, &conn, plan, parts, body, upgrade, rec).await,
+        Decision::Forward(plan) => forward(shared, conn, plan, parts, body, upgrade, rec).await,
     }
 }

@@ -517,7 +517,7 @@ pub async fn forward(
                     shared,
                     rec,
                     Ok(resp),
-                    &a.endpoint,
+                    a.endpoint,
                     a.active,
                 )
             }

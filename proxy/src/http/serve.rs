@@ -661,7 +661,7 @@ pub(crate) async fn handle(
         Protocol::Http
     };
     let snap = shared.snapshot.load();
-    let decided = decide(&snap, &conn, &parts, &mut rand::rng());
+    let decided = decide(&snap, conn, &parts, &mut rand::rng());
     let log = shared.access_log.as_ref().map(|_| {
         Box::new(LogInfo {
             start_time: SystemTime::now(),

@@ -7,7 +7,8 @@
 #
 # 1. builds bosun instrumented (-Cprofile-generate) in target/pgo-gen;
 # 2. trains it as bench/run.sh's gateway in front of `bosun echo`: HTTP/1.1
-#    keep-alive (h2load --h1), HTTP/2 (h2load) and new connections (curl);
+#    keep-alive (h2load --h1), HTTP/2 (h2load) and new connections (curl),
+#    then HTTP/1.1 over TLS termination;
 # 3. merges the profile with the toolchain's llvm-profdata (rustup component
 #    llvm-tools) and builds with -Cprofile-use in target/pgo.
 # The plain `cargo build --release` binary is what CI tests and the figures
@@ -47,6 +48,22 @@ h2load --h1 -n 300000 -c 64 "http://127.0.0.1:$PX_PORT/" | grep 'succeeded'
 h2load -n 50000 -c 16 -m 8 "http://127.0.0.1:$PX_PORT/" | grep 'succeeded'
 for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$PX_PORT/"; done
 # A clean exit writes the proxy's profile (the echo upstream's is not needed).
+kill -INT $PX
+wait $PX 2>/dev/null || true
+# TLS termination (bench/run.sh TLS=1): the same gateway with a certificate.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -keyout "$TMP/key.pem" -out "$TMP/cert.pem" -subj /CN=bench.local \
+  -addext "subjectAltName=DNS:bench.local,IP:127.0.0.1" >/dev/null 2>&1
+BENCH_TLS_CERT=$TMP/cert.pem BENCH_TLS_KEY=$TMP/key.pem \
+  bosun_bench_config "$PX_PORT" "$UP_PORT" >"$TMP/c/bench.yaml"
+"$GEN" proxy --mode gateway --config "$TMP/c" --gateway-address 127.0.0.1 \
+  --admin-address "$ADMIN" --workers 1 >/dev/null 2>&1 &
+PX=$!
+for _ in $(seq 1 100); do
+  curl -sk -o /dev/null "https://127.0.0.1:$PX_PORT/" && break
+  sleep 0.1
+done
+h2load --h1 -n 200000 -c 64 "https://127.0.0.1:$PX_PORT/" | grep 'succeeded'
 kill -INT $PX
 wait $PX 2>/dev/null || true
 kill -9 $UP 2>/dev/null || true

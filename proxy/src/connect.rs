@@ -94,6 +94,22 @@ impl AsyncRead for Stream {
     }
 }
 
+impl crate::h1::Peek for Stream {
+    fn peek_idle(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        match self {
+            // tokio's readiness says whether anything arrived; nothing is
+            // registered (a poll would leave a waker with the socket).
+            Stream::Plain(s) => match s.try_read(buf) {
+                Ok(n) => Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            // rustls may hold decrypted bytes already read from the socket.
+            Stream::Tls(s) => crate::h1::peek_by_poll(s.as_mut(), buf),
+        }
+    }
+}
+
 impl AsyncWrite for Stream {
     fn poll_write(
         self: Pin<&mut Self>,

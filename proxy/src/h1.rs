@@ -101,7 +101,9 @@ impl<S: AsyncRead + Unpin> Idle<S> {
             reuse,
         }
     }
+}
 
+impl<S: Peek> Idle<S> {
     /// The most recently used connection that is still fresh and clean.
     fn checkout(&self) -> Option<Conn<S>> {
         loop {
@@ -123,7 +125,9 @@ impl<S: AsyncRead + Unpin> Idle<S> {
             }
         }
     }
+}
 
+impl<S: AsyncRead + Unpin> Idle<S> {
     fn checkin(&self, mut c: Conn<S>) {
         c.since = Instant::now();
         c.served += 1;
@@ -146,20 +150,40 @@ enum Probe {
     Closed,
 }
 
+/// A stream a pooled connection is looked at through before it is reused.
+pub trait Peek: AsyncRead + Unpin {
+    /// Reads what is there without waiting: `Pending` when nothing is.
+    fn peek_idle(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        peek_by_poll(self, buf)
+    }
+}
+
+/// A read polled with a waker that does nothing (it stays registered with
+/// the stream until the next read replaces it).
+pub fn peek_by_poll<S: AsyncRead + Unpin + ?Sized>(
+    s: &mut S,
+    buf: &mut [u8],
+) -> Poll<io::Result<usize>> {
+    let mut rb = ReadBuf::new(buf);
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    match Pin::new(s).poll_read(&mut cx, &mut rb) {
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
 /// Looks at an idle connection without waiting: readable means it is not
 /// usable (EOF, reset, or bytes no request asked for).
-fn probe<S: AsyncRead + Unpin>(c: &mut Conn<S>) -> Probe {
+fn probe<S: Peek>(c: &mut Conn<S>) -> Probe {
     if !c.buf.is_empty() {
         return Probe::Stray;
     }
     let mut byte = [0u8; 1];
-    let mut rb = ReadBuf::new(&mut byte);
-    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-    match Pin::new(&mut c.stream).poll_read(&mut cx, &mut rb) {
+    match c.stream.peek_idle(&mut byte) {
         Poll::Pending => Probe::Idle,
-        Poll::Ready(Ok(())) if rb.filled().is_empty() => Probe::Closed,
-        Poll::Ready(Ok(())) => Probe::Stray,
-        Poll::Ready(Err(_)) => Probe::Closed,
+        Poll::Ready(Ok(0) | Err(_)) => Probe::Closed,
+        Poll::Ready(Ok(_)) => Probe::Stray,
     }
 }
 
@@ -355,7 +379,7 @@ pub async fn send<S, B, C, F>(
     added: Option<&Added>,
 ) -> Result<Response<H1Body<S>>, ForwardError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Peek + AsyncWrite,
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::error::Error + 'static,
     C: Fn() -> F,

@@ -41,3 +41,13 @@ spec:
 ${3:-}
 YAML
 }
+
+# bench_wait_http URL: waits until URL answers (about 30 s at most).
+bench_wait_http() {
+  local _
+  for _ in $(seq 1 100); do
+    curl -sk -o /dev/null "$1" && return 0
+    sleep 0.3
+  done
+  return 1
+}

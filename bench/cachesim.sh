@@ -52,10 +52,7 @@ run() {  # run PROXY REQUESTS OUT
     nginx) "${vg[@]}" nginx -p "$T" -c "$T/px.conf" >/dev/null 2>"$T/vg.err" & ;;
   esac
   local vp=$!
-  for _ in $(seq 1 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$PX_PORT/" && break
-    sleep 0.3
-  done
+  bench_wait_http "http://127.0.0.1:$PX_PORT/" || true
   h2load --h1 -n "$2" -c 8 "http://127.0.0.1:$PX_PORT/" >"$T/h2load" 2>&1
   grep -q "$2 succeeded" "$T/h2load" || { cat "$T/h2load" "$T/vg.err" >&2; exit 1; }
   kill -INT "$vp"; sleep 1

@@ -29,10 +29,7 @@ count() {  # count REQUESTS -> total instructions of the proxy process
     --config "$d/c" --gateway-address 127.0.0.1 --admin-address "$ADMIN" --workers 1 \
     >/dev/null 2>"$d/err" &
   vp=$!
-  for _ in $(seq 1 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$PX_PORT/" && break
-    sleep 0.3
-  done
+  bench_wait_http "http://127.0.0.1:$PX_PORT/" || true
   h2load --h1 -n "$n" -c 8 "http://127.0.0.1:$PX_PORT/" >"$d/h2load" 2>&1
   grep -q "$n succeeded" "$d/h2load" || { cat "$d/h2load" "$d/err" >&2; exit 1; }
   kill -INT "$vp"

@@ -36,36 +36,36 @@ trap 'kill $UP $PX 2>/dev/null || true; rm -rf "$TMP"' EXIT
 "$GEN" echo --listen "127.0.0.1:$UP_PORT" --name up >/dev/null 2>&1 &
 UP=$!
 mkdir -p "$TMP/c"
+# train SCHEME LOAD...: the gateway (config in $TMP/c) under LOAD, then a
+# clean exit, which writes its profile (the echo upstream's is not needed).
+train() {
+  local scheme=$1
+  shift
+  "$GEN" proxy --mode gateway --config "$TMP/c" --gateway-address 127.0.0.1 \
+    --admin-address "$ADMIN" --workers 1 >/dev/null 2>&1 &
+  PX=$!
+  bench_wait_http "$scheme://127.0.0.1:$PX_PORT/"
+  "$@"
+  kill -INT $PX
+  wait $PX 2>/dev/null || true
+}
+plaintext_load() {
+  h2load --h1 -n 300000 -c 64 "http://127.0.0.1:$PX_PORT/" | grep 'succeeded'
+  h2load -n 50000 -c 16 -m 8 "http://127.0.0.1:$PX_PORT/" | grep 'succeeded'
+  for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$PX_PORT/"; done
+}
 bosun_bench_config "$PX_PORT" "$UP_PORT" >"$TMP/c/bench.yaml"
-"$GEN" proxy --mode gateway --config "$TMP/c" --gateway-address 127.0.0.1 \
-  --admin-address "$ADMIN" --workers 1 >/dev/null 2>&1 &
-PX=$!
-for _ in $(seq 1 100); do
-  curl -s -o /dev/null "http://127.0.0.1:$PX_PORT/" && break
-  sleep 0.1
-done
-h2load --h1 -n 300000 -c 64 "http://127.0.0.1:$PX_PORT/" | grep 'succeeded'
-h2load -n 50000 -c 16 -m 8 "http://127.0.0.1:$PX_PORT/" | grep 'succeeded'
-for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$PX_PORT/"; done
-# A clean exit writes the proxy's profile (the echo upstream's is not needed).
-kill -INT $PX
-wait $PX 2>/dev/null || true
+train http plaintext_load
 # TLS termination (bench/run.sh TLS=1): the same gateway with a certificate.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
   -keyout "$TMP/key.pem" -out "$TMP/cert.pem" -subj /CN=bench.local \
   -addext "subjectAltName=DNS:bench.local,IP:127.0.0.1" >/dev/null 2>&1
 BENCH_TLS_CERT=$TMP/cert.pem BENCH_TLS_KEY=$TMP/key.pem \
   bosun_bench_config "$PX_PORT" "$UP_PORT" >"$TMP/c/bench.yaml"
-"$GEN" proxy --mode gateway --config "$TMP/c" --gateway-address 127.0.0.1 \
-  --admin-address "$ADMIN" --workers 1 >/dev/null 2>&1 &
-PX=$!
-for _ in $(seq 1 100); do
-  curl -sk -o /dev/null "https://127.0.0.1:$PX_PORT/" && break
-  sleep 0.1
-done
-h2load --h1 -n 200000 -c 64 "https://127.0.0.1:$PX_PORT/" | grep 'succeeded'
-kill -INT $PX
-wait $PX 2>/dev/null || true
+tls_load() {
+  h2load --h1 -n 200000 -c 64 "https://127.0.0.1:$PX_PORT/" | grep 'succeeded'
+}
+train https tls_load
 kill -9 $UP 2>/dev/null || true
 "$PROFDATA" merge -o "$DATA/merged.profdata" "$DATA"
 RUSTFLAGS="-Cprofile-use=$DATA/merged.profdata" CARGO_TARGET_DIR=$ROOT/target/pgo \

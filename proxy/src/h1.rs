@@ -94,15 +94,6 @@ impl<S> std::fmt::Debug for Idle<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> Idle<S> {
-    pub fn new(reuse: Reuse) -> Self {
-        Idle {
-            conns: Mutex::new(Vec::new()),
-            reuse,
-        }
-    }
-}
-
 impl<S: Peek> Idle<S> {
     /// The most recently used connection that is still fresh and clean.
     fn checkout(&self) -> Option<Conn<S>> {
@@ -128,6 +119,13 @@ impl<S: Peek> Idle<S> {
 }
 
 impl<S: AsyncRead + Unpin> Idle<S> {
+    pub fn new(reuse: Reuse) -> Self {
+        Idle {
+            conns: Mutex::new(Vec::new()),
+            reuse,
+        }
+    }
+
     fn checkin(&self, mut c: Conn<S>) {
         c.since = Instant::now();
         c.served += 1;
@@ -153,13 +151,12 @@ enum Probe {
 /// A stream a pooled connection is looked at through before it is reused.
 pub trait Peek: AsyncRead + Unpin {
     /// Reads what is there without waiting: `Pending` when nothing is.
-    fn peek_idle(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        peek_by_poll(self, buf)
-    }
+    fn peek_idle(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>>;
 }
 
-/// A read polled with a waker that does nothing (it stays registered with
-/// the stream until the next read replaces it).
+/// A `peek_idle` for any stream: a read polled with a waker that does
+/// nothing (it stays registered with the stream until the next read
+/// replaces it).
 pub fn peek_by_poll<S: AsyncRead + Unpin + ?Sized>(
     s: &mut S,
     buf: &mut [u8],

@@ -225,20 +225,21 @@ pub async fn forward(
         host: Some(plan.host.clone()),
         ..Default::default()
     };
-    // Which forwarding headers the client sent: one scan, so each is then
-    // set with one map operation (the common request has none of them).
-    let xff = X_FORWARDED_FOR;
-    let xfp = X_FORWARDED_PROTO;
+    // Which forwarding headers the client sent: one scan, no lookups by
+    // name for the ones it did not (the common request has none of them).
     let xfcc = HeaderName::from_static("x-forwarded-client-cert");
-    let rid = X_REQUEST_ID;
     let (mut has_xff, mut has_xfp, mut has_xfcc, mut has_rid) = (false, false, false, false);
     for k in headers.keys() {
-        has_xff |= *k == xff;
-        has_xfp |= *k == xfp;
+        has_xff |= *k == X_FORWARDED_FOR;
+        has_xfp |= *k == X_FORWARDED_PROTO;
         has_xfcc |= *k == xfcc;
-        has_rid |= *k == rid;
+        has_rid |= *k == X_REQUEST_ID;
     }
-    let prev_xff = if has_xff { headers.get(&xff) } else { None };
+    let prev_xff = if has_xff {
+        headers.get(X_FORWARDED_FOR)
+    } else {
+        None
+    };
     let new_xff = match prev_xff.and_then(|v| v.to_str().ok()) {
         Some(prev) => {
             HeaderValue::try_from(format!("{prev}, {}", conn.peer_ip.to_str().unwrap_or(""))).ok()

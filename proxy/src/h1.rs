@@ -227,20 +227,21 @@ impl Drop for HeadBuf {
 /// map's `Host` and `x-forwarded-for`; `xfp` and `rid` are set only when
 /// the request had none.
 #[derive(Default)]
-pub struct Added {
-    pub host: Option<HeaderValue>,
+pub struct Added<'a> {
+    /// Borrowed from the plan: cloned only into a map.
+    pub host: Option<&'a HeaderValue>,
     pub xff: Option<HeaderValue>,
     pub xfp: Option<&'static str>,
     pub rid: Option<crate::http::headers::RequestId>,
 }
 
-impl Added {
+impl Added<'_> {
     /// Into the request's map instead, for a request whose map is read
     /// after forwarding: each replaces what the map held under its name.
     pub fn insert_into(self, h: &mut HeaderMap) {
         use crate::http::headers::{X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID};
         if let Some(v) = self.host {
-            h.insert(header::HOST, v);
+            h.insert(header::HOST, v.clone());
         }
         if let Some(v) = self.xff {
             h.insert(X_FORWARDED_FOR, v);
@@ -256,7 +257,7 @@ impl Added {
 
 fn encode_head(
     parts: &http::request::Parts,
-    added: Option<&Added>,
+    added: Option<&Added<'_>>,
     framing: &Framing,
     b: &mut Vec<u8>,
 ) {
@@ -373,7 +374,7 @@ pub async fn send<S, B, C, F>(
     mut body: B,
     t: Timeouts,
     raw: bool,
-    added: Option<&Added>,
+    added: Option<&Added<'_>>,
 ) -> Result<Response<H1Body<S>>, ForwardError>
 where
     S: Peek + AsyncWrite,

@@ -222,7 +222,7 @@ pub async fn forward(
         && plan.route.request_ops.is_empty()
         && policy.mirrors.is_empty();
     let mut added = h1::Added {
-        host: Some(plan.host.clone()),
+        host: Some(&plan.host),
         ..Default::default()
     };
     // Which forwarding headers the client sent: one scan, no lookups by
@@ -556,7 +556,7 @@ pub async fn forward(
 struct Bounds<'a> {
     raw: bool,
     /// Headers for an HTTP/1.1 try to write that are not in the map.
-    added: Option<&'a h1::Added>,
+    added: Option<&'a h1::Added<'a>>,
     until: Option<Instant>,
     route: Option<Instant>,
 }

@@ -352,7 +352,15 @@ fn parse_labels(s: &str) -> anyhow::Result<bosun_control::model::Labels> {
 /// `workers` threads (the control service, the demo).
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut b = match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(1) => {
+            let mut b = tokio::runtime::Builder::new_current_thread();
+            // A thread for blocking work (config file reads) goes soon after:
+            // the process is then one thread, and the kernel's file table
+            // is not shared (no reference taken and dropped on the socket
+            // at every read and write, as for an nginx worker).
+            b.thread_keep_alive(std::time::Duration::from_secs(1));
+            b
+        }
         Some(w) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(w.max(1));

@@ -1,6 +1,6 @@
 //! The file source: a YAML file or directory, watched.
 //!
-//! inotify (through `notify`) wakes the watcher at once and names the files
+//! inotify (read on the caller's runtime, no thread) wakes the watcher at once and names the files
 //! that changed: only those are looked at again (stat, read, parse), so one
 //! change costs the same with ten files or ten thousand. Anything the events
 //! cannot pin to a config file (a queue overflow, a change beside config
@@ -10,10 +10,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use notify::Watcher;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::error::ConfigErrors;
@@ -171,6 +171,8 @@ struct Pending {
     paths: HashSet<PathBuf>,
     other: bool,
     rescan: bool,
+    /// The watch is gone (its directory moved or was removed).
+    lost: bool,
 }
 
 /// Is `name` (a file name in the watched directory) a config file name?
@@ -182,11 +184,65 @@ fn is_config_name(name: &str) -> bool {
     !name.starts_with('.') && matches!(ext, "yaml" | "yml" | "json")
 }
 
+/// inotify on the watched directory, read on the caller's runtime (no
+/// thread of its own: with `--workers 1` the proxy stays one thread, and
+/// the kernel then takes and drops no reference on a socket per syscall).
+fn inotify_events(dir: &Path) -> std::io::Result<inotify::EventStream<Vec<u8>>> {
+    use inotify::{Inotify, WatchMask};
+    let inotify = Inotify::init()?;
+    inotify.watches().add(
+        dir,
+        WatchMask::MODIFY
+            | WatchMask::CLOSE_WRITE
+            | WatchMask::ATTRIB
+            | WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::MOVED_FROM
+            | WatchMask::MOVED_TO
+            | WatchMask::DELETE_SELF
+            | WatchMask::MOVE_SELF,
+    )?;
+    inotify.into_event_stream(vec![0u8; 16 * 1024])
+}
+
+impl Pending {
+    /// Notes one event on the watched directory. `root` is the config
+    /// path (the directory, or the one file in it that is watched).
+    fn note(&mut self, ev: &inotify::Event<std::ffi::OsString>, root: &Path, is_dir: bool) {
+        use inotify::EventMask;
+        if ev
+            .mask
+            .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED)
+        {
+            // The directory itself moved or went: watched again when it is back.
+            self.rescan = true;
+            self.lost = true;
+            return;
+        }
+        let Some(name) = ev
+            .name
+            .as_ref()
+            .filter(|_| !ev.mask.contains(EventMask::Q_OVERFLOW))
+        else {
+            // Events were lost.
+            self.rescan = true;
+            return;
+        };
+        let name = name.to_str().unwrap_or("");
+        if is_dir && is_config_name(name) {
+            self.paths.insert(root.join(name));
+        } else if !is_dir && root.file_name().is_some_and(|f| f == name) {
+            self.paths.insert(root.to_path_buf());
+        } else {
+            self.other = true;
+        }
+    }
+}
+
 /// Watches `path` and sends a [`Reading`] each time its content changes
 /// (the first reading is sent at once). Changes are debounced by [`DEBOUNCE`].
 pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
     let (tx, rx) = mpsc::channel(4);
-    let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
     let is_dir = path.is_dir();
     let watch_dir = if is_dir {
         path.clone()
@@ -195,47 +251,14 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."))
     };
-    let pending = Arc::new(Mutex::new(Pending::default()));
-    let (p, root) = (pending.clone(), path.clone());
-    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        {
-            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-            match ev {
-                Ok(ev) if !ev.need_rescan() && !ev.paths.is_empty() => {
-                    for changed in &ev.paths {
-                        // Name the file as the directory listing does, whatever
-                        // form of the path the event carries.
-                        let name = changed.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                        if is_dir && is_config_name(name) {
-                            p.paths.insert(root.join(name));
-                        } else if !is_dir && Some(changed.file_name()) == Some(root.file_name()) {
-                            p.paths.insert(root.clone());
-                        } else {
-                            p.other = true;
-                        }
-                    }
-                }
-                _ => p.rescan = true,
-            }
-        }
-        let _ = wake_tx.try_send(());
-    });
-    let watcher = match watcher {
-        Ok(mut w) => match w.watch(&watch_dir, notify::RecursiveMode::NonRecursive) {
-            Ok(()) => Some(w),
-            Err(e) => {
-                tracing::warn!(dir = %watch_dir.display(), error = %e, "cannot watch config; polling every second");
-                None
-            }
-        },
+    let mut events = match inotify_events(&watch_dir) {
+        Ok(ev) => Some(ev),
         Err(e) => {
-            tracing::warn!(error = %e, "no file watcher; polling every second");
+            tracing::warn!(dir = %watch_dir.display(), error = %e, "cannot watch config; polling every second");
             None
         }
     };
-    let backstop = if watcher.is_some() { RESCAN } else { POLL };
     tokio::spawn(async move {
-        let _watcher = watcher;
         let mut files = Files::default();
         let mut scan = Scan::All;
         let mut first = true;
@@ -280,12 +303,44 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
                     return;
                 }
             }
+            if events.is_none() {
+                // Polling: the directory may be back (watched again) by now.
+                events = inotify_events(&watch_dir).ok();
+            }
+            let backstop = if events.is_some() { RESCAN } else { POLL };
+            let event = async {
+                match events.as_mut() {
+                    Some(ev) => ev.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             scan = tokio::select! {
-                _ = wake_rx.recv() => {
-                    tokio::time::sleep(DEBOUNCE).await;
-                    while wake_rx.try_recv().is_ok() {}
-                    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                    let p = std::mem::take(&mut *p);
+                first = event => {
+                    let mut p = Pending::default();
+                    match first {
+                        Some(Ok(ev)) => {
+                            p.note(&ev, &path, is_dir);
+                            tokio::time::sleep(DEBOUNCE).await;
+                            // What came during the debounce, without waiting.
+                            while let Some(Some(ev)) = events.as_mut().and_then(|e| e.next().now_or_never()) {
+                                match ev {
+                                    Ok(ev) => p.note(&ev, &path, is_dir),
+                                    Err(_) => p.rescan = true,
+                                }
+                            }
+                        }
+                        other => {
+                            // The watch is broken: poll from now on.
+                            if let Some(Err(e)) = other {
+                                tracing::warn!(error = %e, "config watch failed; polling every second");
+                            }
+                            events = None;
+                            p.rescan = true;
+                        }
+                    }
+                    if p.lost {
+                        events = None;
+                    }
                     if p.rescan || (p.other && files.has_symlinks()) {
                         Scan::All
                     } else {

@@ -95,15 +95,19 @@ impl<S> std::fmt::Debug for Idle<S> {
 }
 
 impl<S: Peek> Idle<S> {
-    /// The most recently used connection that is still fresh and clean.
-    fn checkout(&self) -> Option<Conn<S>> {
+    /// The most recently used connection that is still fresh and clean
+    /// (ages reckoned at `now`).
+    fn checkout(&self, now: Instant) -> Option<Conn<S>> {
         loop {
             let mut c = {
                 let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
                 conns.pop()?
             };
-            if c.since.elapsed() >= self.reuse.idle_timeout
-                || self.reuse.max_age.is_some_and(|a| c.opened.elapsed() >= a)
+            if now.saturating_duration_since(c.since) >= self.reuse.idle_timeout
+                || self
+                    .reuse
+                    .max_age
+                    .is_some_and(|a| now.saturating_duration_since(c.opened) >= a)
             {
                 continue;
             }
@@ -126,8 +130,10 @@ impl<S: AsyncRead + Unpin> Idle<S> {
         }
     }
 
-    fn checkin(&self, mut c: Conn<S>) {
-        c.since = Instant::now();
+    /// Puts `c` back, idle since `since` (no later than its response ended:
+    /// an earlier instant only retires it sooner).
+    fn checkin(&self, mut c: Conn<S>, since: Instant) {
+        c.since = since;
         c.served += 1;
         if self.reuse.max_requests > 0 && c.served >= self.reuse.max_requests {
             return;
@@ -340,7 +346,12 @@ impl std::error::Error for RouteTimeout {}
 impl Timeouts {
     /// Until when the next wait may last, and the error when it expires.
     fn bound(&self) -> (tokio::time::Instant, ForwardError) {
-        let idle = tokio::time::Instant::now() + self.stream_idle;
+        self.bound_at(tokio::time::Instant::now())
+    }
+
+    /// As `bound`, reckoned from `now`.
+    fn bound_at(&self, now: tokio::time::Instant) -> (tokio::time::Instant, ForwardError) {
+        let idle = now + self.stream_idle;
         match self.deadline {
             Some(d) if d < idle => (d, ForwardError::TryTimeout),
             _ => (idle, ForwardError::StreamIdle(self.stream_idle)),
@@ -397,7 +408,16 @@ where
     let head_request = parts.method == Method::HEAD;
     let mut reused_failed = false;
     loop {
-        let idle_conn = if reused_failed { None } else { idle.checkout() };
+        // One clock read for the try: the pool's age checks, the head's
+        // deadline and, when the whole response comes with its head, the
+        // connection's idle start (a few microseconds early: it is retired
+        // that much sooner, never later).
+        let now = Instant::now();
+        let idle_conn = if reused_failed {
+            None
+        } else {
+            idle.checkout(now)
+        };
         let (mut conn, reused) = match idle_conn {
             Some(c) => (c, true),
             None => {
@@ -422,7 +442,7 @@ where
             // reused: the upstream holds half a request.
             write_body(&mut conn, &mut body, &framing, t).await?;
         }
-        match read_head_bounded(&mut conn, head_request, raw, &t).await {
+        match read_head_bounded(&mut conn, head_request, raw, &t, now.into()).await {
             Err(e) => return Err(e),
             Ok(Ok(Head {
                 response: resp,
@@ -439,9 +459,10 @@ where
                     stream_idle: t.stream_idle,
                     response_deadline: t.response_deadline,
                     timer: None,
+                    began: Some(now),
                 };
                 if matches!(body.state, State::Done) {
-                    body.finish();
+                    body.finish_at(now);
                 }
                 return Ok(resp.map(|()| body));
             }
@@ -782,8 +803,9 @@ async fn read_head_bounded<S: AsyncRead + Unpin>(
     head_request: bool,
     raw: bool,
     t: &Timeouts,
+    now: tokio::time::Instant,
 ) -> Result<Result<Head, HeadError>, ForwardError> {
-    let (at, expired) = t.bound();
+    let (at, expired) = t.bound_at(now);
     let mut timer = conn
         .timer
         .take()
@@ -1009,6 +1031,11 @@ pub struct H1Body<S> {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The upstream's headers, when the response's map was left empty.
     raw: Option<RawHeaders>,
+    /// When the try began, until the body is first polled: a body that
+    /// ends in that first poll (nearly always there with its head) gives
+    /// its connection back as idle from then (early, so retired sooner,
+    /// never later) without a clock read.
+    began: Option<Instant>,
 }
 
 impl<S> H1Body<S> {
@@ -1023,12 +1050,17 @@ impl<S: AsyncRead + Unpin> H1Body<S> {
     /// The message ended cleanly: the connection goes back to the pool if
     /// the upstream allows it and nothing unexpected follows.
     fn finish(&mut self) {
+        self.finish_at(Instant::now());
+    }
+
+    /// As `finish`, with the connection idle from `since`.
+    fn finish_at(&mut self, since: Instant) {
         self.state = State::Done;
         if let Some(c) = self.conn.take()
             && self.keep_alive
             && c.buf.is_empty()
         {
-            self.idle.checkin(c);
+            self.idle.checkin(c, since);
         }
     }
 }
@@ -1055,6 +1087,11 @@ impl<S: AsyncRead + Unpin> Body for H1Body<S> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
+        let began = this.began.take();
+        let finish = |b: &mut Self| match began {
+            Some(at) => b.finish_at(at),
+            None => b.finish(),
+        };
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -1067,17 +1104,17 @@ impl<S: AsyncRead + Unpin> Body for H1Body<S> {
                 }
                 Ok(Step::Data(d)) => {
                     if matches!(this.state, State::Done) {
-                        this.finish();
+                        finish(this);
                     }
                     this.timer = None;
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
                 Ok(Step::Trailers(t)) => {
-                    this.finish();
+                    finish(this);
                     return Poll::Ready(Some(Ok(Frame::trailers(t))));
                 }
                 Ok(Step::End) => {
-                    this.finish();
+                    finish(this);
                     return Poll::Ready(None);
                 }
                 Ok(Step::NeedMore) => {}
@@ -1148,7 +1185,8 @@ mod tests {
         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
         upstream.write_all(answer).await.expect("write");
         // The first wait arms the connection's timer 60 s out.
-        let r = read_head_bounded(&mut conn, false, false, &long).await;
+        let r =
+            read_head_bounded(&mut conn, false, false, &long, tokio::time::Instant::now()).await;
         assert!(matches!(r, Ok(Ok(_))));
 
         // A try deadline before the kept timer: the wait ends at it.
@@ -1157,7 +1195,8 @@ mod tests {
             deadline: Some(start + Duration::from_millis(100)),
             ..long
         };
-        let r = read_head_bounded(&mut conn, false, false, &short).await;
+        let r =
+            read_head_bounded(&mut conn, false, false, &short, tokio::time::Instant::now()).await;
         assert!(matches!(r, Err(ForwardError::TryTimeout)));
         assert!(start.elapsed() < Duration::from_secs(1));
 
@@ -1168,13 +1207,15 @@ mod tests {
             stream_idle: Duration::from_secs(5),
             ..long
         };
-        let r = read_head_bounded(&mut conn, false, false, &idle).await;
+        let r =
+            read_head_bounded(&mut conn, false, false, &idle, tokio::time::Instant::now()).await;
         assert!(matches!(r, Err(ForwardError::StreamIdle(_))));
         assert!(start.elapsed() >= Duration::from_secs(5));
 
         // And an answer within the bound is read as ever.
         upstream.write_all(answer).await.expect("write");
-        let r = read_head_bounded(&mut conn, false, false, &idle).await;
+        let r =
+            read_head_bounded(&mut conn, false, false, &idle, tokio::time::Instant::now()).await;
         assert!(matches!(r, Ok(Ok(_))));
     }
 

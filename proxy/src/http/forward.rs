@@ -100,6 +100,12 @@ fn upstream_timeout(labels: Arc<LabelSet>) -> LocalReply<'static> {
     )
 }
 
+/// A head with nothing in it (no allocation): what is left where a head
+/// was taken.
+fn empty_head() -> http::request::Parts {
+    Request::new(()).into_parts().0
+}
+
 /// A copy of a request head for one more try or a mirror.
 fn copy_head(p: &http::request::Parts) -> http::request::Parts {
     let mut r = Request::new(());
@@ -176,7 +182,7 @@ pub async fn forward(
     shared: &Arc<Shared>,
     conn: &ConnContext,
     plan: Plan<'_>,
-    mut parts: http::request::Parts,
+    parts: &mut http::request::Parts,
     body: Option<Incoming>,
     downstream_upgrade: Option<OnUpgrade>,
     mut rec: Recorder,
@@ -351,14 +357,7 @@ pub async fn forward(
     if let Some(body) = &replay {
         for m in &policy.mirrors {
             if roll(m.per_million, &mut rand::rng()) {
-                mirror(
-                    shared,
-                    &m.cluster,
-                    &parts,
-                    body,
-                    policy.timeout,
-                    plan.use_h2,
-                );
+                mirror(shared, &m.cluster, parts, body, policy.timeout, plan.use_h2);
             }
         }
     } else if !policy.mirrors.is_empty() {
@@ -372,7 +371,7 @@ pub async fn forward(
         let endpoint = cluster.endpoints[idx].clone();
         rec.set_upstream_host(&endpoint.addr_str);
         let active = ActiveGuard::with_cluster(&endpoint, &cluster.state, None);
-        if set_upstream_uri(&mut parts, &endpoint).is_err() {
+        if set_upstream_uri(parts, &endpoint).is_err() {
             return rec.local(reply(
                 StatusCode::BAD_REQUEST,
                 "bad path",
@@ -380,6 +379,7 @@ pub async fn forward(
                 endpoint.labels.clone(),
             ));
         }
+        let parts = std::mem::replace(parts, empty_head());
         let sent = send_upgrade(shared, &endpoint.pool, parts, req_body, downstream_upgrade).await;
         return respond(
             &plan,
@@ -411,7 +411,7 @@ pub async fn forward(
         && !plan.grpc;
     // The head stays here: an HTTP/1.1 try borrows it (its bytes are
     // written from it), an HTTP/2 try takes a copy unless it is the last.
-    let mut head = Some(parts);
+    let mut head: Option<&mut http::request::Parts> = Some(parts);
     let mut body_once = Some(req_body);
     // Endpoints tried so far (the first few: enough to steer retries away).
     let mut tried = [0usize; 8];
@@ -429,10 +429,10 @@ pub async fn forward(
             (None, Some(b)) => b,
             (None, None) => break,
         };
-        let p = match head.as_mut() {
+        let p = match head.as_deref_mut() {
             Some(h) if !plan.use_h2 || !last => Head::Lent(h),
             Some(_) => match head.take() {
-                Some(h) => Head::Owned(h),
+                Some(h) => Head::Owned(std::mem::replace(h, empty_head())),
                 None => break,
             },
             None => break,
@@ -505,7 +505,7 @@ pub async fn forward(
         };
         // The request head is done with: its map goes back for reuse.
         if let Some(h) = head.take() {
-            crate::http::headers::recycle(h.headers);
+            crate::http::headers::recycle(std::mem::take(&mut h.headers));
         }
         return match tried_result {
             Tried::Response(resp, a) => {

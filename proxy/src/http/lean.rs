@@ -347,7 +347,7 @@ where
         };
         head_deadline = None;
         let head = buf.split_to(meta.len).freeze();
-        let Some(parts) = build(&head, &meta, &spans) else {
+        let Some(mut parts) = build(&head, &meta, &spans) else {
             // hyper answers what `http` refuses: the head goes back first.
             let mut all = BytesMut::with_capacity(head.len() + buf.len());
             all.extend_from_slice(&head);
@@ -362,7 +362,7 @@ where
         // The request, while the client is watched: one that closes (or
         // resets) takes its request with it. Bytes it pipelines are kept.
         let resp = {
-            let h = handle(shared, conn, state, parts, None, None, true);
+            let h = handle(shared, conn, state, &mut parts, None, None, true);
             let mut h = std::pin::pin!(h);
             loop {
                 if buf.len() >= max_head {

@@ -637,7 +637,19 @@ fn handle_hyper(
 ) -> impl Future<Output = Response<RespBody>> {
     let upgrade = is_upgrade(req.version(), req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    async move { handle(&shared, &conn, &state, parts, Some(body), upgrade, false).await }
+    async move {
+        let mut parts = parts;
+        handle(
+            &shared,
+            &conn,
+            &state,
+            &mut parts,
+            Some(body),
+            upgrade,
+            false,
+        )
+        .await
+    }
 }
 
 /// One request, to its response: decided, then answered or forwarded.
@@ -648,7 +660,7 @@ pub(crate) async fn handle(
     shared: &Arc<Shared>,
     conn: &Arc<ConnContext>,
     state: &Arc<ConnState>,
-    parts: http::request::Parts,
+    parts: &mut http::request::Parts,
     body: Option<Incoming>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
     raw_response: bool,
@@ -661,7 +673,7 @@ pub(crate) async fn handle(
         Protocol::Http
     };
     let snap = shared.snapshot.load();
-    let decided = decide(&snap, conn, &parts, &mut rand::rng());
+    let decided = decide(&snap, conn, parts, &mut rand::rng());
     let log = shared.access_log.as_ref().map(|_| {
         Box::new(LogInfo {
             start_time: SystemTime::now(),
@@ -675,7 +687,7 @@ pub(crate) async fn handle(
                 Version::HTTP_10 => "HTTP/1.0",
                 _ => "HTTP/1.1",
             },
-            authority: authority(&parts).to_str().unwrap_or("").to_string(),
+            authority: authority(parts).to_str().unwrap_or("").to_string(),
             user_agent: header_str(&parts.headers, header::USER_AGENT),
             request_id: header_str(&parts.headers, X_REQUEST_ID),
             forwarded_for: header_str(&parts.headers, X_FORWARDED_FOR),

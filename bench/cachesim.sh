@@ -21,7 +21,8 @@ PROXIES=${PROXIES:-nginx bosun}
 UP_PORT=18680 PX_PORT=18682 ADMIN=127.0.0.1:18683
 T=$(mktemp -d)
 chmod 755 "$T"
-trap 'kill "$(cat "$T/up.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$T"' EXIT
+# A proxy left running by a failed step is stopped too (it would hold the port).
+trap 'kill $(jobs -p) "$(cat "$T/up.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$T"' EXIT
 
 nginx_conf() {  # nginx_conf NAME SERVER_BLOCK
   cat <<EOF

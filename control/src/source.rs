@@ -1,12 +1,14 @@
 //! The file source: a YAML file or directory, watched.
 //!
-//! inotify (read on the caller's runtime, no thread) wakes the watcher at once and names the files
-//! that changed: only those are looked at again (stat, read, parse), so one
-//! change costs the same with ten files or ten thousand. Anything the events
-//! cannot pin to a config file (a queue overflow, a change beside config
-//! files that are symlinks, as in a Kubernetes ConfigMap mount) rescans the
-//! whole directory, and so does a slow timer, as a backstop. A change is only
-//! reported when the bytes of a config file changed.
+//! inotify (read on the caller's runtime: no thread of its own) wakes the
+//! watcher at once and names the files that changed: only those are looked
+//! at again (stat, read, parse), so one change costs the same with ten
+//! files or ten thousand. Anything the events cannot pin to a config file
+//! (a queue overflow, a change beside config files that are symlinks, as in
+//! a Kubernetes ConfigMap mount) rescans the whole directory, and so does a
+//! slow timer, as a backstop; a directory moved away or removed is watched
+//! again when it is back. A change is only reported when the bytes of a
+//! config file changed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -304,8 +306,15 @@ pub fn watch(path: PathBuf) -> mpsc::Receiver<Reading> {
                 }
             }
             if events.is_none() {
-                // Polling: the directory may be back (watched again) by now.
+                // Polling: the directory may be back. Watched again, it is
+                // read whole at once (a change just before the watch began
+                // would not be an event).
                 events = inotify_events(&watch_dir).ok();
+                if events.is_some() {
+                    tracing::info!(dir = %watch_dir.display(), "config directory watched again");
+                    scan = Scan::All;
+                    continue;
+                }
             }
             let backstop = if events.is_some() { RESCAN } else { POLL };
             let event = async {

@@ -87,6 +87,40 @@ async fn bad_config_is_refused_and_the_old_one_keeps_serving() {
     assert_eq!(get(&c, &url, "x").await.backend(), "new");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_directory_moved_away_and_back_is_watched_again() {
+    let be = backend("first").await;
+    let port = free_port();
+    let bosun = Bosun::gateway(&simple(port, be.addr, "")).await;
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/");
+    let dir = bosun.config_dir();
+    let away = dir.with_file_name("config.away");
+
+    // Gone: refused (nothing to read); the last good config keeps serving.
+    std::fs::rename(&dir, &away).expect("move away");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        bosun.log_text().contains("no config files"),
+        "{}",
+        bosun.log_text()
+    );
+    assert_eq!(get(&c, &url, "x").await.backend(), "first");
+
+    // Back (looked for every second), and watched again: the next change is
+    // an event, applied at once, not at the 10 s rescan.
+    std::fs::rename(&away, &dir).expect("move back");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let be2 = backend("second").await;
+    bosun.reconfigure(&simple(port, be2.addr, "")).await;
+    assert_eq!(get(&c, &url, "x").await.backend(), "second");
+    assert!(
+        bosun.log_text().contains("config directory watched again"),
+        "{}",
+        bosun.log_text()
+    );
+}
+
 #[test]
 fn validate_reports_every_error_in_one_pass_at_the_fields_line() {
     let dir = TempDir::new("validate-all");

@@ -131,7 +131,7 @@ pub struct ProxyArgs {
     access_log: bool,
     /// Workers (default: one per core), each a thread with its own event loop that accepts
     /// on its own socket of every listener (SO_REUSEPORT) and serves its connections start
-    /// to end; xDS, admin and DNS run on the main thread. 1 = one event loop for everything
+    /// to end; xDS, admin and DNS run on the main thread. 1 = one thread, one event loop for everything
     #[arg(long)]
     workers: Option<usize>,
     /// Node mode: this node's name; endpoints whose nodeName matches are local

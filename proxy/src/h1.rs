@@ -408,11 +408,12 @@ where
     let head_request = parts.method == Method::HEAD;
     let mut reused_failed = false;
     loop {
-        // One clock read for the try: the pool's age checks, the head's
-        // deadline and, when the whole response comes with its head, the
-        // connection's idle start (a few microseconds early: it is retired
-        // that much sooner, never later).
-        let now = Instant::now();
+        // One clock read for the common try (a pooled connection, a head
+        // and no body): the pool's age checks, the response head's deadline
+        // and, when the whole response comes with its head, the
+        // connection's idle start (early by the upstream's response time:
+        // it is retired that much sooner, never later).
+        let mut now = Instant::now();
         let idle_conn = if reused_failed {
             None
         } else {
@@ -441,6 +442,10 @@ where
             // On any error the connection is dropped here, closed, never
             // reused: the upstream holds half a request.
             write_body(&mut conn, &mut body, &framing, t).await?;
+        }
+        if !reused || !replayable {
+            // A connect or a body took time: the head's deadline starts now.
+            now = Instant::now();
         }
         match read_head_bounded(&mut conn, head_request, raw, &t, now.into()).await {
             Err(e) => return Err(e),

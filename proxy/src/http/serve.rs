@@ -636,9 +636,8 @@ fn handle_hyper(
     mut req: Request<Incoming>,
 ) -> impl Future<Output = Response<RespBody>> {
     let upgrade = is_upgrade(req.version(), req.headers()).then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     async move {
-        let mut parts = parts;
         handle(
             &shared,
             &conn,

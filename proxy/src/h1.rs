@@ -200,6 +200,9 @@ enum Framing {
 /// dropped: no allocation per request once a thread has one.
 struct HeadBuf(Vec<u8>);
 
+/// A head buffer grown past this by one request is not kept.
+const HEAD_BUF_KEEP: usize = 8 * 1024;
+
 thread_local! {
     static HEAD_BUFS: crate::freelist::FreeList<Vec<u8>> =
         const { crate::freelist::FreeList::new(64) };
@@ -219,7 +222,7 @@ impl Drop for HeadBuf {
     fn drop(&mut self) {
         let mut b = std::mem::take(&mut self.0);
         // A head grown large by one request is not kept.
-        if b.capacity() > 8 * 1024 {
+        if b.capacity() > HEAD_BUF_KEEP {
             return;
         }
         b.clear();
@@ -405,6 +408,25 @@ where
     let replayable = matches!(framing, Framing::Empty);
     let mut head = HeadBuf::take();
     encode_head(parts, added, &framing, &mut head.0);
+    // A small body goes with its head, in one write, as far as it is
+    // already there (a body read with its head, or arrived since); the
+    // rest is written after the head as it comes.
+    if let Framing::Length(n) = framing
+        && head.0.len() as u64 + n <= HEAD_BUF_KEEP as u64
+    {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        loop {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        head.0.extend_from_slice(&d);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Err(ForwardError::downstream(&e)),
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
+    }
     let head_request = parts.method == Method::HEAD;
     let mut reused_failed = false;
     loop {

@@ -873,7 +873,7 @@ async fn read_one(
 }
 
 /// The lean HTTP/1.1 path serves simple requests and hands the connection
-/// to hyper at the first one with a body: pipelined in one write, every
+/// to hyper at the first one with a chunked body: pipelined in one write, every
 /// response comes back in order, HEAD without a body, and the last
 /// request's `Connection: close` closes the connection.
 #[tokio::test(flavor = "multi_thread")]
@@ -888,7 +888,7 @@ async fn pipelined_requests_are_answered_in_order_across_the_hand_over_to_hyper(
         b"GET /1 HTTP/1.1\r\nHost: site\r\n\r\n\
           HEAD /2 HTTP/1.1\r\nHost: site\r\n\r\n\
           GET /3 HTTP/1.1\r\nHost: site\r\n\r\n\
-          POST /4 HTTP/1.1\r\nHost: site\r\nContent-Length: 5\r\n\r\nhello\
+          POST /4 HTTP/1.1\r\nHost: site\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
           GET /5 HTTP/1.1\r\nHost: site\r\nConnection: close\r\n\r\n",
     )
     .await
@@ -934,6 +934,108 @@ async fn pipelined_requests_are_answered_in_order_across_the_hand_over_to_hyper(
     assert!(buf.is_empty(), "bytes after the last response");
     assert!(closed_within(&mut c, Duration::from_secs(3)).await);
     assert_eq!(be.hits.load(Ordering::Relaxed), 5);
+}
+
+/// An upstream that answers each request with its method, target and body.
+async fn echoing_upstream() -> SocketAddr {
+    raw_upstream(|mut s| async move {
+        let mut buf = Vec::new();
+        let mut b = [0u8; 8192];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let len = content_length(&head);
+                if buf.len() >= end + 4 + len {
+                    let mut line = head.split(' ');
+                    let (method, target) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+                    let mut body = format!("{method} {target} ").into_bytes();
+                    body.extend_from_slice(&buf[end + 4..end + 4 + len]);
+                    buf.drain(..end + 4 + len);
+                    let mut resp =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
+                            .into_bytes();
+                    resp.extend_from_slice(&body);
+                    if s.write_all(&resp).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&b[..n]),
+            }
+        }
+    })
+    .await
+}
+
+/// Small `Content-Length` bodies pipelined with bodiless requests (the
+/// lean path takes them whole, with their heads), one at the lean path's
+/// limit and one past it, then a body that comes 300 ms after its head
+/// (hyper streams it, and serves the connection from there): each reaches
+/// the upstream whole, each answer comes back in order, and the request
+/// bytes metric counts every body.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_bodies_reach_the_upstream_whole_pipelined_or_late() {
+    let up = echoing_upstream().await;
+    let port = free_port();
+    let bosun = Bosun::gateway(&gateway_to(port, up)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let at_limit = "x".repeat(16 * 1024);
+    let past_limit = "y".repeat(16 * 1024 + 1);
+    let mut pipelined = b"POST /1 HTTP/1.1\r\nHost: site\r\nContent-Length: 5\r\n\r\nhello\
+          GET /2 HTTP/1.1\r\nHost: site\r\n\r\n\
+          PUT /3 HTTP/1.1\r\nHost: site\r\ncontent-length: 11\r\n\r\nhello world"
+        .to_vec();
+    pipelined.extend_from_slice(
+        format!("POST /4 HTTP/1.1\r\nHost: site\r\nContent-Length: 16384\r\n\r\n{at_limit}")
+            .as_bytes(),
+    );
+    pipelined.extend_from_slice(
+        format!("POST /5 HTTP/1.1\r\nHost: site\r\nContent-Length: 16385\r\n\r\n{past_limit}")
+            .as_bytes(),
+    );
+    c.write_all(&pipelined).await.expect("write");
+    let mut buf = Vec::new();
+    for want in [
+        "POST /1 hello".to_string(),
+        "GET /2 ".to_string(),
+        "PUT /3 hello world".to_string(),
+        format!("POST /4 {at_limit}"),
+        format!("POST /5 {past_limit}"),
+    ] {
+        let (head, body) = read_one(&mut c, &mut buf, false)
+            .await
+            .unwrap_or_else(|| panic!("no response for {}", &want[..7]));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            body == want,
+            "{}: got {} bytes: {:.60}",
+            &want[..7],
+            body.len(),
+            body
+        );
+    }
+    // The head alone, then its body after a pause.
+    c.write_all(b"POST /6 HTTP/1.1\r\nHost: site\r\nContent-Length: 4\r\n\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.write_all(b"late").await.expect("write");
+    let (_, body) = read_one(&mut c, &mut buf, false).await.expect("late body");
+    assert_eq!(body, "POST /6 late");
+    c.write_all(b"GET /7 HTTP/1.1\r\nHost: site\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let (_, body) = read_one(&mut c, &mut buf, false).await.expect("after");
+    assert_eq!(body, "GET /7 ");
+    assert!(closed_within(&mut c, Duration::from_secs(3)).await);
+    let m = bosun.metrics().await;
+    let sum = metric_sum(&m, "istio_request_bytes_sum", &["response_code=\"200\""]);
+    assert_eq!(sum, (5 + 11 + 16384 + 16385 + 4) as f64, "{m}");
 }
 
 /// A client that goes away while its request is upstream takes the request

@@ -33,6 +33,15 @@ pub struct ReqBody {
     exact: bool,
 }
 
+/// Where a request's body comes from.
+pub enum BodySource {
+    /// Read from the client as it is forwarded (hyper's server).
+    Stream(Incoming),
+    /// Already read, whole, with its head (the lean path's small
+    /// `Content-Length` bodies).
+    Whole(Bytes),
+}
+
 /// A whole request body kept for another try or a mirror.
 #[derive(Debug, Clone, Default)]
 pub struct Replay {
@@ -45,7 +54,30 @@ impl ReqBody {
     /// `None`: a request without a body.
     /// `bytes`: where the body's length is counted (a request without a
     /// body needs none).
-    pub fn new(inner: Option<Incoming>, bytes: Option<Arc<AtomicU64>>) -> Self {
+    pub fn new(inner: Option<BodySource>, bytes: Option<Arc<AtomicU64>>) -> Self {
+        match inner {
+            Some(BodySource::Whole(data)) => {
+                if let Some(b) = &bytes {
+                    b.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                let mut pending = VecDeque::new();
+                if !data.is_empty() {
+                    pending.push_back(Frame::data(data));
+                }
+                // Its length is announced: it came with a Content-Length.
+                ReqBody {
+                    inner: None,
+                    pending,
+                    bytes: None,
+                    exact: true,
+                }
+            }
+            Some(BodySource::Stream(s)) => Self::streamed(Some(s), bytes),
+            None => Self::streamed(None, bytes),
+        }
+    }
+
+    fn streamed(inner: Option<Incoming>, bytes: Option<Arc<AtomicU64>>) -> Self {
         ReqBody {
             inner,
             pending: VecDeque::new(),

@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
@@ -33,7 +32,7 @@ use crate::cluster::{Cluster, Endpoint};
 use crate::error::ForwardError;
 use crate::flags::Flags;
 use crate::h1;
-use crate::http::body::{ActiveGuard, Replay, ReqBody, RespBody, RespKind};
+use crate::http::body::{ActiveGuard, BodySource, Replay, ReqBody, RespBody, RespKind};
 use crate::http::decide::{ConnContext, LocalReply, Plan, fault_reply};
 use crate::http::headers::{
     X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID, request_id, strip_hop_by_hop,
@@ -183,7 +182,7 @@ pub async fn forward(
     conn: &ConnContext,
     plan: Plan<'_>,
     parts: &mut http::request::Parts,
-    body: Option<Incoming>,
+    body: Option<BodySource>,
     downstream_upgrade: Option<OnUpgrade>,
     mut rec: Recorder,
 ) -> Response<RespBody> {

@@ -8,15 +8,18 @@
 //! buffer. No task, channel or timer is made per request.
 //!
 //! The lean path takes only requests whose framing leaves no room for
-//! doubt: HTTP/1.1, no body (no `Content-Length` other than one `0`, no
-//! `Transfer-Encoding`), no `Expect`, no upgrade, no CONNECT, an
-//! origin-form target, at most 100 headers, the head within its limit. At
-//! the first request that is anything else (a body, HTTP/1.0, a malformed
-//! or oversized head, ...) the rest of the connection goes to hyper's
-//! server, with the bytes read so far put back in front: every strictness
-//! rule, error status and body case stays hyper's, as before this path
-//! existed. A client that mixes GETs and POSTs on one connection is served
-//! by the lean path until its first POST.
+//! doubt: HTTP/1.1, no `Transfer-Encoding`, at most one `Content-Length`
+//! (digits only, at most [`LEAN_BODY`]) whose whole body came with the head
+//! (read with it, or already in the socket: the path never waits for a
+//! body), no `Expect`, no upgrade, no CONNECT, an origin-form target, at
+//! most 100 headers, the head within its limit. At the first request that
+//! is anything else (a chunked or larger body, one still on its way,
+//! HTTP/1.0, a malformed or oversized head, ...) the rest of the connection
+//! goes to hyper's server, with the bytes read so far put back in front:
+//! every strictness rule, error status and streamed-body case stays
+//! hyper's, as before this path existed. A client that mixes GETs and
+//! small POSTs on one connection stays on the lean path; its first chunked
+//! or large upload moves the connection to hyper.
 //!
 //! What the connection keeps of hyper's behaviour, and is tested for:
 //! - the head timeout from accept (first request) or from the first byte of
@@ -38,13 +41,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::Shared;
-use crate::http::body::{RespBody, RespKind};
+use crate::http::body::{BodySource, RespBody, RespKind};
 use crate::http::decide::ConnContext;
 use crate::http::headers::{has_token, write_header};
 use crate::http::serve::{ConnState, handle};
@@ -55,6 +59,9 @@ const MAX_HEADERS: usize = 100;
 /// Body frames up to this are copied behind the head (one write); larger
 /// ones are written on their own.
 const COALESCE: usize = 16 * 1024;
+/// The largest request body the lean path takes (whole, with its head);
+/// a larger one is streamed by hyper.
+pub const LEAN_BODY: usize = 16 * 1024;
 
 /// The stream with bytes already read put back in front, for hyper: what
 /// protocol detection or the lean path read and did not use.
@@ -129,6 +136,8 @@ enum Scan {
 /// A simple request head: where its parts are in the buffer.
 struct Meta {
     len: usize,
+    /// The body's length (`Content-Length`), after the head.
+    body: usize,
     method: Method,
     path: (usize, usize),
     /// The client asked to close after this response.
@@ -172,19 +181,29 @@ fn scan(buf: &[u8], max_head: usize, max_headers: usize, spans: &mut Vec<Span>) 
     let off = |p: *const u8| (p as usize - base) as u32;
     let mut close = false;
     let mut trailers = false;
-    let mut length = false;
+    let mut length: Option<usize> = None;
     spans.clear();
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let v = h.value;
         match name.len() {
-            // One `Content-Length: 0` is a bodiless request; any other
-            // length, a second one, or any Transfer-Encoding is a body.
+            // One `Content-Length` of at most six digits and LEAN_BODY; a
+            // second one (even equal), a list, a sign or any other spelling,
+            // or any Transfer-Encoding goes to hyper.
             14 if name.eq_ignore_ascii_case(b"content-length") => {
-                if length || v.trim_ascii() != b"0" {
+                let v = v.trim_ascii();
+                if length.is_some()
+                    || v.is_empty()
+                    || v.len() > 6
+                    || !v.iter().all(u8::is_ascii_digit)
+                {
                     return Scan::Other;
                 }
-                length = true;
+                let n = v.iter().fold(0usize, |n, d| n * 10 + usize::from(d - b'0'));
+                if n > LEAN_BODY {
+                    return Scan::Other;
+                }
+                length = Some(n);
             }
             17 if name.eq_ignore_ascii_case(b"transfer-encoding") => return Scan::Other,
             6 if name.eq_ignore_ascii_case(b"expect") => return Scan::Other,
@@ -205,6 +224,7 @@ fn scan(buf: &[u8], max_head: usize, max_headers: usize, spans: &mut Vec<Span>) 
     let p = off(path.as_ptr()) as usize;
     Scan::Simple(Meta {
         len,
+        body: length.unwrap_or(0),
         method,
         path: (p, p + path.len()),
         close,
@@ -232,20 +252,24 @@ fn build(head: &Bytes, meta: &Meta, spans: &[Span]) -> Option<http::request::Par
     Some(parts)
 }
 
-/// The lean path's reading of the head at the start of `buf`, for the fuzz
-/// target: the request and its head's length when the lean path would
-/// serve it; `None` when it would read more or hand the bytes to hyper.
+/// The lean path's reading of the request at the start of `buf`, for the
+/// fuzz target: the request head, the head's length and the body's, when
+/// the lean path would serve it from these bytes; `None` when it would
+/// read more or hand the bytes to hyper.
 pub fn parse_simple(
     buf: &[u8],
     max_head: usize,
     max_headers: usize,
-) -> Option<(http::request::Parts, usize)> {
+) -> Option<(http::request::Parts, usize, usize)> {
     let mut spans = Vec::new();
     let Scan::Simple(meta) = scan(buf, max_head, max_headers, &mut spans) else {
         return None;
     };
+    if buf.len() < meta.len + meta.body {
+        return None;
+    }
     let head = Bytes::copy_from_slice(&buf[..meta.len]);
-    build(&head, &meta, &spans).map(|p| (p, meta.len))
+    build(&head, &meta, &spans).map(|p| (p, meta.len, meta.body))
 }
 
 /// Serves the connection's HTTP/1.1 requests while they are simple; `buf`
@@ -285,7 +309,19 @@ where
         let meta = loop {
             if !buf.is_empty() {
                 match scan(&buf, max_head, limits.max_request_headers, &mut spans) {
-                    Scan::Simple(m) => break m,
+                    Scan::Simple(m) if buf.len() >= m.len + m.body => break m,
+                    Scan::Simple(m) => {
+                        // The head is here and its body is not, all: what
+                        // the socket already holds is read, without
+                        // waiting. A body still on its way is hyper's to
+                        // stream (the upstream gets the head now, as
+                        // before this path took bodies).
+                        buf.reserve(m.len + m.body - buf.len());
+                        match io.read_buf(&mut buf).now_or_never() {
+                            Some(Ok(n)) if n > 0 => continue,
+                            _ => return Some(Rewind { buf, inner: io }),
+                        }
+                    }
                     Scan::Other => return Some(Rewind { buf, inner: io }),
                     Scan::Partial => {
                         if head_deadline.is_none() {
@@ -358,11 +394,12 @@ where
             });
         };
         drop(head);
+        let body = (meta.body > 0).then(|| BodySource::Whole(buf.split_to(meta.body).freeze()));
         let head_request = parts.method == Method::HEAD;
         // The request, while the client is watched: one that closes (or
         // resets) takes its request with it. Bytes it pipelines are kept.
         let resp = {
-            let h = handle(shared, conn, state, &mut parts, None, None, true);
+            let h = handle(shared, conn, state, &mut parts, body, None, true);
             let mut h = std::pin::pin!(h);
             loop {
                 if buf.len() >= max_head {
@@ -756,10 +793,41 @@ mod tests {
             scan_str("GET / HTTP/1.1\r\nHost: x\r\n"),
             Scan::Partial
         ));
+        // A small Content-Length body: its length is the head's to say
+        // (whether it is all there is the caller's to look at).
+        for (req, n) in [
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+                5,
+            ),
+            (
+                "PUT / HTTP/1.1\r\nHost: x\r\ncontent-length:  12 \r\n\r\n",
+                12,
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 016384\r\n\r\n",
+                LEAN_BODY,
+            ),
+        ] {
+            match scan_str(req) {
+                Scan::Simple(m) => assert_eq!(m.body, n, "{req:?}"),
+                _ => panic!("not simple: {req:?}"),
+            }
+        }
         for other in [
             "GET / HTTP/1.0\r\nHost: x\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0x5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length:\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 16385\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0000005\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
             "PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
@@ -809,6 +877,7 @@ mod tests {
         let head = Bytes::from_static(b"GET / HTTP/1.1\r\nx: a\x01b\r\n\r\n");
         let m = Meta {
             len: head.len(),
+            body: 0,
             method: Method::GET,
             path: (4, 5),
             close: false,

@@ -24,7 +24,9 @@ use tokio::net::TcpStream;
 use crate::Shared;
 use crate::drain::Tracked;
 use crate::flags::Flags;
-use crate::http::body::{ActiveGuard, Exchange, LogInfo, RespBody, RespKind, grpc_status};
+use crate::http::body::{
+    ActiveGuard, BodySource, Exchange, LogInfo, RespBody, RespKind, grpc_status,
+};
 use crate::http::decide::{ConnContext, Decision, LocalReply, authority, decide};
 use crate::http::forward::forward;
 use crate::http::headers::{X_FORWARDED_FOR, X_REQUEST_ID, header_str, is_upgrade};
@@ -643,7 +645,7 @@ fn handle_hyper(
             &conn,
             &state,
             &mut parts,
-            Some(body),
+            Some(BodySource::Stream(body)),
             upgrade,
             false,
         )
@@ -660,7 +662,7 @@ pub(crate) async fn handle(
     conn: &Arc<ConnContext>,
     state: &Arc<ConnState>,
     parts: &mut http::request::Parts,
-    body: Option<Incoming>,
+    body: Option<BodySource>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
     raw_response: bool,
 ) -> Response<RespBody> {

@@ -41,6 +41,8 @@
 #   TLS [0]            1 = the proxies terminate TLS (a self-signed P-256
 #                      certificate made with openssl; TLS 1.3, session
 #                      resumption as each does by default); plaintext upstream
+#   BODY_BYTES [0]     > 0 = every request is a POST with a body of that
+#                      many bytes (Content-Length), wrk and h2load alike
 #   KEEP_TMP [0]       1 = keep the temp dir (configs, logs, h2load logs)
 #   NO_INSTALL [0]     1 = never call apt-get
 set -euo pipefail
@@ -70,6 +72,7 @@ UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-1}
 LOAD_THREADS=${LOAD_THREADS:-1}
 TLS=${TLS:-0}
 KEEP_TMP=${KEEP_TMP:-0}
+BODY_BYTES=${BODY_BYTES:-0}
 NO_INSTALL=${NO_INSTALL:-0}
 
 PROXY_PORT=18000
@@ -139,6 +142,19 @@ fi
 TMP=$(mktemp -d /tmp/bosun-bench.XXXXXX)
 chmod 755 "$TMP"   # nginx workers may run as nobody
 STARTED_PIDS=()
+
+# Requests with a body: the same bytes from wrk (a script) and h2load (-d).
+WRK_BODY=() H2_BODY=() REQUESTS="GET"
+if [[ $BODY_BYTES =~ ^[0-9]+$ ]] && (( BODY_BYTES > 0 )); then
+  head -c "$BODY_BYTES" /dev/zero | tr '\0' x >"$TMP/body"
+  cat >"$TMP/post.lua" <<EOF
+wrk.method = "POST"
+wrk.body = string.rep("x", $BODY_BYTES)
+wrk.headers["Content-Type"] = "application/octet-stream"
+EOF
+  WRK_BODY=(-s "$TMP/post.lua") H2_BODY=(-d "$TMP/body")
+  REQUESTS="POST with a $BODY_BYTES-byte body (Content-Length)"
+fi
 
 stop_pid() {  # stop_pid PID: TERM, wait up to 5 s, then KILL
   local pid=$1 i
@@ -424,12 +440,12 @@ run_one() {  # run_one NAME (uses $ROUND)
   log "$name ready; pids: ${pids[*]}"
 
   log "$name: warm-up ${WARMUP}s"
-  taskset -c "$CPU_LOAD" wrk -t"$LOAD_THREADS" -c"$CONNS" -d"${WARMUP}s" "$URL" >/dev/null 2>&1 || true
+  taskset -c "$CPU_LOAD" wrk -t"$LOAD_THREADS" -c"$CONNS" -d"${WARMUP}s" "${WRK_BODY[@]}" "$URL" >/dev/null 2>&1 || true
 
   log "$name: wrk -t$LOAD_THREADS -c$CONNS -d${DURATION}s --latency"
   mapfile -t pids < <(tree_pids "$PROXY_PID")
   read -r u0 s0 < <(cpu_ticks "${pids[@]}")
-  wrk_out=$(taskset -c "$CPU_LOAD" wrk -t"$LOAD_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$URL" 2>&1) || {
+  wrk_out=$(taskset -c "$CPU_LOAD" wrk -t"$LOAD_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "${WRK_BODY[@]}" "$URL" 2>&1) || {
     log "wrk failed:"; echo "$wrk_out" >&2; note "$k" "wrk failed"; finish_one; return 0; }
   read -r u1 s1 < <(cpu_ticks "${pids[@]}")
   R_RSS[$k]=$(rss_kb "${pids[@]}")
@@ -457,7 +473,7 @@ run_one() {  # run_one NAME (uses $ROUND)
   local hlog=$TMP/$tag.h2load.tsv h_out lu0 ls0 lu1 ls1 lreqs lbad
   read -r lu0 ls0 < <(cpu_ticks "${pids[@]}")
   h_out=$(taskset -c "$CPU_LOAD" h2load --h1 -t "$LOAD_THREADS" -c "$LAT_CONNS" --rps "$LAT_RPS_PER_CONN" \
-            -D "$LAT_DURATION" --log-file="$hlog" "$URL" 2>&1) || {
+            -D "$LAT_DURATION" --log-file="$hlog" "${H2_BODY[@]}" "$URL" 2>&1) || {
     log "h2load failed:"; echo "$h_out" >&2; note "$k" "h2load failed"; finish_one; return 0; }
   read -r lu1 ls1 < <(cpu_ticks "${pids[@]}")
   echo "$h_out" >"$TMP/$tag.h2load.txt"
@@ -556,6 +572,7 @@ report() {
   echo "Host: $(uname -srm), $NCPU CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || echo '?'))."
   echo "Machine: $(nproc) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo))."
   echo "Upstream nginx ($UPSTREAM_WORKERS workers) + load generator ($LOAD_THREADS threads) on CPUs $CPU_LOAD; proxy on CPUs $CPU_PROXY with $WORKERS workers each."
+  echo "Requests: $REQUESTS."
   if [[ $TLS == 1 ]]; then echo "TLS termination at the proxy (self-signed P-256 certificate, each proxy's default TLS settings); plaintext upstream."; else echo "Plaintext."; fi
   echo "Saturation: \`wrk -t$LOAD_THREADS -c$CONNS -d${DURATION}s --latency\` after ${WARMUP}s warm-up."
   echo "Latency: \`h2load --h1 -t1 -c$LAT_CONNS --rps $LAT_RPS_PER_CONN -D $LAT_DURATION\` (= $LAT_RPS rps), p50/p99 from \`--log-file\`."

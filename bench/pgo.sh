@@ -7,7 +7,8 @@
 #
 # 1. builds bosun instrumented (-Cprofile-generate) in target/pgo-gen;
 # 2. trains it as bench/run.sh's gateway in front of `bosun echo`: HTTP/1.1
-#    keep-alive (h2load --h1), HTTP/2 (h2load) and new connections (curl),
+#    keep-alive (h2load --h1; GETs, and POSTs with a 200-byte body), HTTP/2
+#    (h2load) and new connections (curl),
 #    then HTTP/1.1 over TLS termination;
 # 3. merges the profile with the toolchain's llvm-profdata (rustup component
 #    llvm-tools) and builds with -Cprofile-use in target/pgo.
@@ -49,8 +50,11 @@ train() {
   kill -INT $PX
   wait $PX 2>/dev/null || true
 }
+head -c 200 /dev/zero | tr '\0' x >"$TMP/body"
 plaintext_load() {
   h2load --h1 -n 300000 -c 64 "http://127.0.0.1:$PX_PORT/" | grep 'succeeded'
+  # Small POSTs (bench/run.sh BODY_BYTES=200): the lean path's bodies.
+  h2load --h1 -n 60000 -c 64 -d "$TMP/body" "http://127.0.0.1:$PX_PORT/" | grep 'succeeded'
   h2load -n 50000 -c 16 -m 8 "http://127.0.0.1:$PX_PORT/" | grep 'succeeded'
   for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$PX_PORT/"; done
 }

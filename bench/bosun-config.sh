@@ -5,8 +5,15 @@
 #   bosun_bench_config PROXY_PORT UPSTREAM_PORT [ROUTE_LINES] > DIR/bench.yaml
 #   ROUTE_LINES: YAML added to the route (4-space indent), e.g. "    timeout: 10s"
 #   BENCH_TLS_CERT / BENCH_TLS_KEY set: the server terminates TLS with them.
+#   BENCH_TCP=1: the same bytes forwarded as opaque TCP (bench/floor.sh).
 bosun_bench_config() {
-  local server="  - port: {number: $1, name: http, protocol: HTTP}"
+  local proto=HTTP name=http route="http:
+  - route: [{destination: {host: upstream.bench}}]"
+  if [[ ${BENCH_TCP:-0} == 1 ]]; then
+    proto=TCP name=tcp route="tcp:
+  - route: [{destination: {host: upstream.bench, port: {number: 80}}}]"
+  fi
+  local server="  - port: {number: $1, name: $name, protocol: $proto}"
   if [[ -n ${BENCH_TLS_CERT:-} ]]; then
     server="  - port: {number: $1, name: https, protocol: HTTPS}
     tls: {mode: SIMPLE, serverCertificate: $BENCH_TLS_CERT, privateKey: $BENCH_TLS_KEY}"
@@ -27,8 +34,8 @@ metadata: {name: upstream, namespace: bench}
 spec:
   hosts: [upstream.bench]
   resolution: STATIC
-  ports: [{number: 80, name: http, protocol: HTTP}]
-  endpoints: [{address: 127.0.0.1, ports: {http: $2}}]
+  ports: [{number: 80, name: $name, protocol: $proto}]
+  endpoints: [{address: 127.0.0.1, ports: {$name: $2}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -36,8 +43,7 @@ metadata: {name: upstream, namespace: bench}
 spec:
   hosts: ["*"]
   gateways: [bench]
-  http:
-  - route: [{destination: {host: upstream.bench}}]
+  $route
 ${3:-}
 YAML
 }

@@ -40,34 +40,7 @@ listen px
   server up 127.0.0.1:$UP
 C
 mkdir -p $T/h $T/t; bosun_bench_config $PX $UP > $T/h/bench.yaml
-cat > $T/t/bench.yaml <<Y
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: bench, namespace: bench}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: $PX, name: tcp, protocol: TCP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: upstream, namespace: bench}
-spec:
-  hosts: [upstream.bench]
-  resolution: STATIC
-  ports: [{number: 80, name: tcp, protocol: TCP}]
-  endpoints: [{address: 127.0.0.1, ports: {tcp: $UP}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: upstream, namespace: bench}
-spec:
-  hosts: ["*"]
-  gateways: [bench]
-  tcp:
-  - route: [{destination: {host: upstream.bench, port: {number: 80}}}]
-Y
+BENCH_TCP=1 bosun_bench_config $PX $UP > $T/t/bench.yaml
 taskset -c 0 nginx -p $T -c $T/up.conf &
 for r in $(seq 1 $R); do
   for p in nginx bosun-http bosun-tcp haproxy-tcp; do

@@ -98,10 +98,16 @@ impl Bosun {
         let log = dir.0.join("bosun.log");
         let logf = std::fs::File::create(&log).expect("log file");
         let outf = std::fs::File::create(dir.0.join("stdout.log")).expect("stdout file");
+        // Two workers unless the test asks for a count of its own.
+        let workers: &[&str] = if args.contains(&"--workers") {
+            &[]
+        } else {
+            &["--workers", "2"]
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_bosun"))
             .arg("proxy")
             .args(["--admin-address", &admin.to_string()])
-            .args(["--workers", "2"])
+            .args(workers)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(outf)

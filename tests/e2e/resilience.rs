@@ -788,7 +788,22 @@ async fn connection_pool_retires_connections_and_upgrades_to_h2() {
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {host}, namespace: web}}\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool: {policy}\n---\n"
         ));
     }
-    let _b = Bosun::gateway(&y).await;
+    // One worker: upstream pools are per worker, and a client that opens a
+    // second connection to the gateway (its first not yet back in its own
+    // pool, as happens under load) could land on another worker and so on
+    // another pool, making the counts below the workers' doing.
+    let _b = Bosun::start(
+        &[
+            "--mode",
+            "gateway",
+            "--gateway-address",
+            "127.0.0.1",
+            "--workers",
+            "1",
+        ],
+        &y,
+    )
+    .await;
     let c = client();
     let base = format!("http://127.0.0.1:{port}");
     // maxRequestsPerConnection 2: six requests, three connections.

@@ -51,10 +51,11 @@ fn content_length(head: &str) -> usize {
 }
 
 /// An upstream written by hand that reads each request (its head and a
-/// Content-Length body) and writes back what `answer` makes of the head.
+/// Content-Length body) and writes back what `answer` makes of the head and
+/// the body.
 async fn answering_upstream<F>(answer: F) -> SocketAddr
 where
-    F: Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+    F: Fn(&str, &[u8]) -> Vec<u8> + Send + Sync + 'static,
 {
     let answer = Arc::new(answer);
     raw_upstream(move |mut s| {
@@ -69,8 +70,9 @@ where
                     if buf.len() < end + 4 + len {
                         break;
                     }
+                    let reply = answer(&head, &buf[end + 4..end + 4 + len]);
                     buf.drain(..end + 4 + len);
-                    if s.write_all(&answer(&head)).await.is_err() {
+                    if s.write_all(&reply).await.is_err() {
                         return;
                     }
                 }
@@ -938,34 +940,15 @@ async fn pipelined_requests_are_answered_in_order_across_the_hand_over_to_hyper(
 
 /// An upstream that answers each request with its method, target and body.
 async fn echoing_upstream() -> SocketAddr {
-    raw_upstream(|mut s| async move {
-        let mut buf = Vec::new();
-        let mut b = [0u8; 8192];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                let len = content_length(&head);
-                if buf.len() >= end + 4 + len {
-                    let mut line = head.split(' ');
-                    let (method, target) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
-                    let mut body = format!("{method} {target} ").into_bytes();
-                    body.extend_from_slice(&buf[end + 4..end + 4 + len]);
-                    buf.drain(..end + 4 + len);
-                    let mut resp =
-                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
-                            .into_bytes();
-                    resp.extend_from_slice(&body);
-                    if s.write_all(&resp).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-            }
-            match s.read(&mut b).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&b[..n]),
-            }
-        }
+    answering_upstream(|head, body| {
+        let mut line = head.split(' ');
+        let (method, target) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+        let mut echo = format!("{method} {target} ").into_bytes();
+        echo.extend_from_slice(body);
+        let mut resp =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", echo.len()).into_bytes();
+        resp.extend_from_slice(&echo);
+        resp
     })
     .await
 }
@@ -1112,7 +1095,7 @@ async fn a_second_request_head_that_stalls_is_closed_at_the_head_timeout() {
 /// `grpc-status` (which retry policies read from a map) passes whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn hop_by_hop_response_headers_are_dropped_the_same_on_both_paths() {
-    let up = answering_upstream(|head| {
+    let up = answering_upstream(|head, _| {
         let path = head.split(' ').nth(1).unwrap_or("/");
         let resp: &[u8] = if path.ends_with("/named") {
             b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok"
@@ -1195,7 +1178,7 @@ async fn hop_by_hop_response_headers_are_dropped_the_same_on_both_paths() {
 async fn forwarding_headers_reach_the_upstream_once_on_either_route() {
     let heads = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let h2 = heads.clone();
-    let up = answering_upstream(move |head| {
+    let up = answering_upstream(move |head, _| {
         h2.lock().expect("lock").push(head.to_string());
         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
     })
